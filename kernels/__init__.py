@@ -1,0 +1,1 @@
+"""Triton kernels for QLoRA, imported as ``lora_lab.kernels``."""

@@ -1,0 +1,1 @@
+"""The conformance suite: every property of a QLoRA implementation, written once."""

@@ -1,0 +1,145 @@
+"""Comparisons that explain themselves, tolerances derived from the arithmetic, and guarded calls.
+
+Tolerances are never picked to make a test pass. For a sum of ``n`` products
+computed in a floating-point type with unit roundoff ``u``, the rounding error
+of each element is bounded (with overwhelming probability, since the errors are
+independent and average out) by about ``sqrt(n) * u * sum_i |a_i * b_i|``. We
+add a few ``u_io`` for rounding the inputs and the output to the storage dtype.
+So every bound here is elementwise: ``eps-terms x (|a| @ |b|)``, computed from the
+very tensors under test.
+
+A guarded call (``call_guarded``) clones the inputs before the implementation
+sees them, and checks afterwards that they were not modified and that the output
+is finite — the holes that benchmark verifiers learned to close.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from lora_lab.conformance.core import CheckFailed
+
+# Unit roundoff of each storage dtype (half the distance from 1.0 to the next number).
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+ACCUMULATOR_ROUNDOFF = 2.0**-24  # implementations accumulate in fp32 (or better)
+# Rounding events on the way in and out: W to x's dtype, the r-wide intermediate,
+# A/B casts, and the output itself. Each costs at most one u of the storage dtype.
+IO_ROUNDINGS = 4
+
+
+def product_bound(magnitude: torch.Tensor, reduction: int, dtype: torch.dtype) -> torch.Tensor:
+    """Elementwise error bound for a result whose exact value is a sum of ``reduction`` products.
+
+    ``magnitude`` is ``sum |a_i b_i|`` per element (e.g. ``|x| @ |W|^T``); ``dtype``
+    is the storage dtype of the implementation's inputs and output.
+    """
+    if reduction < 1:
+        raise ValueError(f"expected a positive reduction length, got {reduction}")
+    u_io = UNIT_ROUNDOFF[dtype]
+    u_accumulate = min(u_io, ACCUMULATOR_ROUNDOFF)
+    per_magnitude = IO_ROUNDINGS * u_io + math.sqrt(reduction) * u_accumulate
+    tiny = torch.finfo(dtype).tiny
+    return per_magnitude * magnitude.double() + tiny
+
+
+def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, allowed: torch.Tensor | float, what: str) -> str | None:
+    """A verbose-allclose report, or None when every element is within ``allowed``."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        return f"{what}: expected shape {tuple(expected.shape)}, got {tuple(actual.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    allowed = torch.as_tensor(allowed, dtype=torch.float64).cpu()
+    if not torch.isfinite(a).all():
+        bad = (~torch.isfinite(a)).sum().item()
+        first = tuple(int(i) for i in (~torch.isfinite(a)).nonzero()[0]) if a.dim() else ()
+        return f"{what}: {bad} of {a.numel()} elements are NaN or Inf (first at index {first})"
+    diff = (a - e).abs()
+    excess = diff - allowed.expand_as(diff)
+    bad = excess > 0
+    if not bad.any():
+        return None
+    worst = int(torch.argmax(excess.reshape(-1)))
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape)) if a.dim() else ()
+    return (
+        f"{what}: {int(bad.sum())} of {a.numel()} elements differ beyond the tolerance; "
+        f"worst at index {index}: expected {e.reshape(-1)[worst].item():.7g}, got {a.reshape(-1)[worst].item():.7g} "
+        f"(|diff| {diff.reshape(-1)[worst].item():.3g} > allowed {allowed.expand_as(diff).reshape(-1)[worst].item():.3g})"
+    )
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, allowed: torch.Tensor | float, what: str) -> None:
+    if not isinstance(actual, torch.Tensor):
+        raise CheckFailed(f"{what}: expected a torch.Tensor, got {type(actual).__name__}")
+    message = describe_mismatch(actual, expected, allowed, what)
+    if message:
+        raise CheckFailed(message)
+
+
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bit-exact equality (same dtype, shape and values), with the first mismatch named."""
+    if not isinstance(actual, torch.Tensor):
+        raise CheckFailed(f"{what}: expected a torch.Tensor, got {type(actual).__name__}")
+    if actual.dtype != expected.dtype:
+        raise CheckFailed(f"{what}: expected dtype {expected.dtype}, got {actual.dtype}")
+    if tuple(actual.shape) != tuple(expected.shape):
+        raise CheckFailed(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(actual.shape)}")
+    if torch.equal(actual.cpu(), expected.cpu()):
+        return
+    a, e = actual.cpu(), expected.cpu()
+    same = (a == e) | (torch.isnan(a) & torch.isnan(e)) if a.is_floating_point() else a == e
+    if bool(same.all()):
+        return
+    mismatches = (~same).nonzero()
+    index = tuple(int(i) for i in mismatches[0])
+    raise CheckFailed(
+        f"{what}: {len(mismatches)} of {a.numel()} elements differ; first at index {index}: "
+        f"expected {e[index].item()!r}, got {a[index].item()!r}"
+    )
+
+
+def _snapshot(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_snapshot(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    return value
+
+
+def _unchanged(before, after) -> bool:
+    if isinstance(before, torch.Tensor):
+        return torch.equal(before, after.detach()) or (
+            before.is_floating_point() and torch.equal(torch.nan_to_num(before), torch.nan_to_num(after.detach()))
+        )
+    if isinstance(before, (list, tuple)):
+        return all(_unchanged(b, a) for b, a in zip(before, after))
+    if isinstance(before, dict):
+        return all(_unchanged(before[k], after[k]) for k in before)
+    return True
+
+
+def call_guarded(fn: Callable, *args, name: str = "the call", **kwargs):
+    """Call ``fn`` and fail if it modified any tensor argument or returned NaN/Inf."""
+    before_args, before_kwargs = _snapshot(args), _snapshot(kwargs)
+    out = fn(*args, **kwargs)
+    for position, (before, after) in enumerate(zip(before_args, args)):
+        if not _unchanged(before, after):
+            raise CheckFailed(f"{name} modified its input argument #{position}; inputs must be left unchanged")
+    for key in before_kwargs:
+        if not _unchanged(before_kwargs[key], kwargs[key]):
+            raise CheckFailed(f"{name} modified its input {key!r}; inputs must be left unchanged")
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
+        raise CheckFailed(f"{name} returned NaN or Inf for finite inputs")
+    return out
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))

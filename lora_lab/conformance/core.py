@@ -1,0 +1,170 @@
+"""Checks, targets and the runner: the machinery shared by pytest, ``verify`` and ``grade``.
+
+A *check* is one named property of a QLoRA implementation, with points and a
+hint for learners. A *target* is anything importable that provides some of the
+operations in ``OPERATIONS``. ``run_check`` runs one check on one target and
+returns a ``Result``; it never raises, so one broken operation cannot hide the
+results of the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+try:
+    BaseExceptionGroup
+except NameError:  # Python 3.10: hypothesis depends on the backport
+    from exceptiongroup import BaseExceptionGroup
+
+OPERATIONS = (
+    "quantize_nf4",
+    "dequantize_nf4",
+    "qlora_linear",
+    "next_token_loss",
+    "adamw_step",
+    "apply_qlora",
+    "training_step",
+)
+
+PASSED, FAILED, ERROR, NOT_PROVIDED, NOT_ATTEMPTED = "passed", "failed", "error", "not provided", "not attempted"
+
+
+class CheckFailed(AssertionError):
+    """A property does not hold; the message says what was expected and what came out."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # e.g. "nf4.bytes_match_bitsandbytes"
+    requires: tuple[str, ...]  # operations the target must provide
+    points: int  # weight in `lora-lab grade`
+    description: str  # one line: the property
+    hint: str  # for learners: how to think about a failure, never the solution
+    exercise: str  # the exercise that teaches it ("01" ... "08")
+    func: Callable[[Target], None] = field(repr=False, compare=False)
+
+
+CHECKS: list[Check] = []
+
+
+def check(name: str, *, requires: tuple[str, ...], points: int, exercise: str, hint: str):
+    """Register a property. Its docstring's first line becomes the description."""
+
+    def register(func: Callable[[Target], None]) -> Callable[[Target], None]:
+        if any(c.name == name for c in CHECKS):
+            raise ValueError(f"a check named {name!r} is already registered")
+        unknown = set(requires) - set(OPERATIONS)
+        if unknown:
+            raise ValueError(f"check {name!r} requires unknown operations {sorted(unknown)}")
+        description = (func.__doc__ or name).strip().splitlines()[0]
+        CHECKS.append(Check(name, tuple(requires), points, description, hint, exercise, func))
+        return func
+
+    return register
+
+
+def all_checks() -> list[Check]:
+    """Every registered check, importing the modules that define them."""
+    from lora_lab.conformance import checks_nf4, checks_qlora, checks_training  # noqa: F401
+
+    return list(CHECKS)
+
+
+@dataclass
+class Target:
+    """An implementation under test: a module, or ``module:attribute``, or any object."""
+
+    name: str
+    obj: Any
+
+    @classmethod
+    def load(cls, spec: str | Any) -> Target:
+        if not isinstance(spec, str):
+            return cls(getattr(spec, "__name__", type(spec).__name__), spec)
+        module_name, _, attribute = spec.partition(":")
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise ValueError(
+                f"cannot import {module_name!r} ({exc}); expected an importable module, "
+                "such as 'my_package.qlora' or 'my_package.qlora:impl'"
+            ) from exc
+        for part in filter(None, attribute.split(".")):
+            if not hasattr(obj, part):
+                raise ValueError(f"{module_name!r} has no attribute {part!r} (from target {spec!r})")
+            obj = getattr(obj, part)
+        return cls(spec, obj)
+
+    def provides(self, operation: str) -> bool:
+        return callable(getattr(self.obj, operation, None))
+
+    def op(self, operation: str) -> Callable:
+        return getattr(self.obj, operation)
+
+
+@dataclass
+class Result:
+    check: Check
+    status: str
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (PASSED, NOT_PROVIDED)
+
+    @property
+    def points(self) -> int:
+        return self.check.points if self.status == PASSED else 0
+
+
+def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaf_exceptions(inner)]
+    return [exc]
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback lines that are not lora_lab's or hypothesis' own: the implementation's."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "/lora_lab/conformance/" not in f.filename and "/hypothesis/" not in f.filename
+    ]
+    lines = traceback.format_list(frames[-4:])
+    return "".join(lines) + f"{type(exc).__name__}: {exc}"
+
+
+def run_check(check: Check, target: Target) -> Result:
+    """Run one check on one target; never raises."""
+    missing = [op for op in check.requires if not target.provides(op)]
+    if missing:
+        return Result(check, NOT_PROVIDED, f"target has no {', '.join(missing)}")
+    try:
+        check.func(target)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a Result
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        leaves = _leaf_exceptions(exc)
+        if any(isinstance(e, NotImplementedError) for e in leaves):
+            return Result(check, NOT_ATTEMPTED, "raises NotImplementedError (still a stub)")
+        first = leaves[0]
+        if isinstance(first, AssertionError):
+            return Result(check, FAILED, _strip_hypothesis_noise(str(first)))
+        return Result(check, ERROR, _user_traceback(first))
+    return Result(check, PASSED)
+
+
+def _strip_hypothesis_noise(message: str) -> str:
+    return "\n".join(line for line in message.splitlines() if line.strip()).strip()
+
+
+def run_suite(target: Target | str, only: list[str] | None = None) -> list[Result]:
+    """Run every check (or those whose name starts with one of ``only``) on ``target``."""
+    if not isinstance(target, Target):
+        target = Target.load(target)
+    checks = [c for c in all_checks() if not only or any(c.name.startswith(o) for o in only)]
+    return [run_check(c, target) for c in checks]

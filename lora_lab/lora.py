@@ -1,0 +1,191 @@
+"""The QLoRA linear layer: a frozen NF4 weight plus a small trainable low-rank update.
+
+A QLoRA layer computes
+
+    y = x @ W^T + bias + scaling * (x @ A^T) @ B^T
+
+where ``W`` (N x K) is the frozen base weight stored in NF4, and the adapters
+``A`` (r x K) and ``B`` (N x r) are the only trainable tensors. With r much
+smaller than K and N the update ``B @ A`` has rank r and costs r*(K+N)
+parameters instead of N*K. ``scaling`` is alpha/r (or alpha/sqrt(r) with
+rsLoRA) so that changing r does not change the size of the update.
+
+``B`` starts at zero, so a fresh layer computes exactly the base model, and
+training moves away from it gradually.
+
+The base weight never gets a gradient: ``_FrozenNF4Matmul`` dequantizes it on
+the fly in the forward pass and again in the backward pass (for dX = dY @ W),
+so no dense copy of W is kept alive between them. That is where QLoRA's
+memory saving comes from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lora_lab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+
+BACKENDS = ("reference", "triton")
+
+
+class _FrozenNF4Matmul(torch.autograd.Function):
+    """``x @ dequantize(W)^T`` with a gradient for x only; W is re-dequantized in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: NF4Tensor) -> torch.Tensor:
+        ctx.weight = weight
+        return x @ dequantize_nf4(weight).to(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out @ dequantize_nf4(ctx.weight).to(grad_out.dtype), None
+
+
+def _check_operands(x, weight, lora_A, lora_B, bias) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"expected x to be a floating-point tensor, got {got}")
+    if not isinstance(weight, NF4Tensor):
+        raise TypeError(f"expected weight to be an NF4Tensor (see quantize_nf4), got {type(weight).__name__}")
+    if len(weight.shape) != 2:
+        raise ValueError(f"expected a 2-D weight of shape (N, K), got shape {tuple(weight.shape)}")
+    n_out, k_in = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k_in:
+        raise ValueError(f"expected x of shape (..., {k_in}) to match weight (N={n_out}, K={k_in}), got {tuple(x.shape)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
+            raise TypeError(f"expected {name} to be a floating-point tensor")
+    if lora_A.dim() != 2 or lora_A.shape[1] != k_in:
+        raise ValueError(f"expected lora_A of shape (r, {k_in}), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (n_out, r):
+        raise ValueError(f"expected lora_B of shape ({n_out}, {r}) for N={n_out} and r={r}, got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (n_out,):
+        raise ValueError(f"expected bias of shape ({n_out},), got {tuple(bias.shape)}")
+
+
+def base_path(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The frozen part, ``x @ W^T + bias``, with W dequantized to x's dtype."""
+    y = _FrozenNF4Matmul.apply(x, weight)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def lora_path(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The trainable part, ``scaling * (x @ A^T) @ B^T``: through r numbers, never an N x K matrix."""
+    return (x @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t() * scaling
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    weight: NF4Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x @ W^T + bias + scaling * (x @ A^T) @ B^T`` — the op every kernel must equal.
+
+    Shapes: x (..., K), weight (N, K) in NF4, lora_A (r, K), lora_B (N, r),
+    bias (N,). ``y`` has shape (..., N) and x's dtype; A, B and bias in another
+    float dtype are cast to x's dtype first. Differentiable in x, A, B and
+    bias, never in the weight.
+    """
+    _check_operands(x, weight, lora_A, lora_B, bias)
+    return base_path(x, weight, bias) + lora_path(x, lora_A, lora_B, scaling)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """alpha / r, or alpha / sqrt(r) with rank-stabilized LoRA (rsLoRA)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"expected the rank r to be a positive integer, got {r!r}")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class QLoRALinear(nn.Module):
+    """A drop-in replacement for ``nn.Linear``: frozen NF4 weight, trainable ``lora_A``/``lora_B``.
+
+    The NF4 weight is a plain attribute, not a Parameter or buffer: optimizers
+    and ``state_dict`` never see it. ``.to(device)`` moves it; dtype casts do not
+    touch it (its storage format is fixed).
+    """
+
+    def __init__(
+        self,
+        weight: NF4Tensor,
+        bias: torch.Tensor | None,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        backend: str = "reference",
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"expected backend to be one of {BACKENDS}, got {backend!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"expected dropout in [0, 1), got {dropout!r}")
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        self.r, self.alpha, self.use_rslora, self.backend = r, alpha, use_rslora, backend
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=adapter_dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft (and nn.Linear) initialise A
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        backend: str = "reference",
+    ) -> QLoRALinear:
+        """Quantize ``linear.weight`` to NF4 and attach fresh adapters (A random, B zero)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(weight, linear.bias, r, alpha, dropout, use_rslora, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropout_active = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        if dropout_active:
+            # Dropout applies to the adapter's input only (as in peft), so the two paths see different x.
+            _check_operands(x, self.weight, self.lora_A, self.lora_B, self.bias)
+            return base_path(x, self.weight, self.bias) + lora_path(
+                self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling
+            )
+        if self.backend == "triton":
+            from lora_lab.kernels import fused_qlora_linear
+
+            return fused_qlora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias)
+        return qlora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``W + scaling * B @ A`` in W's original dtype: the dense weight this layer is equivalent to."""
+        base = dequantize_nf4(self.weight).float()
+        return (base + self.scaling * (self.lora_B.float() @ self.lora_A.float())).to(self.weight.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Follow device moves (``.to("cuda")``) with the NF4 weight; its dtype never changes.
+        device = fn(torch.zeros((), device=self.weight.device)).device
+        self.weight = self.weight.to(device)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        q = self.weight
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"scaling={self.scaling:g}, blocksize={q.blocksize}, double_quant={q.double_quant}, "
+            f"backend={self.backend!r}"
+        )

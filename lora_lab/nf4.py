@@ -1,0 +1,292 @@
+"""NF4: the 4-bit NormalFloat storage of QLoRA's frozen base weights.
+
+QLoRA keeps the base model frozen, so its weights only ever need to be *read*.
+That makes a lossy 4-bit format acceptable, and NF4 is the one QLoRA chose:
+
+1. Flatten the weight row-major and cut it into blocks of ``blocksize``
+   consecutive elements (the last block may be short).
+2. Divide each block by its largest magnitude (its *absmax*), so every value
+   lands in [-1, 1].
+3. Replace each value by the index (0..15) of the nearest of 16 fixed levels,
+   ``NF4_CODE``. The levels are quantiles of a normal distribution, because
+   trained weights are roughly normal: every level is used about equally often.
+4. Pack two indices per byte, element ``2i`` in the high nibble.
+
+*Double quantization* shrinks the per-block absmax too: subtract their mean,
+then store each as an 8-bit index into bitsandbytes' "dynamic" map, with one
+fp32 scale per 256 blocks. That saves about 0.37 bits per weight.
+
+Everything here is pure torch and reproduces bitsandbytes' bytes exactly, so a
+weight quantized here can be handed to bitsandbytes (``to_bnb``) and back.
+bitsandbytes itself is imported only by ``to_bnb`` / ``from_bnb``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+# The 16 NF4 levels, exactly as bitsandbytes stores them (float32).
+NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
+
+ABSMAX_BLOCKSIZE = 256  # blocks of absmax values that share one fp32 scale (double quant)
+VALID_BLOCKSIZES = tuple(2**p for p in range(5, 13))  # 32 ... 4096, as bitsandbytes accepts
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dynamic_map() -> torch.Tensor:
+    """The 256-entry signed "dynamic" 8-bit map that double quantization uses.
+
+    Dettmers' dynamic type spends its bits on the exponent: for each decade
+    10^-6 ... 10^0 it places evenly spaced levels (more of them in larger
+    decades), mirrored for negative values, plus 0 and 1. Built the way
+    bitsandbytes' ``create_dynamic_map()`` builds it, so the values agree bit for bit.
+    """
+    values: list[float] = []
+    exponent_bits = 7
+    for i in range(exponent_bits):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        midpoints = (edges[:-1] + edges[1:]) / 2.0
+        decade = 10 ** (-(exponent_bits - 1) + i)
+        values += (decade * midpoints).tolist()
+        values += (-decade * midpoints).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@functools.cache
+def _dynamic_lookup() -> tuple[torch.Tensor, torch.Tensor]:
+    """The dynamic map and a 65,536-entry nearest-level table over [-1, 1].
+
+    bitsandbytes' CPU kernel quantizes a normalized value ``v`` by rounding it
+    onto a grid of 65,536 points, ``i = trunc((v + 1) / 2 * 65535 + 0.5)``, and
+    looking up the level nearest to that grid point. We do the same so that the
+    absmax codes are byte-identical, including values near a tie.
+    """
+    code = dynamic_map()
+    grid = torch.arange(65536, dtype=torch.float32) / 65535.0 * 2 - 1
+    nearest = (grid[:, None] - code[None, :]).abs().argmin(dim=1).to(torch.uint8)
+    return code, nearest
+
+
+def _nf4_midpoints() -> torch.Tensor:
+    return (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+
+
+@dataclass(frozen=True)
+class NF4Tensor:
+    """A frozen weight stored as NF4. Field meanings are part of lora_lab's contract.
+
+    ``packed`` holds two 4-bit codes per byte (element 2i in the high nibble);
+    ``absmax`` one scale per block, either fp32 or, with ``double_quant``,
+    uint8 indices into ``absmax_code`` scaled by ``absmax_scale`` (one per 256
+    blocks) plus ``absmax_offset``.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    blocksize: int
+    shape: torch.Size
+    dtype: torch.dtype
+    double_quant: bool = False
+    absmax_code: torch.Tensor | None = None
+    absmax_scale: torch.Tensor | None = None
+    absmax_offset: float | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage: packed codes plus the block statistics."""
+        total = self.packed.numel() + self.absmax.numel() * self.absmax.element_size()
+        if self.double_quant:
+            total += self.absmax_scale.numel() * 4 + 4  # scales + the fp32 offset
+        return total
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """Per-block absmax as fp32, undoing double quantization if present."""
+        if not self.double_quant:
+            return self.absmax.float()
+        scales = self.absmax_scale.repeat_interleave(ABSMAX_BLOCKSIZE)[: self.absmax.numel()]
+        return self.absmax_code.to(self.device)[self.absmax.long()] * scales + self.absmax_offset
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_nf4(self)
+
+    def to(self, device: torch.device | str) -> NF4Tensor:
+        """A copy of this weight on ``device`` (the codes themselves do not change)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return NF4Tensor(
+            move(self.packed), move(self.absmax), self.blocksize, self.shape, self.dtype,
+            self.double_quant, move(self.absmax_code), move(self.absmax_scale), self.absmax_offset,
+        )
+
+    def to_bnb(self):
+        """``(packed, QuantState)`` that ``bitsandbytes.functional.dequantize_4bit`` accepts."""
+        from bitsandbytes.functional import QuantState
+
+        code = NF4_CODE.to(self.device)
+        if self.double_quant:
+            nested = QuantState(
+                absmax=self.absmax_scale,
+                code=self.absmax_code.to(self.device),
+                blocksize=ABSMAX_BLOCKSIZE,
+                dtype=torch.float32,
+            )
+            state = QuantState(
+                absmax=self.absmax, shape=self.shape, dtype=self.dtype, blocksize=self.blocksize,
+                code=code, quant_type="nf4",
+                offset=torch.tensor(self.absmax_offset, dtype=torch.float32, device=self.device),
+                state2=nested,
+            )
+        else:
+            state = QuantState(
+                absmax=self.absmax, shape=self.shape, dtype=self.dtype, blocksize=self.blocksize,
+                code=code, quant_type="nf4",
+            )
+        return self.packed.reshape(-1, 1), state
+
+    @classmethod
+    def from_bnb(cls, packed: torch.Tensor, quant_state) -> NF4Tensor:
+        """Wrap bitsandbytes' ``(packed, QuantState)`` without copying or re-quantizing."""
+        if quant_state.quant_type != "nf4":
+            raise ValueError(f"expected an 'nf4' QuantState, got quant_type={quant_state.quant_type!r}")
+        packed = packed.reshape(-1)
+        if packed.dtype != torch.uint8:
+            packed = packed.view(torch.uint8)
+        if quant_state.nested:
+            nested = quant_state.state2
+            return cls(
+                packed, quant_state.absmax, quant_state.blocksize, torch.Size(quant_state.shape),
+                quant_state.dtype, True, nested.code.float(), nested.absmax.float(),
+                float(quant_state.offset),
+            )
+        return cls(
+            packed, quant_state.absmax.float(), quant_state.blocksize,
+            torch.Size(quant_state.shape), quant_state.dtype,
+        )
+
+
+def _check_weight(weight: torch.Tensor, blocksize: int) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor weight, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"expected a float32, float16 or bfloat16 weight, got {weight.dtype}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"expected blocksize to be a power of two from 32 to 4096, got {blocksize!r}")
+    if weight.numel() == 0:
+        raise ValueError(f"expected a non-empty weight, got shape {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("expected a finite weight, but it contains NaN or Inf")
+
+
+def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Largest magnitude of each block of ``blocksize`` elements (last block may be short)."""
+    blocks = -(-flat.numel() // blocksize)
+    padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - flat.numel()))
+    return padded.view(blocks, blocksize).abs().amax(dim=1)
+
+
+def _nf4_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Block absmax as bitsandbytes stores it: a short, all-zero last block keeps 1e-38, not 0."""
+    absmax = _blockwise_absmax(flat, blocksize)
+    if flat.numel() % blocksize:
+        absmax[-1] = absmax[-1].clamp(min=1e-38)
+    return absmax
+
+
+def _normalize_blocks(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Each element divided by its block's absmax, clamped to [-1, 1].
+
+    Full blocks multiply by the reciprocal and a short last block divides, which
+    is how bitsandbytes rounds; an all-zero block stays zero (absmax floored at 1e-38).
+    """
+    n = flat.numel()
+    full = n - n % blocksize
+    safe = absmax.clamp(min=1e-38)
+    full_blocks = flat[:full].view(-1, blocksize) * (1.0 / safe[: full // blocksize, None])
+    parts = [full_blocks.reshape(-1)]
+    if full < n:
+        parts.append(flat[full:] / safe[-1])
+    return torch.cat(parts).clamp(-1, 1)
+
+
+def _quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Double quantization: absmax → (uint8 codes, dynamic map, fp32 scales, offset)."""
+    code, nearest = _dynamic_lookup()
+    offset = absmax.mean()
+    centered = absmax - offset
+    scales = _blockwise_absmax(centered, ABSMAX_BLOCKSIZE)
+    blocks = -(-centered.numel() // ABSMAX_BLOCKSIZE)
+    padded = torch.nn.functional.pad(centered, (0, blocks * ABSMAX_BLOCKSIZE - centered.numel()))
+    normalized = (padded.view(blocks, -1) * (1.0 / scales[:, None])).reshape(-1)[: centered.numel()]
+    grid = ((normalized.clamp(-1, 1) + 1.0) * 0.5) * 65535.0 + 0.5
+    # A block of equal absmax values has scale 0 and normalizes to NaN; bitsandbytes stores index 0.
+    grid_index = torch.nan_to_num(grid, nan=0.0).long().clamp(0, 65535)
+    codes = nearest.to(absmax.device)[grid_index]
+    return codes, code.to(absmax.device), scales, float(offset)
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
+    """Quantize ``weight`` to NF4, byte-identical with bitsandbytes' ``quantize_4bit``."""
+    _check_weight(weight, blocksize)
+    flat = weight.detach().reshape(-1).float()
+    absmax = _nf4_absmax(flat, blocksize)
+    normalized = _normalize_blocks(flat, absmax, blocksize)
+    if normalized.numel() % 2:  # an odd tail is padded with the code of 0.0, as bitsandbytes does
+        normalized = torch.nn.functional.pad(normalized, (0, 1))
+    codes = torch.bucketize(normalized, _nf4_midpoints().to(flat.device)).to(torch.uint8)
+    packed = (codes[0::2] << 4) | codes[1::2]
+    if not double_quant:
+        return NF4Tensor(packed, absmax, blocksize, weight.shape, weight.dtype)
+    absmax_codes, absmax_code, scales, offset = _quantize_absmax(absmax)
+    return NF4Tensor(
+        packed, absmax_codes, blocksize, weight.shape, weight.dtype, True, absmax_code, scales, offset
+    )
+
+
+def unpack_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The 4-bit codes of ``packed`` in element order (high nibble first)."""
+    codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)
+    return codes[:numel]
+
+
+def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
+    """Back to a dense tensor of ``q.shape`` and ``q.dtype``, equal to bitsandbytes' ``dequantize_4bit``.
+
+    Each value is ``NF4_CODE[code] * absmax`` computed in fp32, then rounded once to ``q.dtype``.
+    """
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"expected an NF4Tensor, got {type(q).__name__}")
+    levels = NF4_CODE.to(q.device)[unpack_codes(q.packed, q.numel).long()]
+    scales = q.absmax_fp32().repeat_interleave(q.blocksize)[: q.numel]
+    return (levels * scales).to(q.dtype).reshape(q.shape)
