@@ -94,7 +94,8 @@ def bytes_match_bitsandbytes(target) -> None:
         weight, blocksize = drawn
         q = _quantize(target, weight, blocksize, False)
         packed, state = _bnb_quantize(weight, blocksize, False)
-        assert_equal(q.packed.reshape(-1), packed.reshape(-1), f"packed bytes (blocksize={blocksize}, shape={tuple(weight.shape)})")
+        where = f"blocksize={blocksize}, shape={tuple(weight.shape)}"
+        assert_equal(q.packed.reshape(-1), packed.reshape(-1), f"packed bytes ({where})")
         assert_equal(q.absmax.reshape(-1), state.absmax, "per-block absmax")
         if tuple(q.shape) != tuple(weight.shape) or q.dtype != weight.dtype or q.blocksize != blocksize:
             raise CheckFailed(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 try:
-    BaseExceptionGroup
+    BaseExceptionGroup  # noqa: B018
 except NameError:  # Python 3.10: hypothesis depends on the backport
     from exceptiongroup import BaseExceptionGroup
 
