@@ -13,7 +13,7 @@ rsLoRA) so that changing r does not change the size of the update.
 ``B`` starts at zero, so a fresh layer computes exactly the base model, and
 training moves away from it gradually.
 
-The base weight never gets a gradient: ``_FrozenNF4Matmul`` dequantizes it on
+The base weight never gets a gradient: ``_FrozenNF4Linear`` dequantizes it on
 the fly in the forward pass and again in the backward pass (for dX = dY @ W),
 so no dense copy of W is kept alive between them. That is where QLoRA's
 memory saving comes from.
@@ -25,23 +25,31 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lora_lab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 BACKENDS = ("reference", "triton")
 
 
-class _FrozenNF4Matmul(torch.autograd.Function):
-    """``x @ dequantize(W)^T`` with a gradient for x only; W is re-dequantized in backward."""
+class _FrozenNF4Linear(torch.autograd.Function):
+    """``x @ dequantize(W)^T + bias``, differentiable in x and bias only; W is re-dequantized in backward.
+
+    Uses ``F.linear`` (one fused GEMM with the bias), exactly as bitsandbytes'
+    ``Linear4bit`` does, so the reference and the real stack round identically.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: NF4Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight = weight
-        return x @ dequantize_nf4(weight).to(x.dtype).t()
+        ctx.has_bias = bias is not None
+        return F.linear(x, dequantize_nf4(weight).to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return grad_out @ dequantize_nf4(ctx.weight).to(grad_out.dtype), None
+        grad_x = grad_out @ dequantize_nf4(ctx.weight).to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias
 
 
 def _check_operands(x, weight, lora_A, lora_B, bias) -> None:
@@ -69,8 +77,7 @@ def _check_operands(x, weight, lora_A, lora_B, bias) -> None:
 
 def base_path(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The frozen part, ``x @ W^T + bias``, with W dequantized to x's dtype."""
-    y = _FrozenNF4Matmul.apply(x, weight)
-    return y if bias is None else y + bias.to(x.dtype)
+    return _FrozenNF4Linear.apply(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 def lora_path(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -100,7 +100,10 @@ class Target:
         return cls(spec, obj)
 
     def provides(self, operation: str) -> bool:
-        return callable(getattr(self.obj, operation, None))
+        try:
+            return callable(getattr(self.obj, operation, None))
+        except ImportError:  # a lazily exported name whose module is missing
+            return False
 
     def op(self, operation: str) -> Callable:
         return getattr(self.obj, operation)

@@ -1,1 +1,77 @@
-"""pytest plugin (entry point ``pytest11``) that runs the conformance suite."""
+"""pytest plugin (entry point ``pytest11``): the conformance suite as pytest items.
+
+    pytest --lora-lab-impl my_package.qlora                 # every check on your code
+    pytest --lora-lab-impl my_package.qlora --lora-lab-only nf4.   # only the NF4 checks
+
+Each check becomes one item named ``TARGET::check.name``; operations the target
+does not provide are skipped with a reason. Loading this plugin also registers
+the hypothesis profiles, so ``--hypothesis-profile=ci`` works everywhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import lora_lab.conformance.profiles  # noqa: F401  (registers ci / dev / thorough)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("lora_lab", "lora_lab conformance suite")
+    group.addoption(
+        "--lora-lab-impl", action="append", default=[], metavar="TARGET",
+        help="run the conformance suite on TARGET (an importable module or module:attribute); repeatable",
+    )
+    group.addoption(
+        "--lora-lab-only", action="append", default=[], metavar="PREFIX",
+        help="with --lora-lab-impl: only checks whose name starts with PREFIX (e.g. 'nf4.'); repeatable",
+    )
+
+
+class ConformanceFailure(Exception):
+    """Raised by a conformance item whose check failed; carries the runner's Result."""
+
+
+class ConformanceItem(pytest.Item):
+    def __init__(self, *, target_name: str, check, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.target_name, self.check = target_name, check
+
+    def runtest(self) -> None:
+        from lora_lab.conformance.core import NOT_PROVIDED, PASSED, Target, run_check
+
+        result = run_check(self.check, Target.load(self.target_name))
+        if result.status == NOT_PROVIDED:
+            pytest.skip(f"{self.target_name} does not provide {', '.join(self.check.requires)}")
+        if result.status != PASSED:
+            raise ConformanceFailure(result)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, ConformanceFailure):
+            result = excinfo.value.args[0]
+            return (
+                f"{self.check.name} {result.status} on {self.target_name}\n"
+                f"  property: {self.check.description}\n  detail:   {result.detail}\n  hint:     {self.check.hint}"
+            )
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.target_name}::{self.check.name}"
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    targets = config.getoption("lora_lab_impl")
+    if not targets:
+        return
+    from lora_lab.conformance.core import Target, all_checks
+
+    only = config.getoption("lora_lab_only")
+    for target_name in targets:
+        try:
+            Target.load(target_name)
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from exc
+        for check in all_checks():
+            if only and not any(check.name.startswith(prefix) for prefix in only):
+                continue
+            name = f"{target_name}::{check.name}"
+            items.append(ConformanceItem.from_parent(session, name=name, target_name=target_name, check=check))

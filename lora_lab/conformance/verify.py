@@ -1,0 +1,113 @@
+"""Run the conformance suite on your own QLoRA implementation.
+
+TARGET is an importable module (``my_package.qlora``) or ``module:attribute``
+providing any of: quantize_nf4, dequantize_nf4, qlora_linear, next_token_loss,
+adamw_step, apply_qlora + training_step (signatures as in lora_lab). Checks for
+operations it lacks are reported as "not provided", not as failures.
+
+Exit status: 0 when every provided operation passes, 1 otherwise.
+
+examples:
+  lora-lab verify lora_lab                        # the reference passes every check
+  lora-lab verify lora_lab.targets.peft_bnb       # so does peft + bitsandbytes
+  lora-lab verify my_package.qlora --only nf4. --json report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from lora_lab.conformance.core import ERROR, FAILED, NOT_ATTEMPTED, NOT_PROVIDED, PASSED, Result, Target, all_checks, run_check
+
+SYMBOLS = {PASSED: "PASS", FAILED: "FAIL", ERROR: "ERROR", NOT_PROVIDED: "-", NOT_ATTEMPTED: "TODO"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="TARGET", help="importable module or module:attribute to verify")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", default=None,
+        help="run only checks whose name starts with NAME (e.g. nf4. or qlora.forward); see --list",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    parser.add_argument(
+        "--profile", choices=("ci", "dev", "thorough"), default="ci",
+        help="hypothesis profile: ci (derandomized, default), dev (2x examples, random), thorough (10x)",
+    )
+    parser.add_argument("--list", action="store_true", help="list the checks and exit")
+
+
+def _select(only: list[str] | None):
+    checks = all_checks()
+    if not only:
+        return checks
+    chosen = [c for c in checks if any(c.name.startswith(prefix) for prefix in only)]
+    if not chosen:
+        names = ", ".join(c.name for c in checks)
+        raise SystemExit(f"lora-lab verify: no check matches {only}; the checks are: {names}")
+    return chosen
+
+
+def format_row(result: Result, seconds: float, width: int) -> str:
+    detail = result.detail.splitlines()[0] if result.detail else result.check.description
+    return f"  {SYMBOLS[result.status]:<5} {result.check.name:<{width}} {seconds:5.1f}s  {detail}"
+
+
+def verify(target_spec: str, only: list[str] | None = None, stream=sys.stdout) -> list[Result]:
+    """Run the selected checks on ``target_spec``, printing one row per check as it finishes."""
+    target = Target.load(target_spec)
+    checks = _select(only)
+    width = max(len(c.name) for c in checks)
+    provided = [op for op in sorted({op for c in checks for op in c.requires}) if target.provides(op)]
+    print(f"lora-lab verify {target_spec}: {len(checks)} checks; provides {', '.join(provided) or 'nothing'}", file=stream)
+    results = []
+    for check in checks:
+        start = time.perf_counter()
+        result = run_check(check, target)
+        print(format_row(result, time.perf_counter() - start, width), file=stream, flush=True)
+        results.append(result)
+    return results
+
+
+def summary(results: list[Result]) -> str:
+    counts = {status: sum(r.status == status for r in results) for status in SYMBOLS}
+    parts = [f"{counts[PASSED]} passed", f"{counts[FAILED] + counts[ERROR]} failed"]
+    if counts[NOT_ATTEMPTED]:
+        parts.append(f"{counts[NOT_ATTEMPTED]} not attempted")
+    parts.append(f"{counts[NOT_PROVIDED]} not provided")
+    return ", ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hypothesis import settings
+
+    settings.load_profile(args.profile)
+    if args.list:
+        for c in all_checks():
+            print(f"{c.name:<40} requires {'+'.join(c.requires):<28} {c.description}")
+        return 0
+    try:
+        results = verify(args.target, args.only)
+    except ValueError as exc:
+        print(f"lora-lab verify: {exc}", file=sys.stderr)
+        return 2
+    failures = [r for r in results if r.status in (FAILED, ERROR, NOT_ATTEMPTED)]
+    for r in failures:
+        print(f"\n{r.check.name} {r.status}:\n  property: {r.check.description}\n  detail:   "
+              + r.detail.replace("\n", "\n            ") + f"\n  hint:     {r.check.hint}")
+    print("\n" + summary(results))
+    if args.json:
+        report = {
+            "target": args.target,
+            "profile": args.profile,
+            "results": [
+                {"check": r.check.name, "requires": list(r.check.requires), "status": r.status, "detail": r.detail}
+                for r in results
+            ],
+        }
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"wrote {args.json}")
+    return 1 if failures else 0

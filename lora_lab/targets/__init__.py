@@ -1,0 +1,1 @@
+"""Conformance targets that adapt other people's code to lora_lab's protocol."""
