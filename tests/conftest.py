@@ -11,3 +11,4 @@ from hypothesis import settings
 import lora_lab.conformance.profiles  # noqa: F401  (registers the profiles)
 
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+pytest_plugins = ["pytester"]

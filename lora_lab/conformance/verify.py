@@ -55,8 +55,9 @@ def format_row(result: Result, seconds: float, width: int) -> str:
     return f"  {SYMBOLS[result.status]:<5} {result.check.name:<{width}} {seconds:5.1f}s  {detail}"
 
 
-def verify(target_spec: str, only: list[str] | None = None, stream=sys.stdout) -> list[Result]:
+def verify(target_spec: str, only: list[str] | None = None, stream=None) -> list[Result]:
     """Run the selected checks on ``target_spec``, printing one row per check as it finishes."""
+    stream = stream or sys.stdout
     target = Target.load(target_spec)
     checks = _select(only)
     width = max(len(c.name) for c in checks)
@@ -89,10 +90,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{c.name:<40} requires {'+'.join(c.requires):<28} {c.description}")
         return 0
     try:
-        results = verify(args.target, args.only)
+        Target.load(args.target)
     except ValueError as exc:
         print(f"lora-lab verify: {exc}", file=sys.stderr)
         return 2
+    results = verify(args.target, args.only)
     failures = [r for r in results if r.status in (FAILED, ERROR, NOT_ATTEMPTED)]
     for r in failures:
         print(f"\n{r.check.name} {r.status}:\n  property: {r.check.description}\n  detail:   "
