@@ -1,0 +1,293 @@
+"""What the kernels share: decoding an NF4 tile in registers, rounding like torch, and where they run.
+
+Decoding NF4
+------------
+A weight element at flat (row-major) index ``e`` is stored as the 4-bit code in
+byte ``e // 2`` (the HIGH nibble when ``e`` is even) and belongs to NF4 block
+``e // blocksize``. Its value is ``NF4_CODE[code] * absmax[block]``, multiplied
+in fp32 and rounded once to the weight's dtype. With double quantization the
+absmax itself is decoded first, ``absmax_code[c] * absmax_scale[block // 256] +
+absmax_offset``, rounding after the product and again after the sum, exactly as
+``lora_lab.nf4.NF4Tensor.absmax_fp32`` does. A fused multiply-add would round
+once and change the last bit, so every kernel is launched with
+``enable_fp_fusion=False`` (``LAUNCH_OPTIONS``); the tensor-core matmuls are not
+affected by that flag.
+
+The matmul kernels read W in tiles of ``BLOCK_K`` consecutive elements per row.
+``K`` is a multiple of ``blocksize`` and ``BLOCK_K`` divides ``blocksize``, so
+a tile row never straddles two NF4 blocks: it needs one absmax per row, not one
+per element.
+
+Rounding like torch, and bf16 under the interpreter
+---------------------------------------------------
+On a GPU a cast ``.to(tl.bfloat16)`` rounds to nearest-even, as torch does. The
+Triton interpreter (CPU) stores bf16 as raw 16-bit patterns: its fp32 -> bf16
+cast truncates, and its ``tl.dot`` on bf16 multiplies the bit patterns as
+integers. So when interpreting, ``round_to`` rounds to bf16 with integer
+arithmetic on the fp32 bits and keeps the result as the fp32 number it equals,
+and bf16 tiles are widened to fp32 (``dot_dtype``) before ``tl.dot``. bf16 x bf16
+products are exact in fp32 and both paths accumulate in fp32, so the
+interpreter computes what the GPU computes, up to summation order.
+
+Where the kernels run
+---------------------
+``lora_lab.kernels`` sets ``TRITON_INTERPRET=1`` when there is no CUDA device,
+so ``INTERPRETING`` is decided once per process: CPU tensors through the
+interpreter, CUDA tensors through compiled kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import warnings
+
+import torch
+
+# Triton decides at kernel definition whether to interpret, from TRITON_INTERPRET; so set it before importing triton.
+_NO_GPU = not torch.cuda.is_available()
+_TRITON_IMPORTED_FIRST = "triton" in sys.modules
+if _NO_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from lora_lab.nf4 import ABSMAX_BLOCKSIZE, NF4_CODE, NF4Tensor  # noqa: E402
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:  # Triton >= 3.4 reads the variable when a kernel is defined
+        return bool(knobs.runtime.interpret)
+    if _NO_GPU and _TRITON_IMPORTED_FIRST:
+        warnings.warn(
+            "triton was imported before lora_lab.kernels could set TRITON_INTERPRET=1, and this Triton version may "
+            "have read it already; if the kernels fail on the CPU, set TRITON_INTERPRET=1 in the environment",
+            stacklevel=3,
+        )
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
+
+
+INTERPRETING: bool = _interpreting()
+if _NO_GPU and not INTERPRETING:
+    raise ImportError(
+        f"lora_lab.kernels: there is no CUDA device and TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}; "
+        "set TRITON_INTERPRET=1 (before importing triton) to run the kernels on the CPU under Triton's interpreter"
+    )
+# Write NaN into every output buffer before a kernel runs, so a kernel that skips an element is caught (tests set it).
+POISON_OUTPUTS: bool = os.environ.get("LORA_LAB_POISON_OUTPUTS", "0") == "1"
+# LORA_LAB_AUTOTUNE=0 skips autotuning on the GPU: each kernel uses its first valid config (fast compiles for tests).
+AUTOTUNE: bool = os.environ.get("LORA_LAB_AUTOTUNE", "1") != "0" and not INTERPRETING
+# No fused multiply-add: the double-quant absmax must round after the product and after the offset, as torch does.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+# Storage kinds, passed to kernels as constexpr ints (simpler to specialize on than dtypes).
+FP32: tl.constexpr = tl.constexpr(0)
+FP16: tl.constexpr = tl.constexpr(1)
+BF16: tl.constexpr = tl.constexpr(2)
+KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ABSMAX_GROUP: tl.constexpr = tl.constexpr(ABSMAX_BLOCKSIZE)  # absmax values that share one fp32 scale
+
+
+def dtype_kind(dtype: torch.dtype) -> int:
+    """The constexpr kind of a float dtype; only fp32, fp16 and bf16 have kernels."""
+    if dtype not in KINDS:
+        raise TypeError(f"expected float32, float16 or bfloat16, got {dtype}; the kernels support only these")
+    return KINDS[dtype]
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer: uninitialised, or full of NaN when ``POISON_OUTPUTS`` is on."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Compiled kernels need CUDA tensors; the interpreter takes any device (it copies to the host)."""
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"expected all tensors on one device, got {sorted(str(d) for d in devices)}")
+    device = devices.pop()
+    if not INTERPRETING and device.type != "cuda":
+        raise ValueError(
+            f"tensors are on {device}, but Triton compiles these kernels for CUDA: move them with .cuda(), "
+            "or set TRITON_INTERPRET=1 before importing triton to run them on the CPU"
+        )
+
+
+@functools.cache
+def _levels_on(device: torch.device) -> torch.Tensor:
+    return NF4_CODE.to(device)
+
+
+def weight_arguments(q: NF4Tensor) -> tuple:
+    """``(packed, levels, absmax, absmax_code, absmax_scale, absmax_offset)`` for a kernel launch.
+
+    Without double quantization the three double-quant arguments are never read,
+    so ``absmax`` stands in for the two pointers and the offset is 0.
+    """
+    packed, levels = q.packed.contiguous(), _levels_on(q.packed.device)
+    if q.double_quant:
+        code = q.absmax_code.to(device=packed.device, dtype=torch.float32).contiguous()
+        scale = q.absmax_scale.to(device=packed.device, dtype=torch.float32).contiguous()
+        return packed, levels, q.absmax.contiguous(), code, scale, float(q.absmax_offset)
+    absmax = q.absmax.float().contiguous()
+    return packed, levels, absmax, absmax, absmax, 0.0
+
+
+def r_padded(r: int) -> int:
+    """The LoRA rank padded to a power of two, at least 16: the smallest tl.dot operand on tensor cores."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The dtype tl.dot multiplies for inputs of ``dtype``: itself, except bf16 under the interpreter (fp32)."""
+    if dtype == torch.bfloat16 and INTERPRETING:
+        return tl.float32
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs must not go through TF32 (10-bit mantissa); the tolerance is fp32's."""
+    return "ieee" if dtype == torch.float32 or INTERPRETING else "tf32"
+
+
+def matmul_configs() -> list[triton.Config]:
+    """Tile shapes for the two matmul kernels.
+
+    Under the interpreter, which pays per program and per loop step rather than
+    per element: one large tile, with 64-wide K steps (32 for blocksize 32).
+
+    On a GPU, a handful of shapes for the autotuner: 64-wide K steps (one NF4
+    block at the default blocksize) with large output tiles for prefill and
+    training, 16- and 32-row tiles for decoding, and 32- and 128-wide K steps for
+    other block sizes. ``keep_tiles_inside_nf4_blocks`` drops those a weight's
+    blocksize cannot use. The first valid config is the default without autotuning.
+    """
+    if INTERPRETING:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": k, "GROUP_M": 4}) for k in (64, 32)]
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+        (128, 128, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (32, 128, 64, 4, 4),
+        (16, 128, 64, 4, 4),
+        (128, 128, 128, 8, 3),
+        (64, 128, 128, 4, 3),
+        (128, 128, 32, 8, 4),
+        (64, 64, 32, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
+
+
+def keep_tiles_inside_nf4_blocks(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotune pruning: BLOCK_K must divide the NF4 blocksize (one absmax per tile row).
+
+    With ``AUTOTUNE`` off only the first valid config is kept, so nothing is benchmarked.
+    """
+    blocksize = named_args["NF4_BLOCKSIZE"]
+    valid = [c for c in configs if blocksize % c.kwargs["BLOCK_K"] == 0]
+    return valid if AUTOTUNE else valid[:1]
+
+
+def autotune_key_rows(m: int) -> int:
+    """M rounded up to a power of two: the autotune key, so every new batch length does not re-tune."""
+    return triton.next_power_of_2(max(m, 1))
+
+
+def check_block_multiple(k: int, blocksize: int) -> None:
+    if k % blocksize:
+        raise ValueError(
+            f"the fused kernels need K (in_features={k}) to be a multiple of the NF4 blocksize {blocksize}, "
+            f"so that no block spans two rows; quantize with a blocksize that divides {k} "
+            f"(for example {math.gcd(k, 4096) if math.gcd(k, 4096) >= 32 else 'none: K is not a multiple of 32'}), "
+            "or use lora_lab.lora.qlora_linear"
+        )
+
+
+@triton.jit
+def load_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, block, mask, DOUBLE_QUANT: tl.constexpr):
+    """fp32 absmax of NF4 blocks ``block``: stored directly, or decoded code -> scale -> offset (two roundings)."""
+    if DOUBLE_QUANT:
+        code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(absmax_scale_ptr + block // ABSMAX_GROUP, mask=mask, other=0.0)
+        absmax = tl.load(absmax_code_ptr + code) * scale + absmax_offset
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
+def load_nf4_levels(packed_ptr, levels_ptr, index, mask):
+    """NF4_CODE[code] of the elements at flat ``index``: byte ``index // 2``, its high nibble when ``index`` is even.
+
+    Each byte is loaded once per nibble (neighbouring lanes share the address, so
+    the second load is a cache hit); shifting by a per-element amount keeps the
+    tile's layout as it is, which matters once the tile feeds tl.dot.
+    """
+    packed = tl.load(packed_ptr + index // 2, mask=mask, other=0)
+    codes = (packed >> ((1 - index % 2) * 4)) & 0x0F
+    return tl.load(levels_ptr + codes.to(tl.int32))
+
+
+@triton.jit
+def load_nf4_tile(
+    packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+    row_start,  # (ROWS,) int64 flat index of each tile row's first element
+    block,  # (ROWS,) the NF4 block every element of that tile row belongs to
+    row_mask,  # (ROWS,) rows that exist
+    BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+):
+    """fp32 values of a (ROWS, BLOCK_K) tile of W, decoded in registers; W is never written out."""
+    index = row_start[:, None] + tl.arange(0, BLOCK_K)[None, :]
+    levels = load_nf4_levels(packed_ptr, levels_ptr, index, row_mask[:, None])
+    absmax = load_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, block, row_mask, DOUBLE_QUANT)
+    return levels * absmax[:, None]
+
+
+@triton.jit
+def round_to(values, KIND: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``values`` rounded to nearest-even in storage kind ``KIND``, as torch's ``.to(dtype)`` rounds.
+
+    Returns the narrow dtype itself, except bf16 under the interpreter: there the
+    result is the fp32 number the bf16 value equals (see the module docstring).
+    """
+    if KIND == FP16:
+        result = values.to(tl.float16)
+    elif KIND == BF16:
+        if INTERPRET:
+            bits = values.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16  # round half to even on the dropped 16 bits
+            result = bits.to(tl.float32, bitcast=True)
+        else:
+            result = values.to(tl.bfloat16)
+    else:
+        result = values
+    return result
+
+
+@triton.jit
+def weight_operand(values, W_ROUND: tl.constexpr, X_KIND: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 weight values as the reference sees them: rounded to W's dtype (``W_ROUND``), then to x's."""
+    if W_ROUND != FP32:
+        values = round_to(values, W_ROUND, INTERPRET).to(tl.float32)
+    return round_to(values, X_KIND, INTERPRET)
+
+
+def weight_rounding(weight_dtype: torch.dtype, x_dtype: torch.dtype) -> int:
+    """The intermediate rounding a W tile needs before becoming x's dtype.
+
+    The reference computes ``dequantize_nf4(W).to(x.dtype)``: two roundings, the
+    first of which matters only when W's dtype is neither fp32 nor x's dtype.
+    """
+    if weight_dtype in (torch.float32, x_dtype):
+        return 0
+    return dtype_kind(weight_dtype)

@@ -1,0 +1,123 @@
+"""``fused_qlora_linear``: the QLoRA linear op with a fused forward kernel and a fused backward.
+
+The op is ``y = x @ W^T + bias + scaling * (x @ A^T) @ B^T`` with the frozen
+weight W in NF4: the contract of ``lora_lab.lora.qlora_linear``. Its gradients,
+with ``X`` the input flattened to (M, K) and ``dY`` the output gradient (M, N):
+
+    dX    = dY @ W + scaling * (dY @ B) @ A        the second fused kernel (qlora_backward.py)
+    dA    = scaling * (dY @ B)^T @ X               (r, K)
+    dB    = scaling * dY^T @ (X @ A^T)             (N, r)
+    dbias = sum of dY over the rows                (N,)
+    dW    = none: W is frozen
+
+Only dX touches W, so only dX needs a kernel that decodes NF4. dA and dB are
+ordinary dense matmuls with one r-wide operand; they run as torch matmuls
+(cuBLAS on a GPU), which are as fast as anything we could write for them. Their
+r-wide operands come for free: the forward kernel stores ``X @ A^T`` and the
+dX kernel stores ``dY @ B``. What autograd keeps between the passes is X,
+``X @ A^T`` (M x r), and A and B in x's dtype: never W dequantized.
+
+A, B and the bias are cast to x's dtype first, as the reference does, and
+their gradients are cast back to their own dtypes.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from lora_lab.kernels.common import check_block_multiple, check_device, dtype_kind
+from lora_lab.kernels.qlora_backward import qlora_grad_input
+from lora_lab.kernels.qlora_forward import qlora_forward
+
+from lora_lab.nf4 import FLOAT_DTYPES, NF4Tensor
+
+
+class FusedQLoRALinear(torch.autograd.Function):
+    """Forward and dX run as fused Triton kernels; dA, dB and dbias from the saved r-wide products."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, scaling, bias):
+        K, N = x.shape[-1], weight.shape[0]
+        x2d = x.reshape(-1, K)
+        a = lora_A.to(x.dtype).contiguous()
+        b = lora_B.to(x.dtype).contiguous()
+        bias_x = None if bias is None else bias.to(x.dtype).contiguous()
+        y, xa = qlora_forward(x2d, weight, a, b, scaling, bias_x)
+        ctx.save_for_backward(x2d, xa, a, b)
+        ctx.weight, ctx.scaling, ctx.x_shape = weight, scaling, x.shape
+        ctx.param_dtypes = (lora_A.dtype, lora_B.dtype, None if bias is None else bias.dtype)
+        return y.reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2d, xa, a, b = ctx.saved_tensors
+        need_x, _, need_A, need_B, _, need_bias = ctx.needs_input_grad
+        dy = grad_y.reshape(-1, grad_y.shape[-1]).to(x2d.dtype)
+        a_dtype, b_dtype, bias_dtype = ctx.param_dtypes
+        grad_x = grad_A = grad_B = grad_bias = None
+        dyb = None
+        if need_x:
+            grad_x2d, dyb = qlora_grad_input(dy, ctx.weight, a, b, ctx.scaling)
+            grad_x = grad_x2d.reshape(ctx.x_shape)
+        if need_A:
+            dyb = dy @ b if dyb is None else dyb
+            grad_A = (dyb.t() @ x2d).mul_(ctx.scaling).to(a_dtype)
+        if need_B:
+            grad_B = (dy.t() @ xa).mul_(ctx.scaling).to(b_dtype)
+        if need_bias:
+            grad_bias = dy.sum(0, dtype=torch.float32).to(bias_dtype)
+        return grad_x, None, grad_A, grad_B, None, grad_bias
+
+
+def _check_operands(x, weight, lora_A, lora_B, scaling, bias) -> None:
+    """The reference's shape rules, plus what the kernels need: a supported dtype, one device, K % blocksize == 0."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"expected x to be a floating-point tensor, got {got}")
+    if not isinstance(weight, NF4Tensor):
+        raise TypeError(f"expected weight to be an NF4Tensor (see lora_lab.nf4.quantize_nf4), got {type(weight).__name__}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
+            raise TypeError(f"expected {name} to be a floating-point tensor")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"expected scaling to be a Python number (alpha / r), got {type(scaling).__name__}; pass float(scaling)")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"the kernels take x in float32, float16 or bfloat16, got {x.dtype}; use lora_lab.lora.qlora_linear for others"
+        )
+    dtype_kind(weight.dtype)
+    if len(weight.shape) != 2:
+        raise ValueError(f"expected a 2-D weight of shape (N, K), got shape {tuple(weight.shape)}")
+    n_out, k_in = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k_in:
+        raise ValueError(f"expected x of shape (..., {k_in}) to match weight (N={n_out}, K={k_in}), got {tuple(x.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != k_in or lora_A.shape[0] < 1:
+        raise ValueError(f"expected lora_A of shape (r, {k_in}) with r >= 1, got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (n_out, r):
+        raise ValueError(f"expected lora_B of shape ({n_out}, {r}) for N={n_out} and r={r}, got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (n_out,):
+        raise ValueError(f"expected bias of shape ({n_out},), got {tuple(bias.shape)}")
+    check_block_multiple(k_in, weight.blocksize)
+    check_device(x, weight.packed, lora_A, lora_B, *([] if bias is None else [bias]))
+
+
+def fused_qlora_linear(
+    x: torch.Tensor,
+    weight: NF4Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x @ W^T + bias + scaling * (x @ A^T) @ B^T``, equal to ``lora_lab.lora.qlora_linear``.
+
+    x is (..., K) in float32, float16 or bfloat16; W (N, K) in NF4 with K a
+    multiple of its blocksize; A (r, K); B (N, r); bias (N,). y is (..., N) in
+    x's dtype. Differentiable in x, A, B and bias, never in W. W is decoded tile
+    by tile inside the matmul kernels, in the forward and again in the
+    backward, so no dense copy of it is ever made.
+    """
+    _check_operands(x, weight, lora_A, lora_B, scaling, bias)
+    return FusedQLoRALinear.apply(x, weight, lora_A, lora_B, float(scaling), bias)

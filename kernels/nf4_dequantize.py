@@ -1,0 +1,97 @@
+"""NF4 dequantization in one Triton kernel, double quantization included.
+
+The algorithm
+-------------
+An NF4 weight of ``numel`` elements is a byte array holding two 4-bit codes per
+byte (element ``2i`` in the high nibble of byte ``i``), one absmax per block of
+``blocksize`` consecutive elements, and the 16 NF4 levels. Element ``e`` is
+
+    value[e] = NF4_CODE[code[e]] * absmax[e // blocksize]      (fp32, then rounded once to the weight's dtype)
+
+With double quantization the absmax is itself stored as uint8 codes into a
+256-entry map, with one fp32 scale per 256 blocks and a global offset:
+
+    absmax[b] = absmax_code[c[b]] * absmax_scale[b // 256] + absmax_offset   (rounded after * and after +)
+
+Each program decodes ``BLOCK`` consecutive elements: for each it loads its
+byte, shifts out its nibble (the high one for even elements), looks up the
+level and the absmax of its block, and writes the product. Both levels of the scale hierarchy are decoded in the same
+kernel, so no fp32 absmax array is ever materialized. The arithmetic is the
+reference's, operation for operation, so the result is bit-identical to
+``lora_lab.nf4.dequantize_nf4`` (and so to bitsandbytes' ``dequantize_4bit``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lora_lab.kernels.common import (
+    INTERPRETING,
+    LAUNCH_OPTIONS,
+    check_device,
+    dtype_kind,
+    load_absmax,
+    load_nf4_levels,
+    new_output,
+    round_to,
+    weight_arguments,
+)
+
+from lora_lab.nf4 import VALID_BLOCKSIZES, NF4Tensor
+
+# Elements per program. The interpreter pays per program, not per element, so it gets bigger blocks.
+BLOCK = 4096 if INTERPRETING else 1024
+
+
+@triton.jit
+def nf4_dequantize_kernel(
+    packed_ptr,  # uint8 [ceil(numel / 2)]: two codes per byte, element 2i in the high nibble
+    levels_ptr,  # fp32 [16]: NF4_CODE
+    absmax_ptr,  # fp32 [blocks], or uint8 [blocks] codes with DOUBLE_QUANT
+    absmax_code_ptr,  # fp32 [256]: the 8-bit dynamic map (read only with DOUBLE_QUANT)
+    absmax_scale_ptr,  # fp32 [ceil(blocks / 256)]: one scale per 256 blocks (read only with DOUBLE_QUANT)
+    absmax_offset,  # fp32 scalar added to every decoded absmax (DOUBLE_QUANT)
+    out_ptr,  # [numel] in the weight's dtype
+    numel,  # number of weight elements
+    BLOCKSIZE: tl.constexpr,  # NF4 block size, a power of two: the division below is a shift
+    OUT_KIND: tl.constexpr,  # storage kind of out (common.FP32 / FP16 / BF16)
+    DOUBLE_QUANT: tl.constexpr,
+    INTERPRET: tl.constexpr,  # running under Triton's interpreter (bf16 rounding is emulated)
+    BLOCK: tl.constexpr,  # elements per program
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    levels = load_nf4_levels(packed_ptr, levels_ptr, offs, mask)
+    absmax = load_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, offs // BLOCKSIZE, mask, DOUBLE_QUANT)
+    tl.store(out_ptr + offs, round_to(levels * absmax, OUT_KIND, INTERPRET), mask=mask)
+
+
+def nf4_dequantize(q: NF4Tensor) -> torch.Tensor:
+    """A dense tensor of ``q.shape`` and ``q.dtype``, bit-identical with ``lora_lab.nf4.dequantize_nf4``.
+
+    One kernel launch decodes codes, the double-quantized absmax and the final
+    rounding, so a double-quantized weight costs no extra pass over its statistics.
+    """
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"expected an NF4Tensor (see lora_lab.nf4.quantize_nf4), got {type(q).__name__}")
+    if q.blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"expected blocksize to be a power of two from 32 to 4096, got {q.blocksize!r}")
+    blocks = -(-q.numel // q.blocksize)
+    if q.packed.numel() != (q.numel + 1) // 2 or q.absmax.numel() != blocks:
+        raise ValueError(
+            f"NF4Tensor of shape {tuple(q.shape)} and blocksize {q.blocksize} needs {(q.numel + 1) // 2} packed bytes "
+            f"and {blocks} absmax values, got {q.packed.numel()} and {q.absmax.numel()}"
+        )
+    packed, levels, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(q)
+    check_device(packed, absmax)
+    out = new_output(tuple(q.shape), q.dtype, packed.device)
+    if q.numel == 0:
+        return out
+    grid = (triton.cdiv(q.numel, BLOCK),)
+    nf4_dequantize_kernel[grid](
+        packed, levels, absmax, absmax_code, absmax_scale, absmax_offset, out, q.numel,
+        BLOCKSIZE=q.blocksize, OUT_KIND=dtype_kind(q.dtype), DOUBLE_QUANT=q.double_quant,
+        INTERPRET=INTERPRETING, BLOCK=BLOCK, **LAUNCH_OPTIONS,
+    )
+    return out

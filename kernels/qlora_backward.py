@@ -1,0 +1,160 @@
+"""The fused QLoRA input gradient: ``dX = dY @ W + scaling * (dY @ B) @ A`` in one kernel.
+
+The algorithm
+-------------
+In the backward pass ``dY`` is (M, N) and the gradient of ``x`` is (M, K):
+
+    dX = dY @ W  +  scaling * (dY @ B) @ A
+
+It has the shape of the forward pass with the roles of N and K swapped: each
+program owns one (BLOCK_M, BLOCK_K) tile of dX and walks N, the reduction
+dimension, in steps of BLOCK_N:
+
+    for each N step:
+        dy_tile  = dY[m-tile, n-step]                      (BLOCK_M, BLOCK_N)
+        W_tile   = decode(W[n-step, k-tile])               (BLOCK_N, BLOCK_K), in registers
+        acc     += dy_tile @ W_tile                        the base path
+        dyb     += dy_tile @ B[n-step, :]                  the adapter's up-projection, (BLOCK_M, r)
+
+and the epilogue adds ``scaling * round(dyb) @ A[:, k-tile]``. W is decoded
+again from its 4-bit codes, exactly as in the forward pass, so nothing of W is
+saved between the passes: QLoRA's activation memory is x, ``x @ A^T`` and
+``dY @ B``, never an N x K matrix. A W tile is used untransposed here, and it
+never spans two NF4 blocks along K for the same reason as in the forward
+kernel (BLOCK_K divides the blocksize, which divides K).
+
+The programs of the first K-tile column also store ``dY @ B`` (rounded to the
+gradient's dtype): ``dA = scaling * (dY @ B)^T @ X`` needs it, and they
+computed it anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lora_lab.kernels.common import (
+    INTERPRETING,
+    LAUNCH_OPTIONS,
+    autotune_key_rows,
+    dot_dtype,
+    dot_precision,
+    dtype_kind,
+    keep_tiles_inside_nf4_blocks,
+    load_nf4_tile,
+    matmul_configs,
+    new_output,
+    r_padded,
+    round_to,
+    weight_arguments,
+    weight_operand,
+    weight_rounding,
+)
+
+from lora_lab.nf4 import NF4Tensor
+
+
+@triton.autotune(
+    configs=matmul_configs(),
+    key=["M_BUCKET", "N", "K", "NF4_BLOCKSIZE"],
+    prune_configs_by={"early_config_prune": keep_tiles_inside_nf4_blocks},
+)
+@triton.jit
+def qlora_grad_input_kernel(
+    # Pointers
+    dy_ptr,  # [M, N] gradient of y
+    packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,  # the NF4 weight [N, K], see common
+    a_ptr,  # [r, K] lora_A in dY's dtype
+    b_ptr,  # [N, r] lora_B in dY's dtype
+    dx_ptr,  # [M, K] output, contiguous
+    dyb_ptr,  # [M, r] output dY @ B, contiguous, for dA
+    # Sizes
+    M, N, K, R,
+    M_BUCKET,  # M rounded up to a power of two: only the autotune key
+    NF4_BLOCKSIZE,  # divides K; BLOCK_K divides it
+    # Strides (elements)
+    stride_dym, stride_dyn, stride_ar, stride_ak, stride_bn, stride_br,
+    # Scalars
+    absmax_offset, scaling,
+    # Meta-parameters
+    DOUBLE_QUANT: tl.constexpr, R_PAD: tl.constexpr, X_KIND: tl.constexpr, W_ROUND: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped ordering over (M tiles, K tiles), as in the forward kernel.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    pids_per_group = GROUP_M * num_pid_k
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_k = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    m_mask, r_mask = offs_m < M, offs_r < R
+    k_start = pid_k * BLOCK_K  # K is a multiple of BLOCK_K: every K tile is full
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    dyb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + offs_n
+        n_mask = rows < N
+        dy_ptrs = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + rows[None, :] * stride_dyn
+        dy = tl.load(dy_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(DOT_DTYPE)
+        b_ptrs = b_ptr + rows[:, None] * stride_bn + offs_r[None, :] * stride_br
+        b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(DOT_DTYPE)
+        w_rows = rows.to(tl.int64)
+        w = load_nf4_tile(
+            packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+            w_rows * K + k_start, w_rows * (K // NF4_BLOCKSIZE) + k_start // NF4_BLOCKSIZE, n_mask, BLOCK_K, DOUBLE_QUANT,
+        )
+        w = weight_operand(w, W_ROUND, X_KIND, INTERPRET)  # rows past N meet zero columns of dY
+        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+        dyb = tl.dot(dy, b, dyb, input_precision=DOT_PRECISION)
+
+    # Epilogue: the adapter's share, scaling * (dY @ B) @ A, then one rounding to the gradient's dtype.
+    dyb = round_to(dyb, X_KIND, INTERPRET)
+    a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+    a = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0).to(DOT_DTYPE)
+    acc += scaling * tl.dot(dyb, a, input_precision=DOT_PRECISION)
+    dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    tl.store(dx_ptrs, round_to(acc, X_KIND, INTERPRET), mask=m_mask[:, None])
+    if pid_k == 0:  # one program per row block saves dY @ B for dA
+        tl.store(dyb_ptr + offs_m[:, None] * R + offs_r[None, :], dyb, mask=m_mask[:, None] & r_mask[None, :])
+
+
+def qlora_grad_input(
+    grad_y: torch.Tensor,
+    weight: NF4Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the dX kernel on 2-D ``grad_y`` (M, N): returns ``(dX, dY @ B)``, both in dY's dtype.
+
+    A and B must already be in dY's dtype (``fused_qlora_linear`` saved them cast).
+    """
+    M, N = grad_y.shape
+    r, K = lora_A.shape
+    if weight.shape != (N, K) or lora_B.shape != (N, r) or K % weight.blocksize:
+        raise ValueError(f"qlora_grad_input: inconsistent shapes dY {tuple(grad_y.shape)}, W {tuple(weight.shape)}, r {r}")
+    grad_x = new_output((M, K), grad_y.dtype, grad_y.device)
+    dyb = new_output((M, r), grad_y.dtype, grad_y.device)
+    if M == 0:
+        return grad_x, dyb
+    packed, levels, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(weight)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    qlora_grad_input_kernel[grid](
+        grad_y, packed, levels, absmax, absmax_code, absmax_scale, lora_A, lora_B, grad_x, dyb,
+        M, N, K, r, autotune_key_rows(M), weight.blocksize,
+        grad_y.stride(0), grad_y.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+        absmax_offset, float(scaling),
+        DOUBLE_QUANT=weight.double_quant, R_PAD=r_padded(r), X_KIND=dtype_kind(grad_y.dtype),
+        W_ROUND=weight_rounding(weight.dtype, grad_y.dtype), INTERPRET=INTERPRETING,
+        DOT_DTYPE=dot_dtype(grad_y.dtype), DOT_PRECISION=dot_precision(grad_y.dtype), **LAUNCH_OPTIONS,
+    )
+    return grad_x, dyb
