@@ -6,7 +6,7 @@ shapes, the forward, the backward (dX, dA, dB) and both together of:
   fused           lora_lab.kernels.fused_qlora_linear: NF4 decoded inside the Triton matmuls
   dequant+cublas  dequantize W to a temporary, x @ W^T, then the adapter path with addmm (Unsloth's matmul_lora)
   bnb+peft        peft's LoRA on a bitsandbytes Linear4bit: what most people fine-tune with
-  dense           W already dequantized to x's dtype, then the same matmuls: the ideal, at 4x the memory
+  dense           W already dequantized to x's dtype, then the same matmuls: the ideal, at ~4x the memory
   reference       lora_lab.lora.qlora_linear, the readable op every kernel must equal
 
 Without a GPU it compares the reference with bitsandbytes + peft on the CPU:
@@ -18,7 +18,7 @@ marked WRONG and the command exits 1. See lora_lab/benchmarking.py for how the
 timing is made trustworthy, and benchmarks/README.md for results.
 
 examples:
-  lora-lab bench                                    # CPU: about a minute, with a progress bar
+  lora-lab bench                                    # CPU: about 30 s on 2 cores, with a progress bar
   lora-lab bench --gpu --quick --json bench.json    # what benchmarks/gpu_check.sh runs (about 4 minutes)
   lora-lab bench --gpu --shapes 4096x14336 --tokens 1,4096 --ranks 16 --ops forward --plot times.png
 """
@@ -483,6 +483,13 @@ def _list_of(kind, what: str, allowed=None):
     return parse
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def _shape(text: str) -> tuple[int, int]:
     """'4096x14336' -> (K, N) = (in_features, out_features); K must be a multiple of the NF4 blocksize, 64."""
     match = re.fullmatch(r"(\d+)x(\d+)", text)
@@ -495,18 +502,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--gpu", action="store_true", help="the kernel benchmark on the CUDA device (fails without one)")
     where.add_argument("--cpu", action="store_true", help="the CPU benchmark even where a GPU exists")
-    parser.add_argument("--quick", action="store_true", help="a subset that fits in about 4 minutes on an H100/H200")
+    parser.add_argument("--quick", action="store_true", help="(GPU) a subset that fits in about 4 minutes on an H100/H200")
     parser.add_argument("--json", metavar="FILE", help="write results here (default: benchmarks/results/<date>-<device>.json)")
     parser.add_argument("--plot", metavar="FILE", help="also save a chart of time per implementation per case (PNG)")
     parser.add_argument("--shapes", type=_list_of(_shape, "KxN layer shapes (in x out features, K a multiple of 64)"),
                         help="layer shapes, e.g. 4096x4096,4096x14336 (default: Llama-3.1-8B's four on a GPU)")
-    parser.add_argument("--tokens", type=_list_of(int, "token counts M"), help="rows of x, e.g. 1,16,4096")
-    parser.add_argument("--ranks", type=_list_of(int, "LoRA ranks"), help="LoRA ranks, e.g. 16,64")
+    parser.add_argument("--tokens", type=_list_of(_positive, "positive token counts M"), help="rows of x, e.g. 1,16,4096")
+    parser.add_argument("--ranks", type=_list_of(_positive, "positive LoRA ranks"), help="LoRA ranks, e.g. 16,64")
     parser.add_argument("--dtypes", type=_list_of(str, "dtypes", tuple(DTYPES)), help="bf16, fp16 and/or fp32")
     parser.add_argument("--ops", type=_list_of(str, "ops", OPS), help="forward, backward and/or step (default: all three)")
     parser.add_argument("--impls", type=_list_of(str, "implementations", tuple(IMPLS)), help=f"from {', '.join(IMPLS)}")
-    parser.add_argument("--repeats", type=int, help="timed trials per implementation (default: as many as fit a time budget)")
-    parser.add_argument("--input-sets", type=int, default=3, help="seeded input sets the trials rotate among (default 3)")
+    parser.add_argument("--repeats", type=_positive, help="timed trials per implementation (default: as many as fit a budget)")
+    parser.add_argument("--input-sets", type=_positive, default=3, help="seeded input sets the trials rotate among (default 3)")
     parser.add_argument("--time-budget", type=float, metavar="SECONDS",
                         help="start no new case after this many seconds (default: 210 with --gpu --quick, else none)")
     parser.add_argument("--no-model", action="store_true", help="skip the tiny model's training step (CPU)")
@@ -608,7 +615,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"roofline: copy {roofline.copy_gbps:.0f} GB/s, matmul "
           + ", ".join(f"{d} {t:.3g} TFLOP/s" for d, t in roofline.matmul_tflops.items()))
     print(format_table(records, results["roofline"]))
-    for line in summary_lines(records) or []:
+    for line in summary_lines(records):
         print(line)
     for note in notes[2:]:
         print(f"note: {note}")

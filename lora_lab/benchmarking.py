@@ -322,7 +322,8 @@ def poison_allocator(shapes: Sequence[tuple[tuple[int, ...], torch.dtype]], devi
     """Fill memory the next allocations of these shapes will likely reuse with NaN (CUDA's caching allocator).
 
     An implementation that leaves part of its output unwritten then shows NaN
-    instead of a stale, correct value from an earlier call.
+    instead of a stale, correct value from an earlier call. Best effort: the
+    allocator decides which free block an allocation gets.
     """
     if device.type != "cuda":
         return
@@ -377,11 +378,13 @@ RECORD_KEYS = ("op", "M", "N", "K", "r", "dtype", "impl", "ms", "tflops", "gbps"
 class _Prepared:
     """An implementation bound to fresh clones of one input set, ready for one timed call."""
 
-    def __init__(self, case: Case, bind, inputs: Inputs) -> None:
+    def __init__(self, case: Case, bind, inputs: Inputs, before_outputs: Callable[[], None] | None = None) -> None:
         self.case = case
         self.x = inputs.x.clone().requires_grad_()  # as inside a model: the forward keeps what dX will need
         self.grad_y = inputs.grad_y.clone()
         self.bound = bind(inputs.lora_A.clone().requires_grad_(), inputs.lora_B.clone().requires_grad_())
+        if before_outputs is not None:  # after the input clones, so that they cannot take the poisoned blocks
+            before_outputs()
         self.y = self.bound.forward(self.x) if case.op == "backward" else None  # untimed: only backward is timed
 
     def run(self) -> None:
@@ -469,8 +472,8 @@ def measure_case(
 def _finish(case, name, bind, resident, times, weight, timer, roofline, check_inputs, expected) -> Record:
     """Peak memory on one more call, then the correctness re-check on fresh inputs, into a Record."""
     peak = timer.peak_memory_mb(_Prepared(case, bind, check_inputs).run)
-    poison_allocator([(want.shape, case.dtype) for want, _ in expected.values()], timer.device)
-    prepared = _Prepared(case, bind, check_inputs)
+    poison = lambda: poison_allocator([(want.shape, case.dtype) for want, _ in expected.values()], timer.device)  # noqa: E731
+    prepared = _Prepared(case, bind, check_inputs, before_outputs=poison)
     prepared.run()
     verdict = judge(prepared.outputs(), expected)
     problems = [verdict.message] if verdict.message else []
