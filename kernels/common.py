@@ -31,15 +31,17 @@ interpreter computes what the GPU computes, up to summation order.
 
 Where the kernels run
 ---------------------
-``lora_lab.kernels`` sets ``TRITON_INTERPRET=1`` when there is no CUDA device,
-so ``INTERPRETING`` is decided once per process: CPU tensors through the
-interpreter, CUDA tensors through compiled kernels.
+Triton decides when a kernel is defined whether it will be interpreted, so
+this module sets ``TRITON_INTERPRET=1`` before importing Triton when there is
+no CUDA device, and ``INTERPRETING`` is fixed for the process: without a GPU,
+CPU tensors run through the interpreter; with one, CUDA tensors run through
+compiled kernels, and CPU tensors are refused with an error that says so
+(unless you set ``TRITON_INTERPRET=1`` yourself, which interprets everything).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import warnings
@@ -55,7 +57,7 @@ if _NO_GPU:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from lora_lab.nf4 import ABSMAX_BLOCKSIZE, NF4_CODE, NF4Tensor  # noqa: E402
+from lora_lab.nf4 import ABSMAX_BLOCKSIZE, NF4_CODE, VALID_BLOCKSIZES, NF4Tensor  # noqa: E402
 
 
 def _interpreting() -> bool:
@@ -152,7 +154,7 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs must not go through TF32 (10-bit mantissa); the tolerance is fp32's."""
+    """fp32 inputs must not be rounded to TF32 (10-bit mantissa): the tolerance is fp32's. Moot for fp16/bf16."""
     return "ieee" if dtype == torch.float32 or INTERPRETING else "tf32"
 
 
@@ -170,17 +172,17 @@ def matmul_configs() -> list[triton.Config]:
     """
     if INTERPRETING:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": k, "GROUP_M": 4}) for k in (64, 32)]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first valid one is the default
+        (64, 128, 64, 4, 3),
         (128, 128, 64, 8, 3),
-        (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4),
         (32, 128, 64, 4, 4),
         (16, 128, 64, 4, 4),
-        (128, 128, 128, 8, 3),
-        (64, 128, 128, 4, 3),
-        (128, 128, 32, 8, 4),
         (64, 64, 32, 4, 4),
+        (128, 128, 32, 8, 4),
+        (64, 128, 128, 4, 3),
+        (128, 128, 128, 8, 3),
     ]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -204,13 +206,15 @@ def autotune_key_rows(m: int) -> int:
 
 
 def check_block_multiple(k: int, blocksize: int) -> None:
-    if k % blocksize:
-        raise ValueError(
-            f"the fused kernels need K (in_features={k}) to be a multiple of the NF4 blocksize {blocksize}, "
-            f"so that no block spans two rows; quantize with a blocksize that divides {k} "
-            f"(for example {math.gcd(k, 4096) if math.gcd(k, 4096) >= 32 else 'none: K is not a multiple of 32'}), "
-            "or use lora_lab.lora.qlora_linear"
-        )
+    """The fused kernels read W in tiles that never straddle two NF4 blocks, so K must be a whole number of blocks."""
+    if k % blocksize == 0:
+        return
+    fitting = [b for b in VALID_BLOCKSIZES if k % b == 0]
+    advice = f"quantize with blocksize={fitting[-1]} (or another that divides {k})" if fitting else "no NF4 blocksize divides it"
+    raise ValueError(
+        f"the fused kernels need K (in_features={k}) to be a multiple of the NF4 blocksize {blocksize}: {advice}; "
+        "lora_lab.lora.qlora_linear takes any K"
+    )
 
 
 @triton.jit
