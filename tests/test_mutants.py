@@ -9,6 +9,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from hypothesis import Phase, settings
 
 from lora_lab.conformance.core import ERROR, FAILED, Target, all_checks, run_check
 
@@ -21,6 +22,21 @@ def load_mutant(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def no_shrinking():
+    """A rejection is all we need here: skip hypothesis' search for the smallest failing example.
+
+    Shrinking helps a person read a failure; for a mutant under Triton's
+    interpreter it costs over a thousand extra kernel runs.
+    """
+    previous = settings.get_current_profile_name()
+    no_shrink = [Phase.explicit, Phase.reuse, Phase.generate]
+    settings.register_profile("mutant-hunt", parent=settings.get_profile(previous), phases=no_shrink)
+    settings.load_profile("mutant-hunt")
+    yield
+    settings.load_profile(previous)
 
 
 def test_there_are_enough_mutants():
