@@ -1,0 +1,437 @@
+"""Score the exercises in exercises/ with the conformance suite.
+
+Each exercise file (exercises/ex01_nf4.py ... ex08_triton_forward.py) is loaded
+from its path and graded by the checks that teach it: a table per exercise
+(check, points, status, and on failure what went wrong and a hint), then the
+line ``Score: X/Y``. A stub that still raises NotImplementedError is "not
+attempted" and scores 0. Sizes, shapes and dtypes are drawn by hypothesis
+(derandomized under the default ``ci`` profile, so a grade is reproducible), and
+the checks come from the installed lora_lab, never from files in your folder.
+
+Exit status: 0 whenever grading ran, whatever the score (grading is feedback,
+not a gate); 2 for a usage error (no exercises folder, an unknown exercise).
+With --solutions, 1 unless the reference scores full marks (that would be a
+bug in lora_lab, not yours).
+
+examples:
+  lora-lab grade                         # every exercise in ./exercises
+  lora-lab grade --only 03               # one exercise (or: python exercises/ex03_qlora_linear.py)
+  lora-lab grade --only 01 02 --json grade.json
+  lora-lab grade --solutions             # the reference solutions (lora_lab, lora_lab.kernels): full marks
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_lab.conformance.core import (
+    ERROR,
+    FAILED,
+    NOT_ATTEMPTED,
+    NOT_PROVIDED,
+    OPERATIONS,
+    PASSED,
+    Check,
+    CheckFailed,
+    Result,
+    Target,
+    all_checks,
+    run_check,
+)
+
+
+@dataclass(frozen=True)
+class Exercise:
+    id: str  # "01" ... "08": the `exercise` field of the checks that grade it
+    stem: str  # file name without .py; starts with "ex" so that one exercise can import another
+    title: str
+    solution: str  # importable module graded by --solutions: the reference solution
+    borrowed: tuple[tuple[str, int], ...] = ()  # (check name, points here) for checks whose `exercise` is another one
+
+
+EXERCISES = (
+    Exercise("01", "ex01_nf4", "NF4: quantize and dequantize", "lora_lab"),
+    Exercise("02", "ex02_double_quant", "NF4 double quantization", "lora_lab"),
+    Exercise("03", "ex03_qlora_linear", "the QLoRA linear op", "lora_lab"),
+    Exercise("04", "ex04_loss", "next-token loss with prompt masking", "lora_lab"),
+    Exercise("05", "ex05_adamw", "AdamW by hand", "lora_lab"),
+    Exercise("06", "ex06_training_step", "apply QLoRA and train one step", "lora_lab"),
+    # The Triton exercises reuse the checks of the ops they accelerate; a kernel is worth more than the torch version.
+    Exercise("07", "ex07_triton_dequant", "a Triton NF4 dequantize kernel", "lora_lab.kernels",
+             borrowed=(("nf4.dequantize_matches_bitsandbytes", 12),)),
+    Exercise("08", "ex08_triton_forward", "the fused Triton QLoRA forward (backward as a stretch)", "lora_lab.kernels",
+             borrowed=(("qlora.forward_matches_float64", 15), ("qlora.rejects_bad_input", 3),
+                       ("qlora.gradients_match_float64", 12))),
+)
+MISSING = "missing"  # the exercise file, or the function a check needs, is not there
+STATUS_WORDS = {PASSED: "passed", FAILED: "failed", ERROR: "error", NOT_ATTEMPTED: "not attempted", NOT_PROVIDED: MISSING}
+
+
+@dataclass(frozen=True)
+class GradedCheck:
+    """One row of an exercise's table: a check of the suite and the points it is worth in this exercise."""
+
+    check: Check
+    points: int
+
+
+def graded_checks(exercise: Exercise, checks: list[Check] | None = None) -> list[GradedCheck]:
+    """The checks that grade ``exercise``: those whose ``exercise`` field names it, then the borrowed ones."""
+    checks = all_checks() if checks is None else checks
+    by_name = {c.name: c for c in checks}
+    rows = [GradedCheck(c, c.points) for c in checks if c.exercise == exercise.id]
+    rows += [GradedCheck(by_name[name], points) for name, points in exercise.borrowed if name in by_name]
+    return rows
+
+
+@dataclass
+class Row:
+    graded: GradedCheck
+    status: str
+    detail: str
+    seconds: float
+
+    @property
+    def score(self) -> int:
+        return self.graded.points if self.status == PASSED else 0
+
+
+@dataclass
+class ExerciseReport:
+    exercise: Exercise
+    source: str  # the file graded, or the module with --solutions
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def score(self) -> int:
+        return sum(r.score for r in self.rows)
+
+    @property
+    def total(self) -> int:
+        return sum(r.graded.points for r in self.rows)
+
+
+class StubReached(BaseException):
+    """A stub in the learner's file raised NotImplementedError: end the check at once.
+
+    Hypothesis shrinks any failing ``Exception`` towards a minimal example, which
+    for a stub is wasted time (a minute for the untouched exercises). A
+    ``BaseException`` passes straight through hypothesis and the checks.
+    """
+
+
+class _LearnerModule:
+    """A learner's module as the checks see it, recording what the last call to an operation raised.
+
+    The record lets the table say *which* stub is unfinished and show the
+    learner's own traceback lines, however deep in torch the error surfaced.
+    """
+
+    def __init__(self, module: Any, folder: Path) -> None:
+        self._module = module
+        self._folder = folder
+        self.last_error: BaseException | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._module, name)
+        if name not in OPERATIONS or not callable(value):
+            return value
+
+        def recorded(*args, **kwargs):
+            try:
+                return value(*args, **kwargs)
+            except NotImplementedError as exc:
+                self.last_error = exc
+                if _raised_in(exc, self._folder):
+                    raise StubReached(str(exc)) from exc
+                raise
+            except BaseException as exc:
+                self.last_error = exc
+                raise
+
+        recorded.__name__ = recorded.__qualname__ = name
+        recorded.__doc__ = value.__doc__
+        return recorded
+
+
+def _inside(filename: str, folder: Path) -> bool:
+    try:
+        return Path(filename).resolve().is_relative_to(folder)
+    except (OSError, ValueError):
+        return False
+
+
+def _raised_in(exc: BaseException, folder: Path) -> bool:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and _inside(frames[-1].filename, folder)
+
+
+def learner_traceback(exc: BaseException, folder: Path, limit: int = 6) -> str:
+    """The traceback lines in the learner's files, plus the line that raised if it is elsewhere (inside torch)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if _inside(f.filename, folder)][-limit:]
+    if frames and (not mine or frames[-1] is not mine[-1]):
+        mine.append(frames[-1])
+    return "".join(traceback.format_list(mine)) + f"{type(exc).__name__}: {exc}"
+
+
+def _explain(result: Result, learner: _LearnerModule | None, folder: Path | None) -> tuple[str, str]:
+    """``(status, detail)`` for a table row, using the learner's recorded exception where it tells more."""
+    status, detail = result.status, result.detail
+    error = learner.last_error if learner is not None else None
+    if status != PASSED and isinstance(error, NotImplementedError) and folder is not None:
+        if _raised_in(error, folder):  # one of the learner's stubs (StubReached ended the check)
+            return NOT_ATTEMPTED, str(error) or "raises NotImplementedError (still a stub)"
+        return ERROR, learner_traceback(error, folder)  # torch or Triton lacks an op: a real error, not a stub
+    if status == ERROR and error is not None and folder is not None and detail.endswith(f"{type(error).__name__}: {error}"):
+        return status, learner_traceback(error, folder)
+    learner_assert = isinstance(error, AssertionError) and not isinstance(error, CheckFailed)
+    if status == FAILED and learner_assert and _raised_in(error, folder) and detail == str(error).strip():
+        return ERROR, learner_traceback(error, folder)  # the learner's own assert, not a property of the suite
+    if status == NOT_PROVIDED:
+        return MISSING, detail.replace("target has no", "the file defines no")
+    return status, detail
+
+
+def _load_module(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # so that one exercise can `from ex01_nf4 import ...` the learner's own work
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(path.stem, None)
+        raise
+    return module
+
+
+@contextlib.contextmanager
+def _exercise_imports(folder: Path) -> Iterator[None]:
+    """Make ``folder`` importable while grading, and forget its modules afterwards (the next run reloads them)."""
+    stems = {e.stem for e in EXERCISES}
+    for stem in stems:  # the same exercise from another folder (an earlier grade in this process)
+        sys.modules.pop(stem, None)
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(folder))
+        for name, module in list(sys.modules.items()):
+            if name in stems or _inside(getattr(module, "__file__", None) or "", folder):
+                del sys.modules[name]
+
+
+def _find_file(folder: Path, exercise: Exercise) -> Path | None:
+    path = folder / f"{exercise.stem}.py"
+    return path if path.is_file() else None
+
+
+def grade_exercise(
+    exercise: Exercise, folder: Path | None, on_row: Callable[[Row], None] = lambda row: None
+) -> ExerciseReport:
+    """Run the exercise's checks on the learner's file in ``folder``, or on its reference solution when ``folder`` is None."""
+    learner, unusable = None, None  # unusable: (status, detail) for every row when the file cannot be graded
+    if folder is None:
+        report, target = ExerciseReport(exercise, exercise.solution), Target.load(exercise.solution)
+    else:
+        path = _find_file(folder, exercise)
+        report = ExerciseReport(exercise, str(path or folder / f"{exercise.stem}.py"))
+        if path is None:
+            unusable = (MISSING, "")  # the header already says the file is missing
+        else:
+            try:
+                learner = _LearnerModule(_load_module(path), folder)
+            except Exception as exc:  # noqa: BLE001 - a syntax or import error is the learner's, shown as such
+                unusable = (ERROR, "the file does not import:\n" + learner_traceback(exc, folder))
+        target = Target(report.source, learner)
+    for graded in graded_checks(exercise):
+        start = time.perf_counter()
+        if unusable:
+            status, detail = unusable
+        else:
+            if learner is not None:
+                learner.last_error = None
+            status, detail = _explain(run_check(graded.check, target), learner, folder)
+        report.rows.append(Row(graded, status, detail, time.perf_counter() - start))
+        on_row(report.rows[-1])
+    return report
+
+
+@contextlib.contextmanager
+def hypothesis_profile(name: str) -> Iterator[None]:
+    """Load a hypothesis profile for grading, and restore the one that was loaded afterwards.
+
+    Two changes to the profile: no example database (no .hypothesis/ folder among
+    the learner's files), and no "explain" phase. That phase re-runs a failing
+    example with variations to annotate the report, which the table does not
+    show; on a wrong answer it made a check take a minute instead of seconds.
+    """
+    from hypothesis import Phase, settings
+
+    import lora_lab.conformance.profiles  # noqa: F401  (registers ci / dev / thorough)
+
+    previous = settings.get_current_profile_name()
+    parent = settings.get_profile(name)
+    grading = f"lora-lab-grade-{name}"
+    phases = [phase for phase in parent.phases if phase != Phase.explain]
+    settings.register_profile(grading, parent=parent, database=None, phases=phases)
+    settings.load_profile(grading)
+    try:
+        yield
+    finally:
+        settings.load_profile(previous)
+
+
+def grade(
+    folder: Path | None, only: list[str] | None = None, profile: str = "ci", stream=sys.stdout
+) -> list[ExerciseReport]:
+    """Grade the exercises in ``folder`` (or the reference solutions when None), printing tables to ``stream``."""
+    exercises = [e for e in EXERCISES if not only or e.id in only]
+    folder = folder.resolve() if folder is not None else None
+    width = max((len(g.check.name) for e in exercises for g in graded_checks(e)), default=20)
+    reports = []
+    with hypothesis_profile(profile), _exercise_imports(folder) if folder else contextlib.nullcontext():
+        for exercise in exercises:
+            source = exercise.solution if folder is None else _find_file(folder, exercise) or (
+                f"no {exercise.stem}.py in {_display(folder)}: copy it from the lora_lab repository's exercises/")
+            print(f"\n{exercise.id}  {exercise.title}  [{_display(source)}]", file=stream, flush=True)
+            report = grade_exercise(exercise, folder, on_row=lambda row: print(format_row(row, width), file=stream, flush=True))
+            print(f"  {'':{14 + width}} {report.score:>3}/{report.total:<3} for exercise {exercise.id}", file=stream)
+            reports.append(report)
+    return reports
+
+
+def _display(source: Path | str) -> str:
+    if isinstance(source, Path):
+        with contextlib.suppress(ValueError):
+            return str(source.resolve().relative_to(Path.cwd()))
+    return str(source)
+
+
+def format_row(row: Row, width: int) -> str:
+    """One table row; below it, for a failure or error, what went wrong and the check's hint."""
+    points = f"{row.score:>3}/{row.graded.points:<3}"
+    line = f"  {STATUS_WORDS.get(row.status, row.status):<14}{row.graded.check.name:<{width}} {points} {row.seconds:5.1f}s"
+    if row.status == PASSED:
+        return line
+    if row.status in (NOT_ATTEMPTED, MISSING):
+        return f"{line}  {row.detail.splitlines()[0] if row.detail else ''}".rstrip()
+    indent = " " * 17  # failed or error: the property, what went wrong, and the hint
+    detail = "\n".join(indent + text for text in row.detail.splitlines()[:12])
+    return f"{line}  {row.graded.check.description}\n{detail}\n{indent}hint: {row.graded.check.hint}"
+
+
+def next_step(reports: list[ExerciseReport], folder: Path) -> str | None:
+    """What a learner does next: work on the first exercise without full marks, and grade just that one."""
+    for report in reports:
+        if report.score == report.total:
+            continue
+        exercise = report.exercise
+        command = f"lora-lab grade --only {exercise.id}"
+        if folder != Path("exercises").resolve():
+            command += f" --path {_display(folder)}"
+        if all(row.status == MISSING for row in report.rows):
+            return f"Next: exercise {exercise.id}: put {exercise.stem}.py back into {_display(folder)}, then run: {command}"
+        wrong = any(row.status in (FAILED, ERROR) for row in report.rows)
+        action = "fix what the details and hints above point at" if wrong else "replace a `raise NotImplementedError`"
+        return (
+            f"Next: exercise {exercise.id}, {exercise.title}. Read the top of {_display(Path(report.source))}, "
+            f"{action}, then run: {command}"
+        )
+    return None
+
+
+HOW_TO_START = """lora-lab grade: no exercises folder at {folder}.
+
+The exercises come with the lora_lab repository, in exercises/ (ex01_nf4.py ... ex08_triton_forward.py).
+Run lora-lab grade from the repository root, or point to the folder:
+
+    lora-lab grade --path {exercises}
+
+Each file opens with the idea, the spec and stubs that raise NotImplementedError; fill them in and grade
+one exercise with `lora-lab grade --only 01`. `lora-lab grade --solutions` grades the reference solutions."""
+
+
+def _checkout_exercises() -> str:
+    """The exercises/ folder next to this lora_lab, when it runs from a checkout (pip install -e .)."""
+    candidate = Path(__file__).resolve().parents[2] / "exercises"
+    return str(candidate) if (candidate / f"{EXERCISES[0].stem}.py").is_file() else "/path/to/lora_lab/exercises"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--only", nargs="+", metavar="NN", default=None, choices=[e.id for e in EXERCISES],
+        help="grade only these exercises (01 ... 08)",
+    )
+    parser.add_argument("--path", metavar="DIR", default="exercises", help="the exercises folder (default: ./exercises)")
+    parser.add_argument("--json", metavar="FILE", help="also write the grades as JSON to FILE")
+    parser.add_argument(
+        "--solutions", action="store_true",
+        help="grade the reference solutions (lora_lab for 01-06, lora_lab.kernels for 07-08) instead of your files",
+    )
+    parser.add_argument(
+        "--profile", choices=("ci", "dev", "thorough"), default="ci",
+        help="hypothesis profile: ci (derandomized, default), dev (2x examples, random), thorough (10x)",
+    )
+
+
+def to_json(reports: list[ExerciseReport], profile: str) -> dict:
+    def check_json(row: Row) -> dict:
+        return {"check": row.graded.check.name, "points": row.score, "max_points": row.graded.points,
+                "status": STATUS_WORDS.get(row.status, row.status), "detail": row.detail, "hint": row.graded.check.hint,
+                "seconds": round(row.seconds, 3)}
+
+    exercises = [{"id": r.exercise.id, "title": r.exercise.title, "source": r.source, "score": r.score, "total": r.total,
+                  "checks": [check_json(row) for row in r.rows]} for r in reports]
+    return {"profile": profile, "score": sum(r.score for r in reports), "total": sum(r.total for r in reports),
+            "exercises": exercises}
+
+
+def run(args: argparse.Namespace) -> int:
+    # The checks hand kernels CPU tensors, so Triton exercises run under its interpreter, GPU or not; it must be
+    # set before any @triton.jit runs. bitsandbytes' import-time advice to `pip install kernels` is noise here.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    folder = None if args.solutions else Path(args.path).resolve()
+    if folder is not None and not folder.is_dir():
+        print(HOW_TO_START.format(folder=folder, exercises=_checkout_exercises()), file=sys.stderr)
+        return 2
+    what = "the reference solutions" if folder is None else _display(folder)
+    print(f"lora-lab grade: {what}, hypothesis profile {args.profile}")
+    reports = grade(folder, args.only, args.profile)
+    score, total = sum(r.score for r in reports), sum(r.total for r in reports)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(to_json(reports, args.profile), handle, indent=2)
+        print(f"\nwrote {args.json}")
+    advice = next_step(reports, folder) if folder is not None else None
+    if advice:
+        print("\n" + advice)
+    print(f"\nScore: {score}/{total}")
+    return 1 if folder is None and score < total else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lora-lab grade`` without the rest of the CLI: what ``python exercises/exNN_*.py`` calls."""
+    parser = argparse.ArgumentParser(
+        prog="lora-lab grade", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
