@@ -39,7 +39,7 @@ The spec
   names what was expected: x's last dimension must be K, A (r, K), B (N, r), bias (N,).
 
 The grader compares with the formula computed in float64, with a tolerance
-derived from the dtype and K, for drawn odd shapes (M = 1, N = 93, 3-D x, r from
+derived from the dtype and K, for drawn odd shapes (M = 1, N such as 93, 3-D x, r from
 1 to 64), and with peft's LoRA on a bitsandbytes ``Linear4bit``, the layer
 people actually fine-tune with. It calls your function twice with the same
 shapes and new values, and checks that you leave the inputs unchanged.

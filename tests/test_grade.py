@@ -183,6 +183,7 @@ MISTAKES = {
 @pytest.mark.parametrize("mistake", sorted(MISTAKES))
 def test_a_typical_mistake_loses_exactly_the_points_of_the_checks_that_catch_it(tmp_path, mistake):
     stem, source, caught = MISTAKES[mistake]
+    assert caught <= set(CHECKS), f"unknown checks {sorted(caught - set(CHECKS))}: were they renamed?"
     write_exercise(tmp_path, stem, source)
     exercise = next(e for e in EXERCISES if e.stem == stem)
     (report,), output = run_grade(tmp_path, [exercise.id])

@@ -283,7 +283,8 @@ def hypothesis_profile(name: str) -> Iterator[None]:
 
     import lora_lab.conformance.profiles  # noqa: F401  (registers ci / dev / thorough)
 
-    previous = settings.get_current_profile_name()
+    current = getattr(settings, "get_current_profile_name", None)  # public only in recent hypothesis versions
+    previous = current() if current else settings._current_profile
     parent = settings.get_profile(name)
     grading = f"lora-lab-grade-{name}"
     phases = [phase for phase in parent.phases if phase != Phase.explain]
