@@ -221,6 +221,35 @@ def test_an_error_in_learner_code_shows_the_learners_own_lines(tmp_path):
     assert report.score == 3  # only the shape checks pass
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the kernel's line comes from Triton's interpreter (CPU only here)")
+def test_an_error_inside_a_triton_kernel_shows_the_kernels_line(tmp_path):
+    path = write_exercise(tmp_path, "ex07_triton_dequant", '''
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        import torch
+        import triton
+        import triton.language as tl
+
+
+        @triton.jit
+        def broken_kernel(out_ptr, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            values = tl.where(offs < 4, offs, offs[:, None])  # broadcasts to (BLOCK, BLOCK)
+            tl.store(out_ptr + offs, values)  # a (BLOCK,) pointer for (BLOCK, BLOCK) values
+
+
+        def dequantize_nf4(q):
+            out = torch.zeros(64 * 64)
+            broken_kernel[(1,)](out, BLOCK=64)
+            return out
+        ''')
+    (report,), output = run_grade(tmp_path, ["07"])
+    (row,) = report.rows
+    assert row.status == ERROR, output
+    assert f'{path}", line 14, in broken_kernel\n    tl.store(' in row.detail and "in dequantize_nf4" in row.detail, row.detail
+
+
 def test_a_file_that_does_not_import_is_an_error_not_a_crash(tmp_path):
     write_exercise(tmp_path, "ex02_double_quant", "def quantize_nf4(weight, blocksize:\n    pass\n")
     (report,), output = run_grade(tmp_path, ["02"])

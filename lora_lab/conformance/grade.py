@@ -179,8 +179,16 @@ def _raised_in(exc: BaseException, folder: Path) -> bool:
 
 
 def learner_traceback(exc: BaseException, folder: Path, limit: int = 6) -> str:
-    """The traceback lines in the learner's files, plus the line that raised if it is elsewhere (inside torch)."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    """The traceback lines in the learner's files, plus the line that raised if it is elsewhere (inside torch).
+
+    Explicitly chained causes are followed: Triton's interpreter re-raises an error
+    in a kernel as ``InterpreterError(...) from error``, and only the cause's
+    traceback holds the kernel's own line.
+    """
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 4:
+        chain.append(chain[-1].__cause__)
+    frames = [frame for link in chain for frame in traceback.extract_tb(link.__traceback__)]
     mine = [f for f in frames if _inside(f.filename, folder)][-limit:]
     if frames and (not mine or frames[-1] is not mine[-1]):
         mine.append(frames[-1])
