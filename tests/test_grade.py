@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import settings
 
 from lora_lab.conformance.core import ERROR, FAILED, NOT_ATTEMPTED, PASSED, all_checks
 from lora_lab.conformance.grade import EXERCISES, ExerciseReport, grade, graded_checks, main, next_step
@@ -26,11 +25,6 @@ if not torch.cuda.is_available():  # as lora_lab.kernels does, but before any te
 
 EXERCISES_DIR = Path(__file__).resolve().parent.parent / "exercises"
 CHECKS = {c.name: c for c in all_checks()}
-
-# The reference is checked in full by test_conformance.py; here only the grading path is under test, so the
-# solutions run on a fifth of the ci profile's examples (derandomized all the same).
-settings.register_profile("grade-smoke", parent=settings.get_profile("ci"), max_examples=20)
-
 
 def run_grade(folder: Path | None, only: list[str] | None = None, profile: str = "ci") -> tuple[list[ExerciseReport], str]:
     out = io.StringIO()
@@ -67,7 +61,7 @@ def test_reference_solutions_score_full_marks():
     # On a CUDA machine lora_lab.kernels (imported by other tests) compiles for the GPU, but the checks hand it CPU
     # tensors; `lora-lab grade` runs Triton under its interpreter there (a fresh process), this process cannot.
     only = None if not torch.cuda.is_available() else [e.id for e in EXERCISES if e.solution == "lora_lab"]
-    reports, _ = run_grade(None, only, profile="grade-smoke")
+    reports, _ = run_grade(None, only)
     got, total = score(reports)
     failures = [(r.exercise.id, row.graded.check.name, row.status, row.detail) for r in reports for row in r.rows
                 if row.status != PASSED]
