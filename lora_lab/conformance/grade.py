@@ -382,8 +382,8 @@ def _checkout_exercises() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--only", nargs="+", metavar="NN", default=None, choices=[e.id for e in EXERCISES],
-        help="grade only these exercises (01 ... 08)",
+        "--only", nargs="+", metavar="NN", default=None, choices=[e.id for e in EXERCISES], type=lambda n: n.zfill(2),
+        help="grade only these exercises (01 ... 08; 3 means 03)",
     )
     parser.add_argument("--path", metavar="DIR", default="exercises", help="the exercises folder (default: ./exercises)")
     parser.add_argument("--json", metavar="FILE", help="also write the grades as JSON to FILE")
