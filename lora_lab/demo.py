@@ -17,8 +17,10 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 RULE_WIDTH = 72
 BATCH_SIZE = 16
@@ -60,13 +62,15 @@ def _price_position(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][0] != -100).nonzero()[0, 0]) - 1
 
 
-@torch.no_grad()
 def evaluate(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """Price loss, share of exactly right prices, and mean absolute error in dollars (argmax over prices only)."""
+    import torch
+
     from lora_lab.data import FIRST_NUMBER_ID, LARGEST_SINGLE_TOKEN_NUMBER
     from lora_lab.train import compute_loss, forward
 
-    logits = forward(model, batch)
+    with torch.no_grad():
+        logits = forward(model, batch)
     rows, positions = (batch["labels"] != -100).nonzero(as_tuple=True)
     price_logits = logits[rows, positions - 1, FIRST_NUMBER_ID : FIRST_NUMBER_ID + LARGEST_SINGLE_TOKEN_NUMBER + 1]
     guess = price_logits.argmax(-1)
@@ -125,6 +129,8 @@ def step_backward(model, loss) -> None:
 
 
 def step_optimize(model, optimizer, batch) -> None:
+    import torch
+
     from lora_lab.lora import QLoRALinear
     from lora_lab.train import compute_loss, forward, optimize
 
@@ -187,6 +193,8 @@ def plot(losses: list[float], held_out_losses: dict[int, float], path: Path, tit
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from lora_lab.data import collate, generate_products, get_tokenizer
     from lora_lab.model import apply_qlora, trainable_summary
     from lora_lab.optim import AdamW

@@ -21,14 +21,16 @@ import argparse
 import math
 from dataclasses import dataclass
 
-from lora_lab.model import DEFAULT_TARGETS, PRESETS, ModelPreset, linear_names
-from lora_lab.nf4 import ABSMAX_BLOCKSIZE, VALID_BLOCKSIZES
-
 KEPT_IN_BF16 = ("lm_head",)  # linear layers QLoRA leaves unquantized
+# Spelt out (tests check them against lora_lab.model) so that `lora-lab --help` need not import torch.
+PRESET_NAMES = ("llama-3.1-8b", "llama-3.2-1b", "tiny")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="llama-3.1-8b", help=f"model shape: {', '.join(PRESETS)} (default: llama-3.1-8b)")
+    parser.add_argument(
+        "--preset", default="llama-3.1-8b", help=f"model shape: {', '.join(PRESET_NAMES)} (default: llama-3.1-8b)"
+    )
     parser.add_argument("--r", type=int, default=32, help="LoRA rank (default: 32)")
     parser.add_argument("--alpha", type=float, default=64, help="LoRA alpha; the update is scaled by alpha/r (default: 64)")
     parser.add_argument(
@@ -40,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = False) -> int:
     """Storage of one NF4 weight, exactly ``quantize_nf4(w, blocksize, double_quant).nbytes``."""
+    from lora_lab.nf4 import ABSMAX_BLOCKSIZE
+
     blocks = math.ceil(numel / blocksize)
     packed = math.ceil(numel / 2)
     if not double_quant:
@@ -75,6 +79,9 @@ def size_report(preset: str, r: int = 32, alpha: float = 64, targets=DEFAULT_TAR
     import torch
     from torch import nn
     from transformers import LlamaForCausalLM
+
+    from lora_lab.model import ModelPreset, linear_names
+    from lora_lab.nf4 import VALID_BLOCKSIZES
 
     shape = ModelPreset.from_name(preset)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -113,7 +120,9 @@ def human(n_bytes: float) -> str:
 
 
 def format_report(report: SizeReport, blocksize: int = 64) -> str:
-    shape = PRESETS[report.preset]
+    from lora_lab.model import ModelPreset
+
+    shape = ModelPreset.from_name(report.preset)
     quantized_bf16 = 2 * report.quantized_params
     rest = report.bf16_bytes - quantized_bf16
     bits = lambda total: 8 * (total - rest) / report.quantized_params  # noqa: E731

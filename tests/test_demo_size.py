@@ -67,3 +67,10 @@ def test_demo_without_plot_and_triton_without_a_gpu(tmp_path, monkeypatch, capsy
     if not torch.cuda.is_available():
         assert main(["demo", "--backend", "triton"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_size_help_names_match_the_model_module():
+    """size.py spells the presets and default targets out so that `lora-lab --help` does not import torch."""
+    from lora_lab import model, size
+
+    assert size.PRESET_NAMES == tuple(model.PRESETS) and size.DEFAULT_TARGETS == model.DEFAULT_TARGETS
