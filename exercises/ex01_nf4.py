@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_lab.nf4 import NF4_CODE, NF4Tensor
+from lora_lab.nf4 import NF4_CODE, NF4Tensor  # noqa: F401  (NF4_CODE: the 16 levels, yours to use)
 from lora_lab.nf4 import quantize_nf4 as _reference_quantize
 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_lab.nf4 import NF4Tensor, dequantize_nf4  # or: from ex01_nf4 import dequantize_nf4
+from lora_lab.nf4 import NF4Tensor, dequantize_nf4  # noqa: F401  (or: from ex01_nf4 import dequantize_nf4)
 
 
 def qlora_linear(

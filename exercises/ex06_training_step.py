@@ -30,7 +30,8 @@ numbers of a real model: that is why QLoRA fits on one GPU.
 
 The spec
 --------
-``apply_qlora(model, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), r=8, alpha=16, dropout=0.0, **quant_kwargs) -> model``
+``apply_qlora(model, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), r=8, alpha=16, dropout=0.0,
+**quant_kwargs) -> model``
 
 * Replace every ``nn.Linear`` whose *last* name (``model.layers.0.self_attn.q_proj``
   ends in ``q_proj``) is in ``target_modules`` by a ``QLoRALinear``; pass
@@ -77,8 +78,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_lab.loss import next_token_loss  # noqa: F401  (or: from ex04_loss import next_token_loss)
 from lora_lab.lora import QLoRALinear  # noqa: F401
+from lora_lab.loss import next_token_loss  # noqa: F401  (or: from ex04_loss import next_token_loss)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
