@@ -83,8 +83,8 @@ def qlora_grad_input_kernel(
 ):
     # Grouped ordering over (M tiles, K tiles), as in the forward kernel.
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_k = (K + BLOCK_K - 1) // BLOCK_K
     pids_per_group = GROUP_M * num_pid_k
     first_pid_m = (pid // pids_per_group) * GROUP_M
     group_rows = min(num_pid_m - first_pid_m, GROUP_M)
@@ -98,8 +98,8 @@ def qlora_grad_input_kernel(
     m_mask, r_mask = offs_m < M, offs_r < R
     k_start = pid_k * BLOCK_K  # K is a multiple of BLOCK_K: every K tile is full
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    dyb = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32)
+    dyb = tl.full((BLOCK_M, R_PAD), 0.0, tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + offs_n
         n_mask = rows < N

@@ -98,8 +98,8 @@ def qlora_forward_kernel(
 ):
     # Grouped ordering: GROUP_M tile rows are swept together, column by column, for L2 reuse.
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     pids_per_group = GROUP_M * num_pid_n
     first_pid_m = (pid // pids_per_group) * GROUP_M
     group_rows = min(num_pid_m - first_pid_m, GROUP_M)
@@ -117,8 +117,8 @@ def qlora_forward_kernel(
     w_rows = offs_n.to(tl.int64)
     blocks_per_row = K // NF4_BLOCKSIZE
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    xa = tl.full((BLOCK_M, R_PAD), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K: no mask along K
         x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0).to(DOT_DTYPE)
         at = tl.load(at_ptrs, mask=r_mask[None, :], other=0.0).to(DOT_DTYPE)

@@ -15,6 +15,8 @@ so ``lora_lab`` itself is a conformance target (``lora-lab verify lora_lab``).
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,23 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+def _interpret_triton_without_a_gpu() -> None:
+    """On a machine with no GPU, run Triton kernels under its interpreter: set TRITON_INTERPRET=1 early.
+
+    Triton reads the variable when it is imported, and bitsandbytes imports
+    Triton as soon as it is imported itself, so lora_lab.kernels setting it on
+    its own import would often be too late. Checking the device files is
+    instant (importing torch to ask would not be).
+    """
+    if "triton" in sys.modules or "TRITON_INTERPRET" in os.environ:
+        return
+    if not any(os.path.exists(device) for device in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")):
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_interpret_triton_without_a_gpu()
 
 
 def __getattr__(name: str):
