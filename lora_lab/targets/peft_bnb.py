@@ -9,6 +9,12 @@ entirely theirs; this module only translates calling conventions, plus:
   lora_lab so the error-handling checks measure the adapter, not the stack;
 - dequantization on the flattened weight, because bitsandbytes 0.50's CPU C
   kernel indexes blocks per row when a row is not a multiple of the block size.
+
+It does not provide ``apply_qlora`` / ``training_step``: peft keeps each
+layer's adapters in ``ModuleDict``s keyed by adapter name, which does not fit
+the protocol's ``module.lora_A`` tensors. The whole-step comparison with peft +
+bitsandbytes is the check ``training.matches_peft_bitsandbytes`` instead, which
+every target's training step must pass.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from torch import nn
 
 from lora_lab.lora import _check_operands
+from lora_lab.loss import check_loss_inputs
 from lora_lab.nf4 import NF4Tensor, _check_weight
 
 
@@ -65,8 +72,10 @@ def qlora_linear(x, weight: NF4Tensor, lora_A, lora_B, scaling: float, bias=None
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """transformers' own causal-LM loss (it shifts internally); it returns NaN when no label counts, so check first."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
+    check_loss_inputs(logits, labels, ignore_index)
     return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], ignore_index=ignore_index)
 
 
