@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lora_lab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from lora_lab.operands import check_qlora_operands
 
 BACKENDS = ("reference", "triton")
 
@@ -50,29 +51,6 @@ class _FrozenNF4Linear(torch.autograd.Function):
         grad_x = grad_out @ dequantize_nf4(ctx.weight).to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias
-
-
-def _check_operands(x, weight, lora_A, lora_B, bias) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"expected x to be a floating-point tensor, got {got}")
-    if not isinstance(weight, NF4Tensor):
-        raise TypeError(f"expected weight to be an NF4Tensor (see quantize_nf4), got {type(weight).__name__}")
-    if len(weight.shape) != 2:
-        raise ValueError(f"expected a 2-D weight of shape (N, K), got shape {tuple(weight.shape)}")
-    n_out, k_in = weight.shape
-    if x.dim() < 1 or x.shape[-1] != k_in:
-        raise ValueError(f"expected x of shape (..., {k_in}) to match weight (N={n_out}, K={k_in}), got {tuple(x.shape)}")
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
-        if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
-            raise TypeError(f"expected {name} to be a floating-point tensor")
-    if lora_A.dim() != 2 or lora_A.shape[1] != k_in:
-        raise ValueError(f"expected lora_A of shape (r, {k_in}), got {tuple(lora_A.shape)}")
-    r = lora_A.shape[0]
-    if lora_B.dim() != 2 or tuple(lora_B.shape) != (n_out, r):
-        raise ValueError(f"expected lora_B of shape ({n_out}, {r}) for N={n_out} and r={r}, got {tuple(lora_B.shape)}")
-    if bias is not None and tuple(bias.shape) != (n_out,):
-        raise ValueError(f"expected bias of shape ({n_out},), got {tuple(bias.shape)}")
 
 
 def base_path(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,7 +78,7 @@ def qlora_linear(
     float dtype are cast to x's dtype first. Differentiable in x, A, B and
     bias, never in the weight.
     """
-    _check_operands(x, weight, lora_A, lora_B, bias)
+    check_qlora_operands(x, weight, lora_A, lora_B, bias, scaling)
     return base_path(x, weight, bias) + lora_path(x, lora_A, lora_B, scaling)
 
 
@@ -167,7 +145,7 @@ class QLoRALinear(nn.Module):
         dropout_active = self.training and isinstance(self.lora_dropout, nn.Dropout)
         if dropout_active:
             # Dropout applies to the adapter's input only (as in peft), so the two paths see different x.
-            _check_operands(x, self.weight, self.lora_A, self.lora_B, self.bias)
+            check_qlora_operands(x, self.weight, self.lora_A, self.lora_B, self.bias, self.scaling)
             return base_path(x, self.weight, self.bias) + lora_path(
                 self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling
             )

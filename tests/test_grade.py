@@ -122,11 +122,12 @@ MISTAKES = {
         "ex03_qlora_linear",
         '''
         """Adds the LoRA path without multiplying it by scaling (alpha / r)."""
-        from lora_lab.lora import _check_operands, base_path
+        from lora_lab.lora import base_path
+        from lora_lab.operands import check_qlora_operands
 
 
         def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None):
-            _check_operands(x, weight, lora_A, lora_B, bias)
+            check_qlora_operands(x, weight, lora_A, lora_B, bias)
             return base_path(x, weight, bias) + (x @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t()
         ''',
         {"qlora.forward_matches_float64", "qlora.gradients_match_float64", "qlora.matches_peft_bitsandbytes"},

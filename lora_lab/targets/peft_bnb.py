@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_lab.lora import _check_operands
 from lora_lab.loss import check_loss_inputs
 from lora_lab.nf4 import NF4Tensor, _check_weight
+from lora_lab.operands import check_qlora_operands
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
@@ -58,7 +58,7 @@ def qlora_linear(x, weight: NF4Tensor, lora_A, lora_B, scaling: float, bias=None
 
     from lora_lab.conformance.oracles import bnb_linear4bit
 
-    _check_operands(x, weight, lora_A, lora_B, bias)
+    check_qlora_operands(x, weight, lora_A, lora_B, bias, scaling)
     r = lora_A.shape[0]
     holder = nn.Module()
     holder.proj = bnb_linear4bit(weight, None, compute_dtype=x.dtype)
