@@ -105,6 +105,8 @@ def resolve_settings(args: argparse.Namespace, saved: dict | None = None) -> dic
     for key, least in checks:
         if settings[key] < least:
             raise UsageError(f"expected --{key.replace('_', '-')} >= {least}, got {settings[key]}")
+    if (settings["pretrain_steps"] or 0) < 0:
+        raise UsageError(f"expected --pretrain-steps >= 0, got {settings['pretrain_steps']}")
     if not (settings["lr"] > 0 and settings["alpha"] > 0 and 0 <= settings["dropout"] < 1 and 0 <= settings["warmup_ratio"] < 1):
         raise UsageError("expected --lr > 0, --alpha > 0, --dropout in [0, 1) and --warmup-ratio in [0, 1)")
     return settings
