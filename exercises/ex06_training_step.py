@@ -2,7 +2,7 @@
 
 All four of the lecture's steps, in order, on a real (tiny) Llama:
 
-    1. forward   logits = model(input_ids, attention_mask)        frozen NF4 weights + adapters
+    1. forward   logits = model(input_ids, attention_mask)        frozen NF4 base + adapters
     2. loss      loss = next_token_loss(logits, labels)           exercise 04
     3. backward  loss.backward()                                  gradients reach only the adapters
     4. optimize  optimizer.step(); optimizer.zero_grad()          exercise 05's AdamW, on A and B
@@ -15,10 +15,18 @@ Llama the attention projections ``q_proj``, ``k_proj``, ``v_proj`` and
 replaced by a ``lora_lab.lora.QLoRALinear`` built from it
 (``QLoRALinear.from_linear(linear, r=..., alpha=..., dropout=..., **quant_kwargs)``
 quantizes its weight to NF4 and attaches fresh adapters with B = 0, so the
-model's output does not change beyond NF4 rounding). Every other parameter
-(embeddings, norms, the MLP, the output head) is frozen: ``requires_grad`` False.
-Then the optimizer only sees the adapters, which are well under 1% of the
-numbers of a real model: that is why QLoRA fits on one GPU.
+model's output does not change beyond NF4 rounding).
+
+QLoRA freezes *and quantizes* the whole base, not only the targets: every
+other ``nn.Linear`` (the MLP's ``gate_proj``, ``up_proj`` and ``down_proj`` by
+default) becomes a ``lora_lab.lora.NF4Linear``
+(``NF4Linear.from_linear(linear, blocksize=..., double_quant=...)``: the same
+frozen NF4 weight, no adapters), as bitsandbytes' ``load_in_4bit`` does. Only
+``lm_head`` keeps its dense weight. Left dense, the MLP of Llama 3.1 8B alone
+would hold about 11 GB of bf16 weights. Every remaining parameter (embeddings,
+norms, the output head) is frozen: ``requires_grad`` False. Then the optimizer
+only sees the adapters, which are well under 1% of the numbers of a real
+model, and the base is 4-bit: that is why QLoRA fits on one GPU.
 
 ``training_step`` then runs the four steps once. Two details matter:
 
@@ -36,7 +44,10 @@ The spec
 * Replace every ``nn.Linear`` whose *last* name (``model.layers.0.self_attn.q_proj``
   ends in ``q_proj``) is in ``target_modules`` by a ``QLoRALinear``; pass
   ``quant_kwargs`` (such as ``blocksize``, ``double_quant``, ``use_rslora``) on to
-  ``from_linear``. Freeze every other parameter. Return the same model object.
+  ``from_linear``.
+* Replace every *other* ``nn.Linear`` except ``lm_head`` by an ``NF4Linear``
+  with the same ``blocksize`` and ``double_quant`` (defaults 64 and True).
+* Freeze every other parameter. Return the same model object.
 * Raise ValueError when a target module matches no ``nn.Linear``, naming it and
   listing the linear layers the model has (a typo such as "q_prj" must not
   silently train nothing).
@@ -52,8 +63,8 @@ The spec
 The grader builds ``lora_lab.model.tiny_llama`` models (2 layers, hidden 64:
 seconds on a CPU) and applies your ``apply_qlora`` with drawn seeds, ranks and
 targets (the MLP's ``gate_proj``, ``up_proj``, ``down_proj`` too). It checks that
-only the adapters train, that fresh adapters leave the logits of the NF4 model
-unchanged bit for bit, that dropout acts in ``train()`` only, that a few of your
+only the adapters train, that no linear layer but ``lm_head`` keeps a dense
+weight, that fresh adapters leave the logits of the NF4 model unchanged bit for bit, that dropout acts in ``train()`` only, that a few of your
 training steps give the losses and adapters of lora_lab's and of peft's LoRA on
 bitsandbytes layers, that the base weights' bytes never change, and that the
 loss falls.
@@ -78,7 +89,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_lab.lora import QLoRALinear  # noqa: F401
+from lora_lab.lora import NF4Linear, QLoRALinear  # noqa: F401
 from lora_lab.loss import next_token_loss  # noqa: F401  (or: from ex04_loss import next_token_loss)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -92,11 +103,14 @@ def apply_qlora(
     dropout: float = 0.0,
     **quant_kwargs,
 ) -> nn.Module:
-    """Replace the targeted ``nn.Linear`` layers by ``QLoRALinear`` and freeze everything else, in place.
+    """Replace the targeted ``nn.Linear`` layers by ``QLoRALinear``, every other one but ``lm_head`` by
+    ``NF4Linear``, and freeze everything else, in place.
 
     Tip: ``model.named_modules()`` lists every layer with its dotted name;
     ``model.get_submodule(parent_name)`` and ``setattr(parent, child_name, new)``
     swap one. Freeze first, then swap: the new adapters must stay trainable.
+    ``quant_kwargs`` may hold ``use_rslora`` or ``backend``, which ``NF4Linear``
+    does not take: pass it only ``blocksize`` and ``double_quant``.
     """
     raise NotImplementedError("exercise 06: write apply_qlora")
 

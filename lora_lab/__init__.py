@@ -27,6 +27,7 @@ _EXPORTS = {
     "dequantize_nf4": "lora_lab.nf4",
     "qlora_linear": "lora_lab.lora",
     "QLoRALinear": "lora_lab.lora",
+    "NF4Linear": "lora_lab.lora",
     "tiny_llama": "lora_lab.model",
     "apply_qlora": "lora_lab.model",
     "next_token_loss": "lora_lab.loss",

@@ -245,22 +245,23 @@ def run_layers(cases, impls, timer, roofline, settings, deadline, progress, afte
 def tiny_model_pair(r: int = 8, alpha: float = 16, seed: int = 0):
     """lora_lab's QLoRA tiny Llama, and the same model as peft + bitsandbytes Linear4bit holding the same NF4 bytes.
 
-    Both start from identical numbers: the bitsandbytes layers wrap our NF4
-    weights without re-quantizing, and peft's adapters are overwritten with ours.
+    Both start from identical numbers: every linear layer but lm_head is NF4 in
+    both (as in real QLoRA), the bitsandbytes layers wrap our NF4 weights without
+    re-quantizing, and peft's adapters (on the targets only) are overwritten with ours.
     """
     import peft
 
     from lora_lab.conformance.oracles import bnb_linear4bit
-    from lora_lab.lora import QLoRALinear
+    from lora_lab.lora import NF4Linear, QLoRALinear
     from lora_lab.model import DEFAULT_TARGETS, apply_qlora, tiny_llama
 
     ours = apply_qlora(tiny_llama(seed), DEFAULT_TARGETS, r=r, alpha=alpha)
     theirs = tiny_llama(seed)
+    for name, layer in ours.named_modules():
+        if isinstance(layer, NF4Linear):  # QLoRALinear too: the targets and the rest of the base alike
+            parent, _, child = name.rpartition(".")
+            setattr(theirs.get_submodule(parent), child, bnb_linear4bit(layer.weight, layer.bias))
     names = [name for name, module in ours.named_modules() if isinstance(module, QLoRALinear)]
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        layer = ours.get_submodule(name)
-        setattr(theirs.get_submodule(parent), child, bnb_linear4bit(layer.weight, layer.bias))
     config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(DEFAULT_TARGETS), lora_dropout=0.0)
     theirs = peft.get_peft_model(theirs, config)
     with torch.no_grad():
@@ -273,14 +274,14 @@ def tiny_model_pair(r: int = 8, alpha: float = 16, seed: int = 0):
 
 def _linear_flops_per_token(model: nn.Module) -> int:
     """2 x (in x out) summed over the linear layers (adapters included): forward FLOPs per token, attention aside."""
-    from lora_lab.lora import QLoRALinear
+    from lora_lab.lora import NF4Linear, QLoRALinear
 
     total = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, NF4Linear)):
             total += module.in_features * module.out_features
-        elif isinstance(module, QLoRALinear):
-            total += module.in_features * module.out_features + module.r * (module.in_features + module.out_features)
+        if isinstance(module, QLoRALinear):
+            total += module.r * (module.in_features + module.out_features)
     return 2 * total
 
 

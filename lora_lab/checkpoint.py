@@ -1,6 +1,6 @@
 """Load a Hugging Face Llama checkpoint straight into NF4, one tensor (and one slice of rows) at a time.
 
-    model = load_llama("/models/Llama-3.2-1B")                   # q/k/v/o in NF4 + fresh LoRA adapters
+    model = load_llama("/models/Llama-3.2-1B")                   # every linear but lm_head in NF4; LoRA on q/k/v/o
     model = load_llama(path, target_modules=("q_proj", "v_proj"), r=32, alpha=64, dtype=torch.bfloat16)
     tokenizer = load_tokenizer(path)                              # the checkpoint's own tokenizer.json
 
@@ -10,15 +10,17 @@ save: 16 GB for Llama 3.1 8B in bf16, where its NF4 weights take about 4.5 GB.
 Here the model is built on the ``meta`` device (shapes only, no storage) and
 filled from the ``*.safetensors`` shards:
 
-- a target weight (``q_proj`` ...) is read a slice of rows at a time and each
-  slice is quantized as it arrives. Slices are cut on NF4 block boundaries, so
-  the bytes equal quantizing the whole tensor; with double quantization the
-  per-block scales are collected and quantized once at the end;
-- every other tensor (embeddings, norms, untargeted layers, ``lm_head``) is
-  copied into its own storage in ``dtype`` and frozen.
+- every linear weight but ``lm_head``'s (the targets ``q_proj`` ... and the
+  rest, ``gate_proj`` ...) is read a slice of rows at a time and each slice is
+  quantized as it arrives. Slices are cut on NF4 block boundaries, so the bytes
+  equal quantizing the whole tensor; with double quantization the per-block
+  scales are collected and quantized once at the end. Targets become
+  ``QLoRALinear``, the others ``NF4Linear``;
+- every other tensor (embeddings, norms, ``lm_head``) is copied into its own
+  storage in ``dtype`` and frozen.
 
 Each slice is read through a fresh ``safe_open``, so no memory-mapped shard
-stays resident. Peak memory is therefore the final model (NF4 targets + the
+stays resident. Peak memory is therefore the final model (NF4 linears + the
 dense rest) plus one slice, not the dense model. The result is what
 ``apply_qlora`` makes of the same weights, byte for byte.
 
@@ -36,8 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_lab.lora import QLoRALinear
-from lora_lab.model import DEFAULT_TARGETS, linear_names
+from lora_lab.lora import NF4Linear, QLoRALinear
+from lora_lab.model import DEFAULT_TARGETS, KEPT_DENSE, linear_names
 from lora_lab.nf4 import NF4Tensor, _quantize_absmax, quantize_nf4  # _quantize_absmax: double quant of streamed scales
 
 SLICE_ELEMENTS = 1 << 20  # about 1M elements per read: bounds the transient memory of reading and quantizing
@@ -166,14 +168,16 @@ def load_llama(
     double_quant: bool = True,
     dtype: torch.dtype | None = None,
     backend: str = "reference",
+    quantize_base: bool = True,
 ) -> nn.Module:
     """A ``LlamaForCausalLM`` from a local checkpoint directory, in eval mode.
 
     With ``quantize`` (the default) the ``target_modules`` become
     ``QLoRALinear`` layers (NF4 weight read and quantized slice by slice, fresh
-    adapters with B = 0) and every other parameter is frozen: the same model as
-    ``apply_qlora(from_pretrained(path), ...)`` without ever holding the dense
-    targets. With ``quantize=False`` it is the plain dense model (every
+    adapters with B = 0), with ``quantize_base`` every other linear layer but
+    ``lm_head`` becomes an ``NF4Linear`` (read the same way), and every other
+    parameter is frozen: the same model as ``apply_qlora(from_pretrained(path),
+    ...)`` without ever holding the dense linear weights. With ``quantize=False`` it is the plain dense model (every
     parameter trainable, as ``from_pretrained`` gives it), loaded the same
     tensor-at-a-time way. ``dtype`` converts the stored tensors (default: keep
     them as stored); the NF4 weights dequantize to it.
@@ -192,30 +196,39 @@ def load_llama(
             f"target module(s) {', '.join(missing_targets)} match no nn.Linear in {path}; its linear layers are "
             f"named {', '.join(linear_names(model))}"
         )
-    target_paths = [
-        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    target_paths = [name for name in linears if name.rsplit(".", 1)[-1] in targets]
+    base_paths = [  # the linear layers frozen in NF4 without adapters
+        name for name in linears
+        if quantize and quantize_base and name not in target_paths and name.rsplit(".", 1)[-1] not in KEPT_DENSE
     ]
+    quantized_paths = set(target_paths) | set(base_paths)
     if config.tie_word_embeddings and "lm_head" in targets:
         raise ValueError("lm_head shares its weight with the input embeddings in this model; leave it out of target_modules")
     nf4_weights: dict[str, NF4Tensor] = {}
-    target_biases: dict[str, torch.Tensor] = {}
+    nf4_biases: dict[str, torch.Tensor] = {}
     unexpected = []
     for key, file in located.items():
         module_name, _, name = key.rpartition(".")
-        if module_name in target_paths and name == "weight":
+        if module_name in quantized_paths and name == "weight":
             nf4_weights[module_name] = read_nf4(file, key, blocksize, double_quant, dtype)
-        elif module_name in target_paths and name == "bias":
-            target_biases[module_name] = read_dense(file, key, dtype)
+        elif module_name in quantized_paths and name == "bias":
+            nf4_biases[module_name] = read_dense(file, key, dtype)
         elif not key.endswith(IGNORED_KEYS) and not _place(model, key, read_dense(file, key, dtype), trainable=not quantize):
             unexpected.append(key)
     if unexpected:
         warnings.warn(f"{path}: ignored {len(unexpected)} tensor(s) this model has no place for: {', '.join(unexpected[:5])}",
                       stacklevel=2)
-    for name in target_paths:  # in module order, so the adapters' random start matches apply_qlora's
+    for name in [*target_paths, *base_paths]:  # targets first, in module order: the adapters' random start is apply_qlora's
         if name not in nf4_weights:
-            raise ValueError(f"{path} has no tensor {name}.weight, which target_modules asks to quantize")
+            why = "target_modules asks to quantize" if name in target_paths else "QLoRA quantizes (quantize_base)"
+            raise ValueError(f"{path} has no tensor {name}.weight, which {why}")
         parent, _, child = name.rpartition(".")
-        layer = QLoRALinear(nf4_weights.pop(name), target_biases.pop(name, None), r, alpha, dropout, use_rslora, backend)
+        weight, bias = nf4_weights.pop(name), nf4_biases.pop(name, None)
+        if name in target_paths:
+            layer = QLoRALinear(weight, bias, r, alpha, dropout, use_rslora, backend)
+        else:
+            layer = NF4Linear(weight, bias)
         setattr(model.get_submodule(parent), child, layer)
     output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if config.tie_word_embeddings and output is not None and output.weight.is_meta:
@@ -282,7 +295,7 @@ def measure_load(path: str | os.PathLike, dense: bool = False, target_modules: t
     peak = _memory_kib("VmHWM")
     held = _memory_kib("VmRSS") - before
     stored = sum(read.numel() * read.element_size() for read in [*model.parameters(), *model.buffers()])
-    nf4 = sum(layer.weight.nbytes for layer in model.modules() if isinstance(layer, QLoRALinear))
+    nf4 = sum(layer.weight.nbytes for layer in model.modules() if isinstance(layer, NF4Linear))  # QLoRALinear's too
     return {
         "path": str(path), "how": "from_pretrained + apply_qlora" if dense else "load_llama",
         "peak_rss_increase_bytes": (peak - before) * 1024, "held_after_bytes": held * 1024,

@@ -221,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the adapters' random initialisation
     apply_qlora(model, r=args.r, alpha=args.alpha, backend=args.backend)
     model.to(device).train()
-    print(f"  QLoRA: q/k/v/o projections frozen in NF4 (double quant), LoRA r={args.r}, alpha={args.alpha:g}")
+    print(f"  QLoRA: every linear layer but lm_head frozen in NF4 (double quant); LoRA r={args.r}, alpha={args.alpha:g} "
+          "on q/k/v/o")
     print(f"  {trainable_summary(model)}")
 
     products = generate_products(TRAINING_PRODUCTS, seed=args.seed + 1)

@@ -5,8 +5,8 @@ steps on its share, and the gradients are averaged before the optimizer step,
 so every rank applies the same update. For QLoRA only the adapters have
 gradients, so only they travel:
 
-- **The frozen NF4 base is replicated, never all-reduced.** ``QLoRALinear``
-  keeps its NF4 weight as a plain attribute, not a Parameter or buffer, so
+- **The frozen NF4 base is replicated, never all-reduced.** ``NF4Linear`` and
+  ``QLoRALinear`` keep their NF4 weight as a plain attribute, not a Parameter or buffer, so
   neither DDP nor FSDP2 sees it; every rank builds the same model from the same
   seed (or checkpoint) and quantizes it identically. The dense frozen tensors
   (embeddings, norms, lm_head) have ``requires_grad=False``: DDP never reduces
@@ -157,7 +157,7 @@ def adapter_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def memory_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes this rank holds: its shard of the parameters, of the AdamW moments, and the replicated NF4 weights."""
-    from lora_lab.lora import QLoRALinear
+    from lora_lab.lora import NF4Linear
 
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
     params = sum(local(p).numel() * p.element_size() for p in model.parameters())
@@ -165,7 +165,7 @@ def memory_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
         local(v).numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
         if isinstance(v, torch.Tensor) and v.dim() > 0
     )
-    nf4 = sum(m.weight.nbytes for m in model.modules() if isinstance(m, QLoRALinear))
+    nf4 = sum(m.weight.nbytes for m in model.modules() if isinstance(m, NF4Linear))  # QLoRALinear's too
     return {"parameters": params, "adam_moments": moments, "nf4_replicated": nf4}
 
 
@@ -224,7 +224,8 @@ def check(args: argparse.Namespace) -> int:
     if args.fail_rank is not None and ctx.rank == args.fail_rank:
         raise RuntimeError(f"rank {ctx.rank} failing on purpose (--fail-rank)")
     reference, batch = _build(args.seed)
-    nf4_before = {n: m.weight.packed.clone() for n, m in reference.named_modules() if hasattr(m, "lora_A")}
+    is_nf4 = lambda m: hasattr(getattr(m, "weight", None), "packed")  # noqa: E731  (targets and the rest of the base)
+    nf4_before = {n: m.weight.packed.clone() for n, m in reference.named_modules() if is_nf4(m)}
     frozen_before = {n: p.detach().clone() for n, p in reference.named_parameters() if not p.requires_grad}
     single_loss, grads = _single_process_step(reference, batch)
 
@@ -240,7 +241,8 @@ def check(args: argparse.Namespace) -> int:
         n: int(((got[n] - expected[n]).abs() > step_tolerance(grads[n], expected[n], tokens)).sum()) for n in expected
     }
     raw = wrapped.module if hasattr(wrapped, "module") else wrapped
-    nf4_same = all(torch.equal(m.weight.packed, nf4_before[n]) for n, m in raw.named_modules() if hasattr(m, "lora_A"))
+    nf4_now = {n: m.weight.packed for n, m in raw.named_modules() if is_nf4(m)}
+    nf4_same = nf4_now.keys() == nf4_before.keys() and all(torch.equal(nf4_now[n], nf4_before[n]) for n in nf4_before)
     frozen_now = {n.removeprefix("module."): p for n, p in wrapped.named_parameters() if not p.requires_grad}
     full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()  # noqa: E731
     frozen_same = all(torch.equal(full(frozen_now[n]), frozen_before[n]) for n in frozen_before)

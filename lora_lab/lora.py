@@ -17,6 +17,10 @@ The base weight never gets a gradient: ``_FrozenNF4Linear`` dequantizes it on
 the fly in the forward pass and again in the backward pass (for dX = dY @ W),
 so no dense copy of W is kept alive between them. That is where QLoRA's
 memory saving comes from.
+
+QLoRA freezes *and quantizes* the whole base model: the linear layers without
+adapters become ``NF4Linear`` (the same frozen NF4 path, no adapters), so only
+``lm_head``, the embeddings and the norms stay dense.
 """
 
 from __future__ import annotations
@@ -89,13 +93,59 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-class QLoRALinear(nn.Module):
-    """A drop-in replacement for ``nn.Linear``: frozen NF4 weight, trainable ``lora_A``/``lora_B``.
+def _quantized(linear: nn.Linear, blocksize: int, double_quant: bool) -> NF4Tensor:
+    """``linear``'s weight in NF4: the one way both layer types are made from an ``nn.Linear``."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+    return quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+
+
+class NF4Linear(nn.Module):
+    """A frozen ``nn.Linear`` stored in NF4: ``y = x @ W^T + bias``, with no adapters and nothing to train.
+
+    QLoRA quantizes the *whole* base model, not only the layers that get
+    adapters: bitsandbytes' ``load_in_4bit`` stores every linear layer but
+    ``lm_head`` in NF4, and peft then adds adapters only where they are wanted.
+    ``apply_qlora`` puts this layer on the linear layers it does not target
+    (the MLP's gate/up/down_proj by default); otherwise their dense weights
+    would stay in 16 or 32 bits, about 11 GB of bf16 for Llama 3.1 8B.
 
     The NF4 weight is a plain attribute, not a Parameter or buffer: optimizers
     and ``state_dict`` never see it. ``.to(device)`` moves it; dtype casts do not
-    touch it (its storage format is fixed).
+    touch it (its storage format is fixed). ``QLoRALinear`` is this layer plus
+    trainable adapters.
     """
+
+    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
+        """Quantize ``linear.weight`` to NF4 and freeze its bias."""
+        return cls(_quantized(linear, blocksize, double_quant), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return base_path(x, self.weight, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        # Follow device moves (``.to("cuda")``) with the NF4 weight; its dtype never changes.
+        device = fn(torch.zeros((), device=self.weight.device)).device
+        self.weight = self.weight.to(device)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        q = self.weight
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"blocksize={q.blocksize}, double_quant={q.double_quant}"
+        )
+
+
+class QLoRALinear(NF4Linear):
+    """A drop-in replacement for ``nn.Linear``: frozen NF4 weight (as ``NF4Linear``), trainable ``lora_A``/``lora_B``."""
 
     def __init__(
         self,
@@ -108,16 +158,13 @@ class QLoRALinear(nn.Module):
         backend: str = "reference",
         adapter_dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"expected backend to be one of {BACKENDS}, got {backend!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"expected dropout in [0, 1), got {dropout!r}")
+        super().__init__(weight, bias)
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.r, self.alpha, self.use_rslora, self.backend = r, alpha, use_rslora, backend
-        self.out_features, self.in_features = weight.shape
-        self.weight = weight
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=adapter_dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft (and nn.Linear) initialise A
@@ -136,10 +183,7 @@ class QLoRALinear(nn.Module):
         backend: str = "reference",
     ) -> QLoRALinear:
         """Quantize ``linear.weight`` to NF4 and attach fresh adapters (A random, B zero)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
-        weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(weight, linear.bias, r, alpha, dropout, use_rslora, backend)
+        return cls(_quantized(linear, blocksize, double_quant), linear.bias, r, alpha, dropout, use_rslora, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropout_active = self.training and isinstance(self.lora_dropout, nn.Dropout)
@@ -161,16 +205,5 @@ class QLoRALinear(nn.Module):
         base = dequantize_nf4(self.weight).float()
         return (base + self.scaling * (self.lora_B.float() @ self.lora_A.float())).to(self.weight.dtype)
 
-    def _apply(self, fn, recurse=True):
-        # Follow device moves (``.to("cuda")``) with the NF4 weight; its dtype never changes.
-        device = fn(torch.zeros((), device=self.weight.device)).device
-        self.weight = self.weight.to(device)
-        return super()._apply(fn, recurse)
-
     def extra_repr(self) -> str:
-        q = self.weight
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"scaling={self.scaling:g}, blocksize={q.blocksize}, double_quant={q.double_quant}, "
-            f"backend={self.backend!r}"
-        )
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, backend={self.backend!r}"

@@ -1,7 +1,7 @@
 """The model: a Llama, made QLoRA by freezing it in NF4 and attaching adapters.
 
     model = tiny_llama(seed=0)          # a 2-layer Llama that runs in milliseconds on a CPU
-    apply_qlora(model, r=8, alpha=16)   # q/k/v/o projections -> NF4 + LoRA; everything else frozen
+    apply_qlora(model, r=8, alpha=16)   # every linear but lm_head -> NF4; LoRA on q/k/v/o; everything else frozen
     print(trainable_summary(model))
 
 ``tiny_llama`` is a real ``transformers`` ``LlamaForCausalLM`` (rotary
@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from lora_lab.data import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
-from lora_lab.lora import QLoRALinear
+from lora_lab.lora import NF4Linear, QLoRALinear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+KEPT_DENSE = ("lm_head",)  # the one linear layer QLoRA leaves unquantized (as bitsandbytes' load_in_4bit does)
 
 
 @dataclass(frozen=True)
@@ -107,13 +108,17 @@ def apply_qlora(
     blocksize: int = 64,
     double_quant: bool = True,
     backend: str = "reference",
+    quantize_base: bool = True,
 ) -> nn.Module:
     """Make ``model`` a QLoRA model, in place, and return it.
 
     Every ``nn.Linear`` whose last name is in ``target_modules`` becomes a
     ``QLoRALinear`` (NF4 weight, fresh adapters with B = 0, so the model's
     output does not change beyond NF4 rounding), and every other parameter is
-    frozen: only the adapters will receive gradients.
+    frozen: only the adapters will receive gradients. With ``quantize_base``
+    (the default, as in real QLoRA) every other ``nn.Linear`` except
+    ``lm_head`` becomes an ``NF4Linear`` with the same quantization: the whole
+    base is frozen in NF4, and adapters go only on the targets.
     """
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
@@ -140,6 +145,16 @@ def apply_qlora(
             blocksize=blocksize, double_quant=double_quant, backend=backend,
         )
         setattr(parent, child, layer)
+    if quantize_base:
+        rest = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in KEPT_DENSE
+        ]
+        for name, linear in rest:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
     return model
 
 
@@ -168,6 +183,6 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     """How much of the model QLoRA trains: the point of LoRA is that this share is small."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    frozen_nf4 = sum(m.weight.numel for m in model.modules() if isinstance(m, QLoRALinear))
+    frozen_nf4 = sum(m.weight.numel for m in model.modules() if isinstance(m, NF4Linear))  # QLoRALinear's too
     total = sum(p.numel() for p in model.parameters()) + frozen_nf4
     return TrainableSummary(trainable, total, adapter_bytes)

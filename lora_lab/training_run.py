@@ -138,7 +138,8 @@ def build_model(settings: dict, ctx, say=print):
         model = load_llama(path, **lora)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from error
-    say(f"base model: {path} ({model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}), targets in NF4")
+    say(f"base model: {path} ({model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}), "
+        "every linear layer but lm_head in NF4, adapters on the targets")
     return model, PromptCodec(tokenizer, min(model.config.max_position_embeddings, 1024)), str(path)
 
 

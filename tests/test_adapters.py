@@ -1,8 +1,8 @@
 """Adapters in peft's format: lora_lab -> peft and peft -> lora_lab give the same logits, and mismatches are refused.
 
-The comparison isolates the adapters. lora_lab's model holds NF4 weights; peft
-runs either on a dense transformers model whose target weights ARE those NF4
-weights dequantized (fp32, so both sides compute F.linear with the same
+The comparison isolates the adapters. lora_lab's model holds NF4 weights (every
+linear layer but lm_head); peft runs either on a dense transformers model whose
+linear weights ARE those NF4 weights dequantized (fp32, so both sides compute F.linear with the same
 matrix), or on bitsandbytes ``Linear4bit`` layers holding the same NF4 bytes,
 kept in train mode (bitsandbytes' CPU eval path re-packs and rounds in bf16).
 The only thing that differs between the two models is who wrote the adapter,
@@ -18,6 +18,7 @@ import torch
 
 from lora_lab.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, qlora_layers, save_adapter
 from lora_lab.data import collate, generate_products
+from lora_lab.lora import NF4Linear
 from lora_lab.model import apply_qlora, tiny_llama
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
@@ -39,21 +40,26 @@ def _randomize_adapters(model, seed=1):
     return model
 
 
+def _nf4_layers(qmodel) -> dict:
+    """Every layer holding an NF4 weight: the targets (QLoRALinear) and the rest of the base (NF4Linear)."""
+    return {name: m for name, m in qmodel.named_modules() if isinstance(m, NF4Linear)}
+
+
 def _dense_twin(qmodel):
-    """A plain transformers model whose target weights are qmodel's NF4 weights, dequantized."""
+    """A plain transformers model whose linear weights are qmodel's NF4 weights, dequantized (lm_head stays dense)."""
     dense = tiny_llama(0)
     with torch.no_grad():
-        for name, layer in qlora_layers(qmodel).items():
+        for name, layer in _nf4_layers(qmodel).items():
             dense.get_submodule(name).weight.copy_(layer.weight.dequantize())
     return dense.eval()
 
 
 def _bnb_twin(qmodel):
-    """A transformers model whose targets are bitsandbytes Linear4bit layers holding qmodel's NF4 bytes."""
+    """A transformers model whose linear layers (lm_head aside) are bitsandbytes Linear4bit holding qmodel's NF4 bytes."""
     from lora_lab.conformance.oracles import bnb_linear4bit
 
     model = tiny_llama(0)
-    for name, layer in qlora_layers(qmodel).items():
+    for name, layer in _nf4_layers(qmodel).items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, bnb_linear4bit(layer.weight, layer.bias))
     return model

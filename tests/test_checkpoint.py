@@ -15,10 +15,12 @@ import torch
 from lora_lab.adapters import qlora_layers
 from lora_lab.checkpoint import checkpoint_files, load_llama, load_tokenizer, read_nf4
 from lora_lab.data import collate, generate_products
+from lora_lab.lora import NF4Linear
 from lora_lab.model import apply_qlora, tiny_llama
 from lora_lab.nf4 import quantize_nf4
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SOME_LINEAR = ("q_proj", "v_proj", "down_proj")  # the other linear layers (lm_head aside) become NF4Linear
 
 
 def _save(model, path, **kwargs):
@@ -46,16 +48,22 @@ def test_load_llama_equals_apply_qlora_on_the_same_weights(tmp_path, batch, shar
     # The in-memory model, as transformers loads it (in bf16 that keeps the rotary frequencies in fp32, as load_llama does).
     reference = tiny_llama(0) if dtype is None else AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     torch.manual_seed(0)
-    apply_qlora(reference, target_modules=ALL_LINEAR, r=4, alpha=8)
+    apply_qlora(reference, target_modules=SOME_LINEAR, r=4, alpha=8)
     torch.manual_seed(0)
-    loaded = load_llama(path, target_modules=ALL_LINEAR, r=4, alpha=8, dtype=dtype)
+    loaded = load_llama(path, target_modules=SOME_LINEAR, r=4, alpha=8, dtype=dtype)
     expected, got = qlora_layers(reference), qlora_layers(loaded)
     assert list(expected) == list(got)
     for name, layer in expected.items():
-        for field in ("packed", "absmax", "absmax_scale"):
-            assert torch.equal(getattr(layer.weight, field), getattr(got[name].weight, field)), (name, field)
-        assert got[name].weight.dtype == layer.weight.dtype and got[name].weight.absmax_offset == layer.weight.absmax_offset
         assert torch.equal(layer.lora_A, got[name].lora_A)  # same seed, same module order: same random start
+    nf4_layers = lambda m: {n: (type(x), x.weight) for n, x in m.named_modules() if isinstance(x, NF4Linear)}  # noqa: E731
+    expected, got = nf4_layers(reference), nf4_layers(loaded)
+    assert list(expected) == list(got) and len(expected) == 7 * reference.config.num_hidden_layers  # every linear but lm_head
+    for name, (kind, weight) in expected.items():
+        assert got[name][0] is kind, name  # QLoRALinear on the targets, NF4Linear on the rest
+        for field in ("packed", "absmax", "absmax_scale"):
+            assert torch.equal(getattr(weight, field), getattr(got[name][1], field)), (name, field)
+        assert got[name][1].dtype == weight.dtype and got[name][1].absmax_offset == weight.absmax_offset
+    assert type(loaded.lm_head) is torch.nn.Linear
     trainable = lambda m: sorted(n for n, p in m.named_parameters() if p.requires_grad)  # noqa: E731
     assert trainable(loaded) == trainable(reference) and all("lora_" in n for n in trainable(loaded))
     reference.eval()

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lora_lab.conformance.oracles import bnb_linear4bit
-from lora_lab.lora import QLoRALinear, lora_scaling, qlora_linear
+from lora_lab.lora import NF4Linear, QLoRALinear, lora_scaling, qlora_linear
 from lora_lab.nf4 import dequantize_nf4
 
 
@@ -131,3 +131,24 @@ def test_bad_module_arguments(kwargs, error, message):
 def test_from_linear_rejects_other_modules():
     with pytest.raises(TypeError, match="nn.Linear"):
         QLoRALinear.from_linear(nn.Conv1d(4, 4, 1))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        NF4Linear.from_linear(nn.Conv1d(4, 4, 1))
+
+
+@pytest.mark.parametrize("bias, blocksize, double_quant", [(True, 64, True), (False, 32, False)])
+def test_nf4_linear_is_a_frozen_linear_equal_to_bitsandbytes(bias, blocksize, double_quant):
+    """NF4Linear (a base layer without adapters) computes what bitsandbytes' Linear4bit does, bit for bit; it trains nothing."""
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(128, 40, bias=bias), blocksize=blocksize, double_quant=double_quant)
+    assert (layer.weight.blocksize, layer.weight.double_quant, layer.in_features, layer.out_features) == (
+        blocksize, double_quant, 128, 40)
+    assert not any(p.requires_grad for p in layer.parameters()) and not hasattr(layer, "lora_A")
+    assert "weight" not in layer.state_dict()  # the NF4 weight is a plain attribute, as in QLoRALinear
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    x_bnb = x.detach().clone().requires_grad_(True)
+    y, expected = layer(x), bnb_linear4bit(layer.weight, layer.bias).train()(x_bnb)
+    assert torch.equal(y, expected)
+    y.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(x.grad, x_bnb.grad)
+    assert layer.to(torch.float64).weight is layer.weight  # dtype casts leave the NF4 storage alone

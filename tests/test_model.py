@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_lab.data import VOCAB_SIZE, collate, generate_products
-from lora_lab.lora import QLoRALinear
+from lora_lab.lora import NF4Linear, QLoRALinear
 from lora_lab.model import PRESETS, ModelPreset, apply_qlora, linear_names, tiny_llama, trainable_summary
 from lora_lab.optim import AdamW, adamw_step
 from lora_lab.train import compute_loss, forward, pretrained_tiny_llama, training_step
@@ -49,14 +49,24 @@ def test_apply_qlora_replaces_targets_and_summarises_what_trains():
     assert summary.adapter_bytes == 4 * summary.trainable
     assert 0 < summary.share < 0.05 and "trainable parameters" in str(summary)
     assert trainable_summary(apply_qlora(tiny_llama(0))).trainable == 7168  # the demo's r=8 on q, k, v, o
+    # QLoRA quantizes the whole base: every other linear but lm_head is NF4 too, frozen, without adapters.
+    base = [m for m in model.modules() if isinstance(m, NF4Linear) and not isinstance(m, QLoRALinear)]
+    assert len(base) == 5 * model.config.num_hidden_layers  # k, o, gate, up, down
+    assert all(m.weight.double_quant and m.weight.blocksize == 64 for m in base)
+    assert linear_names(model) == ["lm_head"] and not any(p.requires_grad for m in base for p in m.parameters())
+    assert summary.total == sum(p.numel() for p in tiny_llama(0).parameters()) + summary.trainable
+    dense_mlp = apply_qlora(tiny_llama(0), target_modules=("q_proj", "v_proj"), r=4, quantize_base=False)
+    assert linear_names(dense_mlp) == ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "up_proj"]
+    assert trainable_summary(dense_mlp).total == summary.total
 
 
 def test_apply_qlora_names_the_layers_that_exist_when_a_target_is_wrong():
     with pytest.raises(ValueError, match="qkv.*down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
         apply_qlora(tiny_llama(0), target_modules=("q_proj", "qkv"))
-    assert linear_names(apply_qlora(tiny_llama(0), target_modules="lm_head")) == [
+    assert linear_names(apply_qlora(tiny_llama(0), target_modules="lm_head", quantize_base=False)) == [
         "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj",
     ]
+    assert linear_names(apply_qlora(tiny_llama(0), target_modules="lm_head")) == []  # the rest went to NF4 too
 
 
 def test_training_step_is_the_four_steps_and_both_optimizers_agree():

@@ -2,10 +2,12 @@
 
 Oracles:
 
-- apply_qlora: the dense model with its weights replaced by their dequantized NF4;
+- apply_qlora: the dense model with every linear weight but lm_head's replaced
+  by its dequantized NF4 (QLoRA quantizes the whole base, not only the targets);
 - training_step: lora_lab's reference on an identical model, and the canonical
-  stack, peft's LoRA on bitsandbytes ``Linear4bit`` layers holding the same NF4
-  bytes, trained with transformers' loss and torch's AdamW. bitsandbytes is
+  stack, peft's LoRA on the targets of a model whose every linear layer but
+  lm_head is a bitsandbytes ``Linear4bit`` (as ``load_in_4bit`` makes it),
+  trained with transformers' loss and torch's AdamW. bitsandbytes is
   kept in train mode: in eval mode its CPU path repacks the weight and computes
   approximately in bf16.
 
@@ -27,7 +29,8 @@ from lora_lab.data import VOCAB_SIZE, collate, generate_products
 from lora_lab.model import tiny_llama
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-EVERY_LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
+EVERY_LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")  # every linear layer of a decoder block
+DENSE_HEAD = "lm_head"  # the one linear layer real QLoRA (bitsandbytes load_in_4bit) leaves unquantized
 U32 = UNIT_ROUNDOFF[torch.float32]
 # Model-level draws are only seeds and hyperparameters: shrinking them teaches nothing and retrains models for minutes.
 NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
@@ -61,6 +64,13 @@ def _seeded_apply(target, seed: int, **kwargs):
 
 def _logits(model, batch) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _base_linears(model) -> list[str]:
+    """Module paths of the model's linear layers that QLoRA quantizes: all of them but lm_head."""
+    from torch import nn
+
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] != DENSE_HEAD]
 
 
 @check(
@@ -105,6 +115,40 @@ def apply_trains_only_adapters(target) -> None:
 
 
 @check(
+    "qlora.apply_quantizes_whole_base",
+    requires=("apply_qlora",),
+    points=4,
+    exercise="06",
+    hint="QLoRA freezes AND quantizes the whole base; adapters go only on the targets. Every linear layer you do not "
+    "target (the MLP's, by default) must be stored in NF4 too, frozen and without adapters; only lm_head stays dense.",
+)
+def apply_quantizes_whole_base(target) -> None:
+    """After apply_qlora no linear layer but lm_head keeps a dense weight: targets or not, each holds an NF4 weight."""
+
+    @settings(max_examples=examples(3), phases=NO_SHRINK)
+    @given(st.integers(0, 1000), st.sets(st.sampled_from(EVERY_LINEAR), min_size=1))
+    def prop(seed, targets):
+        from torch import nn
+
+        model = _seeded_apply(target, seed, target_modules=tuple(sorted(targets)))
+        dense = _base_linears(model)
+        if dense:
+            raise CheckFailed(f"{len(dense)} linear layer(s) kept a dense weight after apply_qlora "
+                              f"(target_modules={sorted(targets)}), e.g. {', '.join(dense[:3])}; expected every "
+                              f"linear layer but {DENSE_HEAD} in NF4")
+        for name in _base_linears(tiny_llama(seed)):
+            weight = getattr(model.get_submodule(name), "weight", None)
+            if not hasattr(weight, "packed"):
+                raise CheckFailed(f"{name} should hold an NF4 weight (one with .packed) after apply_qlora; "
+                                  f"its weight is a {type(weight).__name__}")
+        if not isinstance(model.get_submodule(DENSE_HEAD), nn.Linear):
+            raise CheckFailed(f"{DENSE_HEAD} should stay a dense nn.Linear (QLoRA leaves the output head unquantized), "
+                              f"got {type(model.get_submodule(DENSE_HEAD)).__name__}")
+
+    prop()
+
+
+@check(
     "qlora.apply_fresh_adapters_keep_base",
     requires=("apply_qlora",),
     points=6,
@@ -124,9 +168,9 @@ def apply_fresh_adapters_keep_base(target) -> None:
         model = _seeded_apply(target, seed, target_modules=targets, blocksize=blocksize, double_quant=double_quant).train()
         dense = tiny_llama(seed)
         with torch.no_grad():
-            for name, m in dense.named_modules():
-                if name.rsplit(".", 1)[-1] in targets:
-                    m.weight.copy_(dequantize_nf4(quantize_nf4(m.weight, blocksize, double_quant)))
+            for name in _base_linears(dense):  # targets or not: QLoRA quantizes every linear layer but lm_head
+                m = dense.get_submodule(name)
+                m.weight.copy_(dequantize_nf4(quantize_nf4(m.weight, blocksize, double_quant)))
             batch = collate(generate_products(3, seed=seed))
             where = f"blocksize={blocksize}, double_quant={double_quant}"
             assert_equal(_logits(model, batch), _logits(dense, batch), f"logits, fresh adapters vs dequantized base ({where})")
@@ -369,7 +413,8 @@ def lowers_loss(target) -> None:
 
 
 def _canonical_stack(seed: int, targets: tuple[str, ...], r: int, alpha: float, lora_A: dict[str, torch.Tensor]):
-    """tiny_llama(seed) with bitsandbytes NF4 layers (quantized by bitsandbytes) and peft LoRA adapters (A given, B = 0)."""
+    """tiny_llama(seed) with every linear but lm_head in bitsandbytes NF4 (quantized by bitsandbytes), peft LoRA
+    adapters (A given, B = 0) on the targets."""
     import warnings
 
     import bitsandbytes.functional as bnb_functional
@@ -379,12 +424,11 @@ def _canonical_stack(seed: int, targets: tuple[str, ...], r: int, alpha: float, 
     from lora_lab.nf4 import NF4Tensor
 
     model = tiny_llama(seed)
-    for name, m in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] in targets:
-            weight = m.weight.detach()
-            packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, bnb_linear4bit(NF4Tensor.from_bnb(packed, state), m.bias))
+    for name in _base_linears(model):  # as load_in_4bit: every linear but lm_head in NF4; peft adapts only the targets
+        m = model.get_submodule(name)
+        packed, state = bnb_functional.quantize_4bit(m.weight.detach(), blocksize=64, quant_type="nf4", compress_statistics=True)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, bnb_linear4bit(NF4Tensor.from_bnb(packed, state), m.bias))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
