@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from lora_lab.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, qlora_layers, save_adapter
-from lora_lab.data import collate, generate_products
 from lora_lab.lora import NF4Linear
 from lora_lab.model import apply_qlora, tiny_llama
+from lora_lab.train import forward
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 
@@ -65,14 +65,7 @@ def _bnb_twin(qmodel):
     return model
 
 
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return collate(generate_products(4, seed=3))
+_logits = torch.no_grad()(forward)  # the reference's step 1, without building a graph
 
 
 def test_saved_files_are_in_peft_format(tmp_path):

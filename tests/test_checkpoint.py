@@ -14,10 +14,10 @@ import torch
 
 from lora_lab.adapters import qlora_layers
 from lora_lab.checkpoint import checkpoint_files, load_llama, load_tokenizer, read_nf4
-from lora_lab.data import collate, generate_products
 from lora_lab.lora import NF4Linear
 from lora_lab.model import apply_qlora, tiny_llama
 from lora_lab.nf4 import quantize_nf4
+from lora_lab.train import forward
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SOME_LINEAR = ("q_proj", "v_proj", "down_proj")  # the other linear layers (lm_head aside) become NF4Linear
@@ -28,14 +28,7 @@ def _save(model, path, **kwargs):
     return path
 
 
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return collate(generate_products(4, seed=3))
+_logits = torch.no_grad()(forward)  # the reference's step 1, without building a graph
 
 
 @pytest.mark.parametrize("sharded", [False, True])
