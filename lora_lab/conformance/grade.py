@@ -278,32 +278,6 @@ def grade_exercise(
     return report
 
 
-@contextlib.contextmanager
-def hypothesis_profile(name: str) -> Iterator[None]:
-    """Load a hypothesis profile for grading, and restore the one that was loaded afterwards.
-
-    Two changes to the profile: no example database (no .hypothesis/ folder among
-    the learner's files), and no "explain" phase. That phase re-runs a failing
-    example with variations to annotate the report, which the table does not
-    show; on a wrong answer it made a check take a minute instead of seconds.
-    """
-    from hypothesis import Phase, settings
-
-    import lora_lab.conformance.profiles  # noqa: F401  (registers ci / dev / thorough)
-
-    current = getattr(settings, "get_current_profile_name", None)  # public only in recent hypothesis versions
-    previous = current() if current else settings._current_profile
-    parent = settings.get_profile(name)
-    grading = f"lora-lab-grade-{name}"
-    phases = [phase for phase in parent.phases if phase != Phase.explain]
-    settings.register_profile(grading, parent=parent, database=None, phases=phases)
-    settings.load_profile(grading)
-    try:
-        yield
-    finally:
-        settings.load_profile(previous)
-
-
 def grade(
     folder: Path | None, only: list[str] | None = None, profile: str = "ci", stream=sys.stdout
 ) -> list[ExerciseReport]:
@@ -312,7 +286,9 @@ def grade(
     folder = folder.resolve() if folder is not None else None
     width = max((len(g.check.name) for e in exercises for g in graded_checks(e)), default=20)
     reports = []
-    with hypothesis_profile(profile), _exercise_imports(folder) if folder else contextlib.nullcontext():
+    from lora_lab.conformance.profiles import command_profile
+
+    with command_profile(profile), _exercise_imports(folder) if folder else contextlib.nullcontext():
         for exercise in exercises:
             source = exercise.solution if folder is None else _find_file(folder, exercise) or (
                 f"no {exercise.stem}.py in {_display(folder)}: copy it from the lora_lab repository's exercises/")

@@ -10,7 +10,10 @@ scales it by the active profile, so one knob makes the whole suite deeper.
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, settings
+import contextlib
+from collections.abc import Iterator
+
+from hypothesis import HealthCheck, Phase, settings
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -22,3 +25,25 @@ settings.register_profile("thorough", max_examples=1000, **_COMMON)
 def examples(n: int) -> int:
     """``n`` examples under the ``ci`` profile, scaled by the active profile's max_examples."""
     return max(1, n * settings.default.max_examples // 100)
+
+
+@contextlib.contextmanager
+def command_profile(name: str) -> Iterator[None]:
+    """Load profile ``name`` for ``lora-lab verify`` / ``grade``, and restore the previous one afterwards.
+
+    Two changes to the profile: no example database (no .hypothesis/ folder among
+    the user's files), and no "explain" phase. That phase re-runs a failing
+    example with variations to annotate the report, which the tables do not
+    show; on a wrong answer it made a check take a minute instead of seconds.
+    """
+    current = getattr(settings, "get_current_profile_name", None)  # public only in recent hypothesis versions
+    previous = current() if current else settings._current_profile
+    parent = settings.get_profile(name)
+    command = f"lora-lab-{name}"
+    phases = [phase for phase in parent.phases if phase != Phase.explain]
+    settings.register_profile(command, parent=parent, database=None, phases=phases)
+    settings.load_profile(command)
+    try:
+        yield
+    finally:
+        settings.load_profile(previous)

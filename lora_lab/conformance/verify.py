@@ -82,9 +82,8 @@ def summary(results: list[Result]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hypothesis import settings
+    from lora_lab.conformance.profiles import command_profile
 
-    settings.load_profile(args.profile)
     if args.list:
         for c in all_checks():
             print(f"{c.name:<40} requires {'+'.join(c.requires):<28} {c.description}")
@@ -94,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lora-lab verify: {exc}", file=sys.stderr)
         return 2
-    results = verify(args.target, args.only)
+    with command_profile(args.profile):
+        results = verify(args.target, args.only)
     failures = [r for r in results if r.status in (FAILED, ERROR, NOT_ATTEMPTED)]
     for r in failures:
         print(f"\n{r.check.name} {r.status}:\n  property: {r.check.description}\n  detail:   "
