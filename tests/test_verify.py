@@ -70,3 +70,10 @@ def test_pytest_plugin_rejects_an_unknown_target(pytester):
     result.stderr.fnmatch_lines(["*expected an importable module*"])
 
 
+
+
+def test_pytest_plugin_needs_no_profile_flag(pytester):
+    """Without --hypothesis-profile the items use ``ci``, not hypothesis' default 200 ms deadline."""
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--lora-lab-impl", "lora_lab.targets.peft_bnb",
+                                           "--lora-lab-only", "nf4.bytes")
+    result.assert_outcomes(passed=1)

@@ -38,8 +38,13 @@ class ConformanceItem(pytest.Item):
 
     def runtest(self) -> None:
         from lora_lab.conformance.core import NOT_PROVIDED, PASSED, Target, run_check
+        from lora_lab.conformance.profiles import command_profile
 
-        result = run_check(self.check, Target.load(self.target_name))
+        # The profile named by --hypothesis-profile, else ``ci`` as in ``lora-lab verify``: hypothesis' own
+        # default has a 200 ms deadline, which a model-level check exceeds by design.
+        profile = self.config.getoption("hypothesis_profile", default=None) or "ci"
+        with command_profile(profile):
+            result = run_check(self.check, Target.load(self.target_name))
         if result.status == NOT_PROVIDED:
             pytest.skip(f"{self.target_name} does not provide {', '.join(self.check.requires)}")
         if result.status != PASSED:
