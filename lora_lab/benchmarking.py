@@ -25,11 +25,13 @@ look fast. So, following KernelBench and gpu-mode's reference-kernels:
 The roofline: each case's FLOPs and the fewest bytes it must move, against the
 device's measured copy bandwidth and matmul rate, give a floor time; "% of
 floor" says how close an implementation comes to it.
+
+What a case is lives in ``bench_cases``, the float64 re-check in
+``bench_correctness``; this module is the timing loop that ties them together.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -37,8 +39,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lora_lab.conformance.compare import product_bound
-from lora_lab.nf4 import NF4Tensor, dequantize_nf4
+from lora_lab.bench_cases import OPS, Case, Impl, Inputs, draw_inputs, dtype_name
+from lora_lab.bench_correctness import float64_expected, judge, poison_allocator
+from lora_lab.nf4 import NF4Tensor
 
 # Bound now, before any implementation is imported: replacing these later does not change our clock.
 _PERF_COUNTER = time.perf_counter
@@ -54,54 +57,8 @@ _TIMER_FUNCTIONS = {
     "torch.cuda.synchronize": (lambda: torch.cuda.synchronize, _CUDA_SYNC),
 }
 
-OPS = ("forward", "backward", "step")  # step = forward + backward, timed together
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 (H100: 50 MB, H200: 60 MB)
 SCALING = 2.0  # alpha / r with the common alpha = 2r
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
-
-
-@dataclass(frozen=True)
-class Case:
-    """One QLoRA linear layer call: x (M, K) through W (N, K) in NF4 with rank-r adapters."""
-
-    op: str  # "forward", "backward" (dX, dA, dB from a given dY) or "step" (both)
-    M: int  # tokens (rows of x)
-    N: int  # out_features
-    K: int  # in_features
-    r: int  # LoRA rank
-    dtype: torch.dtype  # of x, y, the adapters and the dense weight
-
-    def __str__(self) -> str:
-        return f"{self.op} M={self.M} {self.K}->{self.N} r={self.r} {dtype_name(self.dtype)}"
-
-    def flops(self) -> int:
-        """Multiply-adds x2 of the least work: the base matmul plus the rank-r path (x @ A^T is saved, not redone).
-
-        forward:  x W^T (2MNK), x A^T (2MKr), (xA^T) B^T (2MrN)
-        backward: dY W (2MNK), dY B (2MNr), (dY B) A (2MrK), dA = (dY B)^T x (2MrK), dB = dY^T (x A^T) (2MNr)
-        """
-        M, N, K, r = self.M, self.N, self.K, self.r
-        forward = 2 * M * N * K + 2 * M * r * (K + N)
-        backward = 2 * M * N * K + 4 * M * r * (K + N)
-        return {"forward": forward, "backward": backward, "step": forward + backward}[self.op]
-
-    def min_bytes(self, weight_bytes: int) -> int:
-        """Bytes that must cross memory at least once: the NF4 weight (codes + absmax) and every input and output.
-
-        forward reads x, W, A, B and writes y; backward reads dY, x, W, A, B and
-        writes dX, dA, dB; a step does both but reads x, W, A and B only once.
-        """
-        e = torch.finfo(self.dtype).bits // 8
-        M, N, K, r = self.M, self.N, self.K, self.r
-        x, y, adapters = M * K * e, M * N * e, r * (K + N) * e
-        forward = weight_bytes + x + adapters + y
-        backward = weight_bytes + y + x + adapters + x + adapters  # dY, x, A, B in; dX, dA, dB out
-        step = weight_bytes + x + adapters + y + y + x + adapters  # x, W, A, B, dY in; y, dX, dA, dB out
-        return {"forward": forward, "backward": backward, "step": step}[self.op]
 
 
 # ----------------------------------------------------------------------------- timers
@@ -211,124 +168,6 @@ def _copy_ms(timer: Timer, megabytes: int) -> float:
     source = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=timer.device)
     target = torch.empty_like(source)
     return best_ms(timer, lambda: target.copy_(source), repeats=5)
-
-
-# ----------------------------------------------------------------------------- inputs and implementations
-
-
-@dataclass
-class Inputs:
-    """One seeded draw of everything a call reads besides the frozen weight."""
-
-    x: torch.Tensor  # (M, K)
-    lora_A: torch.Tensor  # (r, K)
-    lora_B: torch.Tensor  # (N, r)
-    grad_y: torch.Tensor  # (M, N), the upstream gradient for backward and step
-
-
-def draw_inputs(case: Case, seed: int, device: torch.device) -> Inputs:
-    """Activations ~ N(0, 1); A scaled so x @ A^T ~ N(0, 1); B non-zero so the adapter path counts."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=g, device=device)  # noqa: E731
-    return Inputs(
-        x=randn(case.M, case.K).to(case.dtype),
-        lora_A=(randn(case.r, case.K) / math.sqrt(case.K)).to(case.dtype),
-        lora_B=(randn(case.N, case.r) * 0.05).to(case.dtype),
-        grad_y=randn(case.M, case.N).to(case.dtype),
-    )
-
-
-@dataclass
-class Bound:
-    """An implementation ready to run on one input set: ``forward(x)`` and the leaves that receive dA and dB."""
-
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    lora_A: torch.Tensor
-    lora_B: torch.Tensor
-
-
-# setup(weight, scaling, dtype) -> (bind(lora_A, lora_B) -> Bound, resident bytes of the weight it keeps)
-Setup = Callable[[NF4Tensor, float, torch.dtype], tuple[Callable[[torch.Tensor, torch.Tensor], Bound], int]]
-
-
-@dataclass(frozen=True)
-class Impl:
-    name: str
-    description: str
-    setup: Setup
-
-
-# ----------------------------------------------------------------------------- correctness
-
-
-Expected = dict[str, tuple[torch.Tensor, torch.Tensor]]  # output name -> (float64 value, elementwise error bound)
-
-
-def float64_expected(case: Case, weight: NF4Tensor, inputs: Inputs, scaling: float) -> Expected:
-    """y (and dX, dA, dB unless forward-only) in float64 from the dequantized weight, with bounds.
-
-    The bounds are ``product_bound`` of each result's magnitude (the same sums
-    with every term made positive) and of the length of the sums that form it,
-    as in the conformance suite's gradient checks.
-    """
-    s = abs(scaling)
-    x, A, B = (t.double() for t in (inputs.x, inputs.lora_A, inputs.lora_B))
-    W = dequantize_nf4(weight).double()
-    ax, aA, aB, aW = x.abs(), A.abs(), B.abs(), W.abs()
-    out: Expected = {}
-    y_bound = product_bound(ax @ aW.t() + s * (ax @ aA.t()) @ aB.t(), case.K, case.dtype)
-    out["y"] = (x @ W.t() + scaling * (x @ A.t()) @ B.t(), y_bound)
-    if case.op == "forward":
-        return out
-    dy = inputs.grad_y.double()
-    ady = dy.abs()
-    dy_b, ady_b = dy @ B, ady @ aB
-    out["dX"] = (dy @ W + scaling * dy_b @ A, product_bound(ady @ aW + s * ady_b @ aA, case.N + case.r, case.dtype))
-    out["dA"] = (scaling * dy_b.t() @ x, product_bound(s * ady_b.t() @ ax, case.M + case.N, case.dtype))
-    out["dB"] = (scaling * dy.t() @ (x @ A.t()), product_bound(s * ady.t() @ (ax @ aA.t()), case.M + case.K, case.dtype))
-    return out
-
-
-@dataclass
-class Verdict:
-    correct: bool
-    max_rel_err: float | None  # max |got - want| / max |want| over the outputs; None when an output is NaN/Inf
-    err_vs_bound: float | None  # worst |got - want| / bound; <= 1 is correct
-    message: str = ""
-
-
-def judge(got: dict[str, torch.Tensor | None], expected: Expected) -> Verdict:
-    """Compare each output with its float64 value, on the device (no copies of large tensors to the host)."""
-    worst_rel, worst_ratio, problems = 0.0, 0.0, []
-    for name, tensor in got.items():
-        want, bound = expected[name]
-        if tensor is None:
-            return Verdict(False, None, None, f"{name} was not produced")
-        if tuple(tensor.shape) != tuple(want.shape):
-            return Verdict(False, None, None, f"{name} has shape {tuple(tensor.shape)}, expected {tuple(want.shape)}")
-        if not bool(torch.isfinite(tensor).all()):
-            return Verdict(False, None, None, f"{name} contains NaN or Inf")
-        err = (tensor.double() - want).abs()
-        worst_rel = max(worst_rel, float(err.max() / want.abs().max().clamp(min=1e-300)))
-        ratio = float((err / bound).max())
-        worst_ratio = max(worst_ratio, ratio)
-        if ratio > 1:
-            bad = int((err > bound).sum())
-            problems.append(f"{name}: {bad} of {err.numel()} elements beyond tolerance (worst {ratio:.3g}x the bound)")
-    return Verdict(not problems, worst_rel, worst_ratio, "; ".join(problems))
-
-
-def poison_allocator(shapes: Sequence[tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> None:
-    """Fill memory the next allocations of these shapes will likely reuse with NaN (CUDA's caching allocator).
-
-    An implementation that leaves part of its output unwritten then shows NaN
-    instead of a stale, correct value from an earlier call. Best effort: the
-    allocator decides which free block an allocation gets.
-    """
-    if device.type != "cuda":
-        return
-    blocks = [torch.full(shape, float("nan"), dtype=dtype, device=device) for shape, dtype in shapes]
-    del blocks
 
 
 # ----------------------------------------------------------------------------- one case, every implementation

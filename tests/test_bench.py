@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from lora_lab import bench
-from lora_lab.benchmarking import Bound, Case, Impl, PerfCounterTimer, Settings, measure_case, validate_results
+from lora_lab.bench_cases import Bound, Case, Impl
+from lora_lab.benchmarking import PerfCounterTimer, Settings, measure_case, validate_results
 from lora_lab.cli import main
 from lora_lab.lora import qlora_linear
 
