@@ -56,7 +56,7 @@ imported; building it is not part of this exercise.
 Grading: ``lora-lab grade --only 02`` (or ``python exercises/ex02_double_quant.py``).
 
 The reference solution is lora_lab/nf4.py (``_dynamic_lookup`` and
-``_quantize_absmax``). Try first!
+``quantize_absmax``). Try first!
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from torch import nn
 
 from lora_lab.lora import NF4Linear, QLoRALinear
 from lora_lab.model import DEFAULT_TARGETS, KEPT_DENSE, linear_names
-from lora_lab.nf4 import NF4Tensor, _quantize_absmax, quantize_nf4  # _quantize_absmax: double quant of streamed scales
+from lora_lab.nf4 import NF4Tensor, quantize_absmax, quantize_nf4
 
 SLICE_ELEMENTS = 1 << 20  # about 1M elements per read: bounds the transient memory of reading and quantizing
 INDEX_NAME = "model.safetensors.index.json"
@@ -126,7 +126,7 @@ def read_nf4(
     packed, absmax = torch.cat(packed), torch.cat(absmax)
     if not double_quant:
         return NF4Tensor(packed, absmax, blocksize, torch.Size(shape), weight_dtype)
-    codes, code, scales, offset = _quantize_absmax(absmax)
+    codes, code, scales, offset = quantize_absmax(absmax)
     return NF4Tensor(packed, codes, blocksize, torch.Size(shape), weight_dtype, True, code, scales, offset)
 
 

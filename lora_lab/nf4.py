@@ -196,7 +196,8 @@ class NF4Tensor:
         )
 
 
-def _check_weight(weight: torch.Tensor, blocksize: int) -> None:
+def check_weight(weight: torch.Tensor, blocksize: int) -> None:
+    """Raise TypeError/ValueError naming what was expected unless ``weight`` and ``blocksize`` can be quantized."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor weight, got {type(weight).__name__}")
     if weight.dtype not in FLOAT_DTYPES:
@@ -240,8 +241,12 @@ def _normalize_blocks(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) 
     return torch.cat(parts).clamp(-1, 1)
 
 
-def _quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Double quantization: absmax → (uint8 codes, dynamic map, fp32 scales, offset)."""
+def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Double quantization: absmax → (uint8 codes, dynamic map, fp32 scales, offset).
+
+    Public so that a loader that computes absmax slice by slice (``checkpoint.load_llama``)
+    can double-quantize the complete statistics at the end, exactly as ``quantize_nf4`` would.
+    """
     code, nearest = _dynamic_lookup()
     offset = absmax.mean()
     centered = absmax - offset
@@ -258,7 +263,7 @@ def _quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
     """Quantize ``weight`` to NF4, byte-identical with bitsandbytes' ``quantize_4bit``."""
-    _check_weight(weight, blocksize)
+    check_weight(weight, blocksize)
     flat = weight.detach().reshape(-1).float()
     absmax = _nf4_absmax(flat, blocksize)
     normalized = _normalize_blocks(flat, absmax, blocksize)
@@ -268,7 +273,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     packed = (codes[0::2] << 4) | codes[1::2]
     if not double_quant:
         return NF4Tensor(packed, absmax, blocksize, weight.shape, weight.dtype)
-    absmax_codes, absmax_code, scales, offset = _quantize_absmax(absmax)
+    absmax_codes, absmax_code, scales, offset = quantize_absmax(absmax)
     return NF4Tensor(
         packed, absmax_codes, blocksize, weight.shape, weight.dtype, True, absmax_code, scales, offset
     )

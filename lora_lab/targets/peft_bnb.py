@@ -23,14 +23,14 @@ import torch
 from torch import nn
 
 from lora_lab.loss import check_loss_inputs
-from lora_lab.nf4 import NF4Tensor, _check_weight
+from lora_lab.nf4 import NF4Tensor, check_weight
 from lora_lab.operands import check_qlora_operands
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
     import bitsandbytes.functional as bnb_functional
 
-    _check_weight(weight, blocksize)
+    check_weight(weight, blocksize)
     packed, state = bnb_functional.quantize_4bit(
         weight, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant
     )
