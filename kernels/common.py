@@ -200,6 +200,19 @@ def keep_tiles_inside_nf4_blocks(configs: list[triton.Config], named_args: dict,
     return valid if AUTOTUNE else valid[:1]
 
 
+def autotune_over_nf4_tiles(kernel):
+    """The autotuning both matmul kernels share: ``matmul_configs``, keyed on (M bucket, N, K, blocksize).
+
+    The blocksize is in the key because a BLOCK_K tuned for one blocksize may
+    straddle two NF4 blocks of a smaller one.
+    """
+    return triton.autotune(
+        configs=matmul_configs(),
+        key=["M_BUCKET", "N", "K", "NF4_BLOCKSIZE"],
+        prune_configs_by={"early_config_prune": keep_tiles_inside_nf4_blocks},
+    )(kernel)
+
+
 def autotune_key_rows(m: int) -> int:
     """M rounded up to a power of two: the autotune key, so every new batch length does not re-tune."""
     return triton.next_power_of_2(max(m, 1))

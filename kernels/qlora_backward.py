@@ -37,12 +37,11 @@ from lora_lab.kernels.common import (
     INTERPRETING,
     LAUNCH_OPTIONS,
     autotune_key_rows,
+    autotune_over_nf4_tiles,
     dot_dtype,
     dot_precision,
     dtype_kind,
-    keep_tiles_inside_nf4_blocks,
     load_nf4_tile,
-    matmul_configs,
     new_output,
     r_padded,
     round_to,
@@ -54,11 +53,7 @@ from lora_lab.kernels.common import (
 from lora_lab.nf4 import NF4Tensor
 
 
-@triton.autotune(
-    configs=matmul_configs(),
-    key=["M_BUCKET", "N", "K", "NF4_BLOCKSIZE"],
-    prune_configs_by={"early_config_prune": keep_tiles_inside_nf4_blocks},
-)
+@autotune_over_nf4_tiles
 @triton.jit
 def qlora_grad_input_kernel(
     # Pointers
