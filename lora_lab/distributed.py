@@ -40,10 +40,12 @@ others and exits non-zero; collectives carry a timeout so no rank waits forever.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,26 +125,45 @@ def shard_fsdp2(model: nn.Module, ctx: Context) -> nn.Module:
     return model
 
 
-def distributed_training_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> float:
-    """The four steps on this rank's share; returns the *global* pre-update loss, the same on every rank.
+def distributed_training_step(
+    model: nn.Module,
+    batches: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    world_size: int | None = None,
+    before_update: Callable[[], None] | None = None,
+) -> float:
+    """The four steps on this rank's share (one batch, or micro-batches to accumulate); returns the *global*
+    pre-update loss, the same on every rank.
 
-    The local loss is a mean over this rank's labelled tokens. Multiplying it by
-    ``world_size * local_count / global_count`` turns DDP's (and FSDP2's)
-    average of gradients into the gradient of the global mean.
+    Each (micro-)batch loss is a mean over its own labelled tokens. Multiplying it by
+    ``world_size * its_count / global_count`` turns gradient accumulation and DDP's
+    (and FSDP2's) average of gradients into the gradient of the global mean. One
+    batch in one process is exactly ``training_step``. ``before_update`` runs just
+    before the optimizer step (``lora-lab train`` uses it to make Ctrl-C wait for it).
     """
     from lora_lab.train import backward, compute_loss, forward, optimize
 
-    labelled = (batch["labels"][:, 1:] != -100).sum().to(torch.float64)
-    global_labelled = labelled.clone()
-    dist.all_reduce(global_labelled)
-    logits = forward(model, batch)
-    loss = compute_loss(logits, batch["labels"])
-    weight = dist.get_world_size() * labelled / global_labelled
-    backward(loss * weight.to(loss.dtype))
+    micro_batches = [batches] if isinstance(batches, dict) else list(batches)
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    counts = [(batch["labels"][:, 1:] != -100).sum().double() for batch in micro_batches]
+    total = torch.stack(counts).sum()
+    if world_size > 1:
+        dist.all_reduce(total)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=total.device)
+    for i, batch in enumerate(micro_batches):
+        accumulate_only = i < len(micro_batches) - 1 and hasattr(model, "no_sync")
+        with model.no_sync() if accumulate_only else contextlib.nullcontext():
+            loss = compute_loss(forward(model, batch), batch["labels"])
+            weight = world_size * counts[i] / total
+            backward(loss if weight == 1 else loss * weight.to(loss.dtype))
+        loss_sum += loss.detach().double() * counts[i]
+    if before_update is not None:
+        before_update()
     optimize(optimizer)
-    total = (loss.detach().double() * labelled).reshape(1)
-    dist.all_reduce(total)
-    return float(total / global_labelled)
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
+    return float(loss_sum / total)
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, torch.Tensor]:

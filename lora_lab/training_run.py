@@ -186,36 +186,16 @@ def optimizer_step(
 ) -> float:
     """One update from ``grad_accum`` micro-batches (this rank's shares); returns the step's loss, equal on all ranks.
 
-    Each micro-batch's loss is a mean over its own labelled tokens, so its
-    gradient is weighted by its share of all the step's labelled tokens
-    (times ``world_size``, which DDP's gradient average divides out): the
-    update is that of one batch holding everything, as in
-    ``distributed_training_step``. One micro-batch in one process is exactly
-    ``training_step``.
+    ``lora_lab.distributed.distributed_training_step`` weighs each micro-batch by
+    its share of the step's labelled tokens, so the update is that of one batch
+    holding everything; one micro-batch in one process is exactly ``training_step``.
     """
-    import torch
-    import torch.distributed as dist
+    from lora_lab.distributed import distributed_training_step
 
-    from lora_lab.train import backward, compute_loss, forward, optimize
-
-    counts = [(batch["labels"][:, 1:] != -100).sum().double() for batch in micro_batches]
-    total = torch.stack(counts).sum()
-    if world_size > 1:
-        dist.all_reduce(total)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=total.device)
-    for i, batch in enumerate(micro_batches):
-        accumulate_only = i < len(micro_batches) - 1 and hasattr(model, "no_sync")
-        with model.no_sync() if accumulate_only else contextlib.nullcontext():
-            loss = compute_loss(forward(model, batch), batch["labels"])
-            weight = world_size * counts[i] / total
-            backward(loss if weight == 1 else loss * weight.to(loss.dtype))
-        loss_sum += loss.detach().double() * counts[i]
-    if guard is not None:
+    def mark_updating() -> None:
         guard.updating = True  # cleared by the caller once the step is booked
-    optimize(optimizer)
-    if world_size > 1:
-        dist.all_reduce(loss_sum)
-    return float(loss_sum / total)
+
+    return distributed_training_step(model, micro_batches, optimizer, world_size, mark_updating if guard else None)
 
 
 def lr_multiplier(step: int, total: int, warmup: int, kind: str) -> float:
