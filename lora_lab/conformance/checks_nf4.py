@@ -11,14 +11,13 @@ flattened weight.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_lab.conformance.compare import assert_close, assert_equal, call_guarded, seeded_generator
 from lora_lab.conformance.core import CheckFailed, check
+from lora_lab.conformance.oracles import bnb_dequantize
 from lora_lab.conformance.profiles import examples
 from lora_lab.nf4 import NF4_CODE, NF4Tensor, quantize_nf4
 
@@ -48,24 +47,6 @@ def _bnb_quantize(weight: torch.Tensor, blocksize: int, double_quant: bool):
     return bnb_functional.quantize_4bit(
         weight, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant
     )
-
-
-def _eager():
-    """bitsandbytes torch.compile()s its fallback dequantizer; recompiling per drawn shape would dominate."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
-
-
-def _bnb_dequantize_flat(q: NF4Tensor) -> torch.Tensor:
-    import bitsandbytes.functional as bnb_functional
-
-    flat = NF4Tensor(
-        q.packed, q.absmax, q.blocksize, torch.Size([q.numel]), q.dtype, q.double_quant,
-        q.absmax_code, q.absmax_scale, q.absmax_offset,
-    )
-    packed, state = flat.to_bnb()
-    with _eager():
-        return bnb_functional.dequantize_4bit(packed, state).reshape(q.shape)
 
 
 def _quantize(target, weight, blocksize, double_quant) -> NF4Tensor:
@@ -123,7 +104,7 @@ def dequantize_matches_bitsandbytes(target) -> None:
         weight, blocksize = drawn
         q = quantize_nf4(weight, blocksize, double_quant)
         got = call_guarded(target.op("dequantize_nf4"), q, name="dequantize_nf4")
-        assert_equal(got, _bnb_dequantize_flat(q), f"dequantized weight (blocksize={blocksize}, double_quant={double_quant})")
+        assert_equal(got, bnb_dequantize(q), f"dequantized weight (blocksize={blocksize}, double_quant={double_quant})")
 
     prop()
 

@@ -449,7 +449,6 @@ def _canonical_stack(seed: int, targets: tuple[str, ...], r: int, alpha: float, 
 )
 def matches_peft_bitsandbytes(target) -> None:
     """Five steps match peft LoRA on bitsandbytes Linear4bit (same NF4 bytes, same A, B = 0), transformers' loss, torch AdamW."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
 
     @settings(max_examples=examples(2), phases=NO_SHRINK)
     @given(st.integers(0, 1000), st.sampled_from(((4, 32), (8, 8), (8, 16))))
@@ -467,8 +466,7 @@ def matches_peft_bitsandbytes(target) -> None:
             canonical_optimizer.zero_grad()
             _assert_loss(got, loss.item(), f"loss at step {step} vs peft + bitsandbytes (r={r}, alpha={alpha})")
 
-    if set_stance is None:
+    from lora_lab.conformance.oracles import bitsandbytes_eager
+
+    with bitsandbytes_eager():
         prop()
-    else:
-        with set_stance("force_eager"):  # bitsandbytes compiles its dequantizer; recompiling per shape would dominate
-            prop()

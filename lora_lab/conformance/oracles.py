@@ -8,10 +8,36 @@ approximately in bf16.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from lora_lab.nf4 import NF4Tensor
+
+
+def bitsandbytes_eager():
+    """bitsandbytes torch.compile()s its fallback dequantizer; recompiling for every drawn shape would dominate."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
+
+
+def bnb_dequantize(q: NF4Tensor) -> torch.Tensor:
+    """bitsandbytes' ``dequantize_4bit`` of ``q``, on the flattened weight.
+
+    bitsandbytes 0.50's CPU C kernel indexes blocks per row when a row is not a
+    multiple of the block size; its torch and CUDA paths (and the NF4 format)
+    index the flattened weight, so that is how it is asked.
+    """
+    import bitsandbytes.functional as bnb_functional
+
+    flat = NF4Tensor(
+        q.packed, q.absmax, q.blocksize, torch.Size([q.numel]), q.dtype, q.double_quant,
+        q.absmax_code, q.absmax_scale, q.absmax_offset,
+    )
+    packed, state = flat.to_bnb()
+    with bitsandbytes_eager():
+        return bnb_functional.dequantize_4bit(packed, state).reshape(q.shape)
 
 
 def bnb_linear4bit(weight: NF4Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.float32) -> nn.Module:

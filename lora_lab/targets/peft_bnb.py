@@ -38,18 +38,9 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 
 
 def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
-    import bitsandbytes.functional as bnb_functional
+    from lora_lab.conformance.oracles import bnb_dequantize
 
-    flat = NF4Tensor(
-        q.packed, q.absmax, q.blocksize, torch.Size([q.numel]), q.dtype, q.double_quant,
-        q.absmax_code, q.absmax_scale, q.absmax_offset,
-    )
-    packed, state = flat.to_bnb()
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is None:
-        return bnb_functional.dequantize_4bit(packed, state).reshape(q.shape)
-    with set_stance("force_eager"):  # bitsandbytes compiles its fallback; recompiling per shape is slow
-        return bnb_functional.dequantize_4bit(packed, state).reshape(q.shape)
+    return bnb_dequantize(q)
 
 
 def qlora_linear(x, weight: NF4Tensor, lora_A, lora_B, scaling: float, bias=None) -> torch.Tensor:
