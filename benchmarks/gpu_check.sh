@@ -7,8 +7,8 @@
 #   1. installs nothing but the wheels carried in .whl/ (if any), into /tmp/site;
 #   2. makes lora_lab.kernels importable without installing lora_lab (a startup hook maps it to kernels/);
 #   3. runs, side by side (compiling is CPU-bound; there are cores to spare):
-#        a. tests/test_kernels.py on the compiled kernels, one tile config each (LORA_LAB_AUTOTUNE=0);
-#        b. the autotuned path (tests/test_kernels.py -k autotuned: every config benchmarked, then checked);
+#        a. tests/triton_kernels/test_kernels.py on the compiled kernels, one tile config each (LORA_LAB_AUTOTUNE=0);
+#        b. the autotuned path (tests/triton_kernels/test_kernels.py -k autotuned: every config benchmarked, then checked);
 #        c. the conformance checks qlora.* on lora_lab.kernels, with the inputs moved to the GPU;
 #   4. runs `python -m lora_lab.cli bench --gpu --quick --json $OUT/bench.json` alone, with the time left.
 # Everything lands in $OUT: one log per step, junit XML for the tests, conformance.json, bench.json and
@@ -173,9 +173,9 @@ finish_step() {  # name [pattern the log must not contain]
 }
 
 if ((HAVE_PYTEST)); then
-    start_step test_kernels 220 env LORA_LAB_AUTOTUNE=0 "${PYTEST[@]}" tests/test_kernels.py -k "not autotuned" \
+    start_step test_kernels 220 env LORA_LAB_AUTOTUNE=0 "${PYTEST[@]}" tests/triton_kernels/test_kernels.py -k "not autotuned" \
         --junitxml="$OUT/test_kernels.xml"
-    start_step test_kernels_autotuned 220 "${PYTEST[@]}" tests/test_kernels.py -k autotuned \
+    start_step test_kernels_autotuned 220 "${PYTEST[@]}" tests/triton_kernels/test_kernels.py -k autotuned \
         --junitxml="$OUT/test_kernels_autotuned.xml"
 fi
 start_step conformance 220 env LORA_LAB_AUTOTUNE=0 "$PY" "$SITE/gpu_conformance.py" "$OUT/conformance.json"
@@ -203,7 +203,7 @@ if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('lora
         fi
     fi
 else
-    note "skipped bench: lora_lab/bench.py is not in this checkout (python -m lora_lab.cli bench would not exist)"
+    note "skipped bench: lora_lab/bench/command.py is not in this checkout (python -m lora_lab.cli bench would not exist)"
 fi
 
 note "gpu_check finished in $(($(date +%s) - START))s: $( ((FAILED)) && echo 'KERNEL CHECKS FAILED' || echo 'kernel checks passed')"

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from lora_lab.benchmarking import validate_results
+from lora_lab.bench.timing import validate_results
 
 
 def _cell(record: dict | None, fastest: float | None) -> str:

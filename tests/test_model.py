@@ -1,7 +1,7 @@
 """The model, the loss, the optimizer and the training step: what the conformance suite does not cover.
 
 (The suite's properties of next_token_loss, adamw_step, apply_qlora and
-training_step run on lora_lab in test_conformance.py.)
+training_step run on lora_lab in tests/conformance/test_properties.py.)
 """
 
 import pytest

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_lab.conformance.core import CheckFailed
+from lora_lab.conformance.registry import CheckFailed
 
 # Unit roundoff of each storage dtype (half the distance from 1.0 to the next number).
 UNIT_ROUNDOFF = {

@@ -24,24 +24,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import logging
 import os
 import sys
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from lora_lab.conformance.core import (
+from lora_lab.conformance.learner import (
+    LearnerModule,
+    exercise_imports,
+    learner_traceback,
+    load_learner_module,
+    raised_in,
+)
+from lora_lab.conformance.runner import (
     ERROR,
     FAILED,
     NOT_ATTEMPTED,
     NOT_PROVIDED,
-    OPERATIONS,
     PASSED,
     Check,
     CheckFailed,
@@ -123,123 +126,22 @@ class ExerciseReport:
         return sum(r.graded.points for r in self.rows)
 
 
-class StubReached(BaseException):
-    """A stub in the learner's file raised NotImplementedError: end the check at once.
-
-    Hypothesis shrinks any failing ``Exception`` towards a minimal example, which
-    for a stub is wasted time (a minute for the untouched exercises). A
-    ``BaseException`` passes straight through hypothesis and the checks.
-    """
-
-
-class _LearnerModule:
-    """A learner's module as the checks see it, recording what the last call to an operation raised.
-
-    The record lets the table say *which* stub is unfinished and show the
-    learner's own traceback lines, however deep in torch the error surfaced.
-    """
-
-    def __init__(self, module: Any, folder: Path) -> None:
-        self._module = module
-        self._folder = folder
-        self.last_error: BaseException | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._module, name)
-        if name not in OPERATIONS or not callable(value):
-            return value
-
-        def recorded(*args, **kwargs):
-            try:
-                return value(*args, **kwargs)
-            except NotImplementedError as exc:
-                self.last_error = exc
-                if _raised_in(exc, self._folder):
-                    raise StubReached(str(exc)) from exc
-                raise
-            except BaseException as exc:
-                self.last_error = exc
-                raise
-
-        recorded.__name__ = recorded.__qualname__ = name
-        recorded.__doc__ = value.__doc__
-        return recorded
-
-
-def _inside(filename: str, folder: Path) -> bool:
-    try:
-        return Path(filename).resolve().is_relative_to(folder)
-    except (OSError, ValueError):
-        return False
-
-
-def _raised_in(exc: BaseException, folder: Path) -> bool:
-    frames = traceback.extract_tb(exc.__traceback__)
-    return bool(frames) and _inside(frames[-1].filename, folder)
-
-
-def learner_traceback(exc: BaseException, folder: Path, limit: int = 6) -> str:
-    """The traceback lines in the learner's files, plus the line that raised if it is elsewhere (inside torch).
-
-    Explicitly chained causes are followed: Triton's interpreter re-raises an error
-    in a kernel as ``InterpreterError(...) from error``, and only the cause's
-    traceback holds the kernel's own line.
-    """
-    chain = [exc]
-    while chain[-1].__cause__ is not None and len(chain) < 4:
-        chain.append(chain[-1].__cause__)
-    frames = [frame for link in chain for frame in traceback.extract_tb(link.__traceback__)]
-    mine = [f for f in frames if _inside(f.filename, folder)][-limit:]
-    if frames and (not mine or frames[-1] is not mine[-1]):
-        mine.append(frames[-1])
-    return "".join(traceback.format_list(mine)) + f"{type(exc).__name__}: {exc}"
-
-
-def _explain(result: Result, learner: _LearnerModule | None, folder: Path | None) -> tuple[str, str]:
+def _explain(result: Result, learner: LearnerModule | None, folder: Path | None) -> tuple[str, str]:
     """``(status, detail)`` for a table row, using the learner's recorded exception where it tells more."""
     status, detail = result.status, result.detail
     error = learner.last_error if learner is not None else None
     if status != PASSED and isinstance(error, NotImplementedError) and folder is not None:
-        if _raised_in(error, folder):  # one of the learner's stubs (StubReached ended the check)
+        if raised_in(error, folder):  # one of the learner's stubs (StubReached ended the check)
             return NOT_ATTEMPTED, str(error) or "raises NotImplementedError (still a stub)"
         return ERROR, learner_traceback(error, folder)  # torch or Triton lacks an op: a real error, not a stub
     if status == ERROR and error is not None and folder is not None and detail.endswith(f"{type(error).__name__}: {error}"):
         return status, learner_traceback(error, folder)
     learner_assert = isinstance(error, AssertionError) and not isinstance(error, CheckFailed)
-    if status == FAILED and learner_assert and _raised_in(error, folder) and detail == str(error).strip():
+    if status == FAILED and learner_assert and raised_in(error, folder) and detail == str(error).strip():
         return ERROR, learner_traceback(error, folder)  # the learner's own assert, not a property of the suite
     if status == NOT_PROVIDED:
         return MISSING, detail.replace("target has no", "the file defines no")
     return status, detail
-
-
-def _load_module(path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module  # so that one exercise can `from ex01_nf4 import ...` the learner's own work
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(path.stem, None)
-        raise
-    return module
-
-
-@contextlib.contextmanager
-def _exercise_imports(folder: Path) -> Iterator[None]:
-    """Make ``folder`` importable while grading, and forget its modules afterwards (the next run reloads them)."""
-    stems = {e.stem for e in EXERCISES}
-    for stem in stems:  # the same exercise from another folder (an earlier grade in this process)
-        sys.modules.pop(stem, None)
-    sys.path.insert(0, str(folder))
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(str(folder))
-        for name, module in list(sys.modules.items()):
-            if name in stems or _inside(getattr(module, "__file__", None) or "", folder):
-                del sys.modules[name]
 
 
 def _find_file(folder: Path, exercise: Exercise) -> Path | None:
@@ -261,7 +163,7 @@ def grade_exercise(
             unusable = (MISSING, "")  # the header already says the file is missing
         else:
             try:
-                learner = _LearnerModule(_load_module(path), folder)
+                learner = LearnerModule(load_learner_module(path), folder)
             except Exception as exc:  # noqa: BLE001 - a syntax or import error is the learner's, shown as such
                 unusable = (ERROR, "the file does not import:\n" + learner_traceback(exc, folder))
         target = Target(report.source, learner)
@@ -288,7 +190,7 @@ def grade(
     reports = []
     from lora_lab.conformance.profiles import command_profile
 
-    with command_profile(profile), _exercise_imports(folder) if folder else contextlib.nullcontext():
+    with command_profile(profile), exercise_imports(folder, {e.stem for e in EXERCISES}) if folder else contextlib.nullcontext():
         for exercise in exercises:
             source = exercise.solution if folder is None else _find_file(folder, exercise) or (
                 f"no {exercise.stem}.py in {_display(folder)}: copy it from the lora_lab repository's exercises/")

@@ -37,8 +37,8 @@ class ConformanceItem(pytest.Item):
         self.target_name, self.check = target_name, check
 
     def runtest(self) -> None:
-        from lora_lab.conformance.core import NOT_PROVIDED, PASSED, Target, run_check
         from lora_lab.conformance.profiles import command_profile
+        from lora_lab.conformance.runner import NOT_PROVIDED, PASSED, Target, run_check
 
         # The profile named by --hypothesis-profile, else ``ci`` as in ``lora-lab verify``: hypothesis' own
         # default has a 200 ms deadline, which a model-level check exceeds by design.
@@ -67,7 +67,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     targets = config.getoption("lora_lab_impl")
     if not targets:
         return
-    from lora_lab.conformance.core import Target, all_checks
+    from lora_lab.conformance.runner import Target, all_checks
 
     only = config.getoption("lora_lab_only")
     for target_name in targets:

@@ -22,6 +22,10 @@ settings.register_profile("dev", max_examples=200, **_COMMON)
 settings.register_profile("thorough", max_examples=1000, **_COMMON)
 
 
+# Model-level draws are only seeds and hyperparameters: shrinking them teaches nothing and retrains models for minutes.
+NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
+
+
 def examples(n: int) -> int:
     """``n`` examples under the ``ci`` profile, scaled by the active profile's max_examples."""
     return max(1, n * settings.default.max_examples // 100)

@@ -20,7 +20,7 @@ import json
 import sys
 import time
 
-from lora_lab.conformance.core import ERROR, FAILED, NOT_ATTEMPTED, NOT_PROVIDED, PASSED, Result, Target, all_checks, run_check
+from lora_lab.conformance.runner import ERROR, FAILED, NOT_ATTEMPTED, NOT_PROVIDED, PASSED, Result, Target, all_checks, run_check
 
 SYMBOLS = {PASSED: "PASS", FAILED: "FAIL", ERROR: "ERROR", NOT_PROVIDED: "-", NOT_ATTEMPTED: "TODO"}
 

@@ -1,0 +1,122 @@
+"""A learner's exercise file as the suite sees it: loaded from its path, its stubs and tracebacks told apart.
+
+``lora-lab grade`` loads each exercise file by path (so one exercise can import
+another: ``from ex01_nf4 import quantize_nf4``), wraps it so that the last
+exception of each operation is recorded, and shows the learner their own
+traceback lines rather than the suite's or torch's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lora_lab.conformance.registry import OPERATIONS
+
+
+class StubReached(BaseException):
+    """A stub in the learner's file raised NotImplementedError: end the check at once.
+
+    Hypothesis shrinks any failing ``Exception`` towards a minimal example, which
+    for a stub is wasted time (a minute for the untouched exercises). A
+    ``BaseException`` passes straight through hypothesis and the checks.
+    """
+
+
+class LearnerModule:
+    """A learner's module as the checks see it, recording what the last call to an operation raised.
+
+    The record lets the table say *which* stub is unfinished and show the
+    learner's own traceback lines, however deep in torch the error surfaced.
+    """
+
+    def __init__(self, module: Any, folder: Path) -> None:
+        self._module = module
+        self._folder = folder
+        self.last_error: BaseException | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._module, name)
+        if name not in OPERATIONS or not callable(value):
+            return value
+
+        def recorded(*args, **kwargs):
+            try:
+                return value(*args, **kwargs)
+            except NotImplementedError as exc:
+                self.last_error = exc
+                if raised_in(exc, self._folder):
+                    raise StubReached(str(exc)) from exc
+                raise
+            except BaseException as exc:
+                self.last_error = exc
+                raise
+
+        recorded.__name__ = recorded.__qualname__ = name
+        recorded.__doc__ = value.__doc__
+        return recorded
+
+
+def inside(filename: str, folder: Path) -> bool:
+    try:
+        return Path(filename).resolve().is_relative_to(folder)
+    except (OSError, ValueError):
+        return False
+
+
+def raised_in(exc: BaseException, folder: Path) -> bool:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and inside(frames[-1].filename, folder)
+
+
+def learner_traceback(exc: BaseException, folder: Path, limit: int = 6) -> str:
+    """The traceback lines in the learner's files, plus the line that raised if it is elsewhere (inside torch).
+
+    Explicitly chained causes are followed: Triton's interpreter re-raises an error
+    in a kernel as ``InterpreterError(...) from error``, and only the cause's
+    traceback holds the kernel's own line.
+    """
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 4:
+        chain.append(chain[-1].__cause__)
+    frames = [frame for link in chain for frame in traceback.extract_tb(link.__traceback__)]
+    mine = [f for f in frames if inside(f.filename, folder)][-limit:]
+    if frames and (not mine or frames[-1] is not mine[-1]):
+        mine.append(frames[-1])
+    return "".join(traceback.format_list(mine)) + f"{type(exc).__name__}: {exc}"
+
+
+def load_learner_module(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # so that one exercise can `from ex01_nf4 import ...` the learner's own work
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(path.stem, None)
+        raise
+    return module
+
+
+@contextlib.contextmanager
+def exercise_imports(folder: Path, stems: set[str]) -> Iterator[None]:
+    """Make ``folder`` importable while grading, and forget its modules afterwards (the next run reloads them).
+
+    ``stems`` are the exercise module names: the same exercise from another
+    folder (an earlier grade in this process) is forgotten first."""
+    for stem in stems:
+        sys.modules.pop(stem, None)
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(folder))
+        for name, module in list(sys.modules.items()):
+            if name in stems or inside(getattr(module, "__file__", None) or "", folder):
+                del sys.modules[name]

@@ -1,0 +1,16 @@
+"""The properties of the conformance suite: one module per topic, in the order of the exercises.
+
+Each module registers its checks with ``lora_lab.conformance.registry.check``
+when it is imported; ``all_checks`` imports them all and lists the checks in
+exercise order (NF4 first, training last).
+"""
+
+from __future__ import annotations
+
+from lora_lab.conformance.properties import adamw, apply_qlora, loss, nf4, qlora, training  # noqa: F401  (registers them)
+from lora_lab.conformance.registry import CHECKS, Check
+
+
+def all_checks() -> list[Check]:
+    """Every registered check, in the order of the exercises that teach them (NF4 first, training last)."""
+    return sorted(CHECKS, key=lambda c: c.exercise)

@@ -1,0 +1,101 @@
+"""Properties of AdamW (exercise 05).
+
+Oracle: ``torch.optim.AdamW``, step by step, on the same parameter, gradients
+and hyperparameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_lab.conformance.compare import UNIT_ROUNDOFF, assert_close, assert_equal, seeded_generator
+from lora_lab.conformance.profiles import examples
+from lora_lab.conformance.registry import check
+
+
+@st.composite
+def adamw_problems(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 17), min_size=1, max_size=3)))
+    dtype = draw(st.sampled_from((torch.float32, torch.float64)))
+    hparams = dict(
+        lr=draw(st.sampled_from((1e-4, 1e-3, 1e-2, 0.1))),
+        betas=draw(st.sampled_from(((0.9, 0.999), (0.8, 0.99), (0.5, 0.9)))),
+        eps=draw(st.sampled_from((1e-8, 1e-6, 1e-3))),
+    )
+    weight_decay = draw(st.sampled_from((0.01, 0.1, 0.5)))
+    g = seeded_generator(draw(st.integers(0, 2**31 - 1)))
+    param = torch.randn(shape, generator=g, dtype=dtype) * draw(st.sampled_from((0.02, 1.0, 30.0)))
+    grad_scale = draw(st.sampled_from((1e-6, 1e-2, 1.0, 100.0)))
+    grads = [torch.randn(shape, generator=g, dtype=dtype) * grad_scale for _ in range(6)]
+    for grad in grads[::2]:
+        grad.view(-1)[0] = 0.0  # a zero gradient: Adam must not divide by zero
+    return param, grads, hparams, weight_decay
+
+
+@check(
+    "adamw.matches_torch",
+    requires=("adamw_step",),
+    points=10,
+    exercise="05",
+    hint="Weight decay in AdamW is decoupled: it acts on the parameter itself, not through the gradient. "
+    "param and both moment buffers are updated in place; grad belongs to the caller and must not change.",
+)
+def adamw_matches_torch(target) -> None:
+    """Six adamw_step calls equal torch.optim.AdamW (param and both moments), with and without weight decay."""
+
+    @settings(max_examples=examples(20))
+    @given(adamw_problems())
+    def prop(problem):
+        start, grads, hparams, weight_decay = problem
+        u = UNIT_ROUNDOFF[start.dtype]
+        for wd in (0.0, weight_decay):
+            param, ref = start.clone(), start.clone()
+            exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+            optimizer = torch.optim.AdamW([ref], **hparams, weight_decay=wd, foreach=False)
+            allowed_p = torch.zeros_like(param)
+            for step, grad in enumerate(grads, start=1):
+                ref.grad = grad.clone()
+                optimizer.step()
+                state = optimizer.state[ref]
+                grad_before = grad.clone()
+                target.op("adamw_step")(param, grad, exp_avg, exp_avg_sq, step, **hparams, weight_decay=wd)
+                where = f"step {step}, shape {tuple(param.shape)}, {param.dtype}, {hparams}, weight_decay={wd}"
+                assert_equal(grad, grad_before, f"grad after adamw_step ({where}); the gradient must not be modified")
+                # Each step may round a few times per element: in the parameter and in the update lr * m_hat / sqrt(v_hat).
+                update = (state["exp_avg"] / (1 - hparams["betas"][0] ** step)).abs() / (
+                    (state["exp_avg_sq"] / (1 - hparams["betas"][1] ** step)).sqrt() + hparams["eps"]
+                )
+                allowed_p += 8 * u * (ref.abs() + hparams["lr"] * update)
+                assert_close(exp_avg, state["exp_avg"], 8 * u * step * (state["exp_avg"].abs() + grad.abs()),
+                             f"exp_avg, in place ({where})")
+                assert_close(exp_avg_sq, state["exp_avg_sq"], 8 * u * step * (state["exp_avg_sq"] + grad.square()),
+                             f"exp_avg_sq, in place ({where})")
+                assert_close(param, ref.detach(), allowed_p, f"param, in place ({where})")
+
+    prop()
+
+
+@check(
+    "adamw.first_step_moves_by_lr",
+    requires=("adamw_step",),
+    points=5,
+    exercise="05",
+    hint="The moments start at zero, so uncorrected they make the first steps far too small. What should the very "
+    "first update look like once they are corrected, and what is step on the first call?",
+)
+def adamw_first_step(target) -> None:
+    """Step 1 (no weight decay) moves each element by exactly lr * g / (|g| + eps): bias correction at work."""
+
+    @settings(max_examples=examples(15))
+    @given(adamw_problems())
+    def prop(problem):
+        start, grads, hparams, _ = problem
+        param, grad = start.clone(), grads[1]
+        target.op("adamw_step")(param, grad, torch.zeros_like(param), torch.zeros_like(param), 1, **hparams, weight_decay=0.0)
+        expected = start.double() - hparams["lr"] * grad.double() / (grad.double().abs() + hparams["eps"])
+        u = UNIT_ROUNDOFF[start.dtype]
+        assert_close(param, expected, 8 * u * (start.abs() + hparams["lr"]), f"param after the first step ({hparams})")
+
+    prop()

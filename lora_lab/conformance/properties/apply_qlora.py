@@ -1,0 +1,192 @@
+"""Properties of apply_qlora (exercise 06): adapters on the targets, the whole base in NF4, all else frozen.
+
+Oracle: the dense model with every linear weight but lm_head's replaced by its
+dequantized NF4 (QLoRA quantizes the whole base, not only the targets). Every
+model here is ``tiny_llama`` (2 layers, hidden 64): a check takes seconds.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_lab.conformance.compare import assert_close, assert_equal, seeded_generator
+from lora_lab.conformance.model_protocol import (
+    ATTENTION,
+    DENSE_HEAD,
+    EVERY_LINEAR,
+    MODEL_RTOL,
+    adapted_modules,
+    apply_target,
+    base_linear_names,
+    is_adapter_name,
+    model_logits,
+    seeded_apply,
+)
+from lora_lab.conformance.profiles import NO_SHRINK, examples
+from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.data import collate, generate_products
+from lora_lab.model import tiny_llama
+
+
+@check(
+    "qlora.apply_trains_only_adapters",
+    requires=("apply_qlora",),
+    points=8,
+    exercise="06",
+    hint="After apply_qlora, which tensors may an optimizer change? Everything the model had before (embeddings, "
+    "norms, lm_head, the linear layers you did not target) must stop requiring gradients; only the new adapters train.",
+)
+def apply_trains_only_adapters(target) -> None:
+    """Exactly the targeted layers get adapters, and after backward only lora_A/lora_B require or hold a gradient."""
+    from lora_lab.loss import next_token_loss
+
+    @settings(max_examples=examples(4), phases=NO_SHRINK)
+    @given(st.integers(0, 1000), st.sets(st.sampled_from(EVERY_LINEAR), min_size=1), st.sampled_from((1, 4, 8)))
+    def prop(seed, targets, r):
+        model = seeded_apply(target, seed, target_modules=tuple(sorted(targets)), r=r, alpha=2 * r)
+        adapted = adapted_modules(model)
+        layers = model.config.num_hidden_layers
+        expected = sorted(f"model.layers.{i}.{'self_attn' if t in ATTENTION else 'mlp'}.{t}"
+                          for i in range(layers) for t in targets)
+        if sorted(adapted) != expected:
+            raise CheckFailed(f"expected adapters on {expected}, got them on {sorted(adapted)}")
+        dense = tiny_llama(seed)
+        for name, m in adapted.items():
+            shape_a, shape_b = (r, dense.get_submodule(name).in_features), (dense.get_submodule(name).out_features, r)
+            if tuple(m.lora_A.shape) != shape_a or tuple(m.lora_B.shape) != shape_b:
+                raise CheckFailed(f"{name}: expected lora_A {shape_a} and lora_B {shape_b}, "
+                                  f"got {tuple(m.lora_A.shape)} and {tuple(m.lora_B.shape)}")
+        batch = collate(generate_products(2, seed=seed))
+        next_token_loss(model_logits(model, batch), batch["labels"]).backward()
+        for name, p in model.named_parameters():
+            if is_adapter_name(name):
+                if not p.requires_grad or p.grad is None:
+                    raise CheckFailed(f"adapter {name} should be trainable and receive a gradient; it did not")
+            elif p.requires_grad or p.grad is not None:
+                raise CheckFailed(f"{name} is not an adapter but requires_grad={p.requires_grad}, "
+                                  f"has a gradient={p.grad is not None}; expected it frozen")
+
+    prop()
+
+
+@check(
+    "qlora.apply_quantizes_whole_base",
+    requires=("apply_qlora",),
+    points=4,
+    exercise="06",
+    hint="QLoRA freezes AND quantizes the whole base; adapters go only on the targets. Every linear layer you do not "
+    "target (the MLP's, by default) must be stored in NF4 too, frozen and without adapters; only lm_head stays dense.",
+)
+def apply_quantizes_whole_base(target) -> None:
+    """After apply_qlora no linear layer but lm_head keeps a dense weight: targets or not, each holds an NF4 weight."""
+
+    @settings(max_examples=examples(3), phases=NO_SHRINK)
+    @given(st.integers(0, 1000), st.sets(st.sampled_from(EVERY_LINEAR), min_size=1))
+    def prop(seed, targets):
+        from torch import nn
+
+        model = seeded_apply(target, seed, target_modules=tuple(sorted(targets)))
+        dense = base_linear_names(model)
+        if dense:
+            raise CheckFailed(f"{len(dense)} linear layer(s) kept a dense weight after apply_qlora "
+                              f"(target_modules={sorted(targets)}), e.g. {', '.join(dense[:3])}; expected every "
+                              f"linear layer but {DENSE_HEAD} in NF4")
+        for name in base_linear_names(tiny_llama(seed)):
+            weight = getattr(model.get_submodule(name), "weight", None)
+            if not hasattr(weight, "packed"):
+                raise CheckFailed(f"{name} should hold an NF4 weight (one with .packed) after apply_qlora; "
+                                  f"its weight is a {type(weight).__name__}")
+        if not isinstance(model.get_submodule(DENSE_HEAD), nn.Linear):
+            raise CheckFailed(f"{DENSE_HEAD} should stay a dense nn.Linear (QLoRA leaves the output head unquantized), "
+                              f"got {type(model.get_submodule(DENSE_HEAD)).__name__}")
+
+    prop()
+
+
+@check(
+    "qlora.apply_fresh_adapters_keep_base",
+    requires=("apply_qlora",),
+    points=6,
+    exercise="06",
+    hint="Before any training a QLoRA model must compute exactly what its quantized base computes. How must the "
+    "adapters start for their contribution to be exactly zero? And honour the quantization options you are given.",
+)
+def apply_fresh_adapters_keep_base(target) -> None:
+    """With fresh adapters (B = 0) the logits equal, bit for bit, the dense model holding its dequantized NF4 weights."""
+    from lora_lab.nf4 import dequantize_nf4, quantize_nf4
+
+    @settings(max_examples=examples(3), phases=NO_SHRINK)
+    @given(st.integers(0, 1000), st.sampled_from(((64, True), (64, False), (32, True))), st.booleans())
+    def prop(seed, quantization, attention_only):
+        blocksize, double_quant = quantization
+        targets = ATTENTION if attention_only else EVERY_LINEAR
+        model = seeded_apply(target, seed, target_modules=targets, blocksize=blocksize, double_quant=double_quant).train()
+        dense = tiny_llama(seed)
+        with torch.no_grad():
+            for name in base_linear_names(dense):  # targets or not: QLoRA quantizes every linear layer but lm_head
+                m = dense.get_submodule(name)
+                m.weight.copy_(dequantize_nf4(quantize_nf4(m.weight, blocksize, double_quant)))
+            batch = collate(generate_products(3, seed=seed))
+            where = f"blocksize={blocksize}, double_quant={double_quant}"
+            expected = model_logits(dense, batch)
+            assert_equal(model_logits(model, batch), expected, f"logits, fresh adapters vs dequantized base ({where})")
+
+    prop()
+
+
+@check(
+    "qlora.apply_dropout_only_in_training",
+    requires=("apply_qlora",),
+    points=4,
+    exercise="06",
+    hint="Dropout is a training-time regulariser: your layer must follow the module's train()/eval() mode. "
+    "Functional dropout does not know that mode unless it is told.",
+)
+def apply_dropout_only_in_training(target) -> None:
+    """With dropout > 0: eval() is deterministic and equals the no-dropout model; train() really drops."""
+    from lora_lab.model import apply_qlora as reference_apply
+
+    @settings(max_examples=examples(2), phases=NO_SHRINK)
+    @given(st.integers(0, 1000))
+    def prop(seed):
+        model = seeded_apply(target, seed, dropout=0.5)
+        reference = reference_apply(tiny_llama(seed))
+        g = seeded_generator(seed)
+        with torch.no_grad():
+            for name, m in adapted_modules(model).items():
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.5)
+                ref = reference.get_submodule(name)
+                ref.lora_A.copy_(m.lora_A)
+                ref.lora_B.copy_(m.lora_B)
+            batch = collate(generate_products(2, seed=seed))
+            model.eval()
+            first, second = model_logits(model, batch), model_logits(model, batch)
+            assert_equal(second, first, "two eval-mode forward passes with dropout=0.5")
+            expected = model_logits(reference.eval(), batch)
+            assert_close(first, expected, MODEL_RTOL * (1 + expected.abs()), "eval-mode logits vs the same model without dropout")
+            model.train()
+            if torch.equal(model_logits(model, batch), model_logits(model, batch)):
+                raise CheckFailed("two train-mode forward passes with dropout=0.5 gave identical logits: dropout is not applied")
+
+    prop()
+
+
+@check(
+    "qlora.apply_rejects_unknown_target",
+    requires=("apply_qlora",),
+    points=2,
+    exercise="06",
+    hint="A misspelt target module must not silently train nothing: raise ValueError saying what was not "
+    "found and which linear layers exist.",
+)
+def apply_rejects_unknown_target(target) -> None:
+    """A target name that matches no linear layer raises ValueError that names it."""
+    try:
+        apply_target(target, tiny_llama(0), target_modules=("q_proj", "qkv_proj"))
+    except ValueError as exc:
+        if "qkv_proj" not in str(exc):
+            raise CheckFailed(f"the ValueError should name the unknown target 'qkv_proj'; it says: {exc}") from exc
+        return
+    raise CheckFailed("apply_qlora(model, target_modules=('q_proj', 'qkv_proj')) returned; expected a ValueError")

@@ -1,0 +1,160 @@
+"""Properties of the loss (exercise 04).
+
+Oracles: an independent float64 shift-and-mask cross-entropy, and transformers'
+own loss (``LlamaForCausalLM(..., labels=...)`` shifts the labels internally).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_lab.conformance.compare import UNIT_ROUNDOFF, assert_close, call_guarded, seeded_generator
+from lora_lab.conformance.profiles import NO_SHRINK, examples
+from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.data import collate, generate_products
+from lora_lab.model import tiny_llama
+
+U32 = UNIT_ROUNDOFF[torch.float32]
+
+
+def _loss_allowance(logits: torch.Tensor, loss: float) -> float:
+    """Rounding of an fp32 log-sum-exp over the vocabulary, averaged over the labelled positions."""
+    return 16 * U32 * (1 + float(logits.detach().abs().max()) + math.log(logits.shape[-1]) + abs(loss))
+
+
+def _scalar_loss(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+        raise CheckFailed(f"{name} must return a floating-point scalar tensor (so that it can be backpropagated), got {value!r}")
+    return value.reshape(())
+
+
+@st.composite
+def loss_problems(draw):
+    """Logits and labels with drawn sizes, dtype, right padding, a random mask and an ignore_index."""
+    batch, length, vocab = draw(st.integers(1, 4)), draw(st.integers(2, 24)), draw(st.integers(2, 300))
+    dtype = draw(st.sampled_from((torch.float32, torch.float16, torch.bfloat16)))
+    ignore_index = draw(st.sampled_from((-100, -1)))
+    g = seeded_generator(draw(st.integers(0, 2**31 - 1)))
+    logits = (torch.randn(batch, length, vocab, generator=g) * draw(st.sampled_from((0.1, 1.0, 8.0)))).to(dtype)
+    labels = torch.randint(0, vocab, (batch, length), generator=g)
+    labels[torch.rand(batch, length, generator=g) < draw(st.sampled_from((0.0, 0.5, 0.9)))] = ignore_index
+    for row in range(batch):  # right padding
+        labels[row, length - draw(st.integers(0, length - 1)) :] = ignore_index
+    if (labels[:, 1:] == ignore_index).all():
+        labels[0, -1] = int(torch.randint(0, vocab, (1,), generator=g))
+    return logits, labels, ignore_index
+
+
+def _float64_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """-mean log p(label[t+1] | logits[t]) over labelled positions, and its gradient, in float64."""
+    log_probs = logits[:, :-1].double().log_softmax(-1)
+    targets = labels[:, 1:]
+    valid = targets != ignore_index
+    picked = log_probs[valid].gather(1, targets[valid][:, None])
+    n = int(valid.sum())
+    grad = torch.zeros(logits.shape, dtype=torch.float64)
+    rows = log_probs.exp()
+    rows[valid] = rows[valid].scatter_add(1, targets[valid][:, None], -torch.ones(n, 1, dtype=torch.float64))
+    grad[:, :-1] = torch.where(valid[..., None], rows, 0.0) / n
+    return -picked.mean(), grad
+
+
+@check(
+    "loss.matches_shift_and_mask",
+    requires=("next_token_loss",),
+    points=8,
+    exercise="04",
+    hint="A causal model's logits at position t are its guess for the token at t+1, so logits and labels must be "
+    "offset by one before they meet. Only labels that are not ignore_index count, in the sum and in what you divide by. "
+    "Half-precision logits lose too much in a log-sum-exp over the vocabulary.",
+)
+def matches_shift_and_mask(target) -> None:
+    """Loss and its gradient equal a float64 shift-and-mask cross-entropy, for any padding, mask and dtype."""
+
+    @settings(max_examples=examples(25))
+    @given(loss_problems())
+    def prop(problem):
+        logits, labels, ignore_index = problem
+        expected, expected_grad = _float64_loss_and_grad(logits, labels, ignore_index)
+        logits = logits.clone().requires_grad_(True)
+        loss = _scalar_loss(
+            call_guarded(target.op("next_token_loss"), logits, labels, ignore_index=ignore_index, name="next_token_loss"),
+            "next_token_loss",
+        )
+        where = f"logits {tuple(logits.shape)} {logits.dtype}, {int((labels[:, 1:] != ignore_index).sum())} labels"
+        assert_close(loss, expected, _loss_allowance(logits, float(expected)), f"loss ({where})")
+        loss.backward()
+        if logits.grad is None:
+            raise CheckFailed("the loss is not differentiable: logits.grad is None after loss.backward()")
+        n = int((labels[:, 1:] != ignore_index).sum())
+        info = torch.finfo(logits.dtype)  # the gradient is rounded to the logits' dtype, subnormal spacing included
+        allowed = 4 * UNIT_ROUNDOFF[logits.dtype] * expected_grad.abs() + 16 * U32 * (expected_grad.abs() + 1 / n)
+        allowed = allowed + info.smallest_normal * info.eps
+        assert_close(logits.grad, expected_grad, allowed, f"d loss / d logits ({where})")
+
+    prop()
+
+
+@check(
+    "loss.matches_transformers",
+    requires=("next_token_loss",),
+    points=6,
+    exercise="04",
+    hint="transformers takes labels aligned with input_ids and does the offsetting itself: "
+    "model(input_ids, labels=labels).loss is what your loss must reproduce from the same logits and labels.",
+)
+def matches_transformers(target) -> None:
+    """Equals LlamaForCausalLM's own loss (labels=...) on price prompts and on fully labelled listings."""
+    from lora_lab.data import collate_listings
+
+    model = tiny_llama(seed=0)
+
+    @settings(max_examples=examples(8), phases=NO_SHRINK)
+    @given(st.integers(0, 2**31 - 1), st.integers(1, 4), st.booleans())
+    def prop(seed, batch_size, price_only):
+        products = generate_products(batch_size, seed=seed)
+        batch = collate(products) if price_only else collate_listings(products)
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        got = _scalar_loss(call_guarded(target.op("next_token_loss"), out.logits, batch["labels"], name="next_token_loss"),
+                           "next_token_loss")
+        what = f"loss on {batch_size} {'price prompts' if price_only else 'listings'} vs transformers' loss"
+        assert_close(got, out.loss, _loss_allowance(out.logits, float(out.loss)), what)
+
+    prop()
+
+
+@check(
+    "loss.rejects_bad_input",
+    requires=("next_token_loss",),
+    points=3,
+    exercise="04",
+    hint="What is the mean over zero tokens? Decide what should happen when no label survives the offset and the mask, "
+    "or when logits and labels disagree in shape, before computing anything.",
+)
+def rejects_bad_input(target) -> None:
+    """No labelled token, or logits and labels of different batch or length, raise ValueError (not NaN)."""
+    loss = target.op("next_token_loss")
+    logits = torch.randn(2, 5, 11)
+    only_first = torch.full((2, 5), -100)
+    only_first[:, 0] = 3
+    cases = {
+        "every label = -100": (logits, torch.full((2, 5), -100)),
+        "only position 0 labelled (nothing predicts it)": (logits, only_first),
+        "labels one position longer than the logits": (logits, torch.randint(0, 11, (2, 6))),
+        "labels for a different batch size": (logits, torch.randint(0, 11, (3, 5))),
+    }
+    for description, (lg, labels) in cases.items():
+        try:
+            out = loss(lg, labels)
+        except (ValueError, TypeError):
+            continue
+        except NotImplementedError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise CheckFailed(f"next_token_loss with {description} raised {type(exc).__name__}, expected ValueError") from exc
+        raise CheckFailed(f"next_token_loss with {description} returned {out!r}; expected a ValueError")

@@ -1,0 +1,210 @@
+"""Properties of NF4 storage (exercises 01 and 02), checked against bitsandbytes' own bytes.
+
+bitsandbytes is the oracle: the packed codes, the absmax statistics and the
+dequantized values must be identical to what ``bitsandbytes.functional``
+produces for the same weight, because QLoRA checkpoints are exchanged in that
+format. Dequantized values are compared on the flattened weight: bitsandbytes
+0.50's CPU C kernel indexes blocks per row when a row is not a multiple of the
+block size, while its torch and CUDA paths (and the NF4 format) index the
+flattened weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_lab.conformance.compare import assert_close, assert_equal, call_guarded, seeded_generator
+from lora_lab.conformance.oracles import bnb_dequantize
+from lora_lab.conformance.profiles import examples
+from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.nf4 import NF4_CODE, NF4Tensor, quantize_nf4
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@st.composite
+def weights(draw, max_numel: int = 6000):
+    """A weight of odd-as-possible shape, with some all-zero blocks and a drawn scale."""
+    blocksize = draw(st.sampled_from((32, 64, 128, 256, 512, 1024, 2048, 4096)))
+    numel = draw(st.integers(1, max_numel))
+    rows = draw(st.sampled_from([d for d in (1, 2, 3, 5, 7, 16) if numel % d == 0]))
+    shape = (numel,) if draw(st.booleans()) else (rows, numel // rows)
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from((1e-3, 0.02, 1.0, 37.0)))
+    weight = torch.randn(numel, generator=seeded_generator(seed), dtype=torch.float32) * scale
+    if draw(st.booleans()):  # zero out one whole block: its absmax is 0
+        first = draw(st.integers(0, (numel - 1) // blocksize)) * blocksize
+        weight[first : first + blocksize] = 0
+    return weight.to(dtype).reshape(shape), blocksize
+
+
+def _bnb_quantize(weight: torch.Tensor, blocksize: int, double_quant: bool):
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.quantize_4bit(
+        weight, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant
+    )
+
+
+def _quantize(target, weight, blocksize, double_quant) -> NF4Tensor:
+    q = call_guarded(target.op("quantize_nf4"), weight, blocksize, double_quant, name="quantize_nf4")
+    for field in ("packed", "absmax", "blocksize", "shape", "dtype", "double_quant"):
+        if not hasattr(q, field):
+            raise CheckFailed(f"quantize_nf4 must return an NF4Tensor-like object with a {field!r} field")
+    return q
+
+
+@check(
+    "nf4.bytes_match_bitsandbytes",
+    requires=("quantize_nf4",),
+    points=10,
+    exercise="01",
+    hint="Flatten row-major, one absmax per block of `blocksize` values (the last block may be short), "
+    "pick the nearest NF4 level (bucketize against the midpoints between levels), "
+    "and put element 2i in the HIGH nibble of byte i. An odd count pads with the code of 0.0.",
+)
+def bytes_match_bitsandbytes(target) -> None:
+    """Packed NF4 codes and fp32 absmax are byte-identical with bitsandbytes.quantize_4bit."""
+
+    @settings(max_examples=examples(25))
+    @given(weights())
+    def prop(drawn):
+        weight, blocksize = drawn
+        q = _quantize(target, weight, blocksize, False)
+        packed, state = _bnb_quantize(weight, blocksize, False)
+        where = f"blocksize={blocksize}, shape={tuple(weight.shape)}"
+        assert_equal(q.packed.reshape(-1), packed.reshape(-1), f"packed bytes ({where})")
+        assert_equal(q.absmax.reshape(-1), state.absmax, "per-block absmax")
+        if tuple(q.shape) != tuple(weight.shape) or q.dtype != weight.dtype or q.blocksize != blocksize:
+            raise CheckFailed(
+                f"expected shape {tuple(weight.shape)}, dtype {weight.dtype}, blocksize {blocksize} to be recorded; "
+                f"got {tuple(q.shape)}, {q.dtype}, {q.blocksize}"
+            )
+
+    prop()
+
+
+@check(
+    "nf4.dequantize_matches_bitsandbytes",
+    requires=("dequantize_nf4",),
+    points=8,
+    exercise="01",
+    hint="Unpack high nibble first, look each code up in NF4_CODE, multiply by its block's absmax in fp32, "
+    "and round to the original dtype only once, at the end.",
+)
+def dequantize_matches_bitsandbytes(target) -> None:
+    """Dequantized values equal bitsandbytes.dequantize_4bit exactly, in the original shape and dtype."""
+
+    @settings(max_examples=examples(25))
+    @given(weights(), st.booleans())
+    def prop(drawn, double_quant):
+        weight, blocksize = drawn
+        q = quantize_nf4(weight, blocksize, double_quant)
+        got = call_guarded(target.op("dequantize_nf4"), q, name="dequantize_nf4")
+        assert_equal(got, bnb_dequantize(q), f"dequantized weight (blocksize={blocksize}, double_quant={double_quant})")
+
+    prop()
+
+
+@check(
+    "nf4.zero_blocks_and_round_trip",
+    requires=("quantize_nf4", "dequantize_nf4"),
+    points=6,
+    exercise="01",
+    hint="A block of zeros has absmax 0: never divide by it (bitsandbytes floors it at 1e-38). "
+    "Each value may move by at most half the widest gap between neighbouring NF4 levels, times its absmax.",
+)
+def zero_blocks_and_round_trip(target) -> None:
+    """All-zero blocks come back as zeros (never NaN); every value is within absmax x half the widest NF4 gap."""
+    half_gap = float((NF4_CODE[1:] - NF4_CODE[:-1]).max()) / 2
+
+    @settings(max_examples=examples(20))
+    @given(weights(), st.booleans())
+    def prop(drawn, double_quant):
+        weight, blocksize = drawn
+        q = _quantize(target, weight, blocksize, double_quant)
+        back = call_guarded(target.op("dequantize_nf4"), q, name="dequantize_nf4")
+        flat = weight.reshape(-1).float()
+        blocks = -(-flat.numel() // blocksize)
+        padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - flat.numel()))
+        absmax = padded.view(blocks, blocksize).abs().amax(1).repeat_interleave(blocksize)[: flat.numel()]
+        # |w - round(level * a')| <= a * half_gap + |level| * |a - a'| + u * |result|: the nearest level, the stored
+        # absmax a' (|level| <= 1), then one rounding to the dtype. Double quantization stores absmax to within
+        # ~1/127 of the centred range (half the dynamic map's widest gap times the scale of 256 blocks).
+        u = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[weight.dtype]
+        absmax_error = (absmax.max() - absmax.min()) / 127 if double_quant else 0.0
+        result = back.reshape(-1).float().abs()
+        allowed = absmax * half_gap + absmax_error + u * result + torch.finfo(weight.dtype).tiny
+        where = f"blocksize={blocksize}, double_quant={double_quant}, dtype={weight.dtype}, shape={tuple(weight.shape)}"
+        assert_close(back.reshape(-1).float(), flat, allowed, f"round-trip error ({where})")
+        zero_blocks = padded.view(blocks, blocksize).abs().amax(1) == 0
+        if zero_blocks.any():
+            values = torch.nn.functional.pad(back.reshape(-1).float(), (0, blocks * blocksize - flat.numel()))
+            if values.view(blocks, blocksize)[zero_blocks].abs().max() != 0:
+                raise CheckFailed("an all-zero block did not dequantize to zeros")
+
+    prop()
+
+
+@check(
+    "nf4.double_quant_matches_bitsandbytes",
+    requires=("quantize_nf4",),
+    points=10,
+    exercise="02",
+    hint="Subtract the mean absmax (the offset), then quantize the centred absmax blockwise with 256 blocks per "
+    "fp32 scale onto bitsandbytes' 8-bit dynamic map. Its CPU kernel snaps each normalized value to a "
+    "65,536-point grid over [-1, 1] first, then takes the nearest map entry.",
+)
+def double_quant_matches_bitsandbytes(target) -> None:
+    """Double-quantized storage (uint8 absmax codes, one fp32 scale per 256 blocks, the mean offset) equals bitsandbytes'."""
+
+    @settings(max_examples=examples(20))
+    @given(weights(max_numel=40000))
+    def prop(drawn):
+        weight, blocksize = drawn
+        q = _quantize(target, weight, blocksize, True)
+        packed, state = _bnb_quantize(weight, blocksize, True)
+        if not q.double_quant:
+            raise CheckFailed("quantize_nf4(..., double_quant=True) returned an NF4Tensor with double_quant=False")
+        assert_equal(q.packed.reshape(-1), packed.reshape(-1), "packed bytes")
+        assert_equal(q.absmax.reshape(-1), state.absmax, "uint8 absmax codes")
+        assert_equal(q.absmax_scale.reshape(-1), state.state2.absmax, "fp32 scale per 256 blocks")
+        assert_equal(torch.as_tensor(q.absmax_offset, dtype=torch.float32), state.offset.float(), "absmax offset (the mean)")
+        assert_equal(q.absmax_code.float(), state.state2.code, "the 8-bit dynamic map")
+
+    prop()
+
+
+@check(
+    "nf4.rejects_bad_input",
+    requires=("quantize_nf4",),
+    points=3,
+    exercise="01",
+    hint="Validate before computing: an integer weight, a blocksize that is not a power of two in 32..4096, an "
+    "empty weight or one holding NaN/Inf must raise ValueError naming what was expected.",
+)
+def rejects_bad_input(target) -> None:
+    """Bad input (integer weight, bad blocksize, empty weight, NaN/Inf) raises ValueError, not a wrong result."""
+    quantize = target.op("quantize_nf4")
+    cases = {
+        "an integer weight": (torch.ones(64, dtype=torch.int32), 64),
+        "blocksize=48 (not a power of two)": (torch.randn(64), 48),
+        "blocksize=16 (below 32)": (torch.randn(64), 16),
+        "blocksize=8192 (above 4096)": (torch.randn(64), 8192),
+        "an empty weight": (torch.empty(0, 4), 64),
+        "a weight holding NaN": (torch.tensor([1.0, float("nan")] * 32), 64),
+        "a weight holding Inf": (torch.tensor([1.0, float("inf")] * 32), 64),
+    }
+    for description, (weight, blocksize) in cases.items():
+        try:
+            quantize(weight, blocksize, False)
+        except (ValueError, TypeError):
+            continue
+        except NotImplementedError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise CheckFailed(f"quantize_nf4 with {description} raised {type(exc).__name__}, expected ValueError") from exc
+        raise CheckFailed(f"quantize_nf4 with {description} returned a result; expected a ValueError")

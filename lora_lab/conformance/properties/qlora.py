@@ -1,0 +1,269 @@
+"""Properties of the QLoRA linear op (exercise 03 and the kernels' exercises 07–08).
+
+``qlora_linear(x, weight, lora_A, lora_B, scaling, bias)`` must equal
+
+    y = x @ W^T + bias + scaling * (x @ A^T) @ B^T
+
+computed in float64 from the dequantized weight, within an elementwise bound
+derived from the dtype and the length of each sum (see ``compare.product_bound``).
+Shapes are drawn to be awkward: M = 1, N and M not multiples of any tile,
+3-D inputs, ranks from 1 to 64, every block size the kernels support.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_lab.conformance.compare import assert_close, call_guarded, product_bound, seeded_generator
+from lora_lab.conformance.profiles import examples
+from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+
+
+@dataclass
+class Problem:
+    """One drawn QLoRA layer and input."""
+
+    x: torch.Tensor
+    weight: NF4Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    bias: torch.Tensor | None
+
+    @property
+    def K(self) -> int:
+        return self.x.shape[-1]
+
+    @property
+    def M(self) -> int:
+        return self.x.numel() // self.K
+
+    def args(self):
+        return self.x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias
+
+    def with_new_values(self, seed: int) -> Problem:
+        """Same shapes and weight, fresh activations and adapters: catches cached answers."""
+        g = seeded_generator(seed)
+        rms = lambda t: t.float().pow(2).mean().sqrt().clamp(min=0.1)  # noqa: E731
+        fresh = lambda t: None if t is None else (torch.randn(t.shape, generator=g) * rms(t)).to(t.dtype)  # noqa: E731
+        return Problem(fresh(self.x), self.weight, fresh(self.lora_A), fresh(self.lora_B), self.scaling, fresh(self.bias))
+
+
+@st.composite
+def problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16), max_k: int = 512):
+    blocksize = draw(st.sampled_from((32, 64, 128, 256)))
+    K = blocksize * draw(st.integers(1, max(1, max_k // blocksize)))
+    N = draw(st.integers(1, 96))
+    r = draw(st.one_of(st.integers(1, 8), st.sampled_from((16, 32, 64))))
+    lead = draw(st.one_of(st.tuples(st.integers(1, 48)), st.tuples(st.integers(1, 3), st.integers(1, 17))))
+    dtype = draw(st.sampled_from(dtypes))
+    adapter_dtype = draw(st.sampled_from((dtype, torch.float32)))
+    double_quant, with_bias = draw(st.booleans()), draw(st.booleans())
+    scaling = draw(st.sampled_from((0.5, 2.0, 16 / 3, 64 / 8**0.5)))
+    g = seeded_generator(draw(st.integers(0, 2**31 - 1)))
+    weight = quantize_nf4((torch.randn(N, K, generator=g) * 0.05).to(dtype), blocksize, double_quant)
+    x = torch.randn(*lead, K, generator=g).to(dtype)
+    lora_A = (torch.randn(r, K, generator=g) / K**0.5).to(adapter_dtype)
+    lora_B = (torch.randn(N, r, generator=g) * 0.1).to(adapter_dtype)
+    bias = (torch.randn(N, generator=g) * 0.1).to(dtype) if with_bias else None
+    return Problem(x, weight, lora_A, lora_B, scaling, bias)
+
+
+def float64_reference(p: Problem, x: torch.Tensor | None = None, lora_A=None, lora_B=None, bias=None) -> torch.Tensor:
+    """y in float64 from the dequantized weight, with A, B and bias first cast to x's dtype (the contract)."""
+    x = p.x if x is None else x
+    lora_A = p.lora_A if lora_A is None else lora_A
+    lora_B = p.lora_B if lora_B is None else lora_B
+    bias = p.bias if bias is None else bias
+    as64 = lambda t: t.to(p.x.dtype).double()  # noqa: E731
+    y = as64(x) @ dequantize_nf4(p.weight).double().t() + p.scaling * (as64(x) @ as64(lora_A).t()) @ as64(lora_B).t()
+    return y if bias is None else y + as64(bias)
+
+
+def _magnitudes(p: Problem):
+    """|x| @ |W|^T + s |x| @ |A|^T @ |B|^T + |bias|: what the rounding errors scale with."""
+    ax, aw = p.x.double().abs(), dequantize_nf4(p.weight).double().abs()
+    aa, ab = p.lora_A.to(p.x.dtype).double().abs(), p.lora_B.to(p.x.dtype).double().abs()
+    out = ax @ aw.t() + abs(p.scaling) * (ax @ aa.t()) @ ab.t()
+    return out if p.bias is None else out + p.bias.double().abs()
+
+
+def _call(target, p: Problem) -> torch.Tensor:
+    y = call_guarded(target.op("qlora_linear"), *p.args(), name="qlora_linear")
+    if not isinstance(y, torch.Tensor):
+        raise CheckFailed(f"qlora_linear must return a tensor, got {type(y).__name__}")
+    expected_shape = (*p.x.shape[:-1], p.weight.shape[0])
+    if tuple(y.shape) != expected_shape or y.dtype != p.x.dtype:
+        raise CheckFailed(f"expected output of shape {expected_shape} and dtype {p.x.dtype}, got {tuple(y.shape)} {y.dtype}")
+    return y
+
+
+def _where(p: Problem) -> str:
+    q = p.weight
+    return (
+        f"x {tuple(p.x.shape)} {str(p.x.dtype).replace('torch.', '')}, N={q.shape[0]}, r={p.lora_A.shape[0]}, "
+        f"blocksize={q.blocksize}, double_quant={q.double_quant}, bias={p.bias is not None}, scaling={p.scaling:.4g}"
+    )
+
+
+@check(
+    "qlora.forward_matches_float64",
+    requires=("qlora_linear",),
+    points=12,
+    exercise="03",
+    hint="Dequantize W to x's dtype, compute x @ W^T, add the bias, and add the adapter path through the small "
+    "r-wide intermediate x @ A^T, multiplied by `scaling` (alpha/r). Cast A, B and bias to x's dtype first, "
+    "and keep every leading dimension of x.",
+)
+def forward_matches_float64(target) -> None:
+    """Output equals the float64 reference for drawn odd shapes, ranks, dtypes and scalings, on repeated calls."""
+
+    @settings(max_examples=examples(15))
+    @given(problems(), st.integers(0, 2**31 - 1))
+    def prop(p, reseed):
+        for trial in (p, p.with_new_values(reseed)):  # a second call, same shapes, new values
+            y = _call(target, trial)
+            allowed = product_bound(_magnitudes(trial), trial.K, trial.x.dtype)
+            assert_close(y, float64_reference(trial), allowed, f"qlora_linear output ({_where(trial)})")
+
+    prop()
+
+
+def _float64_gradients(p: Problem, grad_out: torch.Tensor):
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (p.x, p.lora_A, p.lora_B, p.bias)]
+    x, lora_A, lora_B, bias = leaves
+    y = x @ dequantize_nf4(p.weight).double().t() + p.scaling * (x @ lora_A.t()) @ lora_B.t()
+    if bias is not None:
+        y = y + bias
+    y.backward(grad_out.double())
+    return [None if t is None else t.grad for t in leaves]
+
+
+def gradient_bounds(p: Problem, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Elementwise error bounds for each gradient, from the magnitudes and lengths of the sums that form it.
+
+    dX = dY·W + s·(dY·B)·A sums over N then r; dA = s·(dY·B)ᵀ·X over N then M;
+    dB = s·dYᵀ·(X·Aᵀ) over K then M; d(bias) = Σ dY over M.
+    """
+    s = abs(p.scaling)
+    g = grad_out.double().abs().reshape(-1, grad_out.shape[-1])
+    ax = p.x.double().abs().reshape(-1, p.K)
+    aw, aa, ab = dequantize_nf4(p.weight).double().abs(), p.lora_A.double().abs(), p.lora_B.double().abs()
+    N, r, M, K = grad_out.shape[-1], p.lora_A.shape[0], p.M, p.K
+    terms = {
+        "x": (g @ aw + s * (g @ ab) @ aa, N + r),
+        "lora_A": (s * (g @ ab).t() @ ax, M + N),
+        "lora_B": (s * g.t() @ (ax @ aa.t()), M + K),
+        "bias": (g.sum(0), M),
+    }
+    return {name: product_bound(magnitude, n, p.x.dtype) for name, (magnitude, n) in terms.items()}
+
+
+@check(
+    "qlora.gradients_match_float64",
+    requires=("qlora_linear",),
+    points=12,
+    exercise="03",
+    hint="dX = dY·W + s·(dY·B)·A, dA = s·(dY·B)ᵀ·X, dB = s·dYᵀ·(X·Aᵀ), d(bias) = the sum of dY over every "
+    "leading dimension. The frozen NF4 weight gets no gradient at all.",
+)
+def gradients_match_float64(target) -> None:
+    """Gradients of x, A, B and bias equal float64 autograd of the formula; the weight gets none."""
+
+    @settings(max_examples=examples(10))
+    @given(problems())
+    def prop(p):
+        inputs = [None if t is None else t.detach().clone().requires_grad_() for t in (p.x, p.lora_A, p.lora_B, p.bias)]
+        graded = Problem(inputs[0], p.weight, inputs[1], inputs[2], p.scaling, inputs[3])
+        y = _call(target, graded)
+        if not y.requires_grad:
+            raise CheckFailed("qlora_linear's output does not require grad although x, A and B do")
+        grad_out = torch.randn(y.shape, generator=seeded_generator(p.M)).to(y.dtype)
+        y.backward(grad_out)
+        expected = _float64_gradients(p, grad_out)
+        bounds = gradient_bounds(p, grad_out)
+        for name, tensor, want in zip(("x", "lora_A", "lora_B", "bias"), inputs, expected):
+            if tensor is None:
+                continue
+            if tensor.grad is None:
+                raise CheckFailed(f"{name} received no gradient ({_where(p)})")
+            assert_close(tensor.grad, want, bounds[name].reshape(tensor.shape), f"gradient of {name} ({_where(p)})")
+
+    prop()
+
+
+@check(
+    "qlora.matches_peft_bitsandbytes",
+    requires=("qlora_linear",),
+    points=6,
+    exercise="03",
+    hint="The real stack is peft's LoRA on a bitsandbytes Linear4bit: base output plus lora_B(lora_A(x)) * scaling, "
+    "with the weight dequantized exactly as bitsandbytes does.",
+)
+def matches_peft_bitsandbytes(target) -> None:
+    """In fp32, output and the gradients of x, A, B equal peft's LoRA on a bitsandbytes Linear4bit with the same weights."""
+    from lora_lab.conformance.oracles import peft_bnb_layer
+
+    @settings(max_examples=examples(6))
+    @given(problems(dtypes=(torch.float32,), max_k=256))
+    def prop(p):
+        layer, weight = peft_bnb_layer(p)
+        x1 = p.x.detach().clone().requires_grad_()
+        A, B = p.lora_A.detach().float().clone().requires_grad_(), p.lora_B.detach().float().clone().requires_grad_()
+        y = _call(target, Problem(x1, weight, A, B, p.scaling, p.bias))
+        x2 = p.x.detach().clone().requires_grad_()
+        y_peft = layer(x2)
+        allowed = 2 * product_bound(_magnitudes(p), p.K, torch.float32)
+        assert_close(y, y_peft, allowed, f"output vs peft+bitsandbytes ({_where(p)})")
+        grad_out = torch.randn(y.shape, generator=seeded_generator(p.K))
+        y.backward(grad_out)
+        y_peft.backward(grad_out)
+        bounds = gradient_bounds(p, grad_out)
+        lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        for name, got, want in (("x", x1.grad, x2.grad), ("lora_A", A.grad, lora_a.grad), ("lora_B", B.grad, lora_b.grad)):
+            if got is None:
+                raise CheckFailed(f"{name} received no gradient")
+            allowed = 2 * bounds[name].reshape(want.shape)  # both sides round: twice one side's bound
+            assert_close(got, want, allowed, f"gradient of {name} vs peft+bitsandbytes ({_where(p)})")
+
+    prop()
+
+
+@check(
+    "qlora.rejects_bad_input",
+    requires=("qlora_linear",),
+    points=3,
+    exercise="03",
+    hint="Check shapes before computing: x's last dimension must be K, A must be (r, K), B must be (N, r), "
+    "bias (N,); raise ValueError (or TypeError for non-tensors / integer x) that names what was expected.",
+)
+def rejects_bad_input(target) -> None:
+    """Mismatched shapes between x, W, A, B and bias, and an integer x, raise ValueError or TypeError."""
+    fn = target.op("qlora_linear")
+    g = seeded_generator(0)
+    weight = quantize_nf4(torch.randn(16, 64, generator=g), 64)
+    x, A, B = torch.randn(3, 64, generator=g), torch.randn(4, 64, generator=g), torch.randn(16, 4, generator=g)
+    bias = torch.zeros(16)
+    cases = {
+        "x with the wrong last dimension": (torch.randn(3, 32), weight, A, B, 2.0, None),
+        "lora_A with the wrong K": (x, weight, torch.randn(4, 32), B, 2.0, None),
+        "lora_B with the wrong rank": (x, weight, A, torch.randn(16, 5), 2.0, None),
+        "lora_B with the wrong N": (x, weight, A, torch.randn(8, 4), 2.0, None),
+        "bias with the wrong length": (x, weight, A, B, 2.0, torch.zeros(8)),
+        "an integer x": (x.to(torch.int64), weight, A, B, 2.0, bias),
+    }
+    for description, args in cases.items():
+        try:
+            fn(*args)
+        except (ValueError, TypeError):
+            continue
+        except NotImplementedError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise CheckFailed(f"qlora_linear with {description} raised {type(exc).__name__}; expected ValueError") from exc
+        raise CheckFailed(f"qlora_linear with {description} returned a result; expected a ValueError")

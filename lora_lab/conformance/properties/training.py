@@ -1,0 +1,267 @@
+"""Properties of training_step (exercise 06): the lecture's four steps, on a tiny Llama.
+
+Oracles: lora_lab's reference on an identical model, and the canonical stack,
+peft's LoRA on the targets of a model whose every linear layer but lm_head is a
+bitsandbytes ``Linear4bit`` (as ``load_in_4bit`` makes it), trained with
+transformers' loss and torch's AdamW. bitsandbytes is kept in train mode: in eval
+mode its CPU path repacks the weight and computes approximately in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_lab.conformance.compare import assert_close, assert_equal
+from lora_lab.conformance.model_protocol import (
+    ATTENTION,
+    MODEL_RTOL,
+    U32,
+    adapted_modules,
+    base_linear_names,
+    is_adapter_name,
+    model_logits,
+    seeded_apply,
+)
+from lora_lab.conformance.profiles import NO_SHRINK, examples
+from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.data import VOCAB_SIZE, collate, generate_products
+from lora_lab.model import tiny_llama
+
+TRAINING_HINT = (
+    "A training step is the lecture's four steps, in order. Think about what each leaves behind for the next call: "
+    "gradients accumulate in .grad until they are cleared, and the loss worth reporting is the one the gradients came from."
+)
+LOWERS_LOSS_STEPS, LOWERS_LOSS_MARGIN = 10, 0.10  # lora_lab's reference lowers it by about 16-18% (lr 1e-2, r 8)
+
+
+def _optimizer(model, lr: float, weight_decay: float = 0.01) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, foreach=False)
+
+
+def _twins(target, seed: int, r: int, alpha: float):
+    """The target's QLoRA tiny_llama and lora_lab's, holding the same adapter values (the target's)."""
+    from lora_lab.model import apply_qlora as reference_apply
+
+    model = seeded_apply(target, seed, r=r, alpha=alpha).train()
+    reference = reference_apply(tiny_llama(seed), r=r, alpha=alpha).train()
+    adapted, reference_adapted = adapted_modules(model), adapted_modules(reference)
+    if sorted(adapted) != sorted(reference_adapted):
+        raise CheckFailed(f"expected adapters on {sorted(reference_adapted)}, got them on {sorted(adapted)}")
+    with torch.no_grad():
+        for name, m in reference_adapted.items():
+            m.lora_A.copy_(adapted[name].lora_A)
+            m.lora_B.copy_(adapted[name].lora_B)
+    return model, reference
+
+
+def _price_loss(model, batch) -> float:
+    from lora_lab.loss import next_token_loss
+
+    with torch.no_grad():
+        return next_token_loss(model_logits(model, batch), batch["labels"]).item()
+
+
+def _as_loss(value, step: int) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckFailed(f"training_step must return the loss as a Python float (loss.item()), got {type(value).__name__} "
+                          f"at step {step}; a tensor would keep the whole autograd graph alive")
+    return float(value)
+
+
+def _assert_loss(got: float, expected: float, what: str) -> None:
+    allowed = 16 * U32 * (1 + abs(expected)) * math.sqrt(VOCAB_SIZE)
+    assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), allowed, what)
+
+
+@check(
+    "training.matches_reference",
+    requires=("apply_qlora", "training_step"),
+    points=10,
+    exercise="06",
+    hint=TRAINING_HINT + " If the trajectory drifts from the second step on, look at what happens to .grad between calls.",
+)
+def matches_reference(target) -> None:
+    """Four training steps give the same losses and adapters as lora_lab's training_step on an identical model."""
+    from lora_lab.train import training_step as reference_step
+
+    @settings(max_examples=examples(3), phases=NO_SHRINK)
+    @given(st.integers(0, 1000), st.sampled_from((4, 8)), st.sampled_from((8, 32)), st.sampled_from((1e-3, 1e-2)),
+           st.integers(1, 4))
+    def prop(seed, r, alpha, lr, batch_size):
+        model, reference = _twins(target, seed, r, alpha)
+        optimizer, reference_optimizer = _optimizer(model, lr), _optimizer(reference, lr)
+        steps = 4
+        for step in range(1, steps + 1):
+            batch = collate(generate_products(batch_size, seed=1000 * seed + step))
+            got = _as_loss(target.op("training_step")(model, batch, optimizer), step)
+            expected = reference_step(reference, batch, reference_optimizer)
+            _assert_loss(got, expected, f"loss returned by step {step} (r={r}, alpha={alpha}, lr={lr})")
+        for name, m in adapted_modules(reference).items():
+            for which in ("lora_A", "lora_B"):
+                expected = getattr(m, which).detach()
+                assert_close(getattr(model.get_submodule(name), which).detach(), expected,
+                             MODEL_RTOL * (expected.abs() + lr * steps), f"{name}.{which} after {steps} steps (lr={lr})")
+
+    prop()
+
+
+@check(
+    "training.returns_loss_before_update",
+    requires=("apply_qlora", "training_step"),
+    points=4,
+    exercise="06",
+    hint=TRAINING_HINT + " Which forward pass's loss should the caller see, and as what type?",
+)
+def returns_loss_before_update(target) -> None:
+    """training_step returns, as a float, the loss of the model as it was before this step, and it does update."""
+
+    @settings(max_examples=examples(2), phases=NO_SHRINK)
+    @given(st.integers(0, 1000))
+    def prop(seed):
+        model = seeded_apply(target, seed).train()
+        optimizer = _optimizer(model, 1e-2)
+        batch = collate(generate_products(2, seed=seed))
+        for step in (1, 2):
+            before = _price_loss(model, batch)
+            adapters = {n: p.detach().clone() for n, p in model.named_parameters() if is_adapter_name(n)}
+            got = _as_loss(target.op("training_step")(model, batch, optimizer), step)
+            _assert_loss(got, before, f"loss returned by step {step} vs the loss before that step's update")
+            if all(torch.equal(p.detach(), adapters[n]) for n, p in model.named_parameters() if is_adapter_name(n)):
+                raise CheckFailed(f"step {step} left every adapter unchanged: the optimizer did not update them")
+
+    prop()
+
+
+def _frozen_state(model) -> dict[str, torch.Tensor]:
+    """Every non-adapter tensor of the model, NF4 storage included (it is not in the state_dict)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not is_adapter_name(k)}
+    for name, m in model.named_modules():
+        weight = getattr(m, "weight", None)
+        if hasattr(weight, "packed"):
+            for field in ("packed", "absmax", "absmax_scale", "absmax_code"):
+                if isinstance(getattr(weight, field, None), torch.Tensor):
+                    state[f"{name}.weight.{field}"] = getattr(weight, field).detach().clone()
+    return state
+
+
+@check(
+    "training.base_untouched",
+    requires=("apply_qlora", "training_step"),
+    points=6,
+    exercise="06",
+    hint="QLoRA never changes the base model: no frozen parameter may receive a gradient, even when the optimizer "
+    "was given all of model.parameters(), and the NF4 bytes are read-only.",
+)
+def base_untouched(target) -> None:
+    """After training steps, with an optimizer over all parameters, NF4 bytes and every non-adapter tensor are bit-identical."""
+
+    @settings(max_examples=examples(2), phases=NO_SHRINK)
+    @given(st.integers(0, 1000))
+    def prop(seed):
+        model = seeded_apply(target, seed).train()
+        before = _frozen_state(model)
+        if not any(k.endswith(".packed") for k in before):
+            raise CheckFailed("found no NF4 weight (a module whose .weight has .packed) after apply_qlora")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+        batch = collate(generate_products(2, seed=seed))
+        for _ in range(3):
+            target.op("training_step")(model, batch, optimizer)
+        after = _frozen_state(model)
+        for name, tensor in before.items():
+            if name not in after:
+                raise CheckFailed(f"{name} disappeared during training")
+            assert_equal(after[name], tensor, f"{name} after 3 training steps")
+
+    prop()
+
+
+@check(
+    "training.lowers_loss",
+    requires=("apply_qlora", "training_step"),
+    points=4,
+    exercise="06",
+    hint=TRAINING_HINT + " If the loss does not fall, check the order of the update and the clearing of "
+    "gradients, and which way the update goes.",
+)
+def lowers_loss(target) -> None:
+    """Training on the same 2 prompts lowers their loss by at least 10% within 10 steps (lr 1e-2, r 8)."""
+
+    @settings(max_examples=examples(2), phases=NO_SHRINK)
+    @given(st.integers(0, 1000))
+    def prop(seed):
+        model = seeded_apply(target, seed, r=8, alpha=16).train()
+        optimizer = _optimizer(model, 1e-2)
+        batch = collate(generate_products(2, seed=seed))
+        before = _price_loss(model, batch)
+        for _ in range(LOWERS_LOSS_STEPS):
+            target.op("training_step")(model, batch, optimizer)
+        after = _price_loss(model, batch)
+        if after > (1 - LOWERS_LOSS_MARGIN) * before:
+            raise CheckFailed(f"expected the loss on the same 2 prompts to fall by at least {LOWERS_LOSS_MARGIN:.0%} in "
+                              f"{LOWERS_LOSS_STEPS} steps (AdamW lr=1e-2, r=8, alpha=16); got {before:.4f} -> {after:.4f}")
+
+    prop()
+
+
+def _canonical_stack(seed: int, targets: tuple[str, ...], r: int, alpha: float, lora_A: dict[str, torch.Tensor]):
+    """tiny_llama(seed) with every linear but lm_head in bitsandbytes NF4 (quantized by bitsandbytes), peft LoRA
+    adapters (A given, B = 0) on the targets."""
+    import warnings
+
+    import bitsandbytes.functional as bnb_functional
+    import peft
+
+    from lora_lab.conformance.oracles import bnb_linear4bit
+    from lora_lab.nf4 import NF4Tensor
+
+    model = tiny_llama(seed)
+    for name in base_linear_names(model):  # as load_in_4bit: every linear but lm_head in NF4; peft adapts only the targets
+        m = model.get_submodule(name)
+        packed, state = bnb_functional.quantize_4bit(m.weight.detach(), blocksize=64, quant_type="nf4", compress_statistics=True)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, bnb_linear4bit(NF4Tensor.from_bnb(packed, state), m.bias))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+        peft_model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, a in lora_A.items():
+            peft_model.base_model.model.get_submodule(name).lora_A["default"].weight.copy_(a)
+    return peft_model.train()
+
+
+@check(
+    "training.matches_peft_bitsandbytes",
+    requires=("apply_qlora", "training_step"),
+    points=8,
+    exercise="06",
+    hint="The canonical stack scales the adapter path by alpha / r and starts B at zero. Check that every option "
+    "you receive (r, alpha, quantization) reaches every layer.",
+)
+def matches_peft_bitsandbytes(target) -> None:
+    """Five steps match peft LoRA on bitsandbytes Linear4bit (same NF4 bytes, same A, B = 0), transformers' loss, torch AdamW."""
+
+    @settings(max_examples=examples(2), phases=NO_SHRINK)
+    @given(st.integers(0, 1000), st.sampled_from(((4, 32), (8, 8), (8, 16))))
+    def prop(seed, rank_alpha):
+        r, alpha = rank_alpha
+        model = seeded_apply(target, seed, r=r, alpha=alpha).train()
+        canonical = _canonical_stack(seed, ATTENTION, r, alpha, {n: m.lora_A.detach() for n, m in adapted_modules(model).items()})
+        optimizer, canonical_optimizer = _optimizer(model, 1e-2), _optimizer(canonical, 1e-2)
+        batch = collate(generate_products(4, seed=seed))
+        for step in range(1, 6):
+            got = _as_loss(target.op("training_step")(model, batch, optimizer), step)
+            loss = canonical(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            loss.backward()
+            canonical_optimizer.step()
+            canonical_optimizer.zero_grad()
+            _assert_loss(got, loss.item(), f"loss at step {step} vs peft + bitsandbytes (r={r}, alpha={alpha})")
+
+    from lora_lab.conformance.oracles import bitsandbytes_eager
+
+    with bitsandbytes_eager():
+        prop()

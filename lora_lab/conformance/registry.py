@@ -1,0 +1,59 @@
+"""The registry of checks: what a check is, and the list the properties add themselves to.
+
+A *check* is one named property of a QLoRA implementation, with points and a
+hint for learners. The property modules (``lora_lab.conformance.properties``)
+register theirs with ``@check``; this module imports none of them, so the
+machinery and the properties never import each other in a circle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+OPERATIONS = (
+    "quantize_nf4",
+    "dequantize_nf4",
+    "qlora_linear",
+    "next_token_loss",
+    "adamw_step",
+    "apply_qlora",
+    "training_step",
+)
+
+PASSED, FAILED, ERROR, NOT_PROVIDED, NOT_ATTEMPTED = "passed", "failed", "error", "not provided", "not attempted"
+
+
+class CheckFailed(AssertionError):
+    """A property does not hold; the message says what was expected and what came out."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # e.g. "nf4.bytes_match_bitsandbytes"
+    requires: tuple[str, ...]  # operations the target must provide
+    points: int  # weight in `lora-lab grade`
+    description: str  # one line: the property
+    hint: str  # for learners: how to think about a failure, never the solution
+    exercise: str  # the exercise that teaches it ("01" ... "08")
+    func: Callable[[Any], None] = field(repr=False, compare=False)
+
+
+CHECKS: list[Check] = []
+
+
+def check(name: str, *, requires: tuple[str, ...], points: int, exercise: str, hint: str):
+    """Register a property. Its docstring's first line becomes the description."""
+
+    def register(func: Callable[[Any], None]) -> Callable[[Any], None]:
+        if any(c.name == name for c in CHECKS):
+            raise ValueError(f"a check named {name!r} is already registered")
+        unknown = set(requires) - set(OPERATIONS)
+        if unknown:
+            raise ValueError(f"check {name!r} requires unknown operations {sorted(unknown)}")
+        description = (func.__doc__ or name).strip().splitlines()[0]
+        CHECKS.append(Check(name, tuple(requires), points, description, hint, exercise, func))
+        return func
+
+    return register

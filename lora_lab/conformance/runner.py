@@ -1,0 +1,144 @@
+"""Targets and the runner: what pytest, ``verify`` and ``grade`` share.
+
+A *target* is anything importable that provides some of the operations in
+``OPERATIONS``. ``run_check`` runs one check on one target and returns a
+``Result``; it never raises, so one broken operation cannot hide the results of
+the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lora_lab.conformance.registry import (
+    ERROR,
+    FAILED,
+    NOT_ATTEMPTED,
+    NOT_PROVIDED,
+    OPERATIONS,
+    PASSED,
+    Check,
+    CheckFailed,
+)
+
+try:
+    BaseExceptionGroup  # noqa: B018
+except NameError:  # Python 3.10: hypothesis depends on the backport
+    from exceptiongroup import BaseExceptionGroup
+
+
+
+def all_checks() -> list[Check]:
+    """Every check of the suite, in exercise order (importing the properties registers them)."""
+    from lora_lab.conformance.properties import all_checks as registered
+
+    return registered()
+
+
+__all__ = [
+    "ERROR", "FAILED", "NOT_ATTEMPTED", "NOT_PROVIDED", "OPERATIONS", "PASSED",
+    "Check", "CheckFailed", "Result", "Target", "all_checks", "run_check", "run_suite",
+]
+
+
+@dataclass
+class Target:
+    """An implementation under test: a module, or ``module:attribute``, or any object."""
+
+    name: str
+    obj: Any
+
+    @classmethod
+    def load(cls, spec: str | Any) -> Target:
+        if not isinstance(spec, str):
+            return cls(getattr(spec, "__name__", type(spec).__name__), spec)
+        module_name, _, attribute = spec.partition(":")
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise ValueError(
+                f"cannot import {module_name!r} ({exc}); expected an importable module, "
+                "such as 'my_package.qlora' or 'my_package.qlora:impl'"
+            ) from exc
+        for part in filter(None, attribute.split(".")):
+            if not hasattr(obj, part):
+                raise ValueError(f"{module_name!r} has no attribute {part!r} (from target {spec!r})")
+            obj = getattr(obj, part)
+        return cls(spec, obj)
+
+    def provides(self, operation: str) -> bool:
+        try:
+            return callable(getattr(self.obj, operation, None))
+        except ImportError:  # a lazily exported name whose module is missing
+            return False
+
+    def op(self, operation: str) -> Callable:
+        return getattr(self.obj, operation)
+
+
+@dataclass
+class Result:
+    check: Check
+    status: str
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (PASSED, NOT_PROVIDED)
+
+    @property
+    def points(self) -> int:
+        return self.check.points if self.status == PASSED else 0
+
+
+def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaf_exceptions(inner)]
+    return [exc]
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback lines that are not lora_lab's or hypothesis' own: the implementation's."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "/lora_lab/conformance/" not in f.filename and "/hypothesis/" not in f.filename
+    ]
+    lines = traceback.format_list(frames[-4:])
+    return "".join(lines) + f"{type(exc).__name__}: {exc}"
+
+
+def run_check(check: Check, target: Target) -> Result:
+    """Run one check on one target; never raises."""
+    missing = [op for op in check.requires if not target.provides(op)]
+    if missing:
+        return Result(check, NOT_PROVIDED, f"target has no {', '.join(missing)}")
+    try:
+        check.func(target)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a Result
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        leaves = _leaf_exceptions(exc)
+        if any(isinstance(e, NotImplementedError) for e in leaves):
+            return Result(check, NOT_ATTEMPTED, "raises NotImplementedError (still a stub)")
+        first = leaves[0]
+        if isinstance(first, AssertionError):
+            return Result(check, FAILED, _strip_hypothesis_noise(str(first)))
+        return Result(check, ERROR, _user_traceback(first))
+    return Result(check, PASSED)
+
+
+def _strip_hypothesis_noise(message: str) -> str:
+    return "\n".join(line for line in message.splitlines() if line.strip()).strip()
+
+
+def run_suite(target: Target | str, only: list[str] | None = None) -> list[Result]:
+    """Run every check (or those whose name starts with one of ``only``) on ``target``."""
+    if not isinstance(target, Target):
+        target = Target.load(target)
+    checks = [c for c in all_checks() if not only or any(c.name.startswith(o) for o in only)]
+    return [run_check(c, target) for c in checks]

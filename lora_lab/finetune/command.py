@@ -1,0 +1,388 @@
+"""Fine-tune a model to price products with QLoRA, and show what it learned.
+
+    lora-lab train                                      # the tiny pre-trained Llama, built-in products
+    lora-lab train --data products.jsonl --steps 300 --out runs/mine
+    lora-lab train --model /models/Llama-3.2-1B --preset course --data products.jsonl
+    lora-lab train --resume runs/mine --steps 600       # continue a stopped (Ctrl-C) or finished run
+    lora-lab train --nproc 2                            # the same run, data-parallel (torchrun, DDP)
+
+A data file has one product per line, {"text": "<description>", "price": 249.0};
+bad lines are reported by number and skipped (refused with --strict). Each
+example is the lecture's prompt ("How much does this cost to the nearest
+dollar? ... Price is $") and the whole-dollar price, the only labelled tokens.
+
+Before and after training, held-out prompts are priced by the model's most
+likely next token among the numbers 0-999 (one token each, as in Llama 3): mean
+error in dollars, and the share within 20% of the true price.
+
+--out gets: adapter/ (peft's format: PeftModel.from_pretrained loads it),
+loss.png, prices.png (predicted vs true), metrics.json and resume.pt. Ctrl-C
+finishes the current step and saves all of them (a second Ctrl-C stops at once,
+still saving the last finished step); --resume continues from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from lora_lab.finetune.data_files import PromptCodec, UsageError, batch_rows, collate, load_examples
+
+DEFAULTS = dict(model="tiny", data="builtin", steps=200, batch_size=16, grad_accum=1, r=8, alpha=16.0, dropout=0.0, lr=2e-3,
+                scheduler="cosine", warmup_ratio=0.03, backend="reference", out="runs/train", seed=0, eval_size=200,
+                targets="q_proj,k_proj,v_proj,o_proj", pretrain_steps=None)
+# The course's QLoRA settings for Llama 3.1 8B; flags given explicitly override them.
+COURSE = dict(r=32, alpha=64.0, targets="q_proj,k_proj,v_proj,o_proj", dropout=0.1, lr=1e-4, scheduler="cosine",
+              warmup_ratio=0.03)
+RESUMABLE = ("steps", "out", "backend")  # settings --resume may change; the rest must match the run being resumed
+EVALUATIONS = 5  # held-out evaluations during training, besides before and after
+
+OPTIONS = (  # (flag, argparse keywords); defaults are None so that explicit flags can be told from the preset's
+    ("--model", dict(metavar="tiny|PATH", help="'tiny' (the cached pre-trained tiny Llama) or a local Hugging Face Llama "
+                     "directory with its tokenizer (default: tiny)")),
+    ("--data", dict(metavar="builtin|FILE", help="'builtin' (synthetic products) or a JSONL file of {\"text\", \"price\"} rows")),
+    ("--steps", dict(type=int, help="optimizer steps (default: 200)")),
+    ("--batch-size", dict(type=int, help="examples per micro-batch, split across --nproc processes (default: 16)")),
+    ("--grad-accum", dict(type=int, help="micro-batches per optimizer step (default: 1)")),
+    ("--r", dict(type=int, help="LoRA rank (default: 8)")),
+    ("--alpha", dict(type=float, help="LoRA alpha; the update is scaled by alpha/r (default: 16)")),
+    ("--dropout", dict(type=float, help="dropout on the adapters' input (default: 0)")),
+    ("--targets", dict(help="comma-separated linear layers to adapt (default: q_proj,k_proj,v_proj,o_proj)")),
+    ("--lr", dict(type=float, help="peak AdamW learning rate (default: 2e-3)")),
+    ("--scheduler", dict(choices=("cosine", "constant", "linear"), help="learning-rate decay after warmup (default: cosine)")),
+    ("--warmup-ratio", dict(type=float, help="share of the steps spent warming the learning rate up (default: 0.03)")),
+    ("--backend", dict(choices=("reference", "triton"), help="QLoRA layer implementation; triton needs a CUDA GPU")),
+    ("--out", dict(help="output folder (default: runs/train)")),
+    ("--seed", dict(type=int, help="seed for the adapters, the data order and the split (default: 0)")),
+    ("--eval-size", dict(type=int, help="held-out prompts for the price evaluation (default: 200)")),
+    ("--preset", dict(choices=("course",), help="course: r=32, alpha=64, q/k/v/o, dropout 0.1, lr 1e-4, cosine, warmup 3%%")),
+    ("--pretrain-steps", dict(type=int, help="--model tiny only: pre-training steps of the cached base model")),
+    ("--strict", dict(action="store_true", help="refuse a data file with any bad row (exit 2) instead of skipping them")),
+    ("--overwrite", dict(action="store_true", help="write into a non-empty --out folder")),
+    ("--resume", dict(metavar="DIR", help="continue the run saved in DIR (its settings; --steps may extend it)")),
+    ("--nproc", dict(type=int, help="data-parallel processes: re-launches itself under torchrun (default: 1)")),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, keywords in OPTIONS:
+        parser.add_argument(flag, **keywords)
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def _explicit(args: argparse.Namespace) -> dict:
+    return {key: value for key, value in vars(args).items() if key in DEFAULTS and value is not None}
+
+
+# ---------------------------------------------------------------------------- settings and data
+
+
+def resolve_settings(args: argparse.Namespace, saved: dict | None = None) -> dict:
+    """Defaults, then the preset, then explicit flags; on --resume the saved run's settings, with explicit changes refused."""
+    explicit = _explicit(args)
+    if saved is not None:
+        changed = {k: v for k, v in explicit.items() if k not in RESUMABLE and saved.get(k) != v}
+        if changed:
+            listed = ", ".join(f"--{k.replace('_', '-')} {v} (the run has {saved.get(k)})" for k, v in changed.items())
+            raise UsageError(f"--resume keeps the run's settings; drop {listed}")
+        settings = {**saved, **{k: v for k, v in explicit.items() if k in RESUMABLE}}
+        return settings if "out" in explicit else {**settings, "out": args.resume}
+    settings = {**DEFAULTS, **(COURSE if args.preset == "course" else {}), **explicit}
+    checks = [("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("r", 1), ("eval_size", 1)]
+    for key, least in checks:
+        if settings[key] < least:
+            raise UsageError(f"expected --{key.replace('_', '-')} >= {least}, got {settings[key]}")
+    if (settings["pretrain_steps"] or 0) < 0:
+        raise UsageError(f"expected --pretrain-steps >= 0, got {settings['pretrain_steps']}")
+    if not (settings["lr"] > 0 and settings["alpha"] > 0 and 0 <= settings["dropout"] < 1 and 0 <= settings["warmup_ratio"] < 1):
+        raise UsageError("expected --lr > 0, --alpha > 0, --dropout in [0, 1) and --warmup-ratio in [0, 1)")
+    return settings
+
+
+def build_model(settings: dict, ctx, say=print):
+    """``(model, codec, base model path or None)``: the QLoRA model with fresh adapters (seeded) and its tokenizer."""
+    import torch
+
+    from lora_lab.finetune.checkpoint import load_llama, load_tokenizer
+    from lora_lab.model import apply_qlora
+    from lora_lab.train import PRETRAIN_STEPS, pretrained_tiny_llama
+
+    lora = dict(target_modules=tuple(settings["targets"].split(",")), r=settings["r"], alpha=settings["alpha"],
+                dropout=settings["dropout"], backend=settings["backend"])
+    try:
+        if settings["model"] == "tiny":
+            steps = PRETRAIN_STEPS if settings["pretrain_steps"] is None else settings["pretrain_steps"]
+            with _main_rank_first(ctx):  # rank 0 pre-trains and caches the base model; the others then read the cache
+                model, cache, cached = pretrained_tiny_llama(0, steps, progress=ctx is None or ctx.is_main)
+            say(f"base model: tiny Llama pre-trained for {steps} steps ({'cached at' if cached else 'saved to'} {cache})")
+            torch.manual_seed(settings["seed"])  # the adapters' random start
+            return apply_qlora(model, **lora), PromptCodec(None, model.config.max_position_embeddings), None
+        path = Path(settings["model"])
+        if not path.is_dir():
+            raise UsageError(f"--model expects 'tiny' or a local Hugging Face checkpoint directory; {path} is not a directory")
+        tokenizer = load_tokenizer(path)
+        torch.manual_seed(settings["seed"])
+        model = load_llama(path, **lora)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from error
+    say(f"base model: {path} ({model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}), "
+        "every linear layer but lm_head in NF4, adapters on the targets")
+    return model, PromptCodec(tokenizer, min(model.config.max_position_embeddings, 1024)), str(path)
+
+
+@contextlib.contextmanager
+def _main_rank_first(ctx):
+    import torch.distributed as dist
+
+    parallel = ctx is not None and ctx.world_size > 1
+    if parallel and not ctx.is_main:
+        dist.barrier()
+    yield
+    if parallel and ctx.is_main:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------- one step, the schedule, the evaluation
+
+
+class InterruptGuard:
+    """Ctrl-C once: stop after this step. Twice: stop now, unless the optimizer is mid-update (then after it)."""
+
+    def __init__(self, say=print) -> None:
+        self.requested = self.updating = False
+        self.say, self.previous = say, None
+
+    def __enter__(self) -> InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested and not self.updating:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say("\nCtrl-C: stopping after this step and saving (press again to stop at once)", flush=True)
+
+
+def optimizer_step(
+    model, micro_batches: list[dict], optimizer, world_size: int = 1, guard: InterruptGuard | None = None
+) -> float:
+    """One update from ``grad_accum`` micro-batches (this rank's shares); returns the step's loss, equal on all ranks.
+
+    ``lora_lab.finetune.distributed.distributed_training_step`` weighs each micro-batch by
+    its share of the step's labelled tokens, so the update is that of one batch
+    holding everything; one micro-batch in one process is exactly ``training_step``.
+    """
+    from lora_lab.finetune.distributed import distributed_training_step
+
+    def mark_updating() -> None:
+        guard.updating = True  # cleared by the caller once the step is booked
+
+    return distributed_training_step(model, micro_batches, optimizer, world_size, mark_updating if guard else None)
+
+
+def lr_multiplier(step: int, total: int, warmup: int, kind: str) -> float:
+    """Learning rate of update ``step`` (from 0) as a share of the peak: linear warmup, then cosine/linear decay or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1 - progress if kind == "linear" else 1.0
+
+
+def _read_resume(directory: str) -> dict:
+    import torch
+
+    path = Path(directory) / "resume.pt"
+    if not path.is_file() or not (Path(directory) / "adapter").is_dir():
+        raise UsageError(f"--resume expects a folder written by lora-lab train (resume.pt and adapter/); {directory} has none")
+    return torch.load(path, weights_only=True)
+
+
+def _rng_state() -> dict:
+    import torch
+
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _stop_everywhere(guard: InterruptGuard, ctx) -> bool:
+    """Whether any rank was asked to stop; every rank must agree, or the others would wait forever."""
+    import torch
+    import torch.distributed as dist
+
+    if ctx is None or ctx.world_size == 1:
+        return guard.requested
+    flag = torch.tensor([float(guard.requested)], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def train(args: argparse.Namespace, ctx) -> int:
+    """The whole run in one process (or one torchrun worker: ``ctx`` from ``lora_lab.finetune.distributed.setup``)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from lora_lab.finetune.adapters import load_adapter
+    from lora_lab.finetune.distributed import shard_batch, wrap_ddp
+    from lora_lab.finetune.report import evaluate, save_run, summarize
+    from lora_lab.model import trainable_summary
+    from lora_lab.optim import AdamW
+
+    started = time.perf_counter()
+    world, is_main = (ctx.world_size, ctx.is_main) if ctx is not None else (1, True)
+    say = print if is_main else (lambda *a, **k: None)
+    saved = _read_resume(args.resume) if args.resume else None
+    settings = resolve_settings(args, saved["settings"] if saved else None)
+    out, steps = Path(settings["out"]), settings["steps"]
+    into_resumed = args.resume and out.resolve() == Path(args.resume).resolve()
+    if out.is_dir() and any(out.iterdir()) and not (args.overwrite or into_resumed):
+        raise UsageError(f"{out} already holds files; choose another --out, add --overwrite, or continue it with --resume {out}")
+    if settings["batch_size"] < world:
+        raise UsageError(f"--batch-size {settings['batch_size']} is split across {world} processes; use at least {world}")
+    device = ctx.device if ctx is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if settings["backend"] == "triton" and device.type != "cuda":
+        raise UsageError("--backend triton runs fused Triton kernels and needs a CUDA GPU; use --backend reference on a CPU")
+
+    train_rows, held_rows = load_examples(settings, args.strict, say)
+    model, codec, base_model = build_model(settings, ctx, say)
+    model.to(device).train()
+    examples = [codec.example(text, price) for text, price in train_rows]
+    held_out = [(*codec.example(text, price), price) for text, price in held_rows]
+    unknown = sum(ids.count(codec.unk_id) for ids, _ in examples) / max(1, sum(len(ids) for ids, _ in examples))
+    if unknown > 0.02:
+        say(f"warning: {unknown:.0%} of the training tokens are unknown to the tokenizer (the tiny model only knows the "
+            "built-in products' words; use --model PATH for other text)")
+    say(f"{trainable_summary(model)}; {len(examples)} training examples, {len(held_out)} held out")
+    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=settings["lr"])
+    warmup = math.ceil(settings["warmup_ratio"] * steps)
+    schedule = functools.partial(lr_multiplier, total=steps, warmup=warmup, kind=settings["scheduler"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    history, step = {"loss": [], "lr": [], "evals": [], "before": None}, 0
+    if saved:
+        load_adapter(model, Path(args.resume) / "adapter")
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"]["cpu"])
+        if saved["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        history, step = saved["history"], saved["step"]
+        history.pop("after", None)
+        if step >= steps:
+            raise UsageError(f"the run in {args.resume} already did {step} steps; pass --steps above {step} to continue it")
+        say(f"resuming {args.resume} at step {step} of {steps}")
+    say(f"settings: r={settings['r']} alpha={settings['alpha']:g} dropout={settings['dropout']:g} lr={settings['lr']:g} "
+        f"{settings['scheduler']} (warmup {warmup} steps) targets {settings['targets']}, batch {settings['batch_size']} "
+        f"x {settings['grad_accum']} accumulated, {world} process(es)")
+    if history["before"] is None:
+        history["before"] = evaluate(model, held_out, codec, ctx, device)
+        history["evals"].append({"step": 0, **summarize(history["before"])})
+    trained = wrap_ddp(model, ctx) if world > 1 else model
+    every = max(1, steps // (EVALUATIONS + 1))
+    rng, interrupted = _rng_state(), False
+    bar = tqdm(total=steps, initial=step, desc="fine-tuning", unit="step", disable=not is_main)
+    with InterruptGuard(say) as guard:
+        try:
+            while step < steps:
+                micro_batches = []
+                for micro in range(settings["grad_accum"]):
+                    batch = collate([examples[i] for i in batch_rows(step, micro, settings, len(examples))], codec.pad_id)
+                    batch = shard_batch(batch, ctx.rank, world) if world > 1 else batch
+                    micro_batches.append({k: v.to(device) for k, v in batch.items()})
+                loss = optimizer_step(trained, micro_batches, optimizer, world, guard)
+                history["lr"].append(optimizer.param_groups[0]["lr"])
+                scheduler.step()
+                history["loss"].append(loss)
+                step, rng, guard.updating = step + 1, _rng_state(), False
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{history['lr'][-1]:.2e}")
+                if step % every == 0 and step < steps:
+                    history["evals"].append({"step": step, **summarize(evaluate(model, held_out, codec, ctx, device))})
+                if _stop_everywhere(guard, ctx):
+                    interrupted = True
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+            optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; the last finished one is saved
+    bar.close()
+    if not interrupted:
+        history["after"] = evaluate(model, held_out, codec, ctx, device)
+        history["evals"].append({"step": step, **summarize(history["after"])})
+    if is_main:
+        summary = trainable_summary(model)
+        data = {"source": settings["data"], "train_examples": len(examples), "held_out": len(held_out)}
+        state = {"settings": settings, "step": step, "interrupted": interrupted, "world_size": world, "rng": rng,
+                 "history": history, "base_model": base_model, "data": data, "seconds": time.perf_counter() - started,
+                 "trainable": {"parameters": summary.trainable, "share": summary.share}}
+        save_run(out, model, optimizer, scheduler, state)
+    before, after = history["before"], history.get("after")
+    if interrupted:
+        say(f"stopped at step {step} of {steps}; saved to {out}; continue with: lora-lab train --resume {out}")
+        return 130
+    say(f"held-out prices ({len(held_out)} prompts): mean error ${before['mae']:.1f} -> ${after['mae']:.1f}, within 20%: "
+        f"{100 * before['within_20pct']:.0f}% -> {100 * after['within_20pct']:.0f}%, "
+        f"loss {before['loss']:.3f} -> {after['loss']:.3f}")
+    say(f"wrote {out}/adapter/, loss.png, prices.png, metrics.json, resume.pt ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def relaunch(args: argparse.Namespace) -> int:
+    """``--nproc N``: run this same command under torchrun (without --nproc); its exit status is ours."""
+    argv = []
+    for flag, _ in OPTIONS:
+        value = getattr(args, _dest(flag))
+        if flag != "--nproc" and value is not None and value is not False:  # (0 is a value: --pretrain-steps 0)
+            argv += [flag] if value is True else [flag, str(value)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "-m", "lora_lab.cli", "train", *argv]
+    print("launching: " + shlex.join(command), flush=True)
+    process = subprocess.Popen(command)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # the workers got Ctrl-C too: wait while they save
+            print("waiting for the workers to save ...", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    in_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.nproc is not None and args.nproc < 1:
+        print(f"error: expected --nproc >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if (args.nproc or 1) > 1 and not in_torchrun:
+        return relaunch(args)
+    ctx = None
+    try:
+        if in_torchrun:
+            from lora_lab.finetune.distributed import setup
+
+            ctx = setup()
+        return train(args, ctx)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if ctx is not None:
+            from lora_lab.finetune.distributed import teardown
+
+            teardown()

@@ -1,0 +1,79 @@
+"""`lora-lab verify` and the pytest plugin: the suite's two doors for library authors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lora_lab.cli import _available_commands, main
+
+MUTANTS = Path(__file__).parents[1] / "mutants"
+
+
+def test_verify_passes_the_reference_nf4_and_writes_json(tmp_path, capsys):
+    report = tmp_path / "report.json"
+    assert main(["verify", "lora_lab", "--only", "nf4.", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  nf4.bytes_match_bitsandbytes" in out
+    results = json.loads(report.read_text())["results"]
+    assert {r["status"] for r in results} == {"passed"} and len(results) >= 5
+
+
+def test_verify_fails_a_broken_implementation_with_detail_and_hint(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(MUTANTS))
+    assert main(["verify", "qlora_scaling_ignored", "--only", "qlora.forward"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  qlora.forward_matches_float64" in out
+    assert "elements differ beyond the tolerance" in out and "hint:" in out and "scaling" in out
+
+
+def test_missing_operations_are_not_provided_not_failed(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(MUTANTS))
+    assert main(["verify", "nf4_low_nibble_first", "--only", "qlora."]) == 0
+    assert "0 failed" in capsys.readouterr().out
+
+
+def test_unknown_target_and_unknown_check_are_clear_errors(capsys):
+    assert main(["verify", "no_such_package.qlora"]) == 2
+    assert "expected an importable module" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no check matches"):
+        main(["verify", "lora_lab", "--only", "nonsense"])
+
+
+def test_every_command_has_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listing = capsys.readouterr().out
+    commands = [name for name, _, _ in _available_commands()]
+    for command in commands:
+        assert command in listing, f"'lora-lab --help' does not list {command}"
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: lora-lab " + command in capsys.readouterr().out
+
+
+def test_pytest_plugin_runs_the_suite_as_items(pytester, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(MUTANTS))
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--hypothesis-profile=ci",
+        "--lora-lab-impl", "lora_lab", "--lora-lab-impl", "nf4_low_nibble_first", "--lora-lab-only", "nf4.bytes",
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*nf4.bytes_match_bitsandbytes failed on nf4_low_nibble_first*", "*hint:*HIGH nibble*"])
+
+
+def test_pytest_plugin_rejects_an_unknown_target(pytester):
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--lora-lab-impl", "no_such_package")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*expected an importable module*"])
+
+
+
+
+def test_pytest_plugin_needs_no_profile_flag(pytester):
+    """Without --hypothesis-profile the items use ``ci``, not hypothesis' default 200 ms deadline."""
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--lora-lab-impl", "lora_lab.targets.peft_bnb",
+                                           "--lora-lab-only", "nf4.bytes")
+    result.assert_outcomes(passed=1)
