@@ -1,0 +1,117 @@
+"""The layout rules of README's "Layout" table, checked on the source rather than trusted.
+
+- The import graph of ``lora_lab`` has no cycle, lazy imports inside functions included (an
+  ``if __name__ == "__main__":`` block is a script's, not the module's, and is left out).
+- The textbook (the modules at the top of ``lora_lab/``) imports only the textbook: it is what
+  every part builds on, so it can build on no part. The one exception is the QLoRA layer's
+  ``backend="triton"``, which reaches ``lora_lab.kernels`` lazily.
+- ``lora_lab.kernels`` imports only ``nf4``, the shared operand rules and itself (DESIGN.md).
+- No module is over about 400 lines.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTBOOK = {f"lora_lab.{name}" for name in ("nf4", "lora", "operands", "model", "data", "loss", "optim", "train")} | {"lora_lab"}
+MAX_LINES = 400
+
+
+def _module_name(path: Path) -> str:
+    relative = path.relative_to(ROOT).with_suffix("")
+    parts = list(relative.parts)
+    if parts[0] == "kernels":  # kernels/ is installed as lora_lab.kernels
+        parts = ["lora_lab", *parts]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    files = [*(ROOT / "lora_lab").rglob("*.py"), *(ROOT / "kernels").glob("*.py")]
+    return {_module_name(path): path for path in files}
+
+
+def _is_main_block(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return (
+        isinstance(node, ast.If)
+        and isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+    )
+
+
+def _imported(tree: ast.AST, modules: dict[str, Path]) -> set[str]:
+    """The lora_lab modules a module imports anywhere in its body, but for its __main__ block."""
+    found: set[str] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if _is_main_block(node):
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            candidates = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            found.update(name for name in candidates if name in modules)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name in modules)
+        stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imported(ast.parse(path.read_text()), modules) - {name} for name, path in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path of module names, or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    cycle = _cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_textbook_imports_only_the_textbook():
+    allowed_extra = {"lora_lab.lora": {"lora_lab.kernels"}}  # backend="triton", imported lazily
+    for name, targets in _graph().items():
+        if name in TEXTBOOK:
+            allowed = allowed_extra.get(name, set())
+            outside = {t for t in targets if t not in TEXTBOOK and not any(t.startswith(a) for a in allowed)}
+            assert not outside, f"textbook module {name} imports {sorted(outside)}; the textbook builds on no part"
+
+
+def test_the_kernels_import_only_nf4_and_the_operand_rules():
+    for name, targets in _graph().items():
+        if name.startswith("lora_lab.kernels"):
+            outside = {t for t in targets if not t.startswith("lora_lab.kernels")} - {"lora_lab.nf4", "lora_lab.operands"}
+            assert not outside, f"{name} imports {sorted(outside)}; lora_lab.kernels imports only nf4 and operands"
+
+
+def test_no_module_is_over_400_lines():
+    lines = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
+    too_long = {name: n for name, n in lines.items() if n > MAX_LINES}
+    assert not too_long, f"modules over {MAX_LINES} lines (split them by idea): {too_long}"
+
