@@ -115,3 +115,14 @@ def test_no_module_is_over_400_lines():
     too_long = {name: n for name, n in lines.items() if n > MAX_LINES}
     assert not too_long, f"modules over {MAX_LINES} lines (split them by idea): {too_long}"
 
+
+
+def test_the_cycle_finder_finds_a_lazy_cycle_and_accepts_a_diamond():
+    """Test the test: a cycle hidden in a function-level import is found; a diamond is not a cycle."""
+    modules = {"pkg.a": Path("a.py"), "pkg.b": Path("b.py"), "pkg.c": Path("c.py")}
+    lazy_back_edge = ast.parse("import pkg.b\n\ndef f():\n    from pkg.a import x\n")
+    assert _imported(lazy_back_edge, modules) == {"pkg.a", "pkg.b"}
+    assert _cycle({"pkg.a": {"pkg.b"}, "pkg.b": {"pkg.c"}, "pkg.c": {"pkg.a"}}) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
+    assert _cycle({"pkg.a": {"pkg.b", "pkg.c"}, "pkg.b": {"pkg.c"}, "pkg.c": set()}) is None
+    main_only = ast.parse('if __name__ == "__main__":\n    import pkg.a\n')
+    assert _imported(main_only, modules) == set()
