@@ -16,7 +16,7 @@ bug in lora_lab, not yours).
 examples:
   lora-lab grade                         # every exercise in ./exercises
   lora-lab grade --only 03               # one exercise (or: python exercises/ex03_qlora_linear.py)
-  lora-lab grade --only 01 02 --json grade.json
+  lora-lab grade --only 01 02 --json runs/grade.json
   lora-lab grade --solutions             # the reference solutions (lora_lab, lora_lab.kernels): full marks
 """
 
@@ -301,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
     reports = grade(folder, args.only, args.profile)
     score, total = sum(r.score for r in reports), sum(r.total for r in reports)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as handle:
             json.dump(to_json(reports, args.profile), handle, indent=2)
         print(f"\nwrote {args.json}")

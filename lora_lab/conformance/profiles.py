@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, Verbosity, settings
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -35,17 +35,21 @@ def examples(n: int) -> int:
 def command_profile(name: str) -> Iterator[None]:
     """Load profile ``name`` for ``lora-lab verify`` / ``grade``, and restore the previous one afterwards.
 
-    Two changes to the profile: no example database (no .hypothesis/ folder among
-    the user's files), and no "explain" phase. That phase re-runs a failing
-    example with variations to annotate the report, which the tables do not
-    show; on a wrong answer it made a check take a minute instead of seconds.
+    Three changes to the profile: no example database (no .hypothesis/ folder among
+    the user's files); no "explain" phase, which re-runs a failing example with
+    variations to annotate a report the tables do not show (on a wrong answer it
+    made a check take a minute instead of seconds); and quiet verbosity, so that
+    hypothesis prints nothing of its own: under a random profile it would print
+    "reproduce with @seed(...)" for every failing check, an untouched stub included,
+    advice for a test file that a command's user does not have. The table row
+    already says what failed and why.
     """
     current = getattr(settings, "get_current_profile_name", None)  # public only in recent hypothesis versions
     previous = current() if current else settings._current_profile
     parent = settings.get_profile(name)
     command = f"lora-lab-{name}"
     phases = [phase for phase in parent.phases if phase != Phase.explain]
-    settings.register_profile(command, parent=parent, database=None, phases=phases)
+    settings.register_profile(command, parent=parent, database=None, phases=phases, verbosity=Verbosity.quiet)
     settings.load_profile(command)
     try:
         yield

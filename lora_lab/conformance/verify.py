@@ -10,7 +10,8 @@ Exit status: 0 when every provided operation passes, 1 otherwise.
 examples:
   lora-lab verify lora_lab                        # the reference passes every check
   lora-lab verify lora_lab.targets.peft_bnb       # so does peft + bitsandbytes
-  lora-lab verify my_package.qlora --only nf4. --json report.json
+  lora-lab verify my_package.qlora --only nf4. --json runs/report.json
+  lora-lab verify my_package.qlora --only nf4.,qlora.forward   # or: --only nf4. --only qlora.forward
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from lora_lab.conformance.runner import ERROR, FAILED, NOT_ATTEMPTED, NOT_PROVIDED, PASSED, Result, Target, all_checks, run_check
 
@@ -27,9 +29,10 @@ SYMBOLS = {PASSED: "PASS", FAILED: "FAIL", ERROR: "ERROR", NOT_PROVIDED: "-", NO
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="TARGET", help="importable module or module:attribute to verify")
+    # One value per --only (comma-separated, repeatable), so that `--only nf4. lora_lab` leaves the target alone.
     parser.add_argument(
-        "--only", nargs="+", metavar="NAME", default=None,
-        help="run only checks whose name starts with NAME (e.g. nf4. or qlora.forward); see --list",
+        "--only", action="extend", type=_prefixes, metavar="NAME[,NAME...]", default=None,
+        help="run only checks whose name starts with a NAME (e.g. nf4. or nf4.,qlora.forward; repeatable); see --list",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     parser.add_argument(
@@ -39,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
 
 
+def _prefixes(text: str) -> list[str]:
+    prefixes = [prefix.strip() for prefix in text.split(",") if prefix.strip()]
+    if not prefixes:
+        raise argparse.ArgumentTypeError("expected check names or prefixes, e.g. nf4. or nf4.,qlora.forward")
+    return prefixes
+
+
 def _select(only: list[str] | None):
     checks = all_checks()
     if not only:
@@ -46,7 +56,7 @@ def _select(only: list[str] | None):
     chosen = [c for c in checks if any(c.name.startswith(prefix) for prefix in only)]
     if not chosen:
         names = ", ".join(c.name for c in checks)
-        raise SystemExit(f"lora-lab verify: no check matches {only}; the checks are: {names}")
+        raise ValueError(f"no check matches {', '.join(only)}; the checks are: {names}")
     return chosen
 
 
@@ -90,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         Target.load(args.target)
+        _select(args.only)
     except ValueError as exc:
         print(f"lora-lab verify: {exc}", file=sys.stderr)
         return 2
@@ -109,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
                 for r in results
             ],
         }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
         print(f"wrote {args.json}")

@@ -70,7 +70,7 @@ def test_reference_solutions_score_full_marks():
 
 
 def test_command_prints_the_score_line_writes_json_and_exits_zero(tmp_path, capsys):
-    report = tmp_path / "grade.json"
+    report = tmp_path / "runs" / "grade.json"  # a missing folder is made
     assert main(["--only", "02", "--path", str(EXERCISES_DIR), "--json", str(report)]) == 0
     output = capsys.readouterr().out
     assert output.rstrip().splitlines()[-1] == "Score: 0/10"
@@ -260,3 +260,11 @@ def test_one_exercise_can_import_another_and_nothing_leaks_between_folders(tmp_p
     write_exercise(tmp_path / "b", "ex02_double_quant", "from ex01_nf4 import quantize_nf4\n")  # no ex01 here
     (report,), _ = run_grade(tmp_path / "b", ["02"])
     assert [row.status for row in report.rows] == [ERROR] and "ModuleNotFoundError" in report.rows[0].detail
+
+
+def test_a_random_profile_prints_no_hypothesis_seed_advice(capsys):
+    """Under ``dev`` hypothesis used to print "reproduce with @seed(...)" above each untouched stub's row."""
+    reports, table = run_grade(EXERCISES_DIR, ["02"], profile="dev")
+    assert all(row.status == NOT_ATTEMPTED for row in reports[0].rows)
+    printed = capsys.readouterr()
+    assert "@seed" not in printed.out + printed.err + table
