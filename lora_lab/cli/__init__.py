@@ -1,8 +1,9 @@
 """``lora-lab``: the command line.
 
 Each command lives in its own module, which defines ``add_arguments(parser)``
-and ``run(args) -> int``; this file only lists them, so ``lora-lab --help``
-stays fast (nothing heavy is imported until a command runs).
+and ``run(args) -> int``; this file only lists them. A command's module is
+imported only when that command runs, so ``lora-lab --help`` and a mistyped
+command answer at once, without importing torch.
 
     lora-lab demo                 # the four steps of QLoRA on the embedded tiny model
     lora-lab size --preset llama-3.1-8b --r 32 --alpha 64
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import sys
 
 # (command, module that implements it, one-line help)
 COMMANDS = (
@@ -38,27 +40,34 @@ def _available_commands():
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: lists the commands from ``COMMANDS`` alone, importing none of their modules."""
     parser = argparse.ArgumentParser(
         prog="lora-lab",
         description="Learn, check and speed up QLoRA fine-tuning.",
         epilog="Run 'lora-lab COMMAND --help' for the options of one command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name, help_text in _available_commands():
-        module = importlib.import_module(module_name)
-        command = sub.add_parser(
-            name, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-        )
-        module.add_arguments(command)
-        command.set_defaults(_run=module.run)
+    for name, _, help_text in _available_commands():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def command_parser(name: str, module) -> argparse.ArgumentParser:
+    """The parser of one command, ``prog`` ``lora-lab NAME``: its usage errors show that command's usage."""
+    parser = argparse.ArgumentParser(
+        prog=f"lora-lab {name}", description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    module.add_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    modules = {name: module_name for name, module_name, _ in _available_commands()}
+    if argv and argv[0] in modules:
+        module = importlib.import_module(modules[argv[0]])
+        return int(module.run(command_parser(argv[0], module).parse_args(argv[1:])) or 0)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    return int(args._run(args) or 0)
-
+    parser.parse_args(argv)  # --help exits 0; an unknown command or option exits 2 with the top-level usage
+    parser.print_help(sys.stderr)  # no command given
+    return 2

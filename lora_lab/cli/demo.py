@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from lora_lab.cli.threads import add_threads_argument, apply_threads
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pre-training steps for the base model (default: lora_lab.train.PRETRAIN_STEPS; each value is cached "
         "separately under $LORA_LAB_CACHE or ~/.cache/lora_lab)",
     )
+    add_threads_argument(parser)
 
 
 def section(title: str, subtitle: str) -> None:
@@ -150,8 +154,14 @@ def step_optimize(model, optimizer, batch) -> None:
     print(f"  loss on this prompt: {loss_before:.4f} -> {loss_after:.4f} ({verdict})")
 
 
-def fine_tune(model, optimizer, products, steps: int, seed: int, held_out, device: str) -> tuple[list[float], dict[int, float]]:
-    """``steps`` training steps on random batches; held-out loss measured every ``steps // 5`` steps (and at 0)."""
+def fine_tune(
+    model, optimizer, products, steps: int, seed: int, held_out, device: str, base_loss: float
+) -> tuple[list[float], dict[int, float]]:
+    """``steps`` training steps on random batches; held-out loss every ``steps // 5`` steps.
+
+    The chart's point at step 0 is ``base_loss``, the base model's held-out loss that the demo prints,
+    measured before the walk-through's own AdamW step; step 1 is the first step after it.
+    """
     from tqdm.auto import tqdm
 
     from lora_lab.data import collate
@@ -159,7 +169,7 @@ def fine_tune(model, optimizer, products, steps: int, seed: int, held_out, devic
 
     rng = random.Random(seed)
     every = max(1, steps // 5)
-    losses, held_out_losses = [], {0: evaluate(model, held_out)["loss"]}
+    losses, held_out_losses = [], {0: base_loss}
     bar = tqdm(range(1, steps + 1), desc="fine-tuning", unit="step")
     for step in bar:
         batch = {k: v.to(device) for k, v in collate(rng.sample(products, BATCH_SIZE)).items()}
@@ -183,7 +193,8 @@ def plot(losses: list[float], held_out_losses: dict[int, float], path: Path, tit
     axes.plot(steps, losses, alpha=0.35, label="training batch")
     axes.plot(steps, [sum(r) / len(r) for r in recent], label=f"training, mean of the last {window}")
     axes.plot(list(held_out_losses), list(held_out_losses.values()), "o--", label=f"{HELD_OUT} held-out prompts")
-    axes.set(xlabel="training step", ylabel="price-token cross-entropy", title=title)
+    axes.set(xlabel="fine-tuning step (0: the base model, before the walk-through step)",
+             ylabel="price-token cross-entropy", title=title)
     axes.grid(alpha=0.3)
     axes.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +203,22 @@ def plot(losses: list[float], held_out_losses: dict[int, float], path: Path, tit
     plt.close(figure)
 
 
+def bad_flag(args: argparse.Namespace) -> str | None:
+    """What is wrong with the first out-of-range flag, or None; checked before torch is imported, so it answers at once."""
+    bounds = (("--steps", args.steps, ">= 0", args.steps >= 0), ("--r", args.r, ">= 1", args.r >= 1),
+              ("--alpha", args.alpha, "> 0", args.alpha > 0), ("--lr", args.lr, "> 0", args.lr > 0),
+              ("--pretrain-steps", args.pretrain_steps, ">= 0", (args.pretrain_steps or 0) >= 0))
+    for flag, value, expected, ok in bounds:
+        if not ok:
+            return f"expected {flag} {expected}, got {value:g}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = bad_flag(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     import torch
 
     from lora_lab.data import collate, generate_products, get_tokenizer
@@ -200,12 +226,11 @@ def run(args: argparse.Namespace) -> int:
     from lora_lab.optim import AdamW
     from lora_lab.train import PRETRAIN_STEPS, pretrained_tiny_llama
 
-    if args.steps < 0 or args.r < 1 or args.lr <= 0 or (args.pretrain_steps or 0) < 0:
-        print("error: expected --steps >= 0, --pretrain-steps >= 0, --r >= 1 and --lr > 0")
-        return 2
     if args.backend == "triton" and not torch.cuda.is_available():
-        print("error: --backend triton runs fused Triton kernels and needs a CUDA GPU; use --backend reference on a CPU")
+        print("error: --backend triton runs fused Triton kernels and needs a CUDA GPU; use --backend reference on a CPU",
+              file=sys.stderr)
         return 2
+    apply_threads(args.threads)
     device = "cuda" if args.backend == "triton" else "cpu"
     started = time.perf_counter()
     tokenizer = get_tokenizer()
@@ -238,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     step_optimize(model, optimizer, batch)
 
     section("FINE-TUNING", f"the four steps again, {args.steps} times, on batches of {BATCH_SIZE} from {len(products)} products")
-    losses, held_out_losses = fine_tune(model, optimizer, products, args.steps, args.seed, held_out, device)
+    losses, held_out_losses = fine_tune(model, optimizer, products, args.steps, args.seed, held_out, device, before["loss"])
     after = evaluate(model, held_out)
     if losses:
         k = max(1, min(5, len(losses) // 2))
@@ -254,5 +279,5 @@ def run(args: argparse.Namespace) -> int:
         title = f"QLoRA fine-tuning of the tiny Llama (r={args.r}, alpha={args.alpha:g}, lr={args.lr:g})"
         plot(losses, held_out_losses, chart, title)
         print(f"\nloss chart: {chart}")
-    print(f"done in {time.perf_counter() - started:.1f} s")
+    print(f"done in {time.perf_counter() - started:.1f} s ({torch.get_num_threads()} CPU thread(s); see --threads)")
     return 0

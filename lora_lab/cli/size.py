@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 
 KEPT_IN_BF16 = ("lm_head",)  # linear layers QLoRA leaves unquantized
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = size_report(args.preset, args.r, args.alpha, targets, args.blocksize)
     except ValueError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_report(report, args.blocksize))
     return 0

@@ -36,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+from lora_lab.cli.threads import add_threads_argument, apply_threads
 from lora_lab.finetune.data_files import PromptCodec, UsageError, batch_rows, collate, load_examples
 
 DEFAULTS = dict(model="tiny", data="builtin", steps=200, batch_size=16, grad_accum=1, r=8, alpha=16.0, dropout=0.0, lr=2e-3,
@@ -77,6 +78,7 @@ OPTIONS = (  # (flag, argparse keywords); defaults are None so that explicit fla
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, keywords in OPTIONS:
         parser.add_argument(flag, **keywords)
+    add_threads_argument(parser)  # per process: each of --nproc N workers gets this many
 
 
 def _dest(flag: str) -> str:
@@ -240,15 +242,6 @@ def _stop_everywhere(guard: InterruptGuard, ctx) -> bool:
 
 def train(args: argparse.Namespace, ctx) -> int:
     """The whole run in one process (or one torchrun worker: ``ctx`` from ``lora_lab.finetune.distributed.setup``)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from lora_lab.finetune.adapters import load_adapter
-    from lora_lab.finetune.distributed import shard_batch, wrap_ddp
-    from lora_lab.finetune.report import evaluate, save_run, summarize
-    from lora_lab.model import trainable_summary
-    from lora_lab.optim import AdamW
-
     started = time.perf_counter()
     world, is_main = (ctx.world_size, ctx.is_main) if ctx is not None else (1, True)
     say = print if is_main else (lambda *a, **k: None)
@@ -260,6 +253,17 @@ def train(args: argparse.Namespace, ctx) -> int:
         raise UsageError(f"{out} already holds files; choose another --out, add --overwrite, or continue it with --resume {out}")
     if settings["batch_size"] < world:
         raise UsageError(f"--batch-size {settings['batch_size']} is split across {world} processes; use at least {world}")
+    # Only now torch: a mistyped flag or a full --out folder is answered without the seconds its import takes.
+    import torch
+    from tqdm.auto import tqdm
+
+    from lora_lab.finetune.adapters import load_adapter
+    from lora_lab.finetune.distributed import shard_batch, wrap_ddp
+    from lora_lab.finetune.report import evaluate, save_run, summarize
+    from lora_lab.model import trainable_summary
+    from lora_lab.optim import AdamW
+
+    apply_threads(args.threads)
     device = ctx.device if ctx is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if settings["backend"] == "triton" and device.type != "cuda":
         raise UsageError("--backend triton runs fused Triton kernels and needs a CUDA GPU; use --backend reference on a CPU")
@@ -293,7 +297,7 @@ def train(args: argparse.Namespace, ctx) -> int:
         say(f"resuming {args.resume} at step {step} of {steps}")
     say(f"settings: r={settings['r']} alpha={settings['alpha']:g} dropout={settings['dropout']:g} lr={settings['lr']:g} "
         f"{settings['scheduler']} (warmup {warmup} steps) targets {settings['targets']}, batch {settings['batch_size']} "
-        f"x {settings['grad_accum']} accumulated, {world} process(es)")
+        f"x {settings['grad_accum']} accumulated, {world} process(es) of {torch.get_num_threads()} CPU thread(s)")
     if history["before"] is None:
         history["before"] = evaluate(model, held_out, codec, ctx, device)
         history["evals"].append({"step": 0, **summarize(history["before"])})
@@ -353,6 +357,7 @@ def relaunch(args: argparse.Namespace) -> int:
         value = getattr(args, _dest(flag))
         if flag != "--nproc" and value is not None and value is not False:  # (0 is a value: --pretrain-steps 0)
             argv += [flag] if value is True else [flag, str(value)]
+    argv += ["--threads", str(args.threads)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
                "-m", "lora_lab.cli", "train", *argv]
     print("launching: " + shlex.join(command), flush=True)

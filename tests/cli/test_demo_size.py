@@ -45,7 +45,7 @@ def test_size_command_prints_the_figures(capsys):
 )
 def test_size_command_explains_bad_input(capsys, argv, message):
     assert main(["size", *argv]) == 2
-    assert message in capsys.readouterr().out
+    assert message in capsys.readouterr().err
 
 
 def test_demo_runs_the_four_steps_and_writes_the_chart(tmp_path, monkeypatch, capsys):
@@ -58,6 +58,32 @@ def test_demo_runs_the_four_steps_and_writes_the_chart(tmp_path, monkeypatch, ca
     assert "(lower)" in out
     chart = tmp_path / "run" / "loss.png"
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"loss chart: {chart}" in out
+    assert "(1 CPU thread(s); see --threads)" in out  # the default: one thread
+
+
+def test_the_charts_first_held_out_point_is_the_printed_base_model_loss(tmp_path, monkeypatch, capsys):
+    from lora_lab.cli import demo
+
+    charted = {}
+    monkeypatch.setenv("LORA_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "plot", lambda losses, held_out, path, title: charted.update(held_out))
+    assert main(["demo", "--steps", "2", "--pretrain-steps", "4", "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out.split("base model -> now: loss ")[1].split(" ->")[0]
+    assert f"{charted[0]:.3f}" == printed and sorted(charted) == [0, 1, 2]
+
+
+def test_demo_and_train_default_to_one_thread_and_take_a_flag_or_the_environment(monkeypatch):
+    from lora_lab.cli import command_parser, demo
+    from lora_lab.cli.threads import ENV
+    from lora_lab.finetune import command
+
+    for name, module in (("demo", demo), ("train", command)):
+        monkeypatch.delenv(ENV, raising=False)
+        assert command_parser(name, module).parse_args([]).threads == 1
+        assert command_parser(name, module).parse_args(["--threads", "0"]).threads == 0  # torch's own default
+        monkeypatch.setenv(ENV, "3")
+        assert command_parser(name, module).parse_args([]).threads == 3
+        assert command_parser(name, module).parse_args(["--threads", "2"]).threads == 2
 
 
 def test_demo_without_plot_and_triton_without_a_gpu(tmp_path, monkeypatch, capsys):
@@ -66,7 +92,7 @@ def test_demo_without_plot_and_triton_without_a_gpu(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "run").exists()
     if not torch.cuda.is_available():
         assert main(["demo", "--backend", "triton"]) == 2
-        assert "needs a CUDA GPU" in capsys.readouterr().out
+        assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_size_help_names_match_the_model_module():
