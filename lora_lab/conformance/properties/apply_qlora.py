@@ -8,26 +8,33 @@ model here is ``tiny_llama`` (2 layers, hidden 64): a check takes seconds.
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from lora_lab.conformance.capabilities import supported
 from lora_lab.conformance.compare import assert_close, assert_equal, seeded_generator
 from lora_lab.conformance.model_protocol import (
     ATTENTION,
     DENSE_HEAD,
     EVERY_LINEAR,
     MODEL_RTOL,
-    adapted_modules,
+    adapters,
     apply_target,
-    base_linear_names,
+    dense_linear_names,
     is_adapter_name,
+    is_quantized,
+    layer_weight,
     model_logits,
+    module_at,
     seeded_apply,
 )
 from lora_lab.conformance.profiles import NO_SHRINK, examples
 from lora_lab.conformance.registry import CheckFailed, check
 from lora_lab.data import collate, generate_products
 from lora_lab.model import tiny_llama
+
+# (blocksize, double_quant): the blocksizes QLoRA uses, small to large; tiny_llama's 64x64 weights hold 4096 values.
+QUANTIZATIONS = ((64, True), (64, False), (32, True), (128, False), (256, True))
 
 
 @check(
@@ -46,7 +53,7 @@ def apply_trains_only_adapters(target) -> None:
     @given(st.integers(0, 1000), st.sets(st.sampled_from(EVERY_LINEAR), min_size=1), st.sampled_from((1, 4, 8)))
     def prop(seed, targets, r):
         model = seeded_apply(target, seed, target_modules=tuple(sorted(targets)), r=r, alpha=2 * r)
-        adapted = adapted_modules(model)
+        adapted = adapters(model)
         layers = model.config.num_hidden_layers
         expected = sorted(f"model.layers.{i}.{'self_attn' if t in ATTENTION else 'mlp'}.{t}"
                           for i in range(layers) for t in targets)
@@ -88,19 +95,20 @@ def apply_quantizes_whole_base(target) -> None:
         from torch import nn
 
         model = seeded_apply(target, seed, target_modules=tuple(sorted(targets)))
-        dense = base_linear_names(model)
+        dense = dense_linear_names(model)
         if dense:
             raise CheckFailed(f"{len(dense)} linear layer(s) kept a dense weight after apply_qlora "
                               f"(target_modules={sorted(targets)}), e.g. {', '.join(dense[:3])}; expected every "
                               f"linear layer but {DENSE_HEAD} in NF4")
-        for name in base_linear_names(tiny_llama(seed)):
-            weight = getattr(model.get_submodule(name), "weight", None)
-            if not hasattr(weight, "packed"):
-                raise CheckFailed(f"{name} should hold an NF4 weight (one with .packed) after apply_qlora; "
-                                  f"its weight is a {type(weight).__name__}")
-        if not isinstance(model.get_submodule(DENSE_HEAD), nn.Linear):
+        for name in dense_linear_names(tiny_llama(seed)):
+            weight = layer_weight(module_at(model, name))
+            if not is_quantized(weight):
+                raise CheckFailed(f"{name} should hold a quantized weight after apply_qlora (NF4 storage, not a dense "
+                                  f"floating-point tensor); its weight is a {type(weight).__name__}")
+        head = module_at(model, DENSE_HEAD)
+        if not isinstance(head, nn.Linear) or is_quantized(head.weight):
             raise CheckFailed(f"{DENSE_HEAD} should stay a dense nn.Linear (QLoRA leaves the output head unquantized), "
-                              f"got {type(model.get_submodule(DENSE_HEAD)).__name__}")
+                              f"got a {type(head).__name__} holding a {type(layer_weight(head)).__name__}")
 
     prop()
 
@@ -117,15 +125,19 @@ def apply_fresh_adapters_keep_base(target) -> None:
     """With fresh adapters (B = 0) the logits equal, bit for bit, the dense model holding its dequantized NF4 weights."""
     from lora_lab.nf4 import dequantize_nf4, quantize_nf4
 
+    # Every blocksize is drawn; under ci (three derandomized examples) the explicit ones make sure 64 is not the only one.
+    quantizations = supported(target, "blocksizes", QUANTIZATIONS, pick=lambda q: q[0])
+    explicit = [q for q in quantizations if q[0] != 64][:2]
+
     @settings(max_examples=examples(3), phases=NO_SHRINK)
-    @given(st.integers(0, 1000), st.sampled_from(((64, True), (64, False), (32, True))), st.booleans())
+    @given(st.integers(0, 1000), st.sampled_from(quantizations), st.booleans())
     def prop(seed, quantization, attention_only):
         blocksize, double_quant = quantization
         targets = ATTENTION if attention_only else EVERY_LINEAR
         model = seeded_apply(target, seed, target_modules=targets, blocksize=blocksize, double_quant=double_quant).train()
         dense = tiny_llama(seed)
         with torch.no_grad():
-            for name in base_linear_names(dense):  # targets or not: QLoRA quantizes every linear layer but lm_head
+            for name in dense_linear_names(dense):  # targets or not: QLoRA quantizes every linear layer but lm_head
                 m = dense.get_submodule(name)
                 m.weight.copy_(dequantize_nf4(quantize_nf4(m.weight, blocksize, double_quant)))
             batch = collate(generate_products(3, seed=seed))
@@ -133,6 +145,8 @@ def apply_fresh_adapters_keep_base(target) -> None:
             expected = model_logits(dense, batch)
             assert_equal(model_logits(model, batch), expected, f"logits, fresh adapters vs dequantized base ({where})")
 
+    for seed, quantization in enumerate(explicit):
+        prop = example(seed, quantization, seed % 2 == 0)(prop)
     prop()
 
 
@@ -155,9 +169,10 @@ def apply_dropout_only_in_training(target) -> None:
         reference = reference_apply(tiny_llama(seed))
         g = seeded_generator(seed)
         with torch.no_grad():
-            for name, m in adapted_modules(model).items():
+            reference_adapters = adapters(reference)
+            for name, m in adapters(model).items():
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.5)
-                ref = reference.get_submodule(name)
+                ref = reference_adapters[name]
                 ref.lora_A.copy_(m.lora_A)
                 ref.lora_B.copy_(m.lora_B)
             batch = collate(generate_products(2, seed=seed))

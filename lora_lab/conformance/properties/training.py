@@ -20,10 +20,12 @@ from lora_lab.conformance.model_protocol import (
     ATTENTION,
     MODEL_RTOL,
     U32,
-    adapted_modules,
-    base_linear_names,
+    adapters,
+    dense_linear_names,
+    frozen_state,
     is_adapter_name,
     model_logits,
+    quantized_layer_names,
     seeded_apply,
 )
 from lora_lab.conformance.profiles import NO_SHRINK, examples
@@ -48,7 +50,7 @@ def _twins(target, seed: int, r: int, alpha: float):
 
     model = seeded_apply(target, seed, r=r, alpha=alpha).train()
     reference = reference_apply(tiny_llama(seed), r=r, alpha=alpha).train()
-    adapted, reference_adapted = adapted_modules(model), adapted_modules(reference)
+    adapted, reference_adapted = adapters(model), adapters(reference)
     if sorted(adapted) != sorted(reference_adapted):
         raise CheckFailed(f"expected adapters on {sorted(reference_adapted)}, got them on {sorted(adapted)}")
     with torch.no_grad():
@@ -100,10 +102,10 @@ def matches_reference(target) -> None:
             got = _as_loss(target.op("training_step")(model, batch, optimizer), step)
             expected = reference_step(reference, batch, reference_optimizer)
             _assert_loss(got, expected, f"loss returned by step {step} (r={r}, alpha={alpha}, lr={lr})")
-        for name, m in adapted_modules(reference).items():
+        for name, m in adapters(reference).items():
             for which in ("lora_A", "lora_B"):
                 expected = getattr(m, which).detach()
-                assert_close(getattr(model.get_submodule(name), which).detach(), expected,
+                assert_close(getattr(adapters(model)[name], which).detach(), expected,
                              MODEL_RTOL * (expected.abs() + lr * steps), f"{name}.{which} after {steps} steps (lr={lr})")
 
     prop()
@@ -136,18 +138,6 @@ def returns_loss_before_update(target) -> None:
     prop()
 
 
-def _frozen_state(model) -> dict[str, torch.Tensor]:
-    """Every non-adapter tensor of the model, NF4 storage included (it is not in the state_dict)."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not is_adapter_name(k)}
-    for name, m in model.named_modules():
-        weight = getattr(m, "weight", None)
-        if hasattr(weight, "packed"):
-            for field in ("packed", "absmax", "absmax_scale", "absmax_code"):
-                if isinstance(getattr(weight, field, None), torch.Tensor):
-                    state[f"{name}.weight.{field}"] = getattr(weight, field).detach().clone()
-    return state
-
-
 @check(
     "training.base_untouched",
     requires=("apply_qlora", "training_step"),
@@ -163,14 +153,14 @@ def base_untouched(target) -> None:
     @given(st.integers(0, 1000))
     def prop(seed):
         model = seeded_apply(target, seed).train()
-        before = _frozen_state(model)
-        if not any(k.endswith(".packed") for k in before):
-            raise CheckFailed("found no NF4 weight (a module whose .weight has .packed) after apply_qlora")
+        before = frozen_state(model)
+        if not quantized_layer_names(model):
+            raise CheckFailed("found no quantized weight after apply_qlora (every layer holds a dense floating-point weight)")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
         batch = collate(generate_products(2, seed=seed))
         for _ in range(3):
             target.op("training_step")(model, batch, optimizer)
-        after = _frozen_state(model)
+        after = frozen_state(model)
         for name, tensor in before.items():
             if name not in after:
                 raise CheckFailed(f"{name} disappeared during training")
@@ -219,7 +209,7 @@ def _canonical_stack(seed: int, targets: tuple[str, ...], r: int, alpha: float, 
     from lora_lab.nf4 import NF4Tensor
 
     model = tiny_llama(seed)
-    for name in base_linear_names(model):  # as load_in_4bit: every linear but lm_head in NF4; peft adapts only the targets
+    for name in dense_linear_names(model):  # as load_in_4bit: every linear but lm_head in NF4; peft adapts only the targets
         m = model.get_submodule(name)
         packed, state = bnb_functional.quantize_4bit(m.weight.detach(), blocksize=64, quant_type="nf4", compress_statistics=True)
         parent, _, child = name.rpartition(".")
@@ -250,7 +240,7 @@ def matches_peft_bitsandbytes(target) -> None:
     def prop(seed, rank_alpha):
         r, alpha = rank_alpha
         model = seeded_apply(target, seed, r=r, alpha=alpha).train()
-        canonical = _canonical_stack(seed, ATTENTION, r, alpha, {n: m.lora_A.detach() for n, m in adapted_modules(model).items()})
+        canonical = _canonical_stack(seed, ATTENTION, r, alpha, {n: m.lora_A.detach() for n, m in adapters(model).items()})
         optimizer, canonical_optimizer = _optimizer(model, 1e-2), _optimizer(canonical, 1e-2)
         batch = collate(generate_products(4, seed=seed))
         for step in range(1, 6):
