@@ -6,6 +6,12 @@
 Each check becomes one item named ``TARGET::check.name``; operations the target
 does not provide are skipped with a reason. Loading this plugin also registers
 the hypothesis profiles, so ``--hypothesis-profile=ci`` works everywhere.
+
+With --lora-lab-impl and no test paths on the command line, only the conformance
+items run: from a project's root, pytest would otherwise also collect the
+project's own ``testpaths`` (from lora_lab's repository, its whole suite, over
+ten minutes for five checks). Name paths to run them as well:
+``pytest tests/test_mine.py --lora-lab-impl my_package.qlora``.
 """
 
 from __future__ import annotations
@@ -61,6 +67,13 @@ class ConformanceItem(pytest.Item):
 
     def reportinfo(self):
         return self.path, None, f"{self.target_name}::{self.check.name}"
+
+
+def pytest_ignore_collect(collection_path, config: pytest.Config) -> bool | None:
+    """With --lora-lab-impl, collect no test files unless the command line names them."""
+    if config.getoption("lora_lab_impl") and config.args_source != pytest.Config.ArgsSource.ARGS:
+        return True
+    return None
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:

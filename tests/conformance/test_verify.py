@@ -92,3 +92,14 @@ def test_pytest_plugin_needs_no_profile_flag(pytester):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--lora-lab-impl", "lora_lab.targets.peft_bnb",
                                            "--lora-lab-only", "nf4.bytes")
     result.assert_outcomes(passed=1)
+
+
+def test_pytest_plugin_runs_only_the_conformance_items_unless_paths_are_named(pytester):
+    """From a project's root --lora-lab-impl once collected the project's own testpaths too (lora_lab's: 10 minutes)."""
+    pytester.makeini("[pytest]\ntestpaths = tests\n")
+    pytester.mkdir("tests")
+    pytester.makepyfile(**{"tests/test_own": "def test_own():\n    pass\n"})
+    only = ("-p", "no:cacheprovider", "--lora-lab-impl", "lora_lab", "--lora-lab-only", "adamw.first_step")  # no bitsandbytes:
+    # inline runs drop the modules they imported, and bitsandbytes cannot register its torch ops twice
+    pytester.runpytest(*only).assert_outcomes(passed=1)  # in this process: the plugin is already imported
+    pytester.runpytest("tests/test_own.py", *only).assert_outcomes(passed=2)
