@@ -10,7 +10,9 @@ very tensors under test.
 
 A guarded call (``call_guarded``) clones the inputs before the implementation
 sees them, and checks afterwards that they were not modified and that the output
-is finite — the holes that benchmark verifiers learned to close.
+is finite, plus the rest of the contract in ``contract.py`` (global state,
+layout, outputs owned by the caller, determinism): the holes that benchmark
+verifiers learned to close.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from lora_lab.conformance import contract
 from lora_lab.conformance.registry import CheckFailed
 
 # Unit roundoff of each storage dtype (half the distance from 1.0 to the next number).
@@ -126,19 +129,42 @@ def _unchanged(before, after) -> bool:
     return True
 
 
-def call_guarded(fn: Callable, *args, name: str = "the call", **kwargs):
-    """Call ``fn`` and fail if it modified any tensor argument or returned NaN/Inf."""
+def call_guarded(fn: Callable, *args, name: str = "the call", deterministic: bool = False, **kwargs):
+    """Call ``fn`` under the contract of ``contract.py`` and return what it returned, as it was at the return.
+
+    Fails if the call wrote to a tensor argument (even one it restored), changed
+    global state, returned NaN/Inf, a non-contiguous tensor or one sharing storage
+    with an input, or changed an earlier output. The result is an owned copy taken
+    at the return (an output that needs autograd is returned live and watched), so
+    a value written later by the target cannot make a wrong answer pass. With
+    ``deterministic`` the op is called a second time on copies of the same inputs
+    and must give the same bits.
+    """
     before_args, before_kwargs = _snapshot(args), _snapshot(kwargs)
-    out = fn(*args, **kwargs)
+    versions = contract.input_versions((args, kwargs))
+    contract.WATCH.verify(after=f"the next call ({name})")
+    with contract.keeps_global_state(name):
+        out = fn(*args, **kwargs)
+    copied = contract.owned_copy(out)
     for position, (before, after) in enumerate(zip(before_args, args)):
         if not _unchanged(before, after):
             raise CheckFailed(f"{name} modified its input argument #{position}; inputs must be left unchanged")
     for key in before_kwargs:
         if not _unchanged(before_kwargs[key], kwargs[key]):
             raise CheckFailed(f"{name} modified its input {key!r}; inputs must be left unchanged")
-    if isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
-        raise CheckFailed(f"{name} returned NaN or Inf for finite inputs")
-    return out
+    contract.check_inputs_not_written(versions, (args, kwargs), name)
+    for t in contract.tensors_in(copied):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckFailed(f"{name} returned NaN or Inf for finite inputs")
+    contract.check_layout(out, name)
+    contract.check_no_input_alias(out, (args, kwargs), name)
+    contract.WATCH.record(out, copied, f"the output of {name}")
+    contract.WATCH.verify(after=name)
+    if deterministic:
+        contract.check_deterministic(fn, before_args, before_kwargs, copied, name)
+    if isinstance(out, torch.Tensor) and out.requires_grad:
+        return out
+    return copied
 
 
 def seeded_generator(seed: int) -> torch.Generator:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lora_lab.conformance import contract
 from lora_lab.conformance.registry import (
     ERROR,
     FAILED,
@@ -117,6 +118,7 @@ def run_check(check: Check, target: Target) -> Result:
     missing = [op for op in check.requires if not target.provides(op)]
     if missing:
         return Result(check, NOT_PROVIDED, f"target has no {', '.join(missing)}")
+    contract.WATCH.clear()  # outputs of an earlier check are not this check's to judge
     try:
         check.func(target)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a Result

@@ -54,7 +54,8 @@ def qlora_linear(x, weight: NF4Tensor, lora_A, lora_B, scaling: float, bias=None
     holder = nn.Module()
     holder.proj = bnb_linear4bit(weight, None, compute_dtype=x.dtype)
     config = peft.LoraConfig(r=r, lora_alpha=scaling * r, target_modules=["proj"], lora_dropout=0.0)
-    layer = peft.get_peft_model(holder, config).base_model.model.proj
+    with torch.random.fork_rng(devices=[]):  # peft initialises adapters we replace at once: leave the caller's RNG alone
+        layer = peft.get_peft_model(holder, config).base_model.model.proj
     layer.scaling["default"] = scaling
     layer.to(x.dtype).train()
     parameters = {"lora_A.default.weight": lora_A.to(x.dtype), "lora_B.default.weight": lora_B.to(x.dtype)}

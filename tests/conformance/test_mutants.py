@@ -9,6 +9,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import Phase, settings
 
 from lora_lab.conformance.runner import ERROR, FAILED, Target, all_checks, run_check
@@ -37,6 +38,19 @@ def no_shrinking():
     settings.load_profile("mutant-hunt")
     yield
     settings.load_profile(previous)
+
+
+@pytest.fixture(autouse=True)
+def restore_global_state():
+    """Some mutants change process-wide settings (the thread count, the RNG); the checks must see it, later tests must not."""
+    rng, threads, dtype = torch.random.get_rng_state(), torch.get_num_threads(), torch.get_default_dtype()
+    grad, deterministic = torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.random.set_rng_state(rng)
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def test_there_are_enough_mutants():

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_lab.conformance.compare import UNIT_ROUNDOFF, assert_close, call_guarded, seeded_generator
+from lora_lab.conformance.contract import refill_tail
 from lora_lab.conformance.profiles import NO_SHRINK, examples
 from lora_lab.conformance.registry import CheckFailed, check
 from lora_lab.data import collate, generate_products
@@ -27,9 +28,12 @@ def _loss_allowance(logits: torch.Tensor, loss: float) -> float:
 
 
 def _scalar_loss(value, name: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
-        raise CheckFailed(f"{name} must return a floating-point scalar tensor (so that it can be backpropagated), got {value!r}")
-    return value.reshape(())
+    """The loss is a 0-d float32 tensor, as torch's and transformers' are: not (1, 1), not float64, not a Python float."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 0 or value.dtype != torch.float32:
+        got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise CheckFailed(f"{name} must return a 0-d float32 tensor (a scalar that can be backpropagated, computed in "
+                          f"float32 even from half-precision logits), got {got}")
+    return value
 
 
 @st.composite
@@ -82,7 +86,8 @@ def matches_shift_and_mask(target) -> None:
         expected, expected_grad = _float64_loss_and_grad(logits, labels, ignore_index)
         logits = logits.clone().requires_grad_(True)
         loss = _scalar_loss(
-            call_guarded(target.op("next_token_loss"), logits, labels, ignore_index=ignore_index, name="next_token_loss"),
+            call_guarded(target.op("next_token_loss"), logits, labels, ignore_index=ignore_index, name="next_token_loss",
+                         deterministic=True),
             "next_token_loss",
         )
         where = f"logits {tuple(logits.shape)} {logits.dtype}, {int((labels[:, 1:] != ignore_index).sum())} labels"
@@ -95,6 +100,12 @@ def matches_shift_and_mask(target) -> None:
         allowed = 4 * UNIT_ROUNDOFF[logits.dtype] * expected_grad.abs() + 16 * U32 * (expected_grad.abs() + 1 / n)
         allowed = allowed + info.smallest_normal * info.eps
         assert_close(logits.grad, expected_grad, allowed, f"d loss / d logits ({where})")
+        fresh = logits.detach()  # the same storage and prefix, a new tail: a cached loss is stale here
+        refill_tail([fresh], seeded_generator(n))
+        expected, _ = _float64_loss_and_grad(fresh, labels, ignore_index)
+        loss = _scalar_loss(call_guarded(target.op("next_token_loss"), fresh, labels, ignore_index=ignore_index,
+                                         name="next_token_loss"), "next_token_loss")
+        assert_close(loss, expected, _loss_allowance(fresh, float(expected)), f"loss, logits refilled in place ({where})")
 
     prop()
 

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_lab.conformance.compare import assert_close, assert_equal, call_guarded, seeded_generator
+from lora_lab.conformance.contract import refill_tail
 from lora_lab.conformance.oracles import bnb_dequantize
 from lora_lab.conformance.profiles import examples
 from lora_lab.conformance.registry import CheckFailed, check
@@ -49,12 +50,47 @@ def _bnb_quantize(weight: torch.Tensor, blocksize: int, double_quant: bool):
     )
 
 
-def _quantize(target, weight, blocksize, double_quant) -> NF4Tensor:
-    q = call_guarded(target.op("quantize_nf4"), weight, blocksize, double_quant, name="quantize_nf4")
+def _quantize(target, weight, blocksize, double_quant, deterministic: bool = False) -> NF4Tensor:
+    q = call_guarded(target.op("quantize_nf4"), weight, blocksize, double_quant, name="quantize_nf4",
+                     deterministic=deterministic)
     for field in ("packed", "absmax", "blocksize", "shape", "dtype", "double_quant"):
         if not hasattr(q, field):
             raise CheckFailed(f"quantize_nf4 must return an NF4Tensor-like object with a {field!r} field")
+    check_fields(q, weight.numel(), blocksize, double_quant)
     return q
+
+
+def _field_error(q, numel: int, blocksize: int, double_quant: bool) -> str | None:
+    blocks = -(-numel // blocksize)
+    if q.double_quant is not double_quant:
+        return f"double_quant is {q.double_quant!r}, expected {double_quant} (as requested)"
+    if not isinstance(q.packed, torch.Tensor) or q.packed.dtype != torch.uint8 or q.packed.numel() != -(-numel // 2):
+        return f"packed must be uint8 with ceil(numel/2) = {-(-numel // 2)} bytes"
+    if not isinstance(q.absmax, torch.Tensor) or q.absmax.numel() != blocks:
+        return f"absmax must hold one value per block: ceil({numel}/{blocksize}) = {blocks}"
+    extras = [getattr(q, f, None) for f in ("absmax_code", "absmax_scale", "absmax_offset")]
+    if not double_quant:
+        if q.absmax.dtype != torch.float32 or any(e is not None for e in extras):
+            return "without double quantization absmax must be float32 and absmax_code/scale/offset None"
+        return None
+    code, scale, offset = extras
+    if q.absmax.dtype != torch.uint8:
+        return f"with double quantization absmax must be uint8 codes, got {q.absmax.dtype}"
+    if not isinstance(code, torch.Tensor) or code.numel() != 256 or not isinstance(scale, torch.Tensor):
+        return "with double quantization absmax_code must be the 256-value map and absmax_scale a tensor"
+    if scale.dtype != torch.float32 or scale.numel() != -(-blocks // 256):
+        return f"absmax_scale must be float32 with one value per 256 blocks: {-(-blocks // 256)}"
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        return f"absmax_offset must be a Python float, got {type(offset).__name__}"
+    return None
+
+
+def check_fields(q, numel: int, blocksize: int, double_quant: bool) -> None:
+    """The NF4Tensor's fields agree with each other and with what was asked: readers trust the flag to read the fields."""
+    error = _field_error(q, numel, blocksize, double_quant)
+    if error:
+        raise CheckFailed(f"inconsistent NF4Tensor from quantize_nf4 (numel={numel}, blocksize={blocksize}, "
+                          f"double_quant={double_quant}): {error}")
 
 
 @check(
@@ -73,16 +109,19 @@ def bytes_match_bitsandbytes(target) -> None:
     @given(weights())
     def prop(drawn):
         weight, blocksize = drawn
-        q = _quantize(target, weight, blocksize, False)
-        packed, state = _bnb_quantize(weight, blocksize, False)
-        where = f"blocksize={blocksize}, shape={tuple(weight.shape)}"
-        assert_equal(q.packed.reshape(-1), packed.reshape(-1), f"packed bytes ({where})")
-        assert_equal(q.absmax.reshape(-1), state.absmax, "per-block absmax")
-        if tuple(q.shape) != tuple(weight.shape) or q.dtype != weight.dtype or q.blocksize != blocksize:
-            raise CheckFailed(
-                f"expected shape {tuple(weight.shape)}, dtype {weight.dtype}, blocksize {blocksize} to be recorded; "
-                f"got {tuple(q.shape)}, {q.dtype}, {q.blocksize}"
-            )
+        for call in ("first", "refilled"):  # the second call: same storage and prefix, new tail (no cached answer)
+            if call == "refilled":
+                refill_tail([weight], seeded_generator(weight.numel()))
+            q = _quantize(target, weight, blocksize, False, deterministic=call == "first")
+            packed, state = _bnb_quantize(weight, blocksize, False)
+            where = f"blocksize={blocksize}, shape={tuple(weight.shape)}, {weight.dtype}, {call} call"
+            assert_equal(q.packed.reshape(-1), packed.reshape(-1), f"packed bytes ({where})")
+            assert_equal(q.absmax.reshape(-1), state.absmax, f"per-block absmax ({where})")
+            if tuple(q.shape) != tuple(weight.shape) or q.dtype != weight.dtype or q.blocksize != blocksize:
+                raise CheckFailed(
+                    f"expected shape {tuple(weight.shape)}, dtype {weight.dtype}, blocksize {blocksize} to be recorded; "
+                    f"got {tuple(q.shape)}, {q.dtype}, {q.blocksize}"
+                )
 
     prop()
 
@@ -103,8 +142,12 @@ def dequantize_matches_bitsandbytes(target) -> None:
     def prop(drawn, double_quant):
         weight, blocksize = drawn
         q = quantize_nf4(weight, blocksize, double_quant)
-        got = call_guarded(target.op("dequantize_nf4"), q, name="dequantize_nf4")
-        assert_equal(got, bnb_dequantize(q), f"dequantized weight (blocksize={blocksize}, double_quant={double_quant})")
+        for call in ("first", "refilled"):  # the second call: same storage and prefix, new codes in the tail
+            if call == "refilled":
+                refill_tail([q.packed], seeded_generator(weight.numel()))
+            got = call_guarded(target.op("dequantize_nf4"), q, name="dequantize_nf4", deterministic=call == "first")
+            where = f"blocksize={blocksize}, double_quant={double_quant}, {weight.dtype}, {call} call"
+            assert_equal(got, bnb_dequantize(q), f"dequantized weight ({where})")
 
     prop()
 

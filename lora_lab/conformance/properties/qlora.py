@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_lab.conformance.compare import assert_close, call_guarded, product_bound, seeded_generator
+from lora_lab.conformance.contract import refill_tail
 from lora_lab.conformance.profiles import examples
 from lora_lab.conformance.registry import CheckFailed, check
 from lora_lab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
@@ -93,8 +94,8 @@ def _magnitudes(p: Problem):
     return out if p.bias is None else out + p.bias.double().abs()
 
 
-def _call(target, p: Problem) -> torch.Tensor:
-    y = call_guarded(target.op("qlora_linear"), *p.args(), name="qlora_linear")
+def _call(target, p: Problem, deterministic: bool = False) -> torch.Tensor:
+    y = call_guarded(target.op("qlora_linear"), *p.args(), name="qlora_linear", deterministic=deterministic)
     if not isinstance(y, torch.Tensor):
         raise CheckFailed(f"qlora_linear must return a tensor, got {type(y).__name__}")
     expected_shape = (*p.x.shape[:-1], p.weight.shape[0])
@@ -126,10 +127,14 @@ def forward_matches_float64(target) -> None:
     @settings(max_examples=examples(15))
     @given(problems(), st.integers(0, 2**31 - 1))
     def prop(p, reseed):
-        for trial in (p, p.with_new_values(reseed)):  # a second call, same shapes, new values
-            y = _call(target, trial)
+        fresh = p.with_new_values(reseed)
+        # The same shapes three times: new values, then the first call's own storage refilled (same prefix, new tail).
+        for call, trial in (("first call", p), ("new values", fresh), ("refilled in place", p)):
+            if call == "refilled in place":
+                refill_tail([t for t in (p.x, p.lora_A, p.lora_B, p.bias) if t is not None], seeded_generator(reseed))
+            y = _call(target, trial, deterministic=call == "first call")
             allowed = product_bound(_magnitudes(trial), trial.K, trial.x.dtype)
-            assert_close(y, float64_reference(trial), allowed, f"qlora_linear output ({_where(trial)})")
+            assert_close(y, float64_reference(trial), allowed, f"qlora_linear output ({_where(trial)}, {call})")
 
     prop()
 
