@@ -155,6 +155,31 @@ def apply_qlora(
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()  # see enable_gradient_checkpointing: older transformers leave it out
+    return model
+
+
+def enable_gradient_checkpointing(model: nn.Module, reentrant: bool = False) -> nn.Module:
+    """Recompute each decoder block's activations in backward instead of keeping them; returns ``model``.
+
+    The activations of a training step grow with layers x batch x sequence x
+    hidden; checkpointing keeps only each block's input and recomputes the rest
+    during backward (about one more forward pass of compute). With a frozen,
+    quantized base, *reentrant* checkpointing has a trap: it recomputes a block
+    only for inputs that require grad, and the embeddings' output does not, so
+    the adapters silently get no gradient (transformers#26221, peft#1142).
+    Making the input embeddings' output require grad closes it; transformers 5
+    does so itself, older versions do not. Non-reentrant (the default here,
+    and PyTorch's recommendation) does not need it.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5
+    kwargs = {"use_reentrant": reentrant}
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
     return model
 
 

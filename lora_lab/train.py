@@ -10,6 +10,18 @@ backward pass sends gradients through them to the LoRA adapters, the only
 tensors with ``requires_grad``; the optimizer updates the adapters and clears
 their gradients for the next step. The model's mode (``train()`` / ``eval()``)
 is the caller's choice: it decides whether adapter dropout is active.
+
+Logits only where labels are. The loss reads the logits of the positions whose
+next token is labelled, and nothing else: for a price prompt that is one
+position of about sixty. So step 1 asks the model for those rows alone
+(``logits_to_keep``, as transformers' generation and Liger's fused linear
+cross-entropy do), and ``lm_head`` multiplies (labelled tokens x hidden) by
+(hidden x vocab) instead of (batch x sequence x hidden). With Llama 3's
+128,256-token vocabulary the full logits of a batch of 16 x 64 are 525 MB in
+fp32, and their gradient as much again; the kept ones are 8 MB. The loss is the
+same number with the same gradients (``next_token_loss`` of the full logits is
+a mean over exactly these rows): the ``training.gradients_match_full_logits``
+property checks it against transformers' own loss.
 """
 
 from __future__ import annotations
@@ -22,18 +34,19 @@ import torch
 from torch import nn
 
 from lora_lab import data
-from lora_lab.loss import next_token_loss
+from lora_lab.loss import labelled_token_loss, predicts_a_label
 from lora_lab.model import PRESETS, tiny_llama
 
 
 def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Step 1: logits (batch, sequence, vocab) for every position of the prompt."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Step 1: logits (labelled tokens, vocab) at the positions that predict a label (the price), in (row, position) order."""
+    keep = predicts_a_label(batch["labels"])
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
 
 
 def compute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Step 2: how wrong the next-token guesses are, where labels are not -100 (the price)."""
-    return next_token_loss(logits, labels)
+    """Step 2: how wrong those next-token guesses are: mean cross-entropy against the labels they predict."""
+    return labelled_token_loss(logits, labels)
 
 
 def backward(loss: torch.Tensor) -> None:

@@ -74,11 +74,10 @@ def evaluate(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     from lora_lab.train import compute_loss, forward
 
     with torch.no_grad():
-        logits = forward(model, batch)
-    rows, positions = (batch["labels"] != -100).nonzero(as_tuple=True)
-    price_logits = logits[rows, positions - 1, FIRST_NUMBER_ID : FIRST_NUMBER_ID + LARGEST_SINGLE_TOKEN_NUMBER + 1]
+        logits = forward(model, batch)  # one row per price token: the positions after "Price is $"
+    price_logits = logits[:, FIRST_NUMBER_ID : FIRST_NUMBER_ID + LARGEST_SINGLE_TOKEN_NUMBER + 1]
     guess = price_logits.argmax(-1)
-    truth = batch["labels"][rows, positions] - FIRST_NUMBER_ID
+    truth = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100] - FIRST_NUMBER_ID
     return {
         "loss": compute_loss(logits, batch["labels"]).item(),
         "exact": (guess == truth).float().mean().item(),
@@ -93,10 +92,11 @@ def step_forward(model, batch, product, tokenizer) -> torch.Tensor:
     section("1. FORWARD", "the model reads the prompt and scores every possible next token")
     print(indent(prompt(product.description)) + "   <- the model predicts the token that comes here\n")
     logits = forward(model, batch)
-    probabilities = logits[0, _price_position(batch)].float().softmax(-1)
+    probabilities = logits[0].float().softmax(-1)
     top = probabilities.topk(5)
     true_id = tokenizer.price_token_id(product.price)
-    print(f"  logits: {tuple(logits.shape)} = (batch, positions, vocabulary)")
+    print(f"  logits: {tuple(logits.shape)} = (positions whose next token is labelled, vocabulary); lm_head runs at "
+          f"{logits.shape[0]} of the prompt's {batch['input_ids'].shape[1]} positions, the only ones the loss reads")
     print(f"  true next token:      {tokenizer.token_text(true_id)!r:>8}  p = {probabilities[true_id].item():.3f}")
     print(f"  predicted next token: {tokenizer.token_text(int(top.indices[0]))!r:>8}  p = {top.values[0].item():.3f}")
     print("  top 5: " + ", ".join(f"{tokenizer.token_text(int(i))!r} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices)))

@@ -38,14 +38,14 @@ def evaluate(model, examples: list[tuple[list[int], int, float]], codec: PromptC
         for start in range(0, len(mine), EVAL_BATCH):
             rows = mine[start : start + EVAL_BATCH]
             batch = {k: v.to(device) for k, v in collate([(ids, n) for ids, n, _ in rows], codec.pad_id).items()}
-            logits = forward(model, batch)
-            answer_rows, answer_positions = (batch["labels"][:, 1:] != -100).nonzero(as_tuple=True)
-            # log-softmax at the answer's positions only: over a 128k vocabulary, all positions would take gigabytes
-            scores = logits[answer_rows, answer_positions].float().log_softmax(-1)
-            loss_sum -= float(scores.gather(-1, batch["labels"][answer_rows, answer_positions + 1, None]).sum())
-            tokens += len(answer_rows)
-            before_answer = torch.tensor([len(ids) - n - 1 for ids, n, _ in rows], device=device)
-            price_logits = logits[torch.arange(len(rows), device=device), before_answer][:, codec.number_ids.to(device)]
+            logits = forward(model, batch)  # (answer tokens, vocab): the rows of each prompt's answer, prompt by prompt
+            targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+            scores = logits.float().log_softmax(-1)
+            loss_sum -= float(scores.gather(-1, targets[:, None]).sum())
+            tokens += len(targets)
+            per_row = (batch["labels"][:, 1:] != -100).sum(1)
+            first_answer_row = per_row.cumsum(0) - per_row  # the position after "$" predicts the answer's first token
+            price_logits = logits[first_answer_row][:, codec.number_ids.to(device)]
             predicted += price_logits.argmax(-1).tolist()
     model.train(was_training)
     shares = [(predicted, [price for _, _, price in mine], loss_sum, tokens)]

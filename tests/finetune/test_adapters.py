@@ -16,10 +16,10 @@ import json
 import pytest
 import torch
 
+from lora_lab.conformance.model_protocol import model_logits
 from lora_lab.finetune.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, qlora_layers, save_adapter
 from lora_lab.lora import NF4Linear
 from lora_lab.model import apply_qlora, tiny_llama
-from lora_lab.train import forward
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 
@@ -65,7 +65,7 @@ def _bnb_twin(qmodel):
     return model
 
 
-_logits = torch.no_grad()(forward)  # the reference's step 1, without building a graph
+_logits = torch.no_grad()(model_logits)  # every position's logits, without building a graph
 
 
 def test_saved_files_are_in_peft_format(tmp_path):

@@ -12,12 +12,12 @@ import sys
 import pytest
 import torch
 
+from lora_lab.conformance.model_protocol import model_logits
 from lora_lab.finetune.adapters import qlora_layers
 from lora_lab.finetune.checkpoint import checkpoint_files, load_llama, load_tokenizer, read_nf4
 from lora_lab.lora import NF4Linear
 from lora_lab.model import apply_qlora, tiny_llama
 from lora_lab.nf4 import quantize_nf4
-from lora_lab.train import forward
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SOME_LINEAR = ("q_proj", "v_proj", "down_proj")  # the other linear layers (lm_head aside) become NF4Linear
@@ -28,7 +28,7 @@ def _save(model, path, **kwargs):
     return path
 
 
-_logits = torch.no_grad()(forward)  # the reference's step 1, without building a graph
+_logits = torch.no_grad()(model_logits)  # every position's logits, without building a graph
 
 
 @pytest.mark.parametrize("sharded", [False, True])

@@ -1,0 +1,175 @@
+"""Properties of the training step at real scale (exercise 06): logits only where labels are, gradient checkpointing.
+
+The step people run on Llama 3 8B differs from the tiny fp32 one in ways that
+fail silently: a step that computes ``lm_head`` only at the labelled positions
+can pair the wrong logits with the labels, and with gradient checkpointing
+(reentrant, on a frozen base) the adapters can get no gradient at all
+(transformers#26221, peft#1142). Each check compares the gradients the target's
+``training_step`` hands its optimizer with those of the plain computation:
+every position's logits and transformers' own loss, without checkpointing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_lab.conformance.compare import assert_close, seeded_generator
+from lora_lab.conformance.model_protocol import MODEL_RTOL, adapted_modules, seeded_apply
+from lora_lab.conformance.profiles import NO_SHRINK, examples
+from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.data import collate, collate_listings, generate_products
+from lora_lab.model import tiny_llama
+
+
+class GradientRecorder(torch.optim.Optimizer):
+    """An optimizer that changes nothing and keeps a copy of the gradients each ``step()`` receives.
+
+    Handed to a target's ``training_step``, it shows the gradients the step
+    computed, however the step computed them.
+    """
+
+    def __init__(self, named_parameters: dict[str, torch.nn.Parameter]) -> None:
+        super().__init__(list(named_parameters.values()), {})
+        self.names = {id(p): name for name, p in named_parameters.items()}
+        self.recorded: list[dict[str, torch.Tensor | None]] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - the optimizer protocol
+        grads = {self.names[id(p)]: None if p.grad is None else p.grad.detach().clone()
+                 for group in self.param_groups for p in group["params"]}
+        self.recorded.append(grads)
+
+
+def adapter_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """``{"<module>.lora_A": A, "<module>.lora_B": B}`` for every adapted module."""
+    return {f"{name}.{which}": getattr(m, which) for name, m in adapted_modules(model).items() for which in ("lora_A", "lora_B")}
+
+
+def randomize_B(model, seed: int) -> None:
+    """Give every lora_B drawn values: with B = 0, as at the start, every gradient of A is zero and proves nothing."""
+    g = seeded_generator(seed)
+    with torch.no_grad():
+        for m in adapted_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+
+
+def copy_adapters(source, destination) -> None:
+    with torch.no_grad():
+        for name, p in adapter_parameters(destination).items():
+            p.copy_(adapter_parameters(source)[name])
+
+
+def recorded_step(target, model, batch, where: str = "") -> dict[str, torch.Tensor | None]:
+    """The gradients the target's training_step computes for ``model``'s adapters on ``batch``."""
+    recorder = GradientRecorder(adapter_parameters(model))
+    try:
+        target.op("training_step")(model, batch, recorder)
+    except RuntimeError as exc:
+        if "does not require grad" not in str(exc):
+            raise
+        raise CheckFailed(f"the loss does not require grad {where}, so no adapter can get a gradient ({exc}); under reentrant "
+                          "checkpointing that happens when no input of a checkpointed block requires grad") from exc
+    if len(recorder.recorded) != 1:
+        raise CheckFailed(f"training_step called optimizer.step() {len(recorder.recorded)} times; expected once")
+    return recorder.recorded[0]
+
+
+def assert_gradients(got: dict, expected: dict[str, torch.Tensor], what: str) -> None:
+    """Each adapter gradient within MODEL_RTOL of the expected, elementwise plus its tensor's largest (sums cancel)."""
+    for name, want in expected.items():
+        if got.get(name) is None:
+            raise CheckFailed(f"{name} received no gradient {what}")
+        allowed = MODEL_RTOL * (want.abs() + want.abs().max())
+        assert_close(got[name], want, allowed, f"gradient of {name} {what}")
+
+
+def full_logits_gradients(model, batch) -> dict[str, torch.Tensor]:
+    """Adapter gradients of transformers' own loss over every position's logits (it shifts the labels internally)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = ForCausalLMLoss(logits, batch["labels"], vocab_size=logits.shape[-1])
+    parameters = adapter_parameters(model)
+    grads = torch.autograd.grad(loss, list(parameters.values()))
+    return dict(zip(parameters, grads))
+
+
+def _batch(kind: str, size: int, seed: int) -> dict[str, torch.Tensor]:
+    products = generate_products(size, seed=seed)
+    return collate(products) if kind == "prices" else collate_listings(products)
+
+
+@check(
+    "training.gradients_match_full_logits",
+    requires=("apply_qlora", "training_step"),
+    points=6,
+    exercise="06",
+    hint="The loss needs logits only at the positions whose NEXT token is labelled. If you compute lm_head at some "
+    "positions only, make sure position t is paired with label t + 1, in the same order on both sides.",
+)
+def gradients_match_full_logits(target) -> None:
+    """training_step's adapter gradients equal those of transformers' loss over every position's logits."""
+
+    @settings(max_examples=examples(3), phases=NO_SHRINK)
+    @given(st.integers(0, 1000), st.sampled_from(("prices", "listings")), st.integers(1, 4))
+    def prop(seed, kind, size):
+        model = seeded_apply(target, seed).train()
+        randomize_B(model, seed)
+        batch = _batch(kind, size, seed)
+        expected = full_logits_gradients(model, batch)
+        got = recorded_step(target, model, batch)
+        assert_gradients(got, expected, f"vs every position's logits ({kind}, batch of {size})")
+
+    prop()
+
+
+def enable_checkpointing(model, reentrant: bool) -> None:
+    """Hugging Face gradient checkpointing, as ``Trainer(gradient_checkpointing=True)`` turns it on."""
+    with warnings.catch_warnings():  # transformers 5 renamed it activation_checkpointing_enable; both work
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
+@check(
+    "training.gradient_checkpointing",
+    requires=("apply_qlora", "training_step"),
+    points=6,
+    exercise="06",
+    hint="Reentrant checkpointing recomputes a block only for inputs that require grad, and with a frozen base the "
+    "embeddings' output does not: make the model's input require grad (model.enable_input_require_grads()), "
+    "and never detach what flows into the decoder layers.",
+)
+def gradient_checkpointing(target) -> None:
+    """With gradient checkpointing (reentrant or not, enabled before or after apply_qlora) the adapters get the same gradients."""
+
+    @settings(max_examples=examples(1), phases=NO_SHRINK)
+    @given(st.integers(0, 1000))
+    def prop(seed):
+        plain = seeded_apply(target, seed).train()
+        randomize_B(plain, seed)
+        batch = collate(generate_products(2, seed=seed))
+        expected = recorded_step(target, plain, batch)
+        for reentrant, before_apply in itertools.product((True, False), repeat=2):  # each way of turning it on
+            dense = tiny_llama(seed)
+            if before_apply:
+                enable_checkpointing(dense, reentrant)
+            checkpointed = target.op("apply_qlora")(dense) or dense
+            if not before_apply:
+                enable_checkpointing(checkpointed, reentrant)
+            checkpointed.train()
+            copy_adapters(plain, checkpointed)
+            where = (f"with {'reentrant' if reentrant else 'non-reentrant'} checkpointing enabled "
+                     f"{'before' if before_apply else 'after'} apply_qlora")
+            got = recorded_step(target, checkpointed, batch, where)
+            missing = [name for name, g in got.items() if g is None]
+            if missing:
+                raise CheckFailed(f"{len(missing)} of {len(got)} adapters received no gradient {where}, e.g. {missing[0]}; "
+                                  "without checkpointing they all do")
+            assert_gradients(got, expected, where)
+
+    prop()
