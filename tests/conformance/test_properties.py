@@ -28,7 +28,8 @@ KNOWN_FAILURES = {
 # The slowest training checks (about a minute together) run on transformers + peft in the compatibility matrix
 # (`lora-lab verify lora_lab.targets.hf_peft --json`), not in every test run.
 MATRIX_ONLY = {("lora_lab.targets.hf_peft", name) for name in
-               ("training.matches_reference", "training.lowers_loss", "training.matches_peft_bitsandbytes")}
+               ("training.matches_reference", "training.lowers_loss", "training.matches_peft_bitsandbytes",
+                "training.gradient_checkpointing")}
 CASES = [(name, check) for name in PROVIDES for check in all_checks()
          if set(check.requires) <= PROVIDES[name] and (name, check.name) not in MATRIX_ONLY]
 
