@@ -7,7 +7,16 @@ exercise order (NF4 first, training last).
 
 from __future__ import annotations
 
-from lora_lab.conformance.properties import adamw, apply_qlora, loss, nf4, qlora, step_at_scale, training  # noqa: F401
+from lora_lab.conformance.properties import (  # noqa: F401  (registers them)
+    adamw,
+    apply_qlora,
+    double_quant,
+    loss,
+    nf4,
+    qlora,
+    step_at_scale,
+    training,
+)
 from lora_lab.conformance.registry import CHECKS, Check
 
 

@@ -12,7 +12,7 @@ flattened weight.
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lora_lab.conformance.compare import assert_close, assert_equal, call_guarded, seeded_generator
@@ -20,26 +20,8 @@ from lora_lab.conformance.contract import refill_tail
 from lora_lab.conformance.oracles import bnb_dequantize
 from lora_lab.conformance.profiles import examples
 from lora_lab.conformance.registry import CheckFailed, check
-from lora_lab.nf4 import NF4_CODE, NF4Tensor, quantize_nf4
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@st.composite
-def weights(draw, max_numel: int = 6000):
-    """A weight of odd-as-possible shape, with some all-zero blocks and a drawn scale."""
-    blocksize = draw(st.sampled_from((32, 64, 128, 256, 512, 1024, 2048, 4096)))
-    numel = draw(st.integers(1, max_numel))
-    rows = draw(st.sampled_from([d for d in (1, 2, 3, 5, 7, 16) if numel % d == 0]))
-    shape = (numel,) if draw(st.booleans()) else (rows, numel // rows)
-    dtype = draw(st.sampled_from(DTYPES))
-    seed = draw(st.integers(0, 2**31 - 1))
-    scale = draw(st.sampled_from((1e-3, 0.02, 1.0, 37.0)))
-    weight = torch.randn(numel, generator=seeded_generator(seed), dtype=torch.float32) * scale
-    if draw(st.booleans()):  # zero out one whole block: its absmax is 0
-        first = draw(st.integers(0, (numel - 1) // blocksize)) * blocksize
-        weight[first : first + blocksize] = 0
-    return weight.to(dtype).reshape(shape), blocksize
+from lora_lab.conformance.strategies import nf4_weights, nf4_witnesses
+from lora_lab.nf4 import NF4_CODE, NF4Tensor, quantize_nf4, unpack_codes
 
 
 def _bnb_quantize(weight: torch.Tensor, blocksize: int, double_quant: bool):
@@ -48,6 +30,47 @@ def _bnb_quantize(weight: torch.Tensor, blocksize: int, double_quant: bool):
     return bnb_functional.quantize_4bit(
         weight, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant
     )
+
+
+def _with_witnesses(prop):
+    """Run the constructed NF4 witnesses first (``strategies.nf4_witnesses``), then hypothesis' drawn weights."""
+    takes_double_quant = prop.__code__.co_argcount == 2
+    for witness in reversed(nf4_witnesses()):
+        prop = (example(witness, False) if takes_double_quant else example(witness))(prop)
+    return prop
+
+
+def _which_bug(weight: torch.Tensor, blocksize: int, got: torch.Tensor, want: torch.Tensor, where: str) -> str:
+    """What the first differing code shows: an exact midpoint, a multiply/divide rounding, or a plain wrong level."""
+    flat = weight.detach().reshape(-1).float()
+    n = flat.numel()
+    got_codes, want_codes = unpack_codes(got.reshape(-1), n), unpack_codes(want.reshape(-1), n)
+    differ = (got_codes != want_codes).nonzero()
+    if not differ.numel():
+        return f"packed bytes ({where}): the codes agree, the padding nibble of the odd last byte does not (code 7, 0.0)"
+    i = int(differ[0])
+    block = i // blocksize
+    values = flat[block * blocksize : (block + 1) * blocksize]
+    absmax = values.abs().max().clamp(min=1e-38)
+    short = (block + 1) * blocksize > n
+    multiplied, divided = flat[i] * (1.0 / absmax), flat[i] / absmax
+    normalized = divided if short else multiplied
+    midpoints = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+    what = (f"packed bytes ({where}): element {i} (block {block}, {'the short last block' if short else 'a full block'}) "
+            f"= {flat[i].item()!r}, absmax {absmax.item()!r}: expected code {int(want_codes[i])}, got {int(got_codes[i])}")
+    rounding = bool(torch.bucketize(multiplied, midpoints) != torch.bucketize(divided, midpoints))
+    cause = ""
+    if bool((midpoints == normalized).any()):
+        cause = "it lies exactly on the fp32 midpoint between two levels; bitsandbytes picks the lower one (compare in fp32)"
+    elif bool((midpoints - normalized).abs().min() <= 2 * torch.finfo(torch.float32).eps) and not rounding:
+        cause = "it lies within an ulp of a midpoint between two levels: compare with the fp32 midpoints, not float64 ones"
+    elif not rounding:
+        cause = "not a tie: the level picked is not the nearest one"
+    if rounding:  # the other operation would have landed on the other side: say so too
+        cause += ("; " if cause else "") + (
+            "x * (1 / absmax) and x / absmax round to different sides of a midpoint here: bitsandbytes multiplies "
+            "by the reciprocal in full blocks, divides in the short last block")
+    return f"{what}; {cause}"
 
 
 def _quantize(target, weight, blocksize, double_quant, deterministic: bool = False) -> NF4Tensor:
@@ -99,14 +122,20 @@ def check_fields(q, numel: int, blocksize: int, double_quant: bool) -> None:
     points=10,
     exercise="01",
     hint="Flatten row-major, one absmax per block of `blocksize` values (the last block may be short), "
-    "pick the nearest NF4 level (bucketize against the midpoints between levels), "
-    "and put element 2i in the HIGH nibble of byte i. An odd count pads with the code of 0.0.",
+    "pick the nearest NF4 level (bucketize against the fp32 midpoints between levels: an exact midpoint takes the "
+    "lower level), full blocks multiply by 1/absmax while the short last block divides, and put element 2i in the "
+    "HIGH nibble of byte i. An odd count pads with the code of 0.0. Only a short all-zero last block stores 1e-38.",
 )
 def bytes_match_bitsandbytes(target) -> None:
-    """Packed NF4 codes and fp32 absmax are byte-identical with bitsandbytes.quantize_4bit."""
+    """Packed NF4 codes and fp32 absmax are byte-identical with bitsandbytes.quantize_4bit.
+
+    Draws ``strategies.nf4_weights``: exact midpoints and their one-ulp neighbours, the multiply-vs-divide witness
+    in full and short blocks, all-equal, single-outlier and all-zero blocks, full and short last blocks.
+    """
 
     @settings(max_examples=examples(25))
-    @given(weights())
+    @given(nf4_weights())
+    @_with_witnesses
     def prop(drawn):
         weight, blocksize = drawn
         for call in ("first", "refilled"):  # the second call: same storage and prefix, new tail (no cached answer)
@@ -115,8 +144,13 @@ def bytes_match_bitsandbytes(target) -> None:
             q = _quantize(target, weight, blocksize, False, deterministic=call == "first")
             packed, state = _bnb_quantize(weight, blocksize, False)
             where = f"blocksize={blocksize}, shape={tuple(weight.shape)}, {weight.dtype}, {call} call"
-            assert_equal(q.packed.reshape(-1), packed.reshape(-1), f"packed bytes ({where})")
-            assert_equal(q.absmax.reshape(-1), state.absmax, f"per-block absmax ({where})")
+            assert_equal(q.absmax.reshape(-1), state.absmax, f"per-block absmax ({where}; a full all-zero block "
+                         "stores 0, a short all-zero last block 1e-38)")
+            got = q.packed.reshape(-1)
+            if got.dtype != torch.uint8 or got.shape != packed.reshape(-1).shape:
+                assert_equal(got, packed.reshape(-1), f"packed bytes ({where})")
+            if not torch.equal(got, packed.reshape(-1)):
+                raise CheckFailed(_which_bug(weight, blocksize, got, packed, where))
             if tuple(q.shape) != tuple(weight.shape) or q.dtype != weight.dtype or q.blocksize != blocksize:
                 raise CheckFailed(
                     f"expected shape {tuple(weight.shape)}, dtype {weight.dtype}, blocksize {blocksize} to be recorded; "
@@ -135,10 +169,15 @@ def bytes_match_bitsandbytes(target) -> None:
     "and round to the original dtype only once, at the end.",
 )
 def dequantize_matches_bitsandbytes(target) -> None:
-    """Dequantized values equal bitsandbytes.dequantize_4bit exactly, in the original shape and dtype."""
+    """Dequantized values equal bitsandbytes.dequantize_4bit exactly, in the original shape and dtype.
+
+    Draws ``strategies.nf4_weights`` (single and double quantization), so every code 0..15, zero and short last
+    blocks and odd element counts appear.
+    """
 
     @settings(max_examples=examples(25))
-    @given(weights(), st.booleans())
+    @given(nf4_weights(), st.booleans())
+    @_with_witnesses
     def prop(drawn, double_quant):
         weight, blocksize = drawn
         q = quantize_nf4(weight, blocksize, double_quant)
@@ -161,11 +200,15 @@ def dequantize_matches_bitsandbytes(target) -> None:
     "Each value may move by at most half the widest gap between neighbouring NF4 levels, times its absmax.",
 )
 def zero_blocks_and_round_trip(target) -> None:
-    """All-zero blocks come back as zeros (never NaN); every value is within absmax x half the widest NF4 gap."""
+    """All-zero blocks come back as zeros (never NaN); every value is within absmax x half the widest NF4 gap.
+
+    Draws ``strategies.nf4_weights``: all-zero blocks anywhere, a full or short all-zero last block, outliers.
+    """
     half_gap = float((NF4_CODE[1:] - NF4_CODE[:-1]).max()) / 2
 
     @settings(max_examples=examples(20))
-    @given(weights(), st.booleans())
+    @given(nf4_weights(), st.booleans())
+    @_with_witnesses
     def prop(drawn, double_quant):
         weight, blocksize = drawn
         q = _quantize(target, weight, blocksize, double_quant)
@@ -188,35 +231,6 @@ def zero_blocks_and_round_trip(target) -> None:
             values = torch.nn.functional.pad(back.reshape(-1).float(), (0, blocks * blocksize - flat.numel()))
             if values.view(blocks, blocksize)[zero_blocks].abs().max() != 0:
                 raise CheckFailed("an all-zero block did not dequantize to zeros")
-
-    prop()
-
-
-@check(
-    "nf4.double_quant_matches_bitsandbytes",
-    requires=("quantize_nf4",),
-    points=10,
-    exercise="02",
-    hint="Subtract the mean absmax (the offset), then quantize the centred absmax blockwise with 256 blocks per "
-    "fp32 scale onto bitsandbytes' 8-bit dynamic map. Its CPU kernel snaps each normalized value to a "
-    "65,536-point grid over [-1, 1] first, then takes the nearest map entry.",
-)
-def double_quant_matches_bitsandbytes(target) -> None:
-    """Double-quantized storage (uint8 absmax codes, one fp32 scale per 256 blocks, the mean offset) equals bitsandbytes'."""
-
-    @settings(max_examples=examples(20))
-    @given(weights(max_numel=40000))
-    def prop(drawn):
-        weight, blocksize = drawn
-        q = _quantize(target, weight, blocksize, True)
-        packed, state = _bnb_quantize(weight, blocksize, True)
-        if not q.double_quant:
-            raise CheckFailed("quantize_nf4(..., double_quant=True) returned an NF4Tensor with double_quant=False")
-        assert_equal(q.packed.reshape(-1), packed.reshape(-1), "packed bytes")
-        assert_equal(q.absmax.reshape(-1), state.absmax, "uint8 absmax codes")
-        assert_equal(q.absmax_scale.reshape(-1), state.state2.absmax, "fp32 scale per 256 blocks")
-        assert_equal(torch.as_tensor(q.absmax_offset, dtype=torch.float32), state.offset.float(), "absmax offset (the mean)")
-        assert_equal(q.absmax_code.float(), state.state2.code, "the 8-bit dynamic map")
 
     prop()
 
