@@ -161,10 +161,14 @@ def _main_rank_first(ctx):
 
 
 class InterruptGuard:
-    """Ctrl-C once: stop after this step. Twice: stop now, unless the optimizer is mid-update (then after it)."""
+    """Ctrl-C once: stop after this step. Twice: stop now, unless the optimizer is mid-update (then after it).
+
+    While the run is saved (``saving``), Ctrl-C only says so: a KeyboardInterrupt there would leave the
+    folder without metrics.json or the charts, and the last finished step would be lost after all.
+    """
 
     def __init__(self, say=print) -> None:
-        self.requested = self.updating = False
+        self.requested = self.updating = self.saving = False
         self.say, self.previous = say, None
 
     def __enter__(self) -> InterruptGuard:
@@ -177,6 +181,9 @@ class InterruptGuard:
             signal.signal(signal.SIGINT, self.previous)
 
     def _on_sigint(self, signum, frame) -> None:
+        if self.saving:
+            self.say("\nCtrl-C: still saving the last finished step; this takes a few seconds", flush=True)
+            return
         if self.requested and not self.updating:
             raise KeyboardInterrupt
         self.requested = True
@@ -291,9 +298,9 @@ def train(args: argparse.Namespace, ctx) -> int:
         if saved["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         history, step = saved["history"], saved["step"]
-        history.pop("after", None)
-        if step >= steps:
+        if step >= steps and "after" in history:  # (a run stopped during its final evaluation only needs that)
             raise UsageError(f"the run in {args.resume} already did {step} steps; pass --steps above {step} to continue it")
+        history.pop("after", None)
         say(f"resuming {args.resume} at step {step} of {steps}")
     say(f"settings: r={settings['r']} alpha={settings['alpha']:g} dropout={settings['dropout']:g} lr={settings['lr']:g} "
         f"{settings['scheduler']} (warmup {warmup} steps) targets {settings['targets']}, batch {settings['batch_size']} "
@@ -325,20 +332,22 @@ def train(args: argparse.Namespace, ctx) -> int:
                 if _stop_everywhere(guard, ctx):
                     interrupted = True
                     break
+            if not interrupted:
+                after = evaluate(model, held_out, codec, ctx, device)
+                history["after"] = after
+                history["evals"].append({"step": step, **summarize(after)})
         except KeyboardInterrupt:
             interrupted = True
             optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; the last finished one is saved
-    bar.close()
-    if not interrupted:
-        history["after"] = evaluate(model, held_out, codec, ctx, device)
-        history["evals"].append({"step": step, **summarize(history["after"])})
-    if is_main:
-        summary = trainable_summary(model)
-        data = {"source": settings["data"], "train_examples": len(examples), "held_out": len(held_out)}
-        state = {"settings": settings, "step": step, "interrupted": interrupted, "world_size": world, "rng": rng,
-                 "history": history, "base_model": base_model, "data": data, "seconds": time.perf_counter() - started,
-                 "trainable": {"parameters": summary.trainable, "share": summary.share}}
-        save_run(out, model, optimizer, scheduler, state)
+        guard.saving = True
+        bar.close()
+        if is_main:
+            summary = trainable_summary(model)
+            data = {"source": settings["data"], "train_examples": len(examples), "held_out": len(held_out)}
+            state = {"settings": settings, "step": step, "interrupted": interrupted, "world_size": world, "rng": rng,
+                     "history": history, "base_model": base_model, "data": data, "seconds": time.perf_counter() - started,
+                     "trainable": {"parameters": summary.trainable, "share": summary.share}}
+            save_run(out, model, optimizer, scheduler, state)
     before, after = history["before"], history.get("after")
     if interrupted:
         say(f"stopped at step {step} of {steps}; saved to {out}; continue with: lora-lab train --resume {out}")

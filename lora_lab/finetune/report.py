@@ -117,7 +117,7 @@ def summarize(result: dict | None) -> dict | None:
 
 
 def save_run(out: Path, model, optimizer, scheduler, state: dict) -> None:
-    """Adapter, charts, metrics and the resume state, each written whole (temporary name, then rename)."""
+    """Adapter, resume state and metrics, each written whole (temporary name, then rename), then the charts."""
     import torch
 
     from lora_lab.finetune.adapters import save_adapter
@@ -128,9 +128,6 @@ def save_run(out: Path, model, optimizer, scheduler, state: dict) -> None:
     torch.save(resume, out / "resume.pt.tmp")
     os.replace(out / "resume.pt.tmp", out / "resume.pt")
     history = state["history"]
-    if history["loss"]:
-        plot_loss(history, out / "loss.png", f"QLoRA fine-tuning (r={state['settings']['r']}, lr={state['settings']['lr']:g})")
-    plot_prices(history["before"], history.get("after"), out / "prices.png")
     metrics = {
         "settings": state["settings"], "steps_done": state["step"], "interrupted": state["interrupted"],
         "world_size": state["world_size"], "data": state["data"], "trainable": state["trainable"],
@@ -141,4 +138,7 @@ def save_run(out: Path, model, optimizer, scheduler, state: dict) -> None:
     }
     (out / "metrics.json.tmp").write_text(json.dumps(metrics, indent=1) + "\n")
     os.replace(out / "metrics.json.tmp", out / "metrics.json")
+    if history["loss"]:  # the charts last: they are drawn from what is saved above
+        plot_loss(history, out / "loss.png", f"QLoRA fine-tuning (r={state['settings']['r']}, lr={state['settings']['lr']:g})")
+    plot_prices(history["before"], history.get("after"), out / "prices.png")
 

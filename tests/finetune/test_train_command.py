@@ -143,6 +143,32 @@ def test_ctrl_c_saves_and_resume_continues_exactly_where_it_stopped(tmp_path, mo
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_a_second_ctrl_c_while_saving_still_saves_everything(tmp_path, monkeypatch, capsys):
+    """Ctrl-C at step 2, and again while the adapter is written: once a traceback, with no metrics.json or charts."""
+    import lora_lab.finetune.adapters as adapters
+
+    real_step, real_save = training_run.optimizer_step, adapters.save_adapter
+
+    def step(*args, **kwargs):
+        steps_taken.append(1)
+        if len(steps_taken) == 2:
+            signal.raise_signal(signal.SIGINT)  # the first Ctrl-C: step 2 finishes, then the run saves
+        return real_step(*args, **kwargs)
+
+    def save_adapter(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # the second Ctrl-C, in the middle of saving
+        return real_save(*args, **kwargs)
+
+    steps_taken = []
+    monkeypatch.setattr(training_run, "optimizer_step", step)
+    monkeypatch.setattr(adapters, "save_adapter", save_adapter)
+    run = tmp_path / "run"
+    assert main(["train", "--steps", "4", *QUICK, "--out", str(run)]) == 130
+    assert "still saving the last finished step" in capsys.readouterr().out
+    assert _metrics(run)["steps_done"] == 2 and _metrics(run)["interrupted"]
+    assert (run / "loss.png").read_bytes()[:8] == PNG and (run / "prices.png").read_bytes()[:8] == PNG
+
+
 def test_resume_refuses_changed_settings_and_a_finished_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--steps", "1", *QUICK, "--out", str(out)]) == 0
