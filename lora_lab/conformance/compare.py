@@ -32,6 +32,14 @@ UNIT_ROUNDOFF = {
     torch.float16: 2.0**-11,
     torch.bfloat16: 2.0**-8,
 }
+# The outliers drawn in each dtype: large activations and weights exist in real models, and bf16's past fp16's
+# largest number (65,504) catches a bf16 computation done in fp16, which overflows to Inf.
+OUTLIER_MAGNITUDE = {
+    torch.float64: 2.0**30,
+    torch.float32: 2.0**20,
+    torch.float16: 2.0**7,  # 128: gradients through a large scaling must still fit fp16
+    torch.bfloat16: 2.0**17,
+}
 ACCUMULATOR_ROUNDOFF = 2.0**-24  # implementations accumulate in fp32 (or better)
 # Rounding events on the way in and out: W to x's dtype, the r-wide intermediate,
 # A/B casts, and the output itself. Each costs at most one u of the storage dtype.
@@ -169,3 +177,12 @@ def call_guarded(fn: Callable, *args, name: str = "the call", deterministic: boo
 
 def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
+
+
+def add_outliers(t: torch.Tensor, count: int, generator: torch.Generator, signed: bool = True) -> torch.Tensor:
+    """``t`` with ``count`` elements (at drawn places, of drawn sign unless not ``signed``) set to ``OUTLIER_MAGNITUDE``."""
+    flat = t.reshape(-1).clone()
+    where = torch.randint(0, flat.numel(), (count,), generator=generator)
+    signs = torch.randint(0, 2, (count,), generator=generator).to(flat.dtype) * 2 - 1 if signed else 1
+    flat[where] = signs * OUTLIER_MAGNITUDE[t.dtype]
+    return flat.reshape(t.shape)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from lora_lab.conformance.compare import seeded_generator
+from lora_lab.conformance.compare import add_outliers, seeded_generator
 from lora_lab.nf4 import ABSMAX_BLOCKSIZE, NF4_CODE, dynamic_map
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -103,7 +103,8 @@ def nf4_weights(draw, max_numel: int = 6000, dtypes: tuple[torch.dtype, ...] = D
 
     Draws: exact NF4 midpoints and their one-ulp neighbours, the multiply-vs-divide witness in a full block and in
     a short last block, all-equal, single-outlier and all-zero blocks (a full or a short all-zero last block),
-    odd shapes (1-D or a few rows), every blocksize from 32 to 4096, fp32/fp16/bf16.
+    odd shapes (1-D or a few rows), every blocksize from 32 to 4096, fp32/fp16/bf16, and in a quarter of the draws
+    one outlier of ``compare.OUTLIER_MAGNITUDE`` (in bf16 past fp16's largest number).
     """
     blocksize = draw(st.sampled_from(BLOCKSIZES))
     full_blocks = draw(st.integers(0, max(0, max_numel // blocksize - 1)))
@@ -124,7 +125,10 @@ def nf4_weights(draw, max_numel: int = 6000, dtypes: tuple[torch.dtype, ...] = D
     numel = weight.numel()
     rows = draw(st.sampled_from([d for d in (1, 2, 3, 5, 7, 16) if numel % d == 0]))
     shape = (numel,) if draw(st.booleans()) else (rows, numel // rows)
-    return weight.to(dtype).reshape(shape), blocksize
+    weight = weight.to(dtype)
+    if draw(st.integers(0, 3)) == 0:  # an outlier of the dtype's OUTLIER_MAGNITUDE: in bf16 past fp16's 65,504
+        weight = add_outliers(weight, 1, g)
+    return weight.reshape(shape), blocksize
 
 
 def grid_boundary_values(g: torch.Generator) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Properties of AdamW (exercise 05).
 
 Oracle: ``torch.optim.AdamW``, step by step, on the same parameter, gradients
-and hyperparameters.
+and hyperparameters, in fp64, fp32, bf16 and fp16 (half-precision parameters keep
+half-precision moments in torch, and bias correction matters there as much).
 """
 
 from __future__ import annotations
@@ -18,17 +19,24 @@ from lora_lab.conformance.registry import check
 @st.composite
 def adamw_problems(draw):
     shape = tuple(draw(st.lists(st.integers(1, 17), min_size=1, max_size=3)))
-    dtype = draw(st.sampled_from((torch.float32, torch.float64)))
+    dtype = draw(st.sampled_from((torch.float32, torch.float64, torch.bfloat16, torch.float16)))
     hparams = dict(
         lr=draw(st.sampled_from((1e-4, 1e-3, 1e-2, 0.1))),
         betas=draw(st.sampled_from(((0.9, 0.999), (0.8, 0.99), (0.5, 0.9)))),
-        eps=draw(st.sampled_from((1e-8, 1e-6, 1e-3))),
+        # 1e-8 rounds to 0 in fp16 (its smallest number is 6e-8): a zero gradient would give 0 / 0 in torch too.
+        eps=draw(st.sampled_from((1e-6, 1e-3) if dtype == torch.float16 else (1e-8, 1e-6, 1e-3))),
     )
     weight_decay = draw(st.sampled_from((0.01, 0.1, 0.5)))
     g = seeded_generator(draw(st.integers(0, 2**31 - 1)))
     param = torch.randn(shape, generator=g, dtype=dtype) * draw(st.sampled_from((0.02, 1.0, 30.0)))
-    grad_scale = draw(st.sampled_from((1e-6, 1e-2, 1.0, 100.0)))
-    grads = [torch.randn(shape, generator=g, dtype=dtype) * grad_scale for _ in range(6)]
+    if dtype == torch.float16:
+        # fp16 keeps (1 - beta2) g^2 normal only for |g| in about [0.25, 100]: below, the second moment underflows and
+        # torch's own fp16 AdamW divides by eps alone. So fp16 gradients are drawn with magnitudes in [0.5, 1.5].
+        magnitude = 0.5 + torch.rand((6, *shape), generator=g)
+        grads = list((torch.randn((6, *shape), generator=g).sign() * magnitude).to(dtype))
+    else:
+        grad_scale = draw(st.sampled_from((1e-6, 1e-2, 1.0, 100.0)))
+        grads = [torch.randn(shape, generator=g, dtype=dtype) * grad_scale for _ in range(6)]
     for grad in grads[::2]:
         grad.view(-1)[0] = 0.0  # a zero gradient: Adam must not divide by zero
     return param, grads, hparams, weight_decay

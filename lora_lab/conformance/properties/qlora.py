@@ -7,7 +7,8 @@
 computed in float64 from the dequantized weight, within an elementwise bound
 derived from the dtype and the length of each sum (see ``compare.product_bound``).
 Shapes are drawn to be awkward: M = 1, N and M not multiples of any tile,
-3-D inputs, ranks from 1 to 64, every block size the kernels support.
+3-D inputs, ranks from 1 to 64, every block size the kernels support; x holds
+outliers in a third of the draws (in bf16, past fp16's largest number).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.compare import assert_close, call_guarded, product_bound, seeded_generator
+from lora_lab.conformance.compare import add_outliers, assert_close, call_guarded, product_bound, seeded_generator
 from lora_lab.conformance.contract import refill_tail
 from lora_lab.conformance.profiles import examples
 from lora_lab.conformance.registry import CheckFailed, check
@@ -69,6 +70,8 @@ def problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16), max_k:
     g = seeded_generator(draw(st.integers(0, 2**31 - 1)))
     weight = quantize_nf4((torch.randn(N, K, generator=g) * 0.05).to(dtype), blocksize, double_quant)
     x = torch.randn(*lead, K, generator=g).to(dtype)
+    if draw(st.integers(0, 2)) == 0:  # an outlier activation: in bf16 past fp16's range, as in real LLM layers
+        x = add_outliers(x, draw(st.integers(1, 3)), g)
     lora_A = (torch.randn(r, K, generator=g) / K**0.5).to(adapter_dtype)
     lora_B = (torch.randn(N, r, generator=g) * 0.1).to(adapter_dtype)
     bias = (torch.randn(N, generator=g) * 0.1).to(dtype) if with_bias else None
