@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lora_lab.conformance import contract
 from lora_lab.conformance.registry import (
     ERROR,
     FAILED,
@@ -118,6 +117,8 @@ def run_check(check: Check, target: Target) -> Result:
     missing = [op for op in check.requires if not target.provides(op)]
     if missing:
         return Result(check, NOT_PROVIDED, f"target has no {', '.join(missing)}")
+    from lora_lab.conformance import contract  # imports torch: not at import time, so `lora-lab verify -h` stays fast
+
     contract.WATCH.clear()  # outputs of an earlier check are not this check's to judge
     try:
         check.func(target)
