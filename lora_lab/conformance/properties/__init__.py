@@ -12,6 +12,7 @@ from lora_lab.conformance.properties import (  # noqa: F401  (registers them)
     apply_qlora,
     double_quant,
     loss,
+    memory,
     nf4,
     qlora,
     step_at_scale,

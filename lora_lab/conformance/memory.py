@@ -1,0 +1,101 @@
+"""What a forward pass keeps for backward, measured: the machinery of the memory properties.
+
+QLoRA's saving is that no dense base weight exists between forward and
+backward: the weight is stored in 4 bits and dequantized on the fly. A layer
+that keeps ``W`` dequantized for its backward (bitsandbytes did until 2024: about
+13 GB on a 9B model) or forms ``W + s * B @ A`` still computes the right numbers,
+so only a measurement catches it. Two instruments, used together:
+
+- ``saved_tensors_hooks`` (``torch.autograd.graph``) sees every tensor autograd
+  packs for backward: the ones ``save_for_backward`` stores and the ones built-in
+  ops save (``x @ M^T`` with M requiring grad saves M);
+- a ``TorchDispatchMode`` sees every tensor any torch op creates during the
+  forward; a weak reference to each tells afterwards whether it is still alive,
+  which also catches a tensor kept as a ``ctx`` attribute or in a cache, where no
+  hook looks.
+
+Both see torch operations only. A Triton kernel's tiles live in registers (or,
+under ``TRITON_INTERPRET=1``, in small numpy arrays) and never appear: what
+they do show is every buffer the host code around a kernel allocates, which is
+where a dense weight would be made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One tensor: where it came from, its shape and dtype."""
+
+    where: str  # the op that made it, or the module whose forward saved it
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def __str__(self) -> str:
+        return f"{tuple(self.shape)} {str(self.dtype).replace('torch.', '')} ({self.where})"
+
+
+class _Created(TorchDispatchMode):
+    """Weak references to the outputs of every op whose element count ``wanted(numel)`` accepts."""
+
+    def __init__(self, wanted: Callable[[int], bool]) -> None:
+        super().__init__()
+        self.wanted = wanted
+        self.refs: list[tuple[Seen, weakref.ref]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and self.wanted(t.numel()):
+                self.refs.append((Seen(str(func.overloadpacket.__name__), tuple(t.shape), t.dtype), weakref.ref(t)))
+        return out
+
+
+@dataclass
+class Record:
+    """What one measured forward pass saved for backward, made, and left alive."""
+
+    saved: list[Seen] = field(default_factory=list)  # everything autograd packed for backward
+    created: list[Seen] = field(default_factory=list)  # op outputs of the sizes asked for
+    _refs: list[tuple[Seen, weakref.ref]] = field(default_factory=list, repr=False)
+
+    def alive(self) -> list[Seen]:
+        """The recorded op outputs still alive now (call it after the forward's temporaries are gone)."""
+        gc.collect()
+        return [seen for seen, ref in self._refs if ref() is not None]
+
+
+@contextlib.contextmanager
+def measure(wanted: Callable[[int], bool], context: Callable[[], str] = lambda: "autograd") -> Iterator[Record]:
+    """Record what the code in the block saves for backward, and the op outputs whose size ``wanted`` accepts.
+
+    ``context()`` names where a saved tensor came from (a module's name, for
+    a model); the tensors themselves are passed through untouched.
+    """
+    record = Record()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        record.saved.append(Seen(context(), tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    created = _Created(wanted)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), created:
+        yield record
+    record.created = [seen for seen, _ in created.refs]
+    record._refs = created.refs
