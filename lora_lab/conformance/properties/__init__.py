@@ -10,6 +10,7 @@ from __future__ import annotations
 from lora_lab.conformance.properties import (  # noqa: F401  (registers them)
     adamw,
     apply_qlora,
+    bounds,
     double_quant,
     loss,
     memory,
