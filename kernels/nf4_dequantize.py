@@ -85,13 +85,16 @@ def nf4_dequantize(q: NF4Tensor) -> torch.Tensor:
         )
     packed, levels, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(q)
     check_device(packed, absmax)
-    out = new_output(tuple(q.shape), q.dtype, packed.device)
+    # The interpreter's own fp32 -> bf16 store mangles subnormals, so there bf16 goes through an fp32 buffer: the
+    # kernel has already rounded each value to a bf16 number, and the host's cast keeps it exactly.
+    via_fp32 = INTERPRETING and q.dtype == torch.bfloat16
+    out = new_output(tuple(q.shape), torch.float32 if via_fp32 else q.dtype, packed.device)
     if q.numel == 0:
-        return out
+        return out.to(q.dtype)
     grid = (triton.cdiv(q.numel, BLOCK),)
     nf4_dequantize_kernel[grid](
         packed, levels, absmax, absmax_code, absmax_scale, absmax_offset, out, q.numel,
         BLOCKSIZE=q.blocksize, OUT_KIND=dtype_kind(q.dtype), DOUBLE_QUANT=q.double_quant,
         INTERPRET=INTERPRETING, BLOCK=BLOCK, **LAUNCH_OPTIONS,
     )
-    return out
+    return out.to(q.dtype) if via_fp32 else out
