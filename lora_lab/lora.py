@@ -35,6 +35,7 @@ from lora_lab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from lora_lab.operands import check_qlora_operands
 
 BACKENDS = ("reference", "triton")
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _FrozenNF4Linear(torch.autograd.Function):
@@ -116,19 +117,36 @@ class NF4Linear(nn.Module):
     trainable adapters.
     """
 
-    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"expected compute_dtype to be one of {', '.join(map(str, COMPUTE_DTYPES))} or None, "
+                             f"got {compute_dtype!r}")
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = compute_dtype
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
+    def from_linear(
+        cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype | None = None
+    ) -> NF4Linear:
         """Quantize ``linear.weight`` to NF4 and freeze its bias."""
-        return cls(_quantized(linear, blocksize, double_quant), linear.bias)
+        return cls(_quantized(linear, blocksize, double_quant), linear.bias, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return base_path(x, self.weight, self.bias)
+        return self._in_compute_dtype(x, lambda x: base_path(x, self.weight, self.bias))
+
+    def _in_compute_dtype(self, x: torch.Tensor, compute) -> torch.Tensor:
+        """``compute(x)`` with x cast to ``compute_dtype`` (when set), and the result cast back to x's dtype.
+
+        This is bitsandbytes' ``Linear4bit(compute_dtype=...)``: QLoRA stores the
+        base in NF4 and computes in bf16 even when the surrounding model (norms,
+        residual stream) is fp32. What backward keeps is the cast x, in bf16.
+        """
+        if self.compute_dtype is None or x.dtype == self.compute_dtype:
+            return compute(x)
+        return compute(x.to(self.compute_dtype)).to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         # Follow device moves (``.to("cuda")``) with the NF4 weight; its dtype never changes.
@@ -138,9 +156,10 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         q = self.weight
+        dtype = "" if self.compute_dtype is None else f", compute_dtype={str(self.compute_dtype).replace('torch.', '')}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"blocksize={q.blocksize}, double_quant={q.double_quant}"
+            f"blocksize={q.blocksize}, double_quant={q.double_quant}{dtype}"
         )
 
 
@@ -157,12 +176,13 @@ class QLoRALinear(NF4Linear):
         use_rslora: bool = False,
         backend: str = "reference",
         adapter_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"expected backend to be one of {BACKENDS}, got {backend!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"expected dropout in [0, 1), got {dropout!r}")
-        super().__init__(weight, bias)
+        super().__init__(weight, bias, compute_dtype)
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.r, self.alpha, self.use_rslora, self.backend = r, alpha, use_rslora, backend
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=weight.device))
@@ -181,11 +201,17 @@ class QLoRALinear(NF4Linear):
         blocksize: int = 64,
         double_quant: bool = True,
         backend: str = "reference",
+        compute_dtype: torch.dtype | None = None,
     ) -> QLoRALinear:
-        """Quantize ``linear.weight`` to NF4 and attach fresh adapters (A random, B zero)."""
-        return cls(_quantized(linear, blocksize, double_quant), linear.bias, r, alpha, dropout, use_rslora, backend)
+        """Quantize ``linear.weight`` to NF4 and attach fresh adapters (A random, B zero, both fp32)."""
+        return cls(_quantized(linear, blocksize, double_quant), linear.bias, r, alpha, dropout, use_rslora, backend,
+                   compute_dtype=compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Both paths in ``compute_dtype`` (x's dtype when unset); the fp32 adapters are cast to it, never x up to them."""
+        return self._in_compute_dtype(x, self._both_paths)
+
+    def _both_paths(self, x: torch.Tensor) -> torch.Tensor:
         dropout_active = self.training and isinstance(self.lora_dropout, nn.Dropout)
         if dropout_active:
             # Dropout applies to the adapter's input only (as in peft), so the two paths see different x.

@@ -109,6 +109,7 @@ def apply_qlora(
     double_quant: bool = True,
     backend: str = "reference",
     quantize_base: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Make ``model`` a QLoRA model, in place, and return it.
 
@@ -119,6 +120,11 @@ def apply_qlora(
     (the default, as in real QLoRA) every other ``nn.Linear`` except
     ``lm_head`` becomes an ``NF4Linear`` with the same quantization: the whole
     base is frozen in NF4, and adapters go only on the targets.
+
+    ``compute_dtype`` (bitsandbytes' ``bnb_4bit_compute_dtype``) is the dtype
+    both paths of every quantized layer compute in: fp32, bf16 or fp16; unset,
+    the dtype of the activations (fp32 for ``tiny_llama``). The adapters stay
+    fp32 (AdamW's updates are too small for bf16) and are cast for the matmul.
     """
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
@@ -142,7 +148,7 @@ def apply_qlora(
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = QLoRALinear.from_linear(
             linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-            blocksize=blocksize, double_quant=double_quant, backend=backend,
+            blocksize=blocksize, double_quant=double_quant, backend=backend, compute_dtype=compute_dtype,
         )
         setattr(parent, child, layer)
     if quantize_base:
@@ -154,7 +160,7 @@ def apply_qlora(
         for name, linear in rest:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant))
+            setattr(parent, child, NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype))
     if getattr(model, "is_gradient_checkpointing", False):
         model.enable_input_require_grads()  # see enable_gradient_checkpointing: older transformers leave it out
     return model

@@ -169,6 +169,7 @@ def load_llama(
     dtype: torch.dtype | None = None,
     backend: str = "reference",
     quantize_base: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """A ``LlamaForCausalLM`` from a local checkpoint directory, in eval mode.
 
@@ -180,7 +181,8 @@ def load_llama(
     ...)`` without ever holding the dense linear weights. With ``quantize=False`` it is the plain dense model (every
     parameter trainable, as ``from_pretrained`` gives it), loaded the same
     tensor-at-a-time way. ``dtype`` converts the stored tensors (default: keep
-    them as stored); the NF4 weights dequantize to it.
+    them as stored); the NF4 weights dequantize to it. ``compute_dtype`` is
+    ``apply_qlora``'s: what the quantized layers compute in.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -226,9 +228,9 @@ def load_llama(
         parent, _, child = name.rpartition(".")
         weight, bias = nf4_weights.pop(name), nf4_biases.pop(name, None)
         if name in target_paths:
-            layer = QLoRALinear(weight, bias, r, alpha, dropout, use_rslora, backend)
+            layer = QLoRALinear(weight, bias, r, alpha, dropout, use_rslora, backend, compute_dtype=compute_dtype)
         else:
-            layer = NF4Linear(weight, bias)
+            layer = NF4Linear(weight, bias, compute_dtype)
         setattr(model.get_submodule(parent), child, layer)
     output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if config.tie_word_embeddings and output is not None and output.weight.is_meta:

@@ -29,7 +29,8 @@ CAPABILITIES = {"blocksizes": ((64,), "BitsAndBytesConfig has no blocksize optio
 
 
 def apply_qlora(model: nn.Module, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), r: int = 8, alpha: float = 16,
-                dropout: float = 0.0, quantize_base: bool = True, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+                dropout: float = 0.0, quantize_base: bool = True, blocksize: int = 64, double_quant: bool = True,
+                compute_dtype: torch.dtype | None = None) -> nn.Module:
     """``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))``, then ``get_peft_model``."""
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -37,7 +38,7 @@ def apply_qlora(model: nn.Module, target_modules=("q_proj", "k_proj", "v_proj", 
     if blocksize != 64:
         raise ValueError(f"expected blocksize=64: BitsAndBytesConfig has no blocksize option, got {blocksize}")
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                                bnb_4bit_compute_dtype=model.dtype)
+                                bnb_4bit_compute_dtype=compute_dtype or model.dtype)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         quantized = AutoModelForCausalLM.from_pretrained(

@@ -1,4 +1,5 @@
-"""Properties of the training step at real scale (exercise 06): logits only where labels are, gradient checkpointing.
+"""Properties of the training step at real scale (exercise 06): logits only where labels are, gradient checkpointing,
+a bf16 or fp16 compute dtype.
 
 The step people run on Llama 3 8B differs from the tiny fp32 one in ways that
 fail silently: a step that computes ``lm_head`` only at the labelled positions
@@ -7,11 +8,16 @@ can pair the wrong logits with the labels, and with gradient checkpointing
 (transformers#26221, peft#1142). Each check compares the gradients the target's
 ``training_step`` hands its optimizer with those of the plain computation:
 every position's logits and transformers' own loss, without checkpointing.
+A compute dtype is checked layer by layer against bitsandbytes' ``Linear4bit``
+with the same ``compute_dtype`` (and peft's LoRA on it), within bounds derived
+for that dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import operator
 import warnings
 
 import torch
@@ -174,3 +180,86 @@ def gradient_checkpointing(target) -> None:
             assert_gradients(got, expected, where)
 
     prop()
+
+
+def _bnb_oracle(dense_linear, dtype: torch.dtype, pair, scaling: float):
+    """The layer as bitsandbytes + peft make it: ``Linear4bit(compute_dtype=dtype)`` (bitsandbytes' own quantization),
+    with peft's LoRA holding ``pair``'s values when the layer is adapted; and its NF4 weight."""
+    import bitsandbytes.functional as bnb_functional
+
+    from lora_lab.conformance.oracles import bnb_linear4bit, peft_bnb_layer
+    from lora_lab.conformance.properties.qlora import Problem
+    from lora_lab.nf4 import NF4Tensor
+
+    packed, state = bnb_functional.quantize_4bit(dense_linear.weight.detach(), blocksize=64, quant_type="nf4",
+                                                 compress_statistics=True)
+    weight = NF4Tensor.from_bnb(packed, state)
+    if pair is None:
+        layer = bnb_linear4bit(weight, dense_linear.bias, compute_dtype=dtype)
+        base = layer
+    else:
+        problem = Problem(None, weight, pair.lora_A.detach(), pair.lora_B.detach(), scaling, dense_linear.bias)
+        layer, _ = peft_bnb_layer(problem)
+        base = layer.base_layer
+    base.compute_dtype, base.compute_type_is_set = dtype, True
+    return layer.train(), weight
+
+
+def _layer_bounds(x, weight, pair, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """2 x the product bound of the layer's output in ``dtype``: both sides round, each within one bound."""
+    from lora_lab.conformance.compare import product_bound
+    from lora_lab.nf4 import dequantize_nf4
+
+    ax = x.detach().double().abs().reshape(-1, x.shape[-1])
+    magnitude = ax @ dequantize_nf4(weight).double().abs().t()
+    reduction = x.shape[-1]
+    if pair is not None:
+        aa, ab = pair.lora_A.detach().double().abs(), pair.lora_B.detach().double().abs()
+        magnitude = magnitude + abs(scaling) * (ax @ aa.t()) @ ab.t()
+        reduction += aa.shape[0]
+    return 2 * product_bound(magnitude, reduction, dtype).reshape(*x.shape[:-1], -1)
+
+
+@check(
+    "qlora.apply_compute_dtype_matches_bitsandbytes",
+    requires=("apply_qlora",),
+    points=6,
+    exercise="06",
+    hint="compute_dtype is bitsandbytes' bnb_4bit_compute_dtype: cast x to it, compute both paths in it (the fp32 "
+    "adapters are cast for the matmul), and cast the result back to x's dtype.",
+)
+def apply_compute_dtype_matches_bitsandbytes(target) -> None:
+    """With compute_dtype bf16/fp16 each quantized layer casts x to it, matches Linear4bit + peft, returns x's dtype."""
+    from lora_lab.conformance.memory import measure
+    from lora_lab.conformance.model_protocol import module_at, quantized_layer_names
+
+    @settings(max_examples=examples(2), phases=NO_SHRINK)
+    @given(st.integers(0, 1000), st.sampled_from((torch.bfloat16, torch.float16)))
+    def prop(seed, dtype):
+        r, alpha = 8, 16
+        model = seeded_apply(target, seed, r=r, alpha=alpha, compute_dtype=dtype).train()
+        randomize_B(model, seed)
+        dense, pairs, g = tiny_llama(seed), adapters(model), seeded_generator(seed)
+        names = quantized_layer_names(model)
+        if not names:
+            raise CheckFailed("found no quantized layer after apply_qlora")
+        for name in names:
+            reference = dense.get_submodule(name)
+            oracle, weight = _bnb_oracle(reference, dtype, pairs.get(name), alpha / r)
+            x = torch.randn(3, 7, reference.in_features, generator=g).requires_grad_()  # as inside a model being trained
+            where = f"{name} with compute_dtype={str(dtype).replace('torch.', '')}"
+            with measure(functools.partial(operator.eq, x.numel())) as record:
+                y = module_at(model, name)(x)
+            if not any(s.dtype == dtype for s in record.created):
+                raise CheckFailed(f"{where} made no {str(dtype).replace('torch.', '')} copy of its fp32 input: it does not "
+                                  "compute in compute_dtype")
+            if not isinstance(y, torch.Tensor) or y.dtype != x.dtype:
+                raise CheckFailed(f"{where}: expected the output in x's dtype {x.dtype} (as Linear4bit), got "
+                                  f"{getattr(y, 'dtype', type(y).__name__)}")
+            assert_close(y, oracle(x.detach()), _layer_bounds(x, weight, pairs.get(name), alpha / r, dtype),
+                         f"{where} vs bitsandbytes Linear4bit + peft")
+
+    from lora_lab.conformance.oracles import bitsandbytes_eager
+
+    with bitsandbytes_eager():
+        prop()
