@@ -7,7 +7,8 @@
     lora-lab train --nproc 2                            # the same run, data-parallel (torchrun, DDP)
 
 A data file has one product per line, {"text": "<description>", "price": 249.0};
-bad lines are reported by number and skipped (refused with --strict). Each
+bad lines, a price above 999 included, are reported by number and skipped
+(refused with --strict). Each
 example is the lecture's prompt ("How much does this cost to the nearest
 dollar? ... Price is $") and the whole-dollar price, the only labelled tokens.
 
@@ -18,7 +19,10 @@ error in dollars, and the share within 20% of the true price.
 --out gets: adapter/ (peft's format: PeftModel.from_pretrained loads it),
 loss.png, prices.png (predicted vs true), metrics.json and resume.pt. Ctrl-C
 finishes the current step and saves all of them (a second Ctrl-C stops at once,
-still saving the last finished step); --resume continues from there.
+still saving the last finished step); --resume continues from there, and refuses
+a data file that changed since. --resume with a new --steps keeps the learning
+rate where it was and decays it over the steps left: it never restarts from the
+peak (lora_lab/finetune/schedule.py).
 """
 
 from __future__ import annotations
@@ -26,18 +30,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import math
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from lora_lab.cli.threads import add_threads_argument, apply_threads
-from lora_lab.finetune.data_files import PromptCodec, UsageError, batch_rows, collate, load_examples
+from lora_lab.finetune import schedule
+from lora_lab.finetune.data_files import PromptCodec, UsageError, batch_rows, collate, data_digest, load_examples
+from lora_lab.finetune.interrupts import InterruptGuard, stop_everywhere
 
 DEFAULTS = dict(model="tiny", data="builtin", steps=200, batch_size=16, grad_accum=1, r=8, alpha=16.0, dropout=0.0, lr=2e-3,
                 scheduler="cosine", warmup_ratio=0.03, backend="reference", out="runs/train", seed=0, eval_size=200,
@@ -160,36 +163,6 @@ def _main_rank_first(ctx):
 # ---------------------------------------------------------------------------- one step, the schedule, the evaluation
 
 
-class InterruptGuard:
-    """Ctrl-C once: stop after this step. Twice: stop now, unless the optimizer is mid-update (then after it).
-
-    While the run is saved (``saving``), Ctrl-C only says so: a KeyboardInterrupt there would leave the
-    folder without metrics.json or the charts, and the last finished step would be lost after all.
-    """
-
-    def __init__(self, say=print) -> None:
-        self.requested = self.updating = self.saving = False
-        self.say, self.previous = say, None
-
-    def __enter__(self) -> InterruptGuard:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-    def _on_sigint(self, signum, frame) -> None:
-        if self.saving:
-            self.say("\nCtrl-C: still saving the last finished step; this takes a few seconds", flush=True)
-            return
-        if self.requested and not self.updating:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.say("\nCtrl-C: stopping after this step and saving (press again to stop at once)", flush=True)
-
-
 def optimizer_step(
     model, micro_batches: list[dict], optimizer, world_size: int = 1, guard: InterruptGuard | None = None
 ) -> float:
@@ -207,16 +180,6 @@ def optimizer_step(
     return distributed_training_step(model, micro_batches, optimizer, world_size, mark_updating if guard else None)
 
 
-def lr_multiplier(step: int, total: int, warmup: int, kind: str) -> float:
-    """Learning rate of update ``step`` (from 0) as a share of the peak: linear warmup, then cosine/linear decay or constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    return 1 - progress if kind == "linear" else 1.0
-
-
 def _read_resume(directory: str) -> dict:
     import torch
 
@@ -230,18 +193,6 @@ def _rng_state() -> dict:
     import torch
 
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _stop_everywhere(guard: InterruptGuard, ctx) -> bool:
-    """Whether any rank was asked to stop; every rank must agree, or the others would wait forever."""
-    import torch
-    import torch.distributed as dist
-
-    if ctx is None or ctx.world_size == 1:
-        return guard.requested
-    flag = torch.tensor([float(guard.requested)], device=ctx.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 # ---------------------------------------------------------------------------- the run
@@ -275,6 +226,11 @@ def train(args: argparse.Namespace, ctx) -> int:
     if settings["backend"] == "triton" and device.type != "cuda":
         raise UsageError("--backend triton runs fused Triton kernels and needs a CUDA GPU; use --backend reference on a CPU")
 
+    digest = None if settings["data"] == "builtin" else data_digest(settings["data"])
+    if saved and saved["data"].get("sha256", digest) != digest:
+        raise UsageError(f"{settings['data']} changed since the run in {args.resume} started: its rows decide the held-out "
+                         "split and the batches, so the resumed run would train on other examples and compare against "
+                         "other prompts; restore the file, or start a new run on it with --out")
     train_rows, held_rows = load_examples(settings, args.strict, say)
     model, codec, base_model = build_model(settings, ctx, say)
     model.to(device).train()
@@ -286,14 +242,20 @@ def train(args: argparse.Namespace, ctx) -> int:
             "built-in products' words; use --model PATH for other text)")
     say(f"{trainable_summary(model)}; {len(examples)} training examples, {len(held_out)} held out")
     optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=settings["lr"])
-    warmup = math.ceil(settings["warmup_ratio"] * steps)
-    schedule = functools.partial(lr_multiplier, total=steps, warmup=warmup, kind=settings["scheduler"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    kind = settings["scheduler"]
+    if saved:  # (a run saved before schedules were kept had the plan of its own --steps)
+        planned = saved.get("schedule") or schedule.plan(saved["settings"]["steps"], settings["warmup_ratio"])
+        segments = schedule.resumed(planned, saved["step"], steps, kind)
+    else:
+        segments = schedule.plan(steps, settings["warmup_ratio"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(schedule.multiplier, segments=segments, kind=kind))
     history, step = {"loss": [], "lr": [], "evals": [], "before": None}, 0
     if saved:
         load_adapter(model, Path(args.resume) / "adapter")
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        for group in optimizer.param_groups:  # the rate of the next step under the (possibly extended) schedule
+            group["lr"] = group["initial_lr"] * schedule.multiplier(saved["step"], segments, kind)
         torch.set_rng_state(saved["rng"]["cpu"])
         if saved["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
@@ -302,8 +264,11 @@ def train(args: argparse.Namespace, ctx) -> int:
             raise UsageError(f"the run in {args.resume} already did {step} steps; pass --steps above {step} to continue it")
         history.pop("after", None)
         say(f"resuming {args.resume} at step {step} of {steps}")
+        if len(segments) > len(planned):
+            say(f"  --steps {steps} changes the run's end: the learning rate goes on from {optimizer.param_groups[0]['lr']:.2e} "
+                f"and follows {kind} over the {steps - step} steps left (it never restarts; a new run gets a full schedule)")
     say(f"settings: r={settings['r']} alpha={settings['alpha']:g} dropout={settings['dropout']:g} lr={settings['lr']:g} "
-        f"{settings['scheduler']} (warmup {warmup} steps) targets {settings['targets']}, batch {settings['batch_size']} "
+        f"{kind} (warmup {segments[0]['warmup']} steps) targets {settings['targets']}, batch {settings['batch_size']} "
         f"x {settings['grad_accum']} accumulated, {world} process(es) of {torch.get_num_threads()} CPU thread(s)")
     if history["before"] is None:
         history["before"] = evaluate(model, held_out, codec, ctx, device)
@@ -329,7 +294,7 @@ def train(args: argparse.Namespace, ctx) -> int:
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{history['lr'][-1]:.2e}")
                 if step % every == 0 and step < steps:
                     history["evals"].append({"step": step, **summarize(evaluate(model, held_out, codec, ctx, device))})
-                if _stop_everywhere(guard, ctx):
+                if stop_everywhere(guard, ctx):
                     interrupted = True
                     break
             if not interrupted:
@@ -343,8 +308,9 @@ def train(args: argparse.Namespace, ctx) -> int:
         bar.close()
         if is_main:
             summary = trainable_summary(model)
-            data = {"source": settings["data"], "train_examples": len(examples), "held_out": len(held_out)}
+            data = {"source": settings["data"], "sha256": digest, "train_examples": len(examples), "held_out": len(held_out)}
             state = {"settings": settings, "step": step, "interrupted": interrupted, "world_size": world, "rng": rng,
+                     "schedule": segments,
                      "history": history, "base_model": base_model, "data": data, "seconds": time.perf_counter() - started,
                      "trainable": {"parameters": summary.trainable, "share": summary.share}}
             save_run(out, model, optimizer, scheduler, state)

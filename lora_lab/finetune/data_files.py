@@ -11,14 +11,18 @@ answer and the only labelled tokens:
     How much does this cost to the nearest dollar?\n\n<text>\n\nPrice is $249
 
 A data file is read in full before training starts. A bad line (not JSON, no
-"text" or "price", an empty text, a price that is not a non-negative number)
+"text" or "price", an empty text, a price that is not a number from 0 to 999)
 is reported with its line number; it is then skipped, or the whole file is
-refused with ``strict``. Nothing is dropped without saying so.
+refused with ``strict``. Nothing is dropped without saying so. Prices above 999
+are bad rows because the price evaluation answers with one number token, 0-999
+(as Llama 3's tokenizer has them): such a row could be trained on but never
+priced right, and would make the held-out error meaningless.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import random
@@ -26,6 +30,7 @@ from pathlib import Path
 
 BUILTIN_PRODUCTS = 4000  # training set of --data builtin (held-out prompts come from another seed)
 MAX_SHOWN_PROBLEMS = 20
+MAX_PRICE = 999  # the largest whole-dollar answer the price evaluation can give (one token per number)
 
 
 class UsageError(Exception):
@@ -55,6 +60,8 @@ def read_jsonl(path: Path, strict: bool, say=print) -> list[tuple[str, float]]:
                 problems.append((number, f"'price' must be a number, got {row['price']!r}"))
             elif row["price"] < 0:
                 problems.append((number, f"'price' must not be negative, got {row['price']}"))
+            elif whole_dollars(row["price"]) > MAX_PRICE:
+                problems.append((number, f"'price' {row['price']} is above {MAX_PRICE}, the most the evaluation can answer"))
             else:
                 rows.append((row["text"].strip(), float(row["price"])))
     for number, message in problems[:MAX_SHOWN_PROBLEMS]:
@@ -66,6 +73,22 @@ def read_jsonl(path: Path, strict: bool, say=print) -> list[tuple[str, float]]:
     if problems and strict:
         raise UsageError(f"{path} has {len(problems)} bad row(s) (listed above); fix them, or drop --strict to skip them")
     return rows
+
+
+def whole_dollars(price: float) -> int:
+    """The price as the model is taught it: to the nearest dollar, halves up ($2.50 -> 3)."""
+    return math.floor(price + 0.5)
+
+
+def data_digest(path: str | Path) -> str | None:
+    """SHA-256 of a data file's bytes (None if it is missing): a resumed run checks that its rows are the same."""
+    if not Path(path).is_file():
+        return None  # load_examples says what is wrong with it
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class PromptCodec:
@@ -101,7 +124,7 @@ class PromptCodec:
         """``(ids, answer length)``: prompt then price tokens, the description cut if the whole is too long."""
         from lora_lab.data import prompt
 
-        ids, answer = self.encode(prompt(text), True), self.encode(str(math.floor(price + 0.5)), False)  # $2.50 -> 3
+        ids, answer = self.encode(prompt(text), True), self.encode(str(whole_dollars(price)), False)
         room = self.max_length - len(answer)
         if len(ids) > room:  # cut the description's end, keep "\n\nPrice is $"
             ids = ids[: room - self.suffix] + ids[-self.suffix :]
@@ -151,6 +174,9 @@ def load_examples(settings: dict, strict: bool, say=print) -> tuple[list[tuple[s
     if not path.is_file():
         raise UsageError(f"--data expects 'builtin' or a JSONL file; {path} is not a file")
     rows = read_jsonl(path, strict, say)
+    if not rows:
+        raise UsageError(f"{path} has no usable rows; expected one JSON object per line, such as "
+                         '{"text": "Basix 64 oz blender, red.", "price": 29}')
     if len(rows) <= eval_size:
         raise UsageError(f"{path} has {len(rows)} usable rows and --eval-size {eval_size} holds them all out; lower --eval-size")
     shuffled = random.Random(seed).sample(rows, len(rows))

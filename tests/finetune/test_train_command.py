@@ -5,6 +5,7 @@ a temporary folder): they test the machinery, not the learning. The one test
 that checks learning pre-trains the base for 200 steps (about 8 s).
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -16,10 +17,11 @@ import torch
 
 from lora_lab.cli import main
 from lora_lab.data import collate as collate_products
-from lora_lab.data import generate_products
+from lora_lab.data import generate_products, get_tokenizer
 from lora_lab.finetune import command as training_run
 from lora_lab.finetune.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter
-from lora_lab.finetune.command import lr_multiplier, optimizer_step
+from lora_lab.finetune.command import optimizer_step
+from lora_lab.finetune.schedule import lr_multiplier
 from lora_lab.model import apply_qlora, tiny_llama
 from lora_lab.train import training_step
 
@@ -80,6 +82,8 @@ BAD_ROWS = {
     7: '{"text": "a lamp"}',
     8: '{"text": "a lamp", "price": "12 dollars"}',
     12: '{"text": "a lamp", "price": -4}',
+    15: '{"text": "a sofa", "price": 1299}',  # the evaluation answers 0-999
+    16: '{"text": "a sofa", "price": 999.5}',  # taught as $1000
     20: '{"text": "   ", "price": 10}',
     25: '[1, 2]',
     31: '',
@@ -93,15 +97,18 @@ def test_malformed_rows_are_reported_by_line_and_skipped_or_refused(tmp_path, ca
     out = capsys.readouterr().out
     for line, message in [(3, "not valid JSON"), (7, "expected an object with 'text' and 'price'"),
                           (8, "'price' must be a number, got '12 dollars'"), (12, "'price' must not be negative, got -4"),
+                          (15, "'price' 1299 is above 999, the most the evaluation can answer"),
+                          (16, "'price' 999.5 is above 999"),
                           (20, "'text' is empty"), (25, "expected an object"), (31, "empty line")]:
         assert f"{data}:{line}: {message}" in out
-    assert "data: 37 rows read, 7 skipped (lines 3, 7, 8, 12, 20, 25, 31)" in out
-    assert _metrics(tmp_path / "run")["data"] == {"source": str(data), "train_examples": 22, "held_out": 8}
+    assert "data: 39 rows read, 9 skipped (lines 3, 7, 8, 12, 15, 16, 20, 25, 31)" in out
+    assert _metrics(tmp_path / "run")["data"] == {"source": str(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+                                                  "train_examples": 22, "held_out": 8}
 
     assert main(["train", "--data", str(data), "--strict", "--steps", "1", *QUICK, "--out", str(tmp_path / "strict")]) == 2
     captured = capsys.readouterr()
-    assert "data: 37 rows read, 7 skipped" in captured.out and f"{data}:12:" in captured.out
-    assert "has 7 bad row(s) (listed above); fix them, or drop --strict" in captured.err
+    assert "data: 39 rows read, 9 skipped" in captured.out and f"{data}:15:" in captured.out
+    assert "has 9 bad row(s) (listed above); fix them, or drop --strict" in captured.err
     assert not (tmp_path / "strict").exists()
 
 
@@ -183,6 +190,40 @@ def test_resume_refuses_changed_settings_and_a_finished_run(tmp_path, capsys):
     assert "--resume expects a folder written by lora-lab train" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_data_file_that_changed(tmp_path, capsys):
+    """The rows decide the split and the batches: a changed file would train on others and compare against others."""
+    data, out = tmp_path / "products.jsonl", tmp_path / "run"
+    _write_jsonl(data, {})
+    assert main(["train", "--data", str(data), "--steps", "1", *QUICK, "--out", str(out)]) == 0
+    _write_jsonl(data, {5: '{"text": "a new lamp", "price": 12}'})
+    assert main(["train", "--resume", str(out), "--steps", "2"]) == 2
+    assert f"{data} changed since the run in {out} started" in capsys.readouterr().err
+    _write_jsonl(data, {})  # restored: the run goes on
+    assert main(["train", "--resume", str(out), "--steps", "2"]) == 0
+
+
+def test_an_empty_data_file_is_explained_without_eval_size(tmp_path, capsys):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    assert main(["train", "--data", str(data), *QUICK, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data} has no usable rows; expected one JSON object per line" in err and "--eval-size" not in err
+
+
+def test_extending_a_finished_cosine_run_goes_on_from_its_learning_rate(tmp_path, capsys):
+    """More --steps on resume: the rate decays on from where the run stopped, never back to the peak."""
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "6", "--warmup-ratio", "0.2", *QUICK, "--out", str(out)]) == 0
+    first = _metrics(out)["lr"]
+    assert main(["train", "--resume", str(out), "--steps", "10"]) == 0
+    assert "the learning rate goes on from" in capsys.readouterr().out
+    rates = _metrics(out)["lr"]
+    assert rates[:6] == first and rates[6] == first[5]  # the step after the last one gets the last one's rate
+    assert all(later < earlier for earlier, later in zip(rates[6:], rates[7:]))  # then cosine down to the new end
+    segments = torch.load(out / "resume.pt", weights_only=True)["schedule"]
+    assert [(s["start"], s["end"], s["warmup"]) for s in segments] == [(0, 6, 2), (6, 10, 0)]
+
+
 def test_course_preset_and_explicit_flags_override_it(tmp_path):
     out = tmp_path / "course"
     assert main(["train", "--preset", "course", "--r", "16", "--steps", "1", *QUICK, "--out", str(out)]) == 0
@@ -224,17 +265,9 @@ def test_help_lists_every_option(capsys):
 
 
 def _checkpoint_with_tokenizer(path):
-    """The tiny Llama saved as a Hugging Face checkpoint, with lora_lab's tokenizer as its tokenizer.json."""
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
-    from lora_lab.data import BOS, BOS_ID, EOS, PAD, UNK, PriceTokenizer
-
+    """The tiny Llama saved as a Hugging Face checkpoint with its tokenizer, as the README's snippet does."""
     tiny_llama(0).save_pretrained(path)
-    backend = PriceTokenizer().backend
-    backend.post_processor = TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, BOS_ID)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
-    tokenizer.save_pretrained(path)
+    get_tokenizer().save_pretrained(path)
     return path
 
 
@@ -252,7 +285,8 @@ def test_a_checkpoint_directory_trains_like_the_same_model_in_memory(tmp_path, c
     (path / "tokenizer_config.json").unlink()
     capsys.readouterr()
     assert main(["train", "--model", str(path), *settings, "--out", str(tmp_path / "no_tokenizer")]) == 2
-    assert "has no tokenizer (tokenizer.json)" in capsys.readouterr().err
+    err = capsys.readouterr().err  # what is missing, and how to add it
+    assert "has no tokenizer (tokenizer.json)" in err and "tiny Llama: lora_lab.data.get_tokenizer().save_pretrained(path)" in err
 
 
 def test_optimizer_step_is_training_step_and_accumulation_matches_one_big_batch():
