@@ -216,6 +216,23 @@ class PriceTokenizer:
             previous = token
         return "".join(out)
 
+    def save_pretrained(self, path) -> None:
+        """Write this tokenizer into ``path`` as a Hugging Face one (``tokenizer.json`` and its config).
+
+        A checkpoint folder carries its own tokenizer: ``lora-lab train --model PATH`` and
+        ``AutoTokenizer.from_pretrained(PATH)`` read it from there. Next to
+        ``tiny_llama().save_pretrained(PATH)`` this makes the folder a complete checkpoint.
+        The saved tokenizer encodes as ``encode``: ``<bos>`` first when special tokens are added.
+        """
+        from tokenizers import Tokenizer
+        from tokenizers.processors import TemplateProcessing
+        from transformers import PreTrainedTokenizerFast
+
+        backend = Tokenizer.from_str(self.backend.to_str())  # a copy: this tokenizer's own encode adds no <bos>
+        backend.post_processor = TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, BOS_ID)])
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+        tokenizer.save_pretrained(path)
+
     def price_token_id(self, price: int) -> int:
         if isinstance(price, bool) or not isinstance(price, int) or not 0 <= price <= LARGEST_SINGLE_TOKEN_NUMBER:
             raise ValueError(f"expected a whole-dollar price from 0 to {LARGEST_SINGLE_TOKEN_NUMBER}, got {price!r}")

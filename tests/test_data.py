@@ -103,3 +103,15 @@ def test_collate_listings_labels_every_real_token():
     assert (batch["labels"][~real] == IGNORE_INDEX).all()
     with pytest.raises(ValueError):
         collate([])
+
+
+def test_the_tokenizer_saved_for_transformers_encodes_the_same(tmp_path):
+    """``get_tokenizer().save_pretrained(path)`` next to a saved tiny Llama: transformers reads the same ids back."""
+    from transformers import AutoTokenizer
+
+    get_tokenizer().save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    for product in generate_products(20, seed=4):
+        text = prompt(product.description) + str(product.price)
+        assert loaded(text)["input_ids"] == get_tokenizer().encode(text)
+        assert loaded(text, add_special_tokens=False)["input_ids"] == get_tokenizer().encode(text, add_bos=False)

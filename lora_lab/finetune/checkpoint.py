@@ -250,7 +250,8 @@ def load_tokenizer(path: str | os.PathLike):
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise FileNotFoundError(
             f"{path} has no tokenizer (tokenizer.json); copy the tokenizer files of the base model into it, "
-            "e.g. AutoTokenizer.from_pretrained(base).save_pretrained(path)"
+            "e.g. AutoTokenizer.from_pretrained(base).save_pretrained(path), or for lora_lab's tiny Llama: "
+            "lora_lab.data.get_tokenizer().save_pretrained(path)"
         )
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
