@@ -161,7 +161,8 @@ def apply_qlora(
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype))
-    if getattr(model, "is_gradient_checkpointing", False):
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # the name since transformers 5
+    if checkpointing if checkpointing is not None else getattr(model, "is_gradient_checkpointing", False):
         model.enable_input_require_grads()  # see enable_gradient_checkpointing: older transformers leave it out
     return model
 

@@ -37,7 +37,7 @@ import torch
 
 from lora_lab.bench.cases import DTYPES, OPS, Case
 from lora_lab.bench.impls import IMPLS, fast_dequantizer, unavailable
-from lora_lab.bench.model_step import model_step_records
+from lora_lab.bench.model_step import large_vocab_records, model_step_records
 from lora_lab.bench.report import default_json_path, device_name, format_table, plot, summary_lines, write_json
 from lora_lab.bench.timing import CudaEventTimer, PerfCounterTimer, Settings, measure_case, measure_roofline
 from lora_lab.nf4 import NF4Tensor, quantize_nf4
@@ -143,6 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget", type=float, metavar="SECONDS",
                         help="start no new case after this many seconds (default: 210 with --gpu --quick, else none)")
     parser.add_argument("--no-model", action="store_true", help="skip the tiny model's training step (CPU)")
+    parser.add_argument("--vocab-step", action="store_true", help="(CPU) also a step with Llama 3's 128,256-token "
+                        "vocabulary, batch 16 x sequence 64: every position's logits vs only the labelled ones (~1 min)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: on a busy machine a multi-threaded matmul waits for "
                         "descheduled threads and measures the scheduler; 0 keeps torch's default)")
@@ -230,6 +232,9 @@ def run(args: argparse.Namespace) -> int:
             error = f"{type(exc).__name__}: {exc}"
             failures.append({"case": "tiny-model training step", "impl": "reference, bnb+peft", "error": error})
         progress.update(2)
+    if args.vocab_step and not on_gpu:
+        progress.set_description("training step with a 128,256-token vocabulary")
+        records += large_vocab_records(timer, settings)
     progress.close()
     if skipped:
         notes.append(f"{len(skipped)} case(s) skipped: the time budget of {budget:g} s ran out")

@@ -104,3 +104,63 @@ def model_step_records(timer: Timer, settings: Settings, r: int = 8, alpha: floa
             scope="model", correct=correct, note=note,
         ))
     return records
+
+
+LLAMA3_VOCAB = 128_256  # Llama 3's tokenizer: 128,000 regular tokens and 256 special ones
+VOCAB_BATCH, VOCAB_SEQUENCE = 16, 64
+
+
+def full_logits_step(model: nn.Module, batch: dict, optimizer) -> float:
+    """The step before "logits only where labels are": lm_head at every position, then the shifted loss."""
+    from lora_lab.loss import next_token_loss
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = next_token_loss(logits, batch["labels"])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def large_vocab_records(timer: Timer, settings: Settings, repeats: int = 3) -> list[Record]:
+    """A QLoRA step of the tiny Llama with Llama 3's 128,256-token vocabulary, batch 16 x sequence 64, one label a row.
+
+    ``full logits`` computes lm_head at all 1,024 positions (and its gradient);
+    ``labelled logits`` is lora_lab's ``training_step``, lm_head at the 16 that
+    predict a label. Both start from the same adapters and take the same batch;
+    their losses must agree, step by step.
+    """
+    from lora_lab.model import apply_qlora, tiny_llama
+    from lora_lab.train import training_step
+
+    g = torch.Generator().manual_seed(settings.seed)
+    input_ids = torch.randint(4, LLAMA3_VOCAB, (VOCAB_BATCH, VOCAB_SEQUENCE), generator=g)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -1] = input_ids[:, -1]  # the price: the last token of each prompt
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    steps = {"full logits": full_logits_step, "labelled logits": training_step}
+    models = {}
+    for name in steps:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            model = apply_qlora(tiny_llama(settings.seed, vocab_size=LLAMA3_VOCAB)).train()
+        models[name] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
+    losses: dict[str, list[float]] = {name: [] for name in steps}
+    run = lambda name: losses[name].append(steps[name](*models[name][:1], batch, models[name][1]))  # noqa: E731
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for name in steps:
+        run(name)  # warm-up
+    for _ in range(settings.repeats or repeats):
+        for name in steps:
+            times[name].append(timer.time_call(lambda name=name: run(name)))
+    peaks = {name: timer.peak_memory_mb(lambda name=name: run(name)) for name in steps}
+    err = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(losses["labelled logits"], losses["full logits"]))
+    correct = err <= MODEL_LOSS_TOLERANCE
+    note = "" if correct else f"losses differ by {err:.3g} (relative), more than {MODEL_LOSS_TOLERANCE:g}"
+    hidden = models["full logits"][0].config.hidden_size
+    return [
+        Record(op="step-vocab-128k", M=VOCAB_BATCH * VOCAB_SEQUENCE, N=LLAMA3_VOCAB, K=hidden, r=8, dtype="fp32", impl=name,
+               ms=statistics.median(times[name]), tflops=0.0, gbps=0.0, peak_mem_mb=peaks[name], max_rel_err=err,
+               scope="model", correct=correct, note=note)
+        for name in steps
+    ]

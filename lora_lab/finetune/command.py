@@ -28,7 +28,6 @@ peak (lora_lab/finetune/schedule.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import shlex
@@ -39,12 +38,13 @@ from pathlib import Path
 
 from lora_lab.cli.threads import add_threads_argument, apply_threads
 from lora_lab.finetune import schedule
-from lora_lab.finetune.data_files import PromptCodec, UsageError, batch_rows, collate, data_digest, load_examples
+from lora_lab.finetune.base_model import build_model
+from lora_lab.finetune.data_files import UsageError, batch_rows, collate, data_digest, load_examples
 from lora_lab.finetune.interrupts import InterruptGuard, stop_everywhere
 
 DEFAULTS = dict(model="tiny", data="builtin", steps=200, batch_size=16, grad_accum=1, r=8, alpha=16.0, dropout=0.0, lr=2e-3,
                 scheduler="cosine", warmup_ratio=0.03, backend="reference", out="runs/train", seed=0, eval_size=200,
-                targets="q_proj,k_proj,v_proj,o_proj", pretrain_steps=None)
+                targets="q_proj,k_proj,v_proj,o_proj", pretrain_steps=None, bf16=False, gradient_checkpointing=False)
 # The course's QLoRA settings for Llama 3.1 8B; flags given explicitly override them.
 COURSE = dict(r=32, alpha=64.0, targets="q_proj,k_proj,v_proj,o_proj", dropout=0.1, lr=1e-4, scheduler="cosine",
               warmup_ratio=0.03)
@@ -66,6 +66,10 @@ OPTIONS = (  # (flag, argparse keywords); defaults are None so that explicit fla
     ("--scheduler", dict(choices=("cosine", "constant", "linear"), help="learning-rate decay after warmup (default: cosine)")),
     ("--warmup-ratio", dict(type=float, help="share of the steps spent warming the learning rate up (default: 0.03)")),
     ("--backend", dict(choices=("reference", "triton"), help="QLoRA layer implementation; triton needs a CUDA GPU")),
+    ("--bf16", dict(action="store_true", default=None, help="the base model in bf16 and the quantized layers computing in "
+                    "bf16 (bnb_4bit_compute_dtype); the adapters and AdamW stay fp32")),
+    ("--gradient-checkpointing", dict(action="store_true", default=None, help="recompute each decoder block in backward "
+                                      "instead of keeping its activations (less memory, about a third more compute)")),
     ("--out", dict(help="output folder (default: runs/train)")),
     ("--seed", dict(type=int, help="seed for the adapters, the data order and the split (default: 0)")),
     ("--eval-size", dict(type=int, help="held-out prompts for the price evaluation (default: 200)")),
@@ -115,49 +119,6 @@ def resolve_settings(args: argparse.Namespace, saved: dict | None = None) -> dic
     if not (settings["lr"] > 0 and settings["alpha"] > 0 and 0 <= settings["dropout"] < 1 and 0 <= settings["warmup_ratio"] < 1):
         raise UsageError("expected --lr > 0, --alpha > 0, --dropout in [0, 1) and --warmup-ratio in [0, 1)")
     return settings
-
-
-def build_model(settings: dict, ctx, say=print):
-    """``(model, codec, base model path or None)``: the QLoRA model with fresh adapters (seeded) and its tokenizer."""
-    import torch
-
-    from lora_lab.finetune.checkpoint import load_llama, load_tokenizer
-    from lora_lab.model import apply_qlora
-    from lora_lab.train import PRETRAIN_STEPS, pretrained_tiny_llama
-
-    lora = dict(target_modules=tuple(settings["targets"].split(",")), r=settings["r"], alpha=settings["alpha"],
-                dropout=settings["dropout"], backend=settings["backend"])
-    try:
-        if settings["model"] == "tiny":
-            steps = PRETRAIN_STEPS if settings["pretrain_steps"] is None else settings["pretrain_steps"]
-            with _main_rank_first(ctx):  # rank 0 pre-trains and caches the base model; the others then read the cache
-                model, cache, cached = pretrained_tiny_llama(0, steps, progress=ctx is None or ctx.is_main)
-            say(f"base model: tiny Llama pre-trained for {steps} steps ({'cached at' if cached else 'saved to'} {cache})")
-            torch.manual_seed(settings["seed"])  # the adapters' random start
-            return apply_qlora(model, **lora), PromptCodec(None, model.config.max_position_embeddings), None
-        path = Path(settings["model"])
-        if not path.is_dir():
-            raise UsageError(f"--model expects 'tiny' or a local Hugging Face checkpoint directory; {path} is not a directory")
-        tokenizer = load_tokenizer(path)
-        torch.manual_seed(settings["seed"])
-        model = load_llama(path, **lora)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(str(error)) from error
-    say(f"base model: {path} ({model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}), "
-        "every linear layer but lm_head in NF4, adapters on the targets")
-    return model, PromptCodec(tokenizer, min(model.config.max_position_embeddings, 1024)), str(path)
-
-
-@contextlib.contextmanager
-def _main_rank_first(ctx):
-    import torch.distributed as dist
-
-    parallel = ctx is not None and ctx.world_size > 1
-    if parallel and not ctx.is_main:
-        dist.barrier()
-    yield
-    if parallel and ctx.is_main:
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------------- one step, the schedule, the evaluation

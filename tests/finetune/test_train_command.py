@@ -333,3 +333,18 @@ def test_two_processes_train_like_one(tmp_path, cache_dir):
     assert two["world_size"] == 2 and two["settings"]["steps"] == 3
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
     assert two["after"]["loss"] == pytest.approx(one["after"]["loss"], rel=1e-4)
+
+
+def test_bf16_and_gradient_checkpointing_train_and_are_kept_on_resume(tmp_path, capsys):
+    """--bf16 --gradient-checkpointing: the loss falls as in fp32 (bf16 rounding aside), and --resume keeps both."""
+    out = tmp_path / "bf16"
+    argv = ["train", "--steps", "4", *QUICK, "--lr", "1e-2"]
+    assert main([*argv, "--bf16", "--gradient-checkpointing", "--out", str(out)]) == 0
+    assert "precision: bf16 base and compute, fp32 adapters; gradient checkpointing on" in capsys.readouterr().out
+    assert main([*argv, "--out", str(tmp_path / "fp32")]) == 0
+    bf16, fp32 = _metrics(out), _metrics(tmp_path / "fp32")
+    assert bf16["settings"]["bf16"] and bf16["settings"]["gradient_checkpointing"]
+    assert bf16["train_loss"][-1] < bf16["train_loss"][0]
+    assert abs(bf16["train_loss"][0] - fp32["train_loss"][0]) < 0.05 * fp32["train_loss"][0]  # bf16 keeps ~3 digits
+    assert main(["train", "--resume", str(out), "--steps", "5", "--bf16"]) == 0
+    assert _metrics(out)["settings"]["bf16"]
