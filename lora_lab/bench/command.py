@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
+import logging
+import os
 import re
 import sys
 import time
@@ -129,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--gpu", action="store_true", help="the kernel benchmark on the CUDA device (fails without one)")
     where.add_argument("--cpu", action="store_true", help="the CPU benchmark even where a GPU exists")
     parser.add_argument("--quick", action="store_true", help="(GPU) a subset that fits in about 4 minutes on an H100/H200")
-    parser.add_argument("--json", metavar="FILE", help="write results here (default: benchmarks/results/<date>-<device>.json)")
+    parser.add_argument("--json", metavar="FILE", help="write results here (default: runs/bench/<date>-<device>.json)")
     parser.add_argument("--plot", metavar="FILE", help="also save a chart of time per implementation per case (PNG)")
     parser.add_argument("--shapes", type=_list_of(_shape, "KxN layer shapes (in x out features, K a multiple of 64)"),
                         help="layer shapes, e.g. 4096x4096,4096x14336 (default: Llama-3.1-8B's four on a GPU)")
@@ -152,6 +154,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The peak-memory measure runs torch.profiler once per case; at its default log level kineto prints two
+    # lines per run (about 70 in a CPU benchmark), through the progress bar. Level 6 is above all of kineto's.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # its optional-kernels advice
     if args.gpu and not torch.cuda.is_available():
         print("lora-lab bench: --gpu needs a CUDA device and torch.cuda.is_available() is False here; "
               "run 'lora-lab bench' without --gpu for the CPU benchmark", file=sys.stderr)

@@ -142,8 +142,10 @@ def device_name(device: torch.device) -> str:
 
 
 def default_json_path(device: str, date: str) -> Path:
+    """runs/bench/<date>-<device>.json: under runs/, not among the repository's files (results to publish are
+    copied into benchmarks/results/ on purpose)."""
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:48]
-    return Path("benchmarks") / "results" / f"{date}-{slug}.json"
+    return Path("runs") / "bench" / f"{date}-{slug}.json"
 
 
 def write_json(results: dict, path: Path) -> None:

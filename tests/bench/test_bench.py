@@ -214,3 +214,16 @@ def test_the_cuda_timer_flushes_synchronizes_and_times_only_the_call(monkeypatch
         CpuMemory("cpu", flush_bytes=4096), None, Settings(input_sets=2, repeats=3),
     )
     assert not failures and [r.correct for r in records] == [True, False]
+
+
+def test_a_cpu_run_prints_no_profiler_lines_and_writes_under_runs(tmp_path):
+    """A fresh process, as a user runs it: kineto read its log level at the first profile (two lines a run)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "lora_lab.cli", "bench", *TINY, "--ops", "forward", "--impls", "reference", "--no-model"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "profiler_start" not in done.stderr and "USDT" not in done.stderr
+    (written,) = (tmp_path / "runs" / "bench").glob("*.json")  # not benchmarks/results/ in whatever folder it ran from
+    assert f"results: {written.relative_to(tmp_path)}" in done.stdout
