@@ -268,3 +268,13 @@ def test_a_random_profile_prints_no_hypothesis_seed_advice(capsys):
     assert all(row.status == NOT_ATTEMPTED for row in reports[0].rows)
     printed = capsys.readouterr()
     assert "@seed" not in printed.out + printed.err + table
+
+
+def test_the_readme_grading_example_shows_the_checks_real_descriptions_and_hints():
+    readme = (EXERCISES_DIR.parent / "README.md").read_text()
+    example = readme.split("### Reading the table", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    rows = [line.split() for line in example.splitlines() if line.startswith("  failed")]
+    hints = [line.strip().removeprefix("hint: ") for line in example.splitlines() if line.strip().startswith("hint: ")]
+    assert rows and len(hints) == len(rows)
+    for row, hint in zip(rows, hints):
+        assert CHECKS[row[1]].hint == hint, f"README's hint for {row[1]} is not the check's"
