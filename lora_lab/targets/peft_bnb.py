@@ -72,7 +72,13 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01) -> None:
-    """One step of torch.optim.AdamW on ``param``, with the moment buffers supplied by the caller."""
+    """One step of torch.optim.AdamW on ``param``, with the moment buffers supplied by the caller.
+
+    torch counts steps in its own state and never sees a step 0; the contract's ``step`` comes from the caller,
+    so this adapter refuses one below 1 (torch would divide by 1 - beta ** 0 = 0).
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"expected step to be the update's number, counting from 1, got {step!r}")
     optimizer = torch.optim.AdamW([param], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
     optimizer.state[param] = {
         "step": torch.tensor(float(step - 1)),

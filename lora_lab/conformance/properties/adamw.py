@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from lora_lab.conformance.compare import UNIT_ROUNDOFF, assert_close, assert_equal, seeded_generator
 from lora_lab.conformance.profiles import examples
-from lora_lab.conformance.registry import check
+from lora_lab.conformance.registry import CheckFailed, check
 
 
 @st.composite
@@ -42,13 +42,24 @@ def adamw_problems(draw):
     return param, grads, hparams, weight_decay
 
 
+def _likely_cause(weight_decay: float) -> str:
+    """What a mismatch at this weight decay rules out: with none, the decay cannot be the cause."""
+    if weight_decay == 0.0:
+        return ("already wrong with weight_decay=0, so not the weight decay: look at the moments, the bias "
+                "corrections, and where eps goes (outside the square root)")
+    return (f"right with weight_decay=0 and wrong with weight_decay={weight_decay}: the decay is decoupled, "
+            "param *= 1 - lr * weight_decay, applied to the parameter, not added to the gradient")
+
+
 @check(
     "adamw.matches_torch",
     requires=("adamw_step",),
     points=10,
     exercise="05",
-    hint="Weight decay in AdamW is decoupled: it acts on the parameter itself, not through the gradient. "
-    "param and both moment buffers are updated in place; grad belongs to the caller and must not change.",
+    hint="Follow the formulas in order: both moments from the gradient, their bias corrections, then "
+    "param -= lr * m_hat / (sqrt(v_hat) + eps), eps outside the square root; weight decay is decoupled, "
+    "param *= 1 - lr * weight_decay, never added to the gradient. The detail says whether the run was already wrong "
+    "without weight decay. param and both moments change in place; grad belongs to the caller.",
 )
 def adamw_matches_torch(target) -> None:
     """Six adamw_step calls equal torch.optim.AdamW (param and both moments), with and without weight decay."""
@@ -76,11 +87,14 @@ def adamw_matches_torch(target) -> None:
                     (state["exp_avg_sq"] / (1 - hparams["betas"][1] ** step)).sqrt() + hparams["eps"]
                 )
                 allowed_p += 8 * u * (ref.abs() + hparams["lr"] * update)
-                assert_close(exp_avg, state["exp_avg"], 8 * u * step * (state["exp_avg"].abs() + grad.abs()),
-                             f"exp_avg, in place ({where})")
-                assert_close(exp_avg_sq, state["exp_avg_sq"], 8 * u * step * (state["exp_avg_sq"] + grad.square()),
-                             f"exp_avg_sq, in place ({where})")
-                assert_close(param, ref.detach(), allowed_p, f"param, in place ({where})")
+                try:
+                    assert_close(exp_avg, state["exp_avg"], 8 * u * step * (state["exp_avg"].abs() + grad.abs()),
+                                 f"exp_avg, in place ({where})")
+                    assert_close(exp_avg_sq, state["exp_avg_sq"], 8 * u * step * (state["exp_avg_sq"] + grad.square()),
+                                 f"exp_avg_sq, in place ({where})")
+                    assert_close(param, ref.detach(), allowed_p, f"param, in place ({where})")
+                except CheckFailed as failure:
+                    raise CheckFailed(f"{failure}; {_likely_cause(wd)}") from None
 
     prop()
 
@@ -91,10 +105,23 @@ def adamw_matches_torch(target) -> None:
     points=5,
     exercise="05",
     hint="The moments start at zero, so uncorrected they make the first steps far too small. What should the very "
-    "first update look like once they are corrected, and what is step on the first call?",
+    "first update look like once they are corrected, and what is step on the first call? step counts from 1: "
+    "refuse step < 1 with a ValueError before 1 - beta ** step becomes 0.",
 )
 def adamw_first_step(target) -> None:
-    """Step 1 (no weight decay) moves each element by exactly lr * g / (|g| + eps): bias correction at work."""
+    """Step 1 (no weight decay) moves each element by exactly lr * g / (|g| + eps); step 0 or -1 is a ValueError."""
+    for bad in (0, -1):
+        param = torch.ones(3)
+        try:
+            target.op("adamw_step")(param, torch.ones(3), torch.zeros(3), torch.zeros(3), bad)
+        except ValueError:
+            continue
+        except NotImplementedError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise CheckFailed(f"adamw_step with step={bad} raised {type(exc).__name__} ({exc}); expected a ValueError "
+                              "saying that step counts from 1 (1 - beta ** 0 is 0: bias correction divides by it)") from exc
+        raise CheckFailed(f"adamw_step with step={bad} returned; expected a ValueError: step counts from 1")
 
     @settings(max_examples=examples(15))
     @given(adamw_problems())

@@ -19,7 +19,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.compare import add_outliers, assert_close, call_guarded, product_bound, seeded_generator
+from lora_lab.conformance.compare import (
+    add_outliers,
+    assert_close,
+    call_guarded,
+    describe_mismatch,
+    product_bound,
+    seeded_generator,
+)
 from lora_lab.conformance.contract import refill_tail
 from lora_lab.conformance.profiles import examples
 from lora_lab.conformance.registry import CheckFailed, check
@@ -248,10 +255,16 @@ def matches_peft_bitsandbytes(target) -> None:
     points=3,
     exercise="03",
     hint="Check shapes before computing: x's last dimension must be K, A must be (r, K), B must be (N, r), "
-    "bias (N,); raise ValueError (or TypeError for non-tensors / integer x) that names what was expected.",
+    "bias (N,); raise ValueError (or TypeError for non-tensors / integer x) that names what was expected. "
+    "A fused kernel that reads W in tiles inside NF4 blocks needs K to be a multiple of the blocksize: "
+    "either compute such a K correctly or refuse it with a ValueError, never return garbage.",
 )
 def rejects_bad_input(target) -> None:
-    """Mismatched shapes between x, W, A, B and bias, and an integer x, raise ValueError or TypeError."""
+    """Mismatched shapes between x, W, A, B and bias, and an integer x, raise ValueError or TypeError.
+
+    Also draws K not a multiple of the blocksize (K = 48 and 80 with blocksize 32): the op must either raise a
+    ValueError or return the float64 reference's values (the torch reference computes it, the kernels refuse it).
+    """
     fn = target.op("qlora_linear")
     g = seeded_generator(0)
     weight = quantize_nf4(torch.randn(16, 64, generator=g), 64)
@@ -275,3 +288,19 @@ def rejects_bad_input(target) -> None:
         except Exception as exc:  # noqa: BLE001
             raise CheckFailed(f"qlora_linear with {description} raised {type(exc).__name__}; expected ValueError") from exc
         raise CheckFailed(f"qlora_linear with {description} returned a result; expected a ValueError")
+    for K in (48, 80):  # 1.5 and 2.5 blocks of 32: a tile of 32 straddles two NF4 blocks
+        p = Problem(torch.randn(5, K, generator=g), quantize_nf4(torch.randn(7, K, generator=g) * 0.05, 32),
+                    torch.randn(2, K, generator=g) / K**0.5, torch.randn(7, 2, generator=g) * 0.1, 2.0, None)
+        try:
+            y = fn(*p.args())
+        except ValueError:
+            continue
+        except NotImplementedError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise CheckFailed(f"qlora_linear with K={K}, not a multiple of the blocksize 32, raised {type(exc).__name__}; "
+                              "expected a ValueError naming K and the blocksize, or the right result") from exc
+        allowed = product_bound(_magnitudes(p), K, torch.float32)
+        if not isinstance(y, torch.Tensor) or describe_mismatch(y, float64_reference(p), allowed, "y"):
+            raise CheckFailed(f"qlora_linear with K={K}, not a multiple of the blocksize 32, returned wrong values: a kernel "
+                              "whose tiles assume whole NF4 blocks must check K % blocksize == 0 and raise ValueError")
