@@ -79,12 +79,32 @@ def _assert_loss(got: float, expected: float, what: str) -> None:
     assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), allowed, what)
 
 
+def left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same prompts with the padding moved to the left: the attention mask then decides what each token sees."""
+    out = {key: value.clone() for key, value in batch.items()}
+    for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+        for key in ("input_ids", "attention_mask", "labels"):
+            out[key][row] = batch[key][row].roll(batch[key].shape[1] - int(length))
+    return out
+
+
+def _first_wrong_step_cause(step: int, batch_size: int) -> str:
+    """Which part of the four steps a first mismatch at ``step`` points to."""
+    if step == 1:
+        mask = " with the attention_mask (the prompts are left-padded)" if batch_size > 1 else ""
+        return (f"already wrong at step 1, before any update: the forward pass or the loss differ, not the clearing "
+                f"of gradients; call the model on input_ids{mask} and use the next-token loss")
+    return (f"step 1 agreed, step {step} did not: the forward pass and the loss are right, so look at what a step "
+            "leaves behind for the next one (.grad cleared after the update, the update's order)")
+
+
 @check(
     "training.matches_reference",
     requires=("apply_qlora", "training_step"),
     points=10,
     exercise="06",
-    hint=TRAINING_HINT + " If the trajectory drifts from the second step on, look at what happens to .grad between calls.",
+    hint=TRAINING_HINT + " The detail says whether step 1 already differs (the forward pass or the loss: is the "
+    "attention_mask passed?) or only a later step (what happens to .grad between calls).",
 )
 def matches_reference(target) -> None:
     """Four training steps give the same losses and adapters as lora_lab's training_step on an identical model."""
@@ -98,10 +118,14 @@ def matches_reference(target) -> None:
         optimizer, reference_optimizer = _optimizer(model, lr), _optimizer(reference, lr)
         steps = 4
         for step in range(1, steps + 1):
-            batch = collate(generate_products(batch_size, seed=1000 * seed + step))
+            batch = left_padded(collate(generate_products(batch_size, seed=1000 * seed + step)))
             got = _as_loss(target.op("training_step")(model, batch, optimizer), step)
             expected = reference_step(reference, batch, reference_optimizer)
-            _assert_loss(got, expected, f"loss returned by step {step} (r={r}, alpha={alpha}, lr={lr})")
+            try:
+                _assert_loss(got, expected, f"loss returned by step {step} (r={r}, alpha={alpha}, lr={lr}, "
+                                            f"{batch_size} prompt(s), left-padded)")
+            except CheckFailed as failure:
+                raise CheckFailed(f"{failure}; {_first_wrong_step_cause(step, batch_size)}") from None
         for name, m in adapters(reference).items():
             for which in ("lora_A", "lora_B"):
                 expected = getattr(m, which).detach()
@@ -116,10 +140,12 @@ def matches_reference(target) -> None:
     requires=("apply_qlora", "training_step"),
     points=4,
     exercise="06",
-    hint=TRAINING_HINT + " Which forward pass's loss should the caller see, and as what type?",
+    hint=TRAINING_HINT + " Which forward pass's loss should the caller see, and as what type? And leave "
+    "model.train()/model.eval() to the caller: a step that switches the mode undoes their choice.",
 )
 def returns_loss_before_update(target) -> None:
-    """training_step returns, as a float, the loss of the model as it was before this step, and it does update."""
+    """training_step returns, as a float, the loss of the model as it was before this step, and it does update;
+    it leaves the model's train/eval mode (the caller's choice) as it found it, in every submodule."""
 
     @settings(max_examples=examples(2), phases=NO_SHRINK)
     @given(st.integers(0, 1000))
@@ -134,6 +160,14 @@ def returns_loss_before_update(target) -> None:
             _assert_loss(got, before, f"loss returned by step {step} vs the loss before that step's update")
             if all(torch.equal(p.detach(), adapters[n]) for n, p in model.named_parameters() if is_adapter_name(n)):
                 raise CheckFailed(f"step {step} left every adapter unchanged: the optimizer did not update them")
+        for mode in ("eval", "train"):  # the caller's choice of mode, e.g. eval() to switch dropout off, must survive
+            getattr(model, mode)()
+            target.op("training_step")(model, batch, optimizer)
+            changed = sorted(name or "the model" for name, m in model.named_modules() if m.training != (mode == "train"))
+            if changed:
+                raise CheckFailed(f"training_step changed the mode the caller set with model.{mode}() ({changed[0]} is now "
+                                  f"in {'train' if mode == 'eval' else 'eval'} mode): do not call model.train() or "
+                                  "model.eval() inside it, the mode is the caller's choice")
 
     prop()
 
