@@ -288,9 +288,19 @@ def rejects_bad_input(target) -> None:
         except Exception as exc:  # noqa: BLE001
             raise CheckFailed(f"qlora_linear with {description} raised {type(exc).__name__}; expected ValueError") from exc
         raise CheckFailed(f"qlora_linear with {description} returned a result; expected a ValueError")
+    def problem(K: int) -> Problem:
+        return Problem(torch.randn(5, K, generator=g), quantize_nf4(torch.randn(7, K, generator=g) * 0.05, 32),
+                       torch.randn(2, K, generator=g) / K**0.5, torch.randn(7, 2, generator=g) * 0.1, 2.0, None)
+
+    def wrong(p: Problem, y) -> bool:
+        allowed = product_bound(_magnitudes(p), p.K, torch.float32)
+        return not isinstance(y, torch.Tensor) or describe_mismatch(y, float64_reference(p), allowed, "y") is not None
+
+    control = problem(64)
+    if wrong(control, fn(*control.args())):
+        return  # wrong for whole blocks too: that is forward_matches_float64's finding, not a missing K check
     for K in (48, 80):  # 1.5 and 2.5 blocks of 32: a tile of 32 straddles two NF4 blocks
-        p = Problem(torch.randn(5, K, generator=g), quantize_nf4(torch.randn(7, K, generator=g) * 0.05, 32),
-                    torch.randn(2, K, generator=g) / K**0.5, torch.randn(7, 2, generator=g) * 0.1, 2.0, None)
+        p = problem(K)
         try:
             y = fn(*p.args())
         except ValueError:
@@ -300,7 +310,6 @@ def rejects_bad_input(target) -> None:
         except Exception as exc:  # noqa: BLE001
             raise CheckFailed(f"qlora_linear with K={K}, not a multiple of the blocksize 32, raised {type(exc).__name__}; "
                               "expected a ValueError naming K and the blocksize, or the right result") from exc
-        allowed = product_bound(_magnitudes(p), K, torch.float32)
-        if not isinstance(y, torch.Tensor) or describe_mismatch(y, float64_reference(p), allowed, "y"):
-            raise CheckFailed(f"qlora_linear with K={K}, not a multiple of the blocksize 32, returned wrong values: a kernel "
-                              "whose tiles assume whole NF4 blocks must check K % blocksize == 0 and raise ValueError")
+        if wrong(p, y):
+            raise CheckFailed(f"qlora_linear with K={K}, not a multiple of the blocksize 32, returned wrong values (right "
+                              "for K=64): a kernel whose tiles assume whole NF4 blocks must check K % blocksize == 0")
