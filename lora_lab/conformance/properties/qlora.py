@@ -297,7 +297,13 @@ def rejects_bad_input(target) -> None:
         return not isinstance(y, torch.Tensor) or describe_mismatch(y, float64_reference(p), allowed, "y") is not None
 
     control = problem(64)
-    if wrong(control, fn(*control.args())):
+    try:
+        control_wrong = wrong(control, fn(*control.args()))
+    except NotImplementedError:
+        raise
+    except Exception:  # noqa: BLE001 - broken for whole blocks too
+        control_wrong = True
+    if control_wrong:
         return  # wrong for whole blocks too: that is forward_matches_float64's finding, not a missing K check
     for K in (48, 80):  # 1.5 and 2.5 blocks of 32: a tile of 32 straddles two NF4 blocks
         p = problem(K)
