@@ -243,7 +243,8 @@ def test_an_error_inside_a_triton_kernel_shows_the_kernels_line(tmp_path):
     assert len(report.rows) == 2, output  # the values check and the bounds check
     for row in report.rows:
         assert row.status == ERROR, output
-        assert f'{path}", line 14, in broken_kernel\n    tl.store(' in row.detail and "in dequantize_nf4" in row.detail, row.detail
+        assert f'{path}", line 14, in broken_kernel\n    tl.store(' in row.detail, row.detail
+        assert "in dequantize_nf4" in row.detail, row.detail
 
 
 def test_a_file_that_does_not_import_is_an_error_not_a_crash(tmp_path):
