@@ -160,6 +160,22 @@ MISTAKES = {
         ''',
         {"adamw.matches_torch"},
     ),
+    "merges_the_adapter_into_the_weight": (
+        "ex03_qlora_linear",
+        '''
+        """Forms W + scaling * B @ A and multiplies once: the right numbers through an N x K matrix LoRA exists to avoid."""
+        from lora_lab.nf4 import dequantize_nf4
+        from lora_lab.operands import check_qlora_operands
+
+
+        def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None):
+            check_qlora_operands(x, weight, lora_A, lora_B, bias)
+            merged = dequantize_nf4(weight).to(x.dtype) + scaling * (lora_B.to(x.dtype) @ lora_A.to(x.dtype))
+            y = x @ merged.t()
+            return y if bias is None else y + bias.to(x.dtype)
+        ''',
+        {"memory.qlora_linear_keeps_no_dense_weight"},
+    ),
     "no_shape_checks": (
         "ex03_qlora_linear",
         '''
