@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated linear layers that get adapters (default: {','.join(DEFAULT_TARGETS)})",
     )
     parser.add_argument("--blocksize", type=int, default=64, help="NF4 block size (default: 64)")
+    parser.add_argument("--batch", type=int, default=16, help="prompts per training step, for its memory (default: 16)")
+    parser.add_argument("--sequence", type=int, default=512, help="tokens per prompt, for its memory (default: 512)")
 
 
 def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = False) -> int:
@@ -159,5 +161,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_report(report, args.blocksize))
+    if args.batch < 1 or args.sequence < 2:
+        print(f"error: expected --batch >= 1 and --sequence >= 2, got {args.batch} and {args.sequence}", file=sys.stderr)
+        return 2
+    from lora_lab.cli.step_memory import format_step_memory, step_memory
+    from lora_lab.model import ModelPreset
+
+    memory = step_memory(ModelPreset.from_name(args.preset), report.adapter_params, args.r, targets, args.batch, args.sequence)
+    print("\n".join([format_report(report, args.blocksize), *format_step_memory(memory, args.batch, args.sequence, human)]))
     return 0
