@@ -18,6 +18,8 @@ examples:
   lora-lab grade --only 03               # one exercise (or: python exercises/ex03_qlora_linear.py)
   lora-lab grade --only 01 02 --json runs/grade.json
   lora-lab grade --solutions             # the reference solutions (lora_lab, lora_lab.kernels): full marks
+  lora-lab grade --chain                 # 02, 03 and 06 use your own earlier pieces, not the reference's
+  lora-lab grade --watch --only 03       # grade again on every save, showing only what changed (Ctrl-C ends)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 
 from lora_lab.conformance.learner import (
     LearnerModule,
+    chain_to_learner,
     exercise_imports,
     learner_traceback,
     load_learner_module,
@@ -116,6 +119,7 @@ class ExerciseReport:
     exercise: Exercise
     source: str  # the file graded, or the module with --solutions
     rows: list[Row] = field(default_factory=list)
+    chained: list[str] = field(default_factory=list)  # with --chain: what the file's reference imports now call
 
     @property
     def score(self) -> int:
@@ -150,9 +154,13 @@ def _find_file(folder: Path, exercise: Exercise) -> Path | None:
 
 
 def grade_exercise(
-    exercise: Exercise, folder: Path | None, on_row: Callable[[Row], None] = lambda row: None
+    exercise: Exercise, folder: Path | None, on_row: Callable[[Row], None] = lambda row: None, chain: bool = False
 ) -> ExerciseReport:
-    """Run the exercise's checks on the learner's file in ``folder``, or on its reference solution when ``folder`` is None."""
+    """Run the exercise's checks on the learner's file in ``folder``, or on its reference solution when ``folder`` is None.
+
+    With ``chain`` the file's imports of the reference's earlier pieces are rebound to the learner's own
+    (``learner.chain_to_learner``); ``report.chained`` says what each name now calls.
+    """
     learner, unusable = None, None  # unusable: (status, detail) for every row when the file cannot be graded
     if folder is None:
         report, target = ExerciseReport(exercise, exercise.solution), Target.load(exercise.solution)
@@ -163,7 +171,9 @@ def grade_exercise(
             unusable = (MISSING, "")  # the header already says the file is missing
         else:
             try:
-                learner = LearnerModule(load_learner_module(path), folder)
+                module = load_learner_module(path)
+                report.chained = chain_to_learner(module, folder) if chain else []
+                learner = LearnerModule(module, folder)
             except Exception as exc:  # noqa: BLE001 - a syntax or import error is the learner's, shown as such
                 unusable = (ERROR, "the file does not import:\n" + learner_traceback(exc, folder))
         target = Target(report.source, learner)
@@ -181,7 +191,7 @@ def grade_exercise(
 
 
 def grade(
-    folder: Path | None, only: list[str] | None = None, profile: str = "ci", stream=sys.stdout
+    folder: Path | None, only: list[str] | None = None, profile: str = "ci", stream=sys.stdout, chain: bool = False
 ) -> list[ExerciseReport]:
     """Grade the exercises in ``folder`` (or the reference solutions when None), printing tables to ``stream``."""
     exercises = [e for e in EXERCISES if not only or e.id in only]
@@ -195,7 +205,9 @@ def grade(
             source = exercise.solution if folder is None else _find_file(folder, exercise) or (
                 f"no {exercise.stem}.py in {_display(folder)}: copy it from the lora_lab repository's exercises/")
             print(f"\n{exercise.id}  {exercise.title}  [{_display(source)}]", file=stream, flush=True)
-            report = grade_exercise(exercise, folder, on_row=lambda row: print(format_row(row, width), file=stream, flush=True))
+            report = grade_exercise(exercise, folder, lambda row: print(format_row(row, width), file=stream, flush=True), chain)
+            if report.chained:
+                print(f"  with --chain: {'; '.join(report.chained)}", file=stream)
             print(f"  {'':{14 + width}} {report.score:>3}/{report.total:<3} for exercise {exercise.id}", file=stream)
             reports.append(report)
     return reports
@@ -270,6 +282,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="grade the reference solutions (lora_lab for 01-06, lora_lab.kernels for 07-08) instead of your files",
     )
     parser.add_argument(
+        "--chain", action="store_true",
+        help="grade each exercise with your own earlier pieces (your ex01's quantize_nf4 in 02, ...) where it imports "
+        "the reference's",
+    )
+    parser.add_argument(
+        "--watch", action="store_true",
+        help="with --only NN: grade, then grade again each time the file changes, showing only what changed",
+    )
+    parser.add_argument(
         "--profile", choices=("ci", "dev", "thorough"), default="ci",
         help="hypothesis profile: ci (derandomized, default), dev (2x examples, random), thorough (10x)",
     )
@@ -282,7 +303,7 @@ def to_json(reports: list[ExerciseReport], profile: str) -> dict:
                 "seconds": round(row.seconds, 3)}
 
     exercises = [{"id": r.exercise.id, "title": r.exercise.title, "source": r.source, "score": r.score, "total": r.total,
-                  "checks": [check_json(row) for row in r.rows]} for r in reports]
+                  "chained": r.chained, "checks": [check_json(row) for row in r.rows]} for r in reports]
     return {"profile": profile, "score": sum(r.score for r in reports), "total": sum(r.total for r in reports),
             "exercises": exercises}
 
@@ -296,9 +317,16 @@ def run(args: argparse.Namespace) -> int:
     if folder is not None and not folder.is_dir():
         print(HOW_TO_START.format(folder=folder, exercises=_checkout_exercises()), file=sys.stderr)
         return 2
+    if args.watch:
+        from lora_lab.conformance.watch import watch
+
+        if folder is None or not args.only or len(args.only) != 1:
+            print("lora-lab grade --watch needs one exercise of yours: lora-lab grade --watch --only 03", file=sys.stderr)
+            return 2
+        return watch(folder, args.only[0], args.profile, chain=args.chain)
     what = "the reference solutions" if folder is None else _display(folder)
-    print(f"lora-lab grade: {what}, hypothesis profile {args.profile}")
-    reports = grade(folder, args.only, args.profile)
+    print(f"lora-lab grade: {what}, hypothesis profile {args.profile}{', --chain' if args.chain else ''}")
+    reports = grade(folder, args.only, args.profile, chain=args.chain)
     score, total = sum(r.score for r in reports), sum(r.total for r in reports)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

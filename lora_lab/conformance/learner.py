@@ -120,3 +120,48 @@ def exercise_imports(folder: Path, stems: set[str]) -> Iterator[None]:
         for name, module in list(sys.modules.items()):
             if name in stems or inside(getattr(module, "__file__", None) or "", folder):
                 del sys.modules[name]
+
+
+def _chain_pieces() -> dict[int, tuple[str, str]]:
+    """The reference pieces an exercise may import, by identity, and the earlier exercise that teaches each one."""
+    from lora_lab import loss, nf4
+
+    return {
+        id(nf4.quantize_nf4): ("ex01_nf4", "quantize_nf4"),
+        id(nf4.dequantize_nf4): ("ex01_nf4", "dequantize_nf4"),
+        id(loss.next_token_loss): ("ex04_loss", "next_token_loss"),
+    }
+
+
+def chain_to_learner(module: Any, folder: Path) -> list[str]:
+    """Rebind ``module``'s names for the reference's pieces to the learner's own earlier ones (``grade --chain``).
+
+    Exercises 02, 03 and 06 import lora_lab's quantize_nf4, dequantize_nf4 and next_token_loss by default, so a bug
+    in the learner's exercise 01 or 04 never shows downstream. Returns one line per name: what it now calls.
+    """
+    notes = []
+    pieces = _chain_pieces()
+    for name, value in list(vars(module).items()):
+        if name.startswith("__") or id(value) not in pieces:
+            continue
+        stem, attribute = pieces[id(value)]
+        if stem == module.__name__:
+            continue  # the exercise that teaches the piece keeps what it imports
+        path = folder / f"{stem}.py"
+        try:
+            earlier = sys.modules.get(stem) or load_learner_module(path)
+        except FileNotFoundError:
+            notes.append(f"{name}: no {stem}.py here, so the reference's")
+            continue
+        except Exception as exc:  # noqa: BLE001 - the earlier file is the learner's: say so, keep the reference
+            notes.append(f"{name}: your {stem}.py does not import ({type(exc).__name__}), so the reference's")
+            continue
+        mine = getattr(earlier, attribute, None)
+        if not callable(mine):
+            notes.append(f"{name}: your {stem}.py has no {attribute}, so the reference's")
+        elif mine is value:
+            notes.append(f"{name}: your {stem}.py imports the reference's {attribute} too")
+        else:
+            setattr(module, name, mine)
+            notes.append(f"{name} -> your {stem}.{attribute}")
+    return notes
