@@ -51,7 +51,7 @@ import torch
 # Triton decides at kernel definition whether to interpret, from TRITON_INTERPRET; so set it before importing triton.
 _NO_GPU = not torch.cuda.is_available()
 _TRITON_IMPORTED_FIRST = "triton" in sys.modules
-if _NO_GPU:
+if _NO_GPU and os.environ.get("LORA_LAB_COMPILE_ONLY", "0") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
@@ -74,11 +74,43 @@ def _interpreting() -> bool:
 
 
 INTERPRETING: bool = _interpreting()
-if _NO_GPU and not INTERPRETING:
+# LORA_LAB_COMPILE_ONLY=1 (with TRITON_INTERPRET=0) defines the kernels compiled, for a GPU this machine need not have:
+# they can be compiled for a named target (``python -m lora_lab.kernels.compile_check``) but not launched.
+COMPILE_ONLY: bool = os.environ.get("LORA_LAB_COMPILE_ONLY", "0") == "1"
+if COMPILE_ONLY and INTERPRETING:
+    raise ImportError(
+        "lora_lab.kernels: LORA_LAB_COMPILE_ONLY=1 compiles the kernels for a GPU, which Triton's interpreter cannot do; "
+        "set TRITON_INTERPRET=0 as well (before importing triton)"
+    )
+if _NO_GPU and not INTERPRETING and not COMPILE_ONLY:
     raise ImportError(
         f"lora_lab.kernels: there is no CUDA device and TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}; "
         "set TRITON_INTERPRET=1 (before importing triton) to run the kernels on the CPU under Triton's interpreter"
     )
+
+
+@functools.cache
+def check_interpreter_numpy() -> None:
+    """Triton before 3.8 interprets ``range(0, K, ...)`` with ``int()`` of a 1-element array, which numpy 2.4 refuses.
+
+    torch's CUDA wheels pin an older Triton (torch 2.11: 3.6.0), so the requirement
+    cannot be ``triton>=3.8``; only the matmul kernels under the interpreter (no
+    GPU) are affected, so their launchers call this first: a clear error with what
+    to install, instead of a TypeError from inside a kernel.
+    """
+    if not INTERPRETING:
+        return
+    import numpy
+
+    def version(text: str) -> tuple[int, int]:
+        return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+
+    if version(triton.__version__) < (3, 8) and version(numpy.__version__) >= (2, 4):
+        raise ImportError(
+            f"lora_lab.kernels: Triton {triton.__version__}'s interpreter (used without a GPU) cannot run with numpy "
+            f"{numpy.__version__}: install 'numpy<2.4' or 'triton>=3.8' (on a GPU machine keep torch's own triton)"
+        )
+
 # Write NaN into every output buffer before a kernel runs, so a kernel that skips an element is caught (tests set it).
 POISON_OUTPUTS: bool = os.environ.get("LORA_LAB_POISON_OUTPUTS", "0") == "1"
 # LORA_LAB_AUTOTUNE=0 skips autotuning on the GPU: each kernel uses its first valid config (fast compiles for tests).
@@ -210,7 +242,16 @@ def autotune_over_nf4_tiles(kernel):
         configs=matmul_configs(),
         key=["M_BUCKET", "N", "K", "NF4_BLOCKSIZE"],
         prune_configs_by={"early_config_prune": keep_tiles_inside_nf4_blocks},
+        **({"do_bench": _nothing_to_compare} if INTERPRETING else {}),
     )(kernel)
+
+
+def _nothing_to_compare(kernel_call, quantiles=None, **kwargs) -> list[float]:
+    """The interpreter's "benchmark": the pruning keeps one config there, so no time is compared and none is measured.
+
+    Triton before 3.8 times even a single pruned config, with the GPU driver (which a CPU machine lacks).
+    """
+    return [0.0] * (len(quantiles) if quantiles else 1)
 
 
 def autotune_key_rows(m: int) -> int:

@@ -24,7 +24,7 @@ their gradients are cast back to their own dtypes.
 from __future__ import annotations
 
 import torch
-from lora_lab.kernels.common import check_block_multiple, check_device, dtype_kind
+from lora_lab.kernels.common import check_block_multiple, check_device, check_interpreter_numpy, dtype_kind
 from lora_lab.kernels.qlora_backward import qlora_grad_input
 from lora_lab.kernels.qlora_forward import qlora_forward
 
@@ -80,6 +80,7 @@ def _check_operands(x, weight, lora_A, lora_B, scaling, bias) -> None:
     k_in = weight.shape[1]
     check_block_multiple(k_in, weight.blocksize)
     check_device(x, weight.packed, lora_A, lora_B, *([] if bias is None else [bias]))
+    check_interpreter_numpy()
 
 
 def fused_qlora_linear(

@@ -1,0 +1,344 @@
+"""Compile every kernel for a GPU this machine need not have, and check what ptxas reports.
+
+    python -m lora_lab.kernels.compile_check                 # the full sweep (every kept config, both targets)
+    python -m lora_lab.kernels.compile_check --subset ci     # the representative subset CI runs
+    python -m lora_lab.kernels.compile_check --json out.json --sass
+
+Why
+---
+Triton compiles for a named GPU without one: ``triton.compile`` lowers a kernel
+to PTX for a ``GPUTarget`` and the ptxas inside the triton wheel assembles it to
+a cubin. What a first launch on a GPU would fail on, or run slowly because of,
+is then visible on any machine:
+
+- a compile error (an unsupported op on that architecture, a layout Triton cannot lower);
+- more shared memory than the GPU has (Triton raises ``OutOfResources`` at launch);
+- register spills (ptxas moves registers to local memory, inside the K loop);
+- the MMA kind: ``wgmma`` on Hopper (sm_90a), ``mma.sync`` on Ampere (sm_80).
+
+How
+---
+The kernels are compiled with exactly what the launchers pass. Each launcher
+(``qlora_forward``, ``qlora_grad_input``, ``nf4_dequantize``) is called on CPU
+tensors of a real layer's shape with its kernel replaced by a recorder; the
+recorded arguments go through Triton's own binder (``create_function_from_signature``
+and ``JITFunction._pack_args``, what ``kernel[grid](...)`` runs), which gives the
+signature, the specialization (which integers are 1 or multiples of 16, which
+pointers are aligned) and the constexprs. The autotuner's configs are pruned
+by the kernel's own ``early_config_prune`` and each one that is kept is
+compiled, for fp16 and bf16, NF4 blocksizes 64 and 128, sm_90a and sm_80.
+
+Triton decides when a kernel is defined whether it is interpreted, so without
+a GPU this module re-runs itself in a child process with ``TRITON_INTERPRET=0``
+and ``LORA_LAB_COMPILE_ONLY=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from unittest import mock
+
+import torch
+
+from lora_lab.nf4 import ABSMAX_BLOCKSIZE, NF4Tensor
+
+# Shared memory one block may use (opt-in maximum), bytes: H100/H200 227 KiB, A100 163 KiB.
+SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+ARCHS = {"sm_90a": 90, "sm_80": 80}
+# The layer the launchers are called with: a Llama-3.1-8B q_proj at training M (the specialization of every size
+# is "a multiple of 16", as for every Llama-3.1-8B layer), r = 16 (R_PAD = r, no masked adapter columns).
+SHAPE = {"M": 4096, "N": 4096, "K": 4096, "r": 16}
+
+
+@dataclass
+class Launch:
+    """One kernel launch as a launcher makes it: the kernel (maybe autotuned), its arguments and its grid."""
+
+    name: str
+    kernel: object
+    args: tuple
+    kwargs: dict
+    grid: object
+    dtype: torch.dtype | None = None
+    blocksize: int = 0
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch instead of running it."""
+
+    def __init__(self, name: str, kernel) -> None:
+        self.name, self.kernel, self.launches = name, kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(Launch(self.name, self.kernel, args, kwargs, grid))
+
+
+def empty_nf4(n: int, k: int, blocksize: int, dtype: torch.dtype) -> NF4Tensor:
+    """An NF4 weight of shape (n, k) with double quantization, uninitialised: only its shape and layout matter here."""
+    blocks = n * k // blocksize
+    return NF4Tensor(
+        torch.empty(n * k // 2, dtype=torch.uint8), torch.empty(blocks, dtype=torch.uint8), blocksize, torch.Size((n, k)),
+        dtype, True, torch.empty(256), torch.empty(-(-blocks // ABSMAX_BLOCKSIZE)), 0.0,
+    )
+
+
+def record_launches(dtype: torch.dtype, blocksize: int, shape: dict = SHAPE) -> list[Launch]:
+    """The launches of the three kernels for a layer of ``shape`` in ``dtype``, as the launchers make them."""
+    # By module path: the package's own `nf4_dequantize` is the function, which shadows its module.
+    dequantize_module = importlib.import_module("lora_lab.kernels.nf4_dequantize")
+    qlora_forward = importlib.import_module("lora_lab.kernels.qlora_forward")
+    qlora_backward = importlib.import_module("lora_lab.kernels.qlora_backward")
+
+    m, n, k, r = shape["M"], shape["N"], shape["K"], shape["r"]
+    weight = empty_nf4(n, k, blocksize, dtype)
+    x, dy = torch.empty(m, k, dtype=dtype), torch.empty(m, n, dtype=dtype)
+    lora_A, lora_B = torch.empty(r, k, dtype=dtype), torch.empty(n, r, dtype=dtype)
+    launches = []
+    for module, name, call in (
+        (qlora_forward, "qlora_forward_kernel", lambda: qlora_forward.qlora_forward(x, weight, lora_A, lora_B, 2.0, None)),
+        (qlora_backward, "qlora_grad_input_kernel", lambda: qlora_backward.qlora_grad_input(dy, weight, lora_A, lora_B, 2.0)),
+        (dequantize_module, "nf4_dequantize_kernel", lambda: dequantize_module.nf4_dequantize(weight)),
+    ):
+        recorder = _Recorder(name, getattr(module, name))
+        # The tensors are CPU stand-ins for CUDA ones: only their dtypes, strides and alignment reach the compiler.
+        with mock.patch.object(module, name, recorder), mock.patch.object(module, "check_device", lambda *t: None, create=True):
+            call()
+        for launch in recorder.launches:
+            launch.dtype, launch.blocksize = dtype, blocksize
+        launches += recorder.launches
+    return launches
+
+
+def kept_configs(launch: Launch) -> list:
+    """The autotune configs the kernel's own pruning keeps for this launch ([None] for a kernel without autotuning)."""
+    kernel = launch.kernel
+    if not hasattr(kernel, "configs"):
+        return [None]
+    named_args = dict(zip(kernel.arg_names, launch.args))
+    prune = getattr(kernel, "early_config_prune", None)
+    return list(prune(kernel.configs, named_args, **launch.kwargs)) if prune else list(kernel.configs)
+
+
+def describe(config) -> str:
+    if config is None:
+        return "-"
+    k = config.kwargs
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+
+
+@dataclass
+class CompileResult:
+    """What compiling one launch, with one config, for one target gives."""
+
+    kernel: str
+    config: str
+    dtype: str
+    blocksize: int
+    arch: str
+    registers: int = 0
+    spill_bytes: int = 0
+    shared: int = 0
+    shared_limit: int = 0
+    mma: str = ""
+    warnings: tuple = ()
+    error: str = ""
+    seconds: float = 0.0
+    threads: int = 0
+    weights_per_trip: int = 0  # NF4 weights one trip through the K loop decodes (BLOCK_N x BLOCK_K)
+    loop_mix: dict | None = None  # SASS instructions per warp in one K-loop trip, by class (only with sass=True)
+    loop_opcodes: dict | None = None
+
+    def per_weight(self, *kinds: str) -> float:
+        """Instructions of these classes per decoded weight, counted per thread (a warp instruction is 32 of them)."""
+        if not self.loop_mix or not self.weights_per_trip:
+            return float("nan")
+        count = sum(self.loop_mix.get(k, 0) for k in kinds) if kinds else sum(self.loop_mix.values())
+        return count * self.threads / self.weights_per_trip
+
+    @property
+    def problems(self) -> list[str]:
+        """Why this compile fails the check: an error, spills, or more shared memory than the GPU has."""
+        found = [f"compile error: {self.error}"] if self.error else []
+        if self.spill_bytes:
+            found.append(f"{self.spill_bytes} bytes of register spills")
+        if self.shared > self.shared_limit:
+            found.append(f"{self.shared} bytes of shared memory, over the {self.shared_limit} the GPU has")
+        return found
+
+
+def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> CompileResult:
+    """Compile ``launch`` with ``config`` for ``arch`` through Triton's own binder, as ``kernel[grid](...)`` would."""
+    import triton
+    from lora_lab.kernels.sass import mma_kind, parse_ptxas_log, run_ptxas
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    capability = ARCHS[arch]
+    jit = launch.kernel
+    while not isinstance(jit, JITFunction):  # an Autotuner (or heuristics) wraps the JITFunction in .fn
+        jit = jit.fn
+    kwargs = dict(launch.kwargs, **(config.all_kwargs() if config is not None else {}))
+    result = CompileResult(launch.name, describe(config), str(launch.dtype).removeprefix("torch."), launch.blocksize, arch,
+                           shared_limit=SMEM_LIMIT[capability])
+    start = time.perf_counter()
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    try:
+        binder = create_function_from_signature(jit.signature, jit.params, backend)
+        bound, specialization, options = binder(*launch.args, **kwargs)
+        options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+        log = io.StringIO()
+        saved = (knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile)
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+        try:
+            with contextlib.redirect_stdout(log):
+                compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
+                                          options=options.__dict__)
+        finally:
+            knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+        ptx = compiled.asm["ptx"]
+        try:
+            report = parse_ptxas_log(log.getvalue())
+        except ValueError:  # a Triton that does not print the log: assemble the PTX once more to read it
+            report = run_ptxas(ptx, "sm_90a" if capability == 90 else f"sm_{capability}", options.enable_fp_fusion)
+        result.registers, result.spill_bytes = report.registers, max(report.spill_stores, report.spill_loads)
+        result.warnings = tuple(report.warnings)
+        result.shared, result.mma = compiled.metadata.shared, mma_kind(ptx)
+        result.threads = 32 * compiled.metadata.num_warps
+        if config is not None:
+            result.weights_per_trip = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"]
+        if sass:
+            from lora_lab.kernels.sass import disassemble, k_loop_mix
+
+            mix = k_loop_mix(disassemble(compiled.asm["cubin"]))
+            if mix is not None:
+                result.loop_mix, result.loop_opcodes = mix.counts, mix.opcodes
+    except Exception as error:  # noqa: BLE001 - every failure to compile is a finding to report, not a crash
+        result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+
+# The representative subset CI compiles: per kernel, the default config and the largest kept one, bf16, blocksize 64,
+# for both targets; fp16 and blocksize 128 are the same code with other constants (the full sweep covers them).
+CI_SUBSET = {"dtypes": (torch.bfloat16,), "blocksizes": (64,), "configs": "ends"}
+
+
+def parse_config(text: str):
+    """``"MxNxK:warps:stages"`` (e.g. ``64x128x64:4:3``) as a triton.Config, to try a tile the project does not keep."""
+    import triton
+
+    try:
+        tile, warps, stages = text.split(":")
+        block_m, block_n, block_k = (int(v) for v in tile.split("x"))
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                             num_warps=int(warps), num_stages=int(stages))
+    except ValueError:
+        raise SystemExit(f"--config: expected MxNxK:warps:stages such as 64x128x64:4:3, got {text!r}") from None
+
+
+def sweep(dtypes=(torch.float16, torch.bfloat16), blocksizes=(64, 128), archs=tuple(ARCHS), configs: str | list = "all",
+          kernels: tuple[str, ...] = (), sass: bool = False, shape: dict = SHAPE, progress=None) -> list[CompileResult]:
+    """Compile every (launch, kept config, target).
+
+    ``configs``: "all" (every config the pruning keeps), "ends" (its first and last), or a list of
+    triton.Config to compile instead (for the matmul kernels; the dequantize kernel has none).
+    """
+    results = []
+    for dtype in dtypes:
+        for blocksize in blocksizes:
+            for launch in record_launches(dtype, blocksize, shape):
+                if kernels and launch.name not in kernels:
+                    continue
+                kept = kept_configs(launch)
+                if isinstance(configs, list) and kept != [None]:
+                    kept = configs
+                elif configs == "ends":
+                    kept = list({id(c): c for c in (kept[0], kept[-1])}.values())
+                for config in kept:
+                    for arch in archs:
+                        results.append(compile_launch(launch, config, arch, sass))
+                        if progress:
+                            progress(results[-1])
+    return results
+
+
+def format_row(r: CompileResult) -> str:
+    status = "FAIL " + "; ".join(r.problems) if r.problems else "ok"
+    serialized = " (wgmma serialized)" if any("serialized" in w for w in r.warnings) else ""
+    if r.loop_mix:
+        m = r.loop_mix
+        serialized += (f"\n    K loop per warp: {sum(m.values())} instructions, {m.get('integer', 0)} integer, "
+                       f"{m.get('mma', 0)} mma, {m.get('memory', 0)} memory, {m.get('convert', 0)} convert, "
+                       f"{m.get('float', 0)} float; per weight: {r.per_weight('integer'):.2f} integer, "
+                       f"{r.per_weight():.2f} in all")
+    return (f"{r.kernel:<24} {r.config:<20} {r.dtype:<9} {r.blocksize:>4} {r.arch:<7} {r.registers:>4} {r.spill_bytes:>6} "
+            f"{r.shared / 1024:>7.1f}/{r.shared_limit // 1024:<4} {r.mma:<6} {r.seconds:>5.1f}s  {status}{serialized}")
+
+
+HEADER = (f"{'kernel':<24} {'config (MxNxK)':<20} {'dtype':<9} {'bs':>4} {'arch':<7} {'regs':>4} {'spill':>6} "
+          f"{'smem KiB':>12} {'mma':<6} {'time':>6}  status")
+
+
+def _reexec_compiled(argv: list[str]) -> int:
+    """Run this module again in a child whose kernels are defined compiled (the interpreter cannot compile)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", LORA_LAB_COMPILE_ONLY="1", LORA_LAB_AUTOTUNE="1")
+    return subprocess.call([sys.executable, "-m", "lora_lab.kernels.compile_check", *argv], env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print one row per compile; exit 1 if any compile errs, spills or needs more shared memory than the GPU has."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m lora_lab.kernels.compile_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subset", choices=("all", "ci"), default="all", help="ci: the representative subset CI runs")
+    parser.add_argument("--arch", action="append", choices=tuple(ARCHS), help="a target (repeatable; default both)")
+    parser.add_argument("--kernel", action="append", help="only this kernel (repeatable)")
+    parser.add_argument("--config", action="append", help="compile this MxNxK:warps:stages instead of the kept configs")
+    parser.add_argument("--dtype", action="append", choices=("float16", "bfloat16"), help="only this dtype (repeatable)")
+    parser.add_argument("--blocksize", action="append", type=int, choices=(64, 128), help="only this NF4 blocksize")
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--sass", action="store_true", help="also disassemble and report the K loop's instruction mix")
+    args = parser.parse_args(argv)
+    from lora_lab.kernels import common
+
+    if common.INTERPRETING:
+        return _reexec_compiled(argv)
+    import triton
+
+    chosen = dict(CI_SUBSET) if args.subset == "ci" else {"dtypes": (torch.float16, torch.bfloat16), "blocksizes": (64, 128),
+                                                    "configs": "all"}
+    print(f"triton {triton.__version__}, torch {torch.__version__}; layer {SHAPE}; subset {args.subset}")
+    print(HEADER)
+    start = time.perf_counter()
+    if args.dtype:
+        chosen["dtypes"] = tuple(getattr(torch, name) for name in args.dtype)
+    if args.blocksize:
+        chosen["blocksizes"] = tuple(args.blocksize)
+    if args.config:
+        chosen["configs"] = [parse_config(text) for text in args.config]
+    results = sweep(chosen["dtypes"], chosen["blocksizes"], tuple(args.arch or ARCHS), chosen["configs"],
+                    tuple(args.kernel or ()), args.sass, progress=lambda r: print(format_row(r), flush=True))
+    failed = [r for r in results if r.problems]
+    print(f"{len(results)} compiles in {time.perf_counter() - start:.0f}s: {len(failed)} fail "
+          f"({sum(bool(r.error) for r in failed)} errors, {sum(r.spill_bytes > 0 for r in failed)} spill, "
+          f"{sum(r.shared > r.shared_limit for r in failed)} over shared memory)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) | {"problems": r.problems} for r in results], f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The kernels compiled for real GPUs (sm_90a, sm_80) on any machine: no compile error, no spill, shared memory that fits.
+
+CI has no GPU, so these tests run ``python -m lora_lab.kernels.compile_check``
+in a child process (Triton's interpreter, which this test process uses, cannot
+compile). CI compiles the representative subset; the full sweep is
+``python -m lora_lab.kernels.compile_check`` (every config the pruning keeps,
+fp16 and bf16, blocksizes 64 and 128, both targets).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from lora_lab.kernels.sass import k_loop_mix, parse_ptxas_log
+
+KERNELS = ("qlora_forward_kernel", "qlora_grad_input_kernel", "nf4_dequantize_kernel")
+MATMULS = KERNELS[:2]
+
+
+def compile_check(tmp_path, *args: str) -> tuple[int, str, list[dict]]:
+    """Run the compile check in a child process; its exit status, its printed table and its JSON results."""
+    out = tmp_path / "results.json"
+    env = dict(os.environ, TRITON_INTERPRET="0", LORA_LAB_COMPILE_ONLY="1", LORA_LAB_AUTOTUNE="1")
+    done = subprocess.run([sys.executable, "-m", "lora_lab.kernels.compile_check", *args, "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    results = json.loads(out.read_text()) if out.exists() else []
+    return done.returncode, done.stdout + done.stderr, results
+
+
+def test_ci_subset_compiles_clean_for_hopper_and_ampere(tmp_path):
+    """Every kernel, the default and the largest kept config, bf16: compiles, 0 spills, fits, uses the tensor cores."""
+    status, table, results = compile_check(tmp_path, "--subset", "ci")
+    assert results, f"the compile check wrote no results:\n{table}"
+    failures = [r for r in results if r["problems"]]
+    assert status == 0 and not failures, f"compile check failed:\n{table}"
+    compiled = {(r["kernel"], r["arch"]) for r in results}
+    assert compiled == {(k, a) for k in KERNELS for a in ("sm_90a", "sm_80")}, f"not every kernel and target compiled:\n{table}"
+    for r in results:
+        assert 0 < r["registers"] <= 255 and r["shared"] <= r["shared_limit"], table
+        if r["kernel"] in MATMULS:
+            want = "wgmma" if r["arch"] == "sm_90a" else "mma"
+            assert r["mma"] == want, f"{r['kernel']} {r['config']} on {r['arch']} uses {r['mma']!r}, not {want}:\n{table}"
+
+
+def test_the_check_fails_a_config_that_spills_and_overflows_shared_memory(tmp_path):
+    """A 256x256x64 tile with 4 warps cannot fit: the check must say so and exit 1, not pass it."""
+    status, table, results = compile_check(
+        tmp_path, "--kernel", "qlora_forward_kernel", "--arch", "sm_80", "--dtype", "bfloat16", "--blocksize", "64",
+        "--config", "256x256x64:4:4",
+    )
+    assert status == 1, f"an impossible config passed the compile check:\n{table}"
+    (result,) = results
+    assert result["spill_bytes"] > 0 and result["shared"] > result["shared_limit"], table
+    assert any("spills" in p for p in result["problems"]) and any("shared memory" in p for p in result["problems"])
+
+
+def test_ptxas_log_parsing():
+    """Registers, spill bytes and warnings are read from ptxas -v the way ptxas prints them."""
+    log = (
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "ptxas warning : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized\n"
+        "ptxas info    : Function properties for k\n"
+        "    600 bytes stack frame, 592 bytes spill stores, 600 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 600 bytes cumulative stack size\n"
+    )
+    report = parse_ptxas_log(log)
+    assert (report.registers, report.spill_stores, report.spill_loads) == (255, 592, 600)
+    assert len(report.warnings) == 1 and "serialized" in report.warnings[0]
+    with pytest.raises(ValueError, match="registers"):
+        parse_ptxas_log("ptxas fatal : Unresolved extern function")
+
+
+def test_k_loop_is_the_innermost_loop_with_an_mma():
+    """The loop closed by a backward branch that holds an HGMMA is found; the outer one is not counted."""
+    sass = """
+        /*0000*/                   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   LOP3.LUT R3, R2, 0xf, RZ, 0xc0, !PT ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0040*/              @P0  BRA 0x10 ;
+        /*0050*/                   IADD3 R6, R6, 0x1, RZ ;
+        /*0060*/              @P1  BRA 0x0 ;
+        /*0070*/                   EXIT ;
+    """
+    mix = k_loop_mix(sass)
+    assert mix.counts == {"memory": 1, "integer": 1, "mma": 1, "control": 1}
+    assert k_loop_mix(sass.replace("HGMMA.64x128x16.F32.BF16", "FFMA")) is None
+
