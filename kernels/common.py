@@ -158,6 +158,13 @@ def _levels_on(device: torch.device) -> torch.Tensor:
     return NF4_CODE.to(device)
 
 
+@functools.cache
+def nf4_pair_levels(device: torch.device) -> torch.Tensor:
+    """(256, 2) fp32: the levels of a byte's two codes, high nibble first; the matmul kernels look up bytes, not nibbles."""
+    codes = torch.arange(256)
+    return torch.stack([NF4_CODE[codes >> 4], NF4_CODE[codes & 0x0F]], dim=1).contiguous().to(device)
+
+
 def weight_arguments(q: NF4Tensor) -> tuple:
     """``(packed, levels, absmax, absmax_code, absmax_scale, absmax_offset)`` for a kernel launch.
 
@@ -299,14 +306,24 @@ def load_nf4_levels(packed_ptr, levels_ptr, index, mask):
 @triton.jit
 def load_nf4_tile(
     packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-    row_start,  # (ROWS,) int64 flat index of each tile row's first element
+    row_start,  # (ROWS,) int64 flat index of each tile row's first element (even: K and the K step are even)
     block,  # (ROWS,) the NF4 block every element of that tile row belongs to
     row_mask,  # (ROWS,) rows that exist
     BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
 ):
-    """fp32 values of a (ROWS, BLOCK_K) tile of W, decoded in registers; W is never written out."""
-    index = row_start[:, None] + tl.arange(0, BLOCK_K)[None, :]
-    levels = load_nf4_levels(packed_ptr, levels_ptr, index, row_mask[:, None])
+    """fp32 values of a (ROWS, BLOCK_K) tile of W, decoded in registers; W is never written out.
+
+    A tile row is BLOCK_K / 2 consecutive bytes, loaded as bytes (contiguous,
+    hence vectorized). Each byte indexes ``levels_ptr``, the 256 x 2 table of
+    ``nf4_pair_levels``, which holds the levels of its two codes, high nibble
+    first: one 8-byte lookup gives two weights in element order, with no shift
+    or mask at all. Addressing each element's byte on its own cost a 64-bit
+    index, a division, a parity and a variable shift per weight.
+    """
+    byte_ptrs = packed_ptr + (row_start // 2)[:, None] + tl.arange(0, BLOCK_K // 2)[None, :]
+    packed = tl.load(byte_ptrs, mask=row_mask[:, None], other=0).to(tl.int32)
+    pair_ptrs = levels_ptr + packed[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+    levels = tl.reshape(tl.load(pair_ptrs), (packed.shape[0], BLOCK_K))
     absmax = load_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, block, row_mask, DOUBLE_QUANT)
     return levels * absmax[:, None]
 

@@ -43,6 +43,7 @@ from lora_lab.kernels.common import (
     dtype_kind,
     load_nf4_tile,
     new_output,
+    nf4_pair_levels,
     r_padded,
     round_to,
     weight_arguments,
@@ -141,7 +142,8 @@ def qlora_grad_input(
     dyb = new_output((M, r), grad_y.dtype, grad_y.device)
     if M == 0:
         return grad_x, dyb
-    packed, levels, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(weight)
+    packed, _, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(weight)
+    levels = nf4_pair_levels(packed.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
     qlora_grad_input_kernel[grid](
         grad_y, packed, levels, absmax, absmax_code, absmax_scale, lora_A, lora_B, grad_x, dyb,

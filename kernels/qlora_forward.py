@@ -53,6 +53,7 @@ from lora_lab.kernels.common import (
     dtype_kind,
     load_nf4_tile,
     new_output,
+    nf4_pair_levels,
     r_padded,
     round_to,
     weight_arguments,
@@ -161,7 +162,8 @@ def qlora_forward(
     xa = new_output((M, r), x.dtype, x.device)
     if M == 0:
         return y, xa
-    packed, levels, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(weight)
+    packed, _, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(weight)
+    levels = nf4_pair_levels(packed.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     qlora_forward_kernel[grid](
         x, packed, levels, absmax, absmax_code, absmax_scale, lora_A, lora_B, x if bias is None else bias, y, xa,
