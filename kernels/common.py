@@ -329,6 +329,36 @@ def load_nf4_tile(
 
 
 @triton.jit
+def weight_tile(
+    packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+    rows,  # (ROWS,) int64 rows of W
+    row_mask,  # (ROWS,) rows that exist
+    col_start,  # first column of the tile, a multiple of BLOCK_K
+    K, NF4_BLOCKSIZE,
+    BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr, W_DENSE: tl.constexpr,
+    W_ROUND: tl.constexpr, X_KIND: tl.constexpr, INTERPRET: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """The (ROWS, BLOCK_K) tile of W as a matmul operand: ``dequantize_nf4(W).to(x.dtype)``, exactly.
+
+    Decoded from NF4 in registers, or, with ``W_DENSE``, loaded from a weight
+    decoded once already (``packed_ptr`` is then W in x's dtype, (N, K)): the
+    large-M path, where decoding W once per row tile would cost more than
+    reading it dense.
+    """
+    row_start = rows * K + col_start
+    if W_DENSE:
+        w = tl.load(packed_ptr + row_start[:, None] + tl.arange(0, BLOCK_K)[None, :], mask=row_mask[:, None], other=0.0)
+        w = w.to(DOT_DTYPE)
+    else:
+        w = load_nf4_tile(
+            packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+            row_start, rows * (K // NF4_BLOCKSIZE) + col_start // NF4_BLOCKSIZE, row_mask, BLOCK_K, DOUBLE_QUANT,
+        )
+        w = weight_operand(w, W_ROUND, X_KIND, INTERPRET)
+    return w
+
+
+@triton.jit
 def round_to(values, KIND: tl.constexpr, INTERPRET: tl.constexpr):
     """fp32 ``values`` rounded to nearest-even in storage kind ``KIND``, as torch's ``.to(dtype)`` rounds.
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
 import importlib
 import io
 import json
@@ -92,23 +93,36 @@ def empty_nf4(n: int, k: int, blocksize: int, dtype: torch.dtype) -> NF4Tensor:
 
 
 def record_launches(dtype: torch.dtype, blocksize: int, shape: dict = SHAPE) -> list[Launch]:
-    """The launches of the three kernels for a layer of ``shape`` in ``dtype``, as the launchers make them."""
+    """The launches of every kernel for a layer of ``shape`` in ``dtype``, as the launchers make them.
+
+    The matmul kernels are recorded twice, decoding NF4 and reading a weight
+    dequantized once (``[dense]``, the large-M path), and the small-M kernel at
+    M = 1 (a constexpr 1 in Triton's specialization) and M = 16.
+    """
     # By module path: the package's own `nf4_dequantize` is the function, which shadows its module.
     dequantize_module = importlib.import_module("lora_lab.kernels.nf4_dequantize")
-    qlora_forward = importlib.import_module("lora_lab.kernels.qlora_forward")
-    qlora_backward = importlib.import_module("lora_lab.kernels.qlora_backward")
+    forward = importlib.import_module("lora_lab.kernels.qlora_forward")
+    backward = importlib.import_module("lora_lab.kernels.qlora_backward")
+    small_m = importlib.import_module("lora_lab.kernels.qlora_small_m")
 
     m, n, k, r = shape["M"], shape["N"], shape["K"], shape["r"]
     weight = empty_nf4(n, k, blocksize, dtype)
-    x, dy = torch.empty(m, k, dtype=dtype), torch.empty(m, n, dtype=dtype)
+    x, dy, dense = torch.empty(m, k, dtype=dtype), torch.empty(m, n, dtype=dtype), torch.empty(n, k, dtype=dtype)
     lora_A, lora_B = torch.empty(r, k, dtype=dtype), torch.empty(n, r, dtype=dtype)
+    calls = (
+        (forward, "qlora_forward_kernel", "", lambda: forward.qlora_forward(x, weight, lora_A, lora_B, 2.0, None)),
+        (backward, "qlora_grad_input_kernel", "", lambda: backward.qlora_grad_input(dy, weight, lora_A, lora_B, 2.0)),
+        (forward, "qlora_forward_kernel", "[dense]",
+         lambda: forward.qlora_forward(x, weight, lora_A, lora_B, 2.0, None, dense)),
+        (backward, "qlora_grad_input_kernel", "[dense]",
+         lambda: backward.qlora_grad_input(dy, weight, lora_A, lora_B, 2.0, dense)),
+        (small_m, "qlora_small_m_kernel", "[M=1]", lambda: small_m.qlora_small_m_base(x[:1], weight)),
+        (small_m, "qlora_small_m_kernel", "[M=16]", lambda: small_m.qlora_small_m_base(x[:16], weight)),
+        (dequantize_module, "nf4_dequantize_kernel", "", lambda: dequantize_module.nf4_dequantize(weight)),
+    )
     launches = []
-    for module, name, call in (
-        (qlora_forward, "qlora_forward_kernel", lambda: qlora_forward.qlora_forward(x, weight, lora_A, lora_B, 2.0, None)),
-        (qlora_backward, "qlora_grad_input_kernel", lambda: qlora_backward.qlora_grad_input(dy, weight, lora_A, lora_B, 2.0)),
-        (dequantize_module, "nf4_dequantize_kernel", lambda: dequantize_module.nf4_dequantize(weight)),
-    ):
-        recorder = _Recorder(name, getattr(module, name))
+    for module, name, variant, call in calls:
+        recorder = _Recorder(name + variant, getattr(module, name))
         # The tensors are CPU stand-ins for CUDA ones: only their dtypes, strides and alignment reach the compiler.
         with mock.patch.object(module, name, recorder), mock.patch.object(module, "check_device", lambda *t: None, create=True):
             call()
@@ -118,14 +132,18 @@ def record_launches(dtype: torch.dtype, blocksize: int, shape: dict = SHAPE) -> 
     return launches
 
 
-def kept_configs(launch: Launch) -> list:
-    """The autotune configs the kernel's own pruning keeps for this launch ([None] for a kernel without autotuning)."""
+def kept_configs(launch: Launch, candidates: list | None = None) -> list:
+    """The autotune configs the kernel's own pruning keeps for this launch ([None] for a kernel without autotuning).
+
+    ``candidates`` replaces the kernel's configs (to try others), still through its pruning.
+    """
     kernel = launch.kernel
     if not hasattr(kernel, "configs"):
         return [None]
     named_args = dict(zip(kernel.arg_names, launch.args))
     prune = getattr(kernel, "early_config_prune", None)
-    return list(prune(kernel.configs, named_args, **launch.kwargs)) if prune else list(kernel.configs)
+    configs = kernel.configs if candidates is None else candidates
+    return list(prune(configs, named_args, **launch.kwargs)) if prune else list(configs)
 
 
 def describe(config) -> str:
@@ -133,6 +151,14 @@ def describe(config) -> str:
         return "-"
     k = config.kwargs
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+
+
+def describe_launch(launch: Launch, config) -> str:
+    """The config, or for a kernel without autotuning the tile its launcher passes."""
+    if config is not None or "BLOCK_N" not in launch.kwargs:
+        return describe(config)
+    k = launch.kwargs
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{k.get('num_warps', 4)} s{k.get('num_stages', 3)}"
 
 
 @dataclass
@@ -189,8 +215,8 @@ def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> Com
     while not isinstance(jit, JITFunction):  # an Autotuner (or heuristics) wraps the JITFunction in .fn
         jit = jit.fn
     kwargs = dict(launch.kwargs, **(config.all_kwargs() if config is not None else {}))
-    result = CompileResult(launch.name, describe(config), str(launch.dtype).removeprefix("torch."), launch.blocksize, arch,
-                           shared_limit=SMEM_LIMIT[capability])
+    result = CompileResult(launch.name, describe_launch(launch, config), str(launch.dtype).removeprefix("torch."),
+                           launch.blocksize, arch, shared_limit=SMEM_LIMIT[capability])
     start = time.perf_counter()
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
@@ -216,8 +242,9 @@ def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> Com
         result.warnings = tuple(report.warnings)
         result.shared, result.mma = compiled.metadata.shared, mma_kind(ptx)
         result.threads = 32 * compiled.metadata.num_warps
-        if config is not None:
-            result.weights_per_trip = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"]
+        tile = config.kwargs if config is not None else launch.kwargs
+        if "BLOCK_N" in tile:
+            result.weights_per_trip = tile["BLOCK_N"] * tile["BLOCK_K"]
         if sass:
             from lora_lab.kernels.sass import disassemble, k_loop_mix
 
@@ -231,8 +258,9 @@ def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> Com
 
 
 
-# The representative subset CI compiles: per kernel, the default config and the largest kept one, bf16, blocksize 64,
-# for both targets; fp16 and blocksize 128 are the same code with other constants (the full sweep covers them).
+# The representative subset CI compiles: bf16, blocksize 64, both targets; for the two NF4 matmul kernels the default
+# config and the largest kept one, for their variants (dense W, small M) and the dequantize kernel the one they launch.
+# fp16 and blocksize 128 are the same code with other constants, which the full sweep covers.
 CI_SUBSET = {"dtypes": (torch.bfloat16,), "blocksizes": (64,), "configs": "ends"}
 
 
@@ -260,13 +288,11 @@ def sweep(dtypes=(torch.float16, torch.bfloat16), blocksizes=(64, 128), archs=tu
     for dtype in dtypes:
         for blocksize in blocksizes:
             for launch in record_launches(dtype, blocksize, shape):
-                if kernels and launch.name not in kernels:
+                if kernels and not any(fnmatch.fnmatchcase(launch.name, pattern) for pattern in kernels):
                     continue
-                kept = kept_configs(launch)
-                if isinstance(configs, list) and kept != [None]:
-                    kept = configs
-                elif configs == "ends":
-                    kept = list({id(c): c for c in (kept[0], kept[-1])}.values())
+                kept = kept_configs(launch, configs if isinstance(configs, list) else None)
+                if configs == "ends":  # the default and the largest config of the NF4 kernels; variants: the default
+                    kept = list({id(c): c for c in (kept[0], kept[-1] if "[" not in launch.name else kept[0])}.values())
                 for config in kept:
                     for arch in archs:
                         results.append(compile_launch(launch, config, arch, sass))
@@ -284,11 +310,11 @@ def format_row(r: CompileResult) -> str:
                        f"{m.get('mma', 0)} mma, {m.get('memory', 0)} memory, {m.get('convert', 0)} convert, "
                        f"{m.get('float', 0)} float; per weight: {r.per_weight('integer'):.2f} integer, "
                        f"{r.per_weight():.2f} in all")
-    return (f"{r.kernel:<24} {r.config:<20} {r.dtype:<9} {r.blocksize:>4} {r.arch:<7} {r.registers:>4} {r.spill_bytes:>6} "
+    return (f"{r.kernel:<32} {r.config:<20} {r.dtype:<9} {r.blocksize:>4} {r.arch:<7} {r.registers:>4} {r.spill_bytes:>6} "
             f"{r.shared / 1024:>7.1f}/{r.shared_limit // 1024:<4} {r.mma:<6} {r.seconds:>5.1f}s  {status}{serialized}")
 
 
-HEADER = (f"{'kernel':<24} {'config (MxNxK)':<20} {'dtype':<9} {'bs':>4} {'arch':<7} {'regs':>4} {'spill':>6} "
+HEADER = (f"{'kernel':<32} {'config (MxNxK)':<20} {'dtype':<9} {'bs':>4} {'arch':<7} {'regs':>4} {'spill':>6} "
           f"{'smem KiB':>12} {'mma':<6} {'time':>6}  status")
 
 
@@ -304,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_lab.kernels.compile_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--subset", choices=("all", "ci"), default="all", help="ci: the representative subset CI runs")
     parser.add_argument("--arch", action="append", choices=tuple(ARCHS), help="a target (repeatable; default both)")
-    parser.add_argument("--kernel", action="append", help="only this kernel (repeatable)")
-    parser.add_argument("--config", action="append", help="compile this MxNxK:warps:stages instead of the kept configs")
+    parser.add_argument("--kernel", action="append", help="only kernels matching this name or 'pattern*' (repeatable)")
+    parser.add_argument("--config", action="append",
+                        help="compile this MxNxK:warps:stages (through the pruning) instead of the project's configs")
     parser.add_argument("--dtype", action="append", choices=("float16", "bfloat16"), help="only this dtype (repeatable)")
     parser.add_argument("--blocksize", action="append", type=int, choices=(64, 128), help="only this NF4 blocksize")
     parser.add_argument("--json", help="write the results to this file")

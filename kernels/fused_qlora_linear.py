@@ -19,17 +19,60 @@ dX kernel stores ``dY @ B``. What autograd keeps between the passes is X,
 
 A, B and the bias are cast to x's dtype first, as the reference does, and
 their gradients are cast back to their own dtypes.
+
+Which kernel, by M
+------------------
+The right kernel depends on the rows M (batch x sequence), as in bitsandbytes:
+
+- ``M <= 16`` (decoding): ``qlora_small_m.py``, split-K over W, so that a
+  layer that is all weight-reading keeps every SM streaming W.
+- ``16 < M < DENSE_FROM_M``: the fused kernels, W decoded tile by tile in registers.
+- ``M >= DENSE_FROM_M`` (training, prefill): the fused kernels decode each W
+  tile once per row tile, ``cdiv(M, BLOCK_M)`` times in all, which costs more
+  than decoding W once (``nf4_dequantize``) and reading it dense; so W is
+  dequantized once per pass and the same matmul kernels read it (``W_DENSE``),
+  with the LoRA path still fused in their epilogue. The dense copy lives only
+  for the duration of one kernel, forward or backward.
+
+``LORA_LAB_KERNEL_PATH=fused`` or ``=dense`` forces one path for every M
+(tests and the benchmark compare them); the threshold is the static model's
+(``lora-lab bench --plan``) until a GPU measures it.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from lora_lab.kernels.common import check_block_multiple, check_device, check_interpreter_numpy, dtype_kind
+from lora_lab.kernels.nf4_dequantize import nf4_dequantize
 from lora_lab.kernels.qlora_backward import qlora_grad_input
 from lora_lab.kernels.qlora_forward import qlora_forward
+from lora_lab.kernels.qlora_small_m import SMALL_M, qlora_small_m_forward
 
 from lora_lab.nf4 import FLOAT_DTYPES, NF4Tensor
 from lora_lab.operands import check_qlora_operands
+
+DENSE_FROM_M = 1024  # from here on W is dequantized once per pass (see the module docstring)
+PATHS = ("auto", "fused", "dense")
+FORCED_PATH = os.environ.get("LORA_LAB_KERNEL_PATH", "auto")
+if FORCED_PATH not in PATHS:
+    raise ValueError(f"LORA_LAB_KERNEL_PATH must be one of {', '.join(PATHS)}, got {FORCED_PATH!r}")
+
+
+def kernel_path(m: int) -> str:
+    """``"small_m"``, ``"fused"`` or ``"dense"``: the kernels a layer of ``m`` rows runs (forward; dX never small_m)."""
+    if FORCED_PATH != "auto":
+        return FORCED_PATH
+    if m <= SMALL_M:
+        return "small_m"
+    return "dense" if m >= DENSE_FROM_M else "fused"
+
+
+def dense_weight(weight: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize_nf4(W).to(dtype)``: one kernel, then a cast only if W's dtype is not x's."""
+    dense = nf4_dequantize(weight)
+    return dense if dense.dtype == dtype else dense.to(dtype)
 
 
 class FusedQLoRALinear(torch.autograd.Function):
@@ -42,7 +85,12 @@ class FusedQLoRALinear(torch.autograd.Function):
         a = lora_A.to(x.dtype).contiguous()
         b = lora_B.to(x.dtype).contiguous()
         bias_x = None if bias is None else bias.to(x.dtype).contiguous()
-        y, xa = qlora_forward(x2d, weight, a, b, scaling, bias_x)
+        path = kernel_path(x2d.shape[0])
+        if path == "small_m" and x2d.shape[0] > 0:
+            y, xa = qlora_small_m_forward(x2d, weight, a, b, scaling, bias_x)
+        else:
+            dense = dense_weight(weight, x.dtype) if path == "dense" else None
+            y, xa = qlora_forward(x2d, weight, a, b, scaling, bias_x, dense)
         ctx.save_for_backward(x2d, xa, a, b)
         ctx.weight, ctx.scaling, ctx.x_shape = weight, scaling, x.shape
         ctx.param_dtypes = (lora_A.dtype, lora_B.dtype, None if bias is None else bias.dtype)
@@ -57,7 +105,8 @@ class FusedQLoRALinear(torch.autograd.Function):
         grad_x = grad_A = grad_B = grad_bias = None
         dyb = None
         if need_x:
-            grad_x2d, dyb = qlora_grad_input(dy, ctx.weight, a, b, ctx.scaling)
+            dense = dense_weight(ctx.weight, dy.dtype) if kernel_path(dy.shape[0]) == "dense" else None
+            grad_x2d, dyb = qlora_grad_input(dy, ctx.weight, a, b, ctx.scaling, dense)
             grad_x = grad_x2d.reshape(ctx.x_shape)
         if need_A:
             dyb = dy @ b if dyb is None else dyb

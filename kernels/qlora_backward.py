@@ -41,14 +41,13 @@ from lora_lab.kernels.common import (
     dot_dtype,
     dot_precision,
     dtype_kind,
-    load_nf4_tile,
     new_output,
     nf4_pair_levels,
     r_padded,
     round_to,
     weight_arguments,
-    weight_operand,
     weight_rounding,
+    weight_tile,
 )
 
 from lora_lab.nf4 import NF4Tensor
@@ -60,6 +59,7 @@ def qlora_grad_input_kernel(
     # Pointers
     dy_ptr,  # [M, N] gradient of y
     packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,  # the NF4 weight [N, K], see common
+    #   (with W_DENSE, packed_ptr is W already decoded, [N, K] in dY's dtype: common.weight_tile)
     a_ptr,  # [r, K] lora_A in dY's dtype
     b_ptr,  # [N, r] lora_B in dY's dtype
     dx_ptr,  # [M, K] output, contiguous
@@ -73,7 +73,7 @@ def qlora_grad_input_kernel(
     # Scalars
     absmax_offset, scaling,
     # Meta-parameters
-    DOUBLE_QUANT: tl.constexpr, R_PAD: tl.constexpr, X_KIND: tl.constexpr, W_ROUND: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, W_DENSE: tl.constexpr, R_PAD: tl.constexpr, X_KIND: tl.constexpr, W_ROUND: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -103,12 +103,10 @@ def qlora_grad_input_kernel(
         dy = tl.load(dy_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(DOT_DTYPE)
         b_ptrs = b_ptr + rows[:, None] * stride_bn + offs_r[None, :] * stride_br
         b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(DOT_DTYPE)
-        w_rows = rows.to(tl.int64)
-        w = load_nf4_tile(
-            packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-            w_rows * K + k_start, w_rows * (K // NF4_BLOCKSIZE) + k_start // NF4_BLOCKSIZE, n_mask, BLOCK_K, DOUBLE_QUANT,
+        w = weight_tile(  # rows past N meet zero columns of dY
+            packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, rows.to(tl.int64),
+            n_mask, k_start, K, NF4_BLOCKSIZE, BLOCK_K, DOUBLE_QUANT, W_DENSE, W_ROUND, X_KIND, INTERPRET, DOT_DTYPE,
         )
-        w = weight_operand(w, W_ROUND, X_KIND, INTERPRET)  # rows past N meet zero columns of dY
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
         dyb = tl.dot(dy, b, dyb, input_precision=DOT_PRECISION)
 
@@ -129,28 +127,34 @@ def qlora_grad_input(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
+    dense: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the dX kernel on 2-D ``grad_y`` (M, N): returns ``(dX, dY @ B)``, both in dY's dtype.
 
     A and B must already be in dY's dtype (``fused_qlora_linear`` saved them cast).
+    ``dense``, if given, is ``dequantize_nf4(W).to(dY.dtype)`` (the large-M path), read instead of decoding NF4.
     """
     M, N = grad_y.shape
     r, K = lora_A.shape
     if weight.shape != (N, K) or lora_B.shape != (N, r) or K % weight.blocksize:
         raise ValueError(f"qlora_grad_input: inconsistent shapes dY {tuple(grad_y.shape)}, W {tuple(weight.shape)}, r {r}")
+    if dense is not None and (dense.shape != (N, K) or dense.dtype != grad_y.dtype or not dense.is_contiguous()):
+        raise ValueError(f"qlora_grad_input: expected the dense W contiguous, {(N, K)} in {grad_y.dtype}, got "
+                         f"{tuple(dense.shape)} in {dense.dtype}")
     grad_x = new_output((M, K), grad_y.dtype, grad_y.device)
     dyb = new_output((M, r), grad_y.dtype, grad_y.device)
     if M == 0:
         return grad_x, dyb
     packed, _, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(weight)
     levels = nf4_pair_levels(packed.device)
+    packed = packed if dense is None else dense
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
     qlora_grad_input_kernel[grid](
         grad_y, packed, levels, absmax, absmax_code, absmax_scale, lora_A, lora_B, grad_x, dyb,
         M, N, K, r, autotune_key_rows(M), weight.blocksize,
         grad_y.stride(0), grad_y.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         absmax_offset, float(scaling),
-        DOUBLE_QUANT=weight.double_quant, R_PAD=r_padded(r), X_KIND=dtype_kind(grad_y.dtype),
+        DOUBLE_QUANT=weight.double_quant, W_DENSE=dense is not None, R_PAD=r_padded(r), X_KIND=dtype_kind(grad_y.dtype),
         W_ROUND=weight_rounding(weight.dtype, grad_y.dtype), INTERPRET=INTERPRETING,
         DOT_DTYPE=dot_dtype(grad_y.dtype), DOT_PRECISION=dot_precision(grad_y.dtype), **LAUNCH_OPTIONS,
     )

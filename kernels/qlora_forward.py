@@ -51,14 +51,13 @@ from lora_lab.kernels.common import (
     dot_dtype,
     dot_precision,
     dtype_kind,
-    load_nf4_tile,
     new_output,
     nf4_pair_levels,
     r_padded,
     round_to,
     weight_arguments,
-    weight_operand,
     weight_rounding,
+    weight_tile,
 )
 
 from lora_lab.nf4 import NF4Tensor
@@ -70,6 +69,7 @@ def qlora_forward_kernel(
     # Pointers
     x_ptr,  # [M, K] activations (x's dtype)
     packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,  # the NF4 weight [N, K], see common
+    #   (with W_DENSE, packed_ptr is W already decoded, [N, K] in x's dtype: common.weight_tile)
     a_ptr,  # [r, K] lora_A in x's dtype
     b_ptr,  # [N, r] lora_B in x's dtype
     bias_ptr,  # [N] in x's dtype (read only when HAS_BIAS)
@@ -85,7 +85,7 @@ def qlora_forward_kernel(
     absmax_offset,  # double quant: added to every decoded absmax
     scaling,  # LoRA alpha / r
     # Meta-parameters
-    HAS_BIAS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, W_DENSE: tl.constexpr,
     R_PAD: tl.constexpr,  # r padded to a power of two >= 16
     X_KIND: tl.constexpr,  # storage kind of x, y, A, B (common.FP32 / FP16 / BF16)
     W_ROUND: tl.constexpr,  # rounding to W's own dtype before x's (common.weight_rounding)
@@ -111,18 +111,16 @@ def qlora_forward_kernel(
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     at_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar  # A^T tile (BLOCK_K, R_PAD)
     w_rows = offs_n.to(tl.int64)
-    blocks_per_row = K // NF4_BLOCKSIZE
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     xa = tl.full((BLOCK_M, R_PAD), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K: no mask along K
         x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0).to(DOT_DTYPE)
         at = tl.load(at_ptrs, mask=r_mask[None, :], other=0.0).to(DOT_DTYPE)
-        w = load_nf4_tile(
-            packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-            w_rows * K + k0, w_rows * blocks_per_row + k0 // NF4_BLOCKSIZE, n_mask, BLOCK_K, DOUBLE_QUANT,
+        w = weight_tile(
+            packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, w_rows, n_mask, k0,
+            K, NF4_BLOCKSIZE, BLOCK_K, DOUBLE_QUANT, W_DENSE, W_ROUND, X_KIND, INTERPRET, DOT_DTYPE,
         )
-        w = weight_operand(w, W_ROUND, X_KIND, INTERPRET)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         xa = tl.dot(x, at, xa, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
@@ -148,9 +146,12 @@ def qlora_forward(
     lora_B: torch.Tensor,
     scaling: float,
     bias: torch.Tensor | None,
+    dense: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on 2-D ``x`` (M, K): returns ``(y, x @ A^T)``, both in x's dtype.
 
+    ``dense``, if given, is W decoded once already, ``dequantize_nf4(W).to(x.dtype)``
+    (the large-M path): the kernel reads it instead of decoding NF4 tiles.
     The caller (``fused_qlora_linear``) has validated shapes and cast A, B and the
     bias to x's dtype; this only checks what the kernel itself relies on.
     """
@@ -158,19 +159,23 @@ def qlora_forward(
     N, r = lora_B.shape
     if weight.shape != (N, K) or lora_A.shape != (r, K) or K % weight.blocksize:
         raise ValueError(f"qlora_forward: inconsistent shapes x {tuple(x.shape)}, W {tuple(weight.shape)}, r {r}")
+    if dense is not None and (dense.shape != (N, K) or dense.dtype != x.dtype or not dense.is_contiguous()):
+        raise ValueError(f"qlora_forward: expected the dense W contiguous, {(N, K)} in {x.dtype}, got "
+                         f"{tuple(dense.shape)} in {dense.dtype}")
     y = new_output((M, N), x.dtype, x.device)
     xa = new_output((M, r), x.dtype, x.device)
     if M == 0:
         return y, xa
     packed, _, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(weight)
     levels = nf4_pair_levels(packed.device)
+    packed = packed if dense is None else dense
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     qlora_forward_kernel[grid](
         x, packed, levels, absmax, absmax_code, absmax_scale, lora_A, lora_B, x if bias is None else bias, y, xa,
         M, N, K, r, autotune_key_rows(M), weight.blocksize,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         absmax_offset, float(scaling),
-        HAS_BIAS=bias is not None, DOUBLE_QUANT=weight.double_quant, R_PAD=r_padded(r),
+        HAS_BIAS=bias is not None, DOUBLE_QUANT=weight.double_quant, W_DENSE=dense is not None, R_PAD=r_padded(r),
         X_KIND=dtype_kind(x.dtype), W_ROUND=weight_rounding(weight.dtype, x.dtype),
         INTERPRET=INTERPRETING, DOT_DTYPE=dot_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **LAUNCH_OPTIONS,
     )

@@ -17,8 +17,13 @@ import sys
 import pytest
 from lora_lab.kernels.sass import k_loop_mix, parse_ptxas_log
 
-KERNELS = ("qlora_forward_kernel", "qlora_grad_input_kernel", "nf4_dequantize_kernel")
-MATMULS = KERNELS[:2]
+KERNELS = (
+    "qlora_forward_kernel", "qlora_grad_input_kernel", "qlora_forward_kernel[dense]", "qlora_grad_input_kernel[dense]",
+    "qlora_small_m_kernel[M=1]", "qlora_small_m_kernel[M=16]", "nf4_dequantize_kernel",
+)
+# The MMA each matmul must use: wgmma on Hopper where a warpgroup has 64 rows to multiply, mma.sync otherwise.
+MMA = {(kernel, "sm_80"): "mma" for kernel in KERNELS[:6]} | {(kernel, "sm_90a"): "wgmma" for kernel in KERNELS[:4]}
+MMA |= {(kernel, "sm_90a"): "mma" for kernel in KERNELS[4:6]}  # 16 rows: below wgmma's 64
 
 
 def compile_check(tmp_path, *args: str) -> tuple[int, str, list[dict]]:
@@ -32,7 +37,7 @@ def compile_check(tmp_path, *args: str) -> tuple[int, str, list[dict]]:
 
 
 def test_ci_subset_compiles_clean_for_hopper_and_ampere(tmp_path):
-    """Every kernel, the default and the largest kept config, bf16: compiles, 0 spills, fits, uses the tensor cores."""
+    """Every kernel and variant (CI_SUBSET's configs), bf16: compiles, 0 spills, fits, uses the tensor cores."""
     status, table, results = compile_check(tmp_path, "--subset", "ci")
     assert results, f"the compile check wrote no results:\n{table}"
     failures = [r for r in results if r["problems"]]
@@ -41,8 +46,8 @@ def test_ci_subset_compiles_clean_for_hopper_and_ampere(tmp_path):
     assert compiled == {(k, a) for k in KERNELS for a in ("sm_90a", "sm_80")}, f"not every kernel and target compiled:\n{table}"
     for r in results:
         assert 0 < r["registers"] <= 255 and r["shared"] <= r["shared_limit"], table
-        if r["kernel"] in MATMULS:
-            want = "wgmma" if r["arch"] == "sm_90a" else "mma"
+        want = MMA.get((r["kernel"], r["arch"]))
+        if want:
             assert r["mma"] == want, f"{r['kernel']} {r['config']} on {r['arch']} uses {r['mma']!r}, not {want}:\n{table}"
 
 

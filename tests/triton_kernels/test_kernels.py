@@ -13,6 +13,7 @@ tests run the compiled kernels (see benchmarks/gpu_check.sh).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import lora_lab.kernels as kernels
@@ -24,12 +25,14 @@ from hypothesis import strategies as st
 from lora_lab.kernels import common, fused_qlora_linear, nf4_dequantize
 from lora_lab.kernels.qlora_backward import qlora_grad_input_kernel
 from lora_lab.kernels.qlora_forward import qlora_forward_kernel
+from lora_lab.kernels.qlora_small_m import SMALL_M, split_k_for
 
 from lora_lab.conformance.compare import assert_close, assert_equal, product_bound, seeded_generator
 from lora_lab.conformance.profiles import examples
 from lora_lab.lora import QLoRALinear, qlora_linear
 from lora_lab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
+dispatch = importlib.import_module("lora_lab.kernels.fused_qlora_linear")  # the module (the package exports the function)
 DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRETING else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -185,6 +188,41 @@ def check_against_float64(layer, grad_seed: int = 0, transform_x=lambda x: x) ->
 def test_forward_and_gradients_match_float64(layer, grad_seed):
     """Multi-tile shapes: y, dX, dA, dB and dbias within product_bound of the float64 reference."""
     check_against_float64(layer, grad_seed)
+
+
+@pytest.mark.parametrize("path", ["small_m", "fused", "dense"])
+@settings(max_examples=examples(6))
+@given(layer=layers(), grad_seed=st.integers(0, 2**31 - 1))
+def test_every_kernel_path_matches_float64(path, layer, grad_seed):
+    """Each path fused_qlora_linear dispatches to by M (split-K small M, fused NF4, dequantize-once dense) is right.
+
+    ``small_m`` runs only where it applies (M <= 16, split in as many K slices as the grid wants); the other two
+    are forced for every M.
+    """
+    x = layer[0]
+    rows = x.reshape(-1, x.shape[-1]).shape[0]
+    if path == "small_m":
+        layer = (x.reshape(-1, x.shape[-1])[: min(rows, SMALL_M)],) + layer[1:]
+    with pytest.MonkeyPatch.context() as patch:  # per example: hypothesis reuses one function-scoped fixture
+        patch.setattr(dispatch, "FORCED_PATH", "auto" if path == "small_m" else path)
+        check_against_float64(layer, grad_seed)
+
+
+def test_dispatch_by_rows():
+    """M <= 16: small-M kernel; up to DENSE_FROM_M: fused; from there: dequantize once (with the env var unset)."""
+    assert dispatch.FORCED_PATH == "auto", "LORA_LAB_KERNEL_PATH is set: the default dispatch is not under test"
+    assert [dispatch.kernel_path(m) for m in (1, 16, 17, dispatch.DENSE_FROM_M - 1, dispatch.DENSE_FROM_M)] == [
+        "small_m", "small_m", "fused", "fused", "dense"]
+
+
+def test_small_m_splits_k_over_the_grid():
+    """A narrow, deep layer is split into many K slices (the grid would otherwise be one program), and stays right."""
+    assert split_k_for(20, 1024 // 64) == 16
+    g = seeded_generator(9)
+    weight = quantize_nf4(torch.randn(20, 1024, generator=g) * 0.05, 64, double_quant=True)
+    layer = (torch.randn(3, 1024, generator=g), weight, torch.randn(4, 1024, generator=g) / 32,
+             torch.randn(20, 4, generator=g), 2.0, torch.randn(20, generator=g))
+    check_against_float64(layer)
 
 
 @settings(max_examples=examples(4))
