@@ -3,17 +3,22 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        # from the repository root, on a CUDA machine
 #
-# For a CUDA machine without network access, in one run of at most 8 minutes:
+# For a CUDA machine without network access, in one run of at most 9 minutes (inside one 10-minute call):
 #   1. installs nothing but the wheels carried in .whl/ (if any), into /tmp/site;
 #   2. makes lora_lab.kernels importable without installing lora_lab (a startup hook maps it to kernels/);
 #   3. runs, side by side (compiling is CPU-bound; there are cores to spare):
 #        a. tests/triton_kernels/test_kernels.py on the compiled kernels, one tile config each (LORA_LAB_AUTOTUNE=0);
 #        b. the autotuned path (tests/triton_kernels/test_kernels.py -k autotuned: every config benchmarked, then checked);
-#        c. the conformance checks qlora.* on lora_lab.kernels, with the inputs moved to the GPU;
-#   4. runs `python -m lora_lab.cli bench --gpu --quick --json $OUT/bench.json` alone, with the time left.
-# Everything lands in $OUT: one log per step, junit XML for the tests, conformance.json, bench.json and
-# summary.txt. The exit status is 1 if a kernel step failed; a missing or failing benchmark is reported
-# in summary.txt but does not fail the check (another part of the project owns it).
+#        c. the conformance checks qlora.* on lora_lab.kernels, with the inputs moved to the GPU, once per kernel
+#           path: as dispatched by M (small M: split-K), and forced fused and forced dense (LORA_LAB_KERNEL_PATH);
+#        d. the compile check with this machine's Triton (every kernel for sm_90a and sm_80: no spill, no overflow);
+#        e. the kernel tests that cover every path under compute-sanitizer memcheck, where the runtime allows it
+#           (a gVisor machine refuses it: that is reported, not failed);
+#   4. prints the static performance model with measured times (`lora-lab bench --plan`, alone on the GPU);
+#   5. runs `python -m lora_lab.cli bench --gpu --quick --json $OUT/bench.json` alone, with the time left.
+# Everything lands in $OUT: one log per step, junit XML for the tests, conformance*.json, compile_check.json,
+# plan.txt, bench.json and summary.txt. The exit status is 1 if a kernel step failed; a missing or failing
+# benchmark is reported in summary.txt but does not fail the check (another part of the project owns it).
 
 set -u
 cd "$(dirname "$0")/.."
@@ -22,7 +27,7 @@ OUT=${OUT:-$REPO/gpu_check_out}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 START=$(date +%s)
-DEADLINE=$((START + 470))  # 8 minutes, less a margin for writing the summary
+DEADLINE=$((START + 530))  # 9 minutes, less a margin for writing the summary
 SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
 FAILED=0  # becomes 1 when a kernel check fails or cannot run
@@ -178,16 +183,52 @@ if ((HAVE_PYTEST)); then
     start_step test_kernels_autotuned 220 "${PYTEST[@]}" tests/triton_kernels/test_kernels.py -k autotuned \
         --junitxml="$OUT/test_kernels_autotuned.xml"
 fi
-start_step conformance 220 env LORA_LAB_AUTOTUNE=0 "$PY" "$SITE/gpu_conformance.py" "$OUT/conformance.json"
+for path in auto fused dense; do
+    start_step "conformance_$path" 220 env LORA_LAB_AUTOTUNE=0 LORA_LAB_KERNEL_PATH=$path "$PY" "$SITE/gpu_conformance.py" \
+        "$OUT/conformance_$path.json"
+done
+start_step compile_check 200 "$PY" -m lora_lab.kernels.compile_check --subset ci --json "$OUT/compile_check.json"
+
+# compute-sanitizer: in the CUDA toolkit, and refused by some runtimes (gVisor: "Device not supported"); probe it first.
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2> /dev/null | head -n 1)
+MEMCHECK=0
+if [[ -z $SANITIZER ]]; then
+    note "skipped memcheck: no compute-sanitizer on this machine"
+elif ! timeout 90 "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -c "import torch; torch.ones(8, device='cuda').sum().item()" \
+    > "$OUT/memcheck_probe.log" 2>&1; then
+    note "skipped memcheck: compute-sanitizer cannot run here (this runtime refuses it); the end of memcheck_probe.log:"
+    tail -n 5 "$OUT/memcheck_probe.log" | sed 's/^/    /' | tee -a "$SUMMARY"
+elif ((HAVE_PYTEST)); then
+    MEMCHECK=1
+    start_step memcheck 260 env LORA_LAB_AUTOTUNE=0 "$SANITIZER" --tool memcheck --error-exitcode 99 --print-limit 20 \
+        "${PYTEST[@]}" tests/triton_kernels/test_kernels.py -x \
+        -k "decode_exactly or other_tile_shapes or every_kernel_path or splits_k or empty_batch or dequantize_is_bit_exact"
+fi
+
 if ((HAVE_PYTEST)); then
     finish_step test_kernels
     finish_step test_kernels_autotuned "skipped"  # on a GPU the autotuned tests must run, not skip
 fi
-finish_step conformance
+for path in auto fused dense; do
+    finish_step "conformance_$path"
+done
+finish_step compile_check
+((MEMCHECK)) && finish_step memcheck "ERROR SUMMARY: [1-9]"
+
+# --- 4. the static performance model, with measured times, alone on the GPU --------------------------------------
+cap=$(budget 120)
+plan_start=$(date +%s)
+if timeout -k 10 "$cap" "$PY" -m lora_lab.cli bench --plan > "$OUT/plan.txt" 2>&1; then
+    note "passed  plan ($(($(date +%s) - plan_start))s): the model with measured times (plan.txt):"
+    tee -a "$SUMMARY" < "$OUT/plan.txt"
+else
+    note "plan failed or ran out of time after $(($(date +%s) - plan_start))s; the end of plan.txt:"
+    tail -n 25 "$OUT/plan.txt" | sed 's/^/    /' | tee -a "$SUMMARY"
+fi
 
 # --- 4. the benchmark, alone on the GPU, with the time left -------------------------------------------------------
 if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('lora_lab.bench') is None)" 2> /dev/null; then
-    cap=$(budget 300)
+    cap=$(budget 240)
     if ((cap < 60)); then
         note "skipped bench: only ${cap}s left"
     else

@@ -197,75 +197,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or INTERPRETING else "tf32"
 
 
-def matmul_configs() -> list[triton.Config]:
-    """Tile shapes for the two matmul kernels.
-
-    Under the interpreter, which pays per program and per loop step rather than
-    per element: one large tile, with 64-wide K steps (32 for blocksize 32).
-
-    On a GPU, a handful of shapes for the autotuner: 64-wide K steps (one NF4
-    block at the default blocksize) with large output tiles for prefill and
-    training, 16- and 32-row tiles for decoding, and 32- and 128-wide K steps for
-    other block sizes. ``keep_tiles_inside_nf4_blocks`` drops those a weight's
-    blocksize cannot use. The first valid config is the default without autotuning.
-    """
-    if INTERPRETING:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": k, "GROUP_M": 4}) for k in (64, 32)]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first valid one is the default
-        (64, 128, 64, 4, 3),
-        (128, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (32, 128, 64, 4, 4),
-        (16, 128, 64, 4, 4),
-        (64, 64, 32, 4, 4),
-        (128, 128, 32, 8, 4),
-        (64, 128, 128, 4, 3),
-        (128, 128, 128, 8, 3),
-    ]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in shapes
-    ]
-
-
-def keep_tiles_inside_nf4_blocks(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Autotune pruning: BLOCK_K must divide the NF4 blocksize (one absmax per tile row).
-
-    With ``AUTOTUNE`` off only the first valid config is kept, so nothing is benchmarked.
-    """
-    blocksize = named_args["NF4_BLOCKSIZE"]
-    valid = [c for c in configs if blocksize % c.kwargs["BLOCK_K"] == 0]
-    return valid if AUTOTUNE else valid[:1]
-
-
-def autotune_over_nf4_tiles(kernel):
-    """The autotuning both matmul kernels share: ``matmul_configs``, keyed on (M bucket, N, K, blocksize).
-
-    The blocksize is in the key because a BLOCK_K tuned for one blocksize may
-    straddle two NF4 blocks of a smaller one.
-    """
-    return triton.autotune(
-        configs=matmul_configs(),
-        key=["M_BUCKET", "N", "K", "NF4_BLOCKSIZE"],
-        prune_configs_by={"early_config_prune": keep_tiles_inside_nf4_blocks},
-        **({"do_bench": _nothing_to_compare} if INTERPRETING else {}),
-    )(kernel)
-
-
-def _nothing_to_compare(kernel_call, quantiles=None, **kwargs) -> list[float]:
-    """The interpreter's "benchmark": the pruning keeps one config there, so no time is compared and none is measured.
-
-    Triton before 3.8 times even a single pruned config, with the GPU driver (which a CPU machine lacks).
-    """
-    return [0.0] * (len(quantiles) if quantiles else 1)
-
-
-def autotune_key_rows(m: int) -> int:
-    """M rounded up to a power of two: the autotune key, so every new batch length does not re-tune."""
-    return triton.next_power_of_2(max(m, 1))
-
-
 def check_block_multiple(k: int, blocksize: int) -> None:
     """The fused kernels read W in tiles that never straddle two NF4 blocks, so K must be a whole number of blocks."""
     if k % blocksize == 0:
@@ -334,7 +265,7 @@ def weight_tile(
     rows,  # (ROWS,) int64 rows of W
     row_mask,  # (ROWS,) rows that exist
     col_start,  # first column of the tile, a multiple of BLOCK_K
-    K, NF4_BLOCKSIZE,
+    K, NF4_BLOCKSIZE: tl.constexpr,
     BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr, W_DENSE: tl.constexpr,
     W_ROUND: tl.constexpr, X_KIND: tl.constexpr, INTERPRET: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):

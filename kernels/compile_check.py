@@ -288,7 +288,7 @@ def sweep(dtypes=(torch.float16, torch.bfloat16), blocksizes=(64, 128), archs=tu
     for dtype in dtypes:
         for blocksize in blocksizes:
             for launch in record_launches(dtype, blocksize, shape):
-                if kernels and not any(fnmatch.fnmatchcase(launch.name, pattern) for pattern in kernels):
+                if kernels and not any(launch.name == p or fnmatch.fnmatchcase(launch.name, p) for p in kernels):
                     continue
                 kept = kept_configs(launch, configs if isinstance(configs, list) else None)
                 if configs == "ends":  # the default and the largest config of the NF4 kernels; variants: the default

@@ -36,8 +36,6 @@ import triton.language as tl
 from lora_lab.kernels.common import (
     INTERPRETING,
     LAUNCH_OPTIONS,
-    autotune_key_rows,
-    autotune_over_nf4_tiles,
     dot_dtype,
     dot_precision,
     dtype_kind,
@@ -49,6 +47,7 @@ from lora_lab.kernels.common import (
     weight_rounding,
     weight_tile,
 )
+from lora_lab.kernels.tiles import autotune_key_rows, autotune_over_nf4_tiles
 
 from lora_lab.nf4 import NF4Tensor
 
@@ -67,7 +66,7 @@ def qlora_grad_input_kernel(
     # Sizes
     M, N, K, R,
     M_BUCKET,  # M rounded up to a power of two: only the autotune key
-    NF4_BLOCKSIZE,  # divides K; BLOCK_K divides it
+    NF4_BLOCKSIZE: tl.constexpr,  # divides K; BLOCK_K divides it; a power of two, so dividing by it is a shift
     # Strides (elements)
     stride_dym, stride_dyn, stride_ar, stride_ak, stride_bn, stride_br,
     # Scalars

@@ -60,7 +60,7 @@ def qlora_small_m_kernel(
     # Sizes
     M, N, K,
     K_PER_SPLIT,  # elements of K each program reduces: a multiple of BLOCK_K that divides K
-    NF4_BLOCKSIZE,  # divides K; BLOCK_K divides it
+    NF4_BLOCKSIZE: tl.constexpr,  # divides K; BLOCK_K divides it; a power of two, so dividing by it is a shift
     stride_xm, stride_xk,
     absmax_offset,  # double quant: added to every decoded absmax
     # Meta-parameters

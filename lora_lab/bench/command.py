@@ -21,6 +21,7 @@ examples:
   lora-lab bench                                    # CPU: about 30 s on 2 cores, with a progress bar
   lora-lab bench --gpu --quick --json bench.json    # what benchmarks/gpu_check.sh runs (about 4 minutes)
   lora-lab bench --gpu --shapes 4096x14336 --tokens 1,4096 --ranks 16 --ops forward --plot times.png
+  lora-lab bench --plan                             # the static performance model (any machine; measured on a GPU)
 """
 
 from __future__ import annotations
@@ -151,9 +152,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch (default 1: on a busy machine a multi-threaded matmul waits for "
                         "descheduled threads and measures the scheduler; 0 keeps torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plan", action="store_true",
+                        help="print the static performance model of the kernels on Llama-3.1-8B layers (H200, H100, A100) "
+                        "from their compiled code, no GPU needed; on a GPU with measured times (lora_lab/bench/plan.py)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plan:
+        from lora_lab.bench.plan import run_plan
+
+        return run_plan()
     # The peak-memory measure runs torch.profiler once per case; at its default log level kineto prints two
     # lines per run (about 70 in a CPU benchmark), through the progress bar. Level 6 is above all of kineto's.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
