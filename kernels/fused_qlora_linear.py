@@ -144,9 +144,12 @@ def fused_qlora_linear(
 
     x is (..., K) in float32, float16 or bfloat16; W (N, K) in NF4 with K a
     multiple of its blocksize; A (r, K); B (N, r); bias (N,). y is (..., N) in
-    x's dtype. Differentiable in x, A, B and bias, never in W. W is decoded tile
-    by tile inside the matmul kernels, in the forward and again in the
-    backward, so no dense copy of it is ever made.
+    x's dtype. Differentiable in x, A, B and bias, never in W. Below
+    ``DENSE_FROM_M`` rows W is decoded tile by tile inside the kernels, in the
+    forward and again in the backward, so no dense copy of it is made; from
+    there on each pass dequantizes W into a temporary (N x K in x's dtype, freed
+    after the kernel), as bitsandbytes does; ``LORA_LAB_KERNEL_PATH=fused``
+    keeps the no-copy path at every M.
     """
     _check_operands(x, weight, lora_A, lora_B, scaling, bias)
     return FusedQLoRALinear.apply(x, weight, lora_A, lora_B, float(scaling), bias)

@@ -17,8 +17,9 @@ Two fusions save the memory traffic an unfused QLoRA layer pays:
 
 1. *Dequantize in registers.* W's tile is decoded from 4-bit codes right
    before the tensor-core matmul (see ``common.load_nf4_tile``). W is read at
-   half a byte per element and no dense copy of it ever exists, which is the
-   point of QLoRA's memory saving. The decoded tile is rounded exactly as
+   half a byte per element and no dense copy of it exists, which is the
+   point of QLoRA's memory saving (at large M, ``fused_qlora_linear`` may
+   instead pass a dense W decoded once: the ``W_DENSE`` path). The decoded tile is rounded exactly as
    ``dequantize_nf4(W).to(x.dtype)`` rounds, so the base path multiplies the
    very numbers the reference multiplies.
 2. *LoRA rides along.* ``x @ A^T`` needs the same ``x`` tile, already in
