@@ -135,15 +135,17 @@ def record_launches(dtype: torch.dtype, blocksize: int, shape: dict = SHAPE) -> 
 def kept_configs(launch: Launch, candidates: list | None = None) -> list:
     """The autotune configs the kernel's own pruning keeps for this launch ([None] for a kernel without autotuning).
 
-    ``candidates`` replaces the kernel's configs (to try others), still through its pruning.
+    ``candidates`` replaces them, to try other tiles: of the pruning, only the rule that BLOCK_K divides the NF4
+    blocksize applies to those (the per-path lists are the project's choice, which they are there to revisit).
     """
     kernel = launch.kernel
     if not hasattr(kernel, "configs"):
         return [None]
     named_args = dict(zip(kernel.arg_names, launch.args))
+    if candidates is not None:
+        return [c for c in candidates if named_args["NF4_BLOCKSIZE"] % c.kwargs["BLOCK_K"] == 0]
     prune = getattr(kernel, "early_config_prune", None)
-    configs = kernel.configs if candidates is None else candidates
-    return list(prune(configs, named_args, **launch.kwargs)) if prune else list(configs)
+    return list(prune(kernel.configs, named_args, **launch.kwargs)) if prune else list(kernel.configs)
 
 
 def describe(config) -> str:
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", action="append", choices=tuple(ARCHS), help="a target (repeatable; default both)")
     parser.add_argument("--kernel", action="append", help="only kernels matching this name or 'pattern*' (repeatable)")
     parser.add_argument("--config", action="append",
-                        help="compile this MxNxK:warps:stages (through the pruning) instead of the project's configs")
+                        help="compile this MxNxK:warps:stages instead of the project's configs (BLOCK_K | blocksize)")
     parser.add_argument("--dtype", action="append", choices=("float16", "bfloat16"), help="only this dtype (repeatable)")
     parser.add_argument("--blocksize", action="append", type=int, choices=(64, 128), help="only this NF4 blocksize")
     parser.add_argument("--json", help="write the results to this file")
