@@ -200,7 +200,7 @@ elif ! timeout 90 "$SANITIZER" --tool memcheck --error-exitcode 99 "$PY" -c "imp
     tail -n 5 "$OUT/memcheck_probe.log" | sed 's/^/    /' | tee -a "$SUMMARY"
 elif ((HAVE_PYTEST)); then
     MEMCHECK=1
-    start_step memcheck 260 env LORA_LAB_AUTOTUNE=0 "$SANITIZER" --tool memcheck --error-exitcode 99 --print-limit 20 \
+    start_step memcheck 200 env LORA_LAB_AUTOTUNE=0 "$SANITIZER" --tool memcheck --error-exitcode 99 --print-limit 20 \
         "${PYTEST[@]}" tests/triton_kernels/test_kernels.py -x \
         -k "decode_exactly or other_tile_shapes or every_kernel_path or splits_k or empty_batch or dequantize_is_bit_exact"
 fi
