@@ -64,7 +64,10 @@ def parse_ptxas_log(log: str) -> PtxasReport:
     loads = re.findall(r"(\d+) bytes spill loads", log)
     if not registers:
         raise ValueError(f"no 'Used N registers' line in the ptxas log:\n{log}")
-    warnings = [line.split(":", 1)[1].strip() for line in log.splitlines() if line.startswith("ptxas warning")]
+    # Warnings, and numbered advice such as "(C7515) Potential Performance Loss: wgmma.mma_async instructions are
+    # serialized", which ptxas (ptxas-blackwell in Triton 3.9) prints at the info level.
+    warnings = [line.split(":", 1)[1].strip() for line in log.splitlines()
+                if line.startswith("ptxas") and re.match(r"ptxas\S*\s+(warning\s*:|info\s*:\s*\(C\d+\))", line)]
     return PtxasReport(int(registers[-1]), sum(map(int, stores)), sum(map(int, loads)), warnings)
 
 

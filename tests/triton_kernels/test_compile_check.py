@@ -99,6 +99,12 @@ def test_ptxas_log_parsing():
     report = parse_ptxas_log(log)
     assert (report.registers, report.spill_stores, report.spill_loads) == (255, 592, 600)
     assert len(report.warnings) == 1 and "serialized" in report.warnings[0]
+    # Triton 3.9's ptxas-blackwell gives the same advice at the info level, numbered; plain info lines are not warnings.
+    info = ("ptxas-blackwell info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized\n"
+            "ptxas-blackwell info    : 0 bytes gmem\n"
+            "ptxas-blackwell info    : Used 230 registers, used 1 barriers\n")
+    report = parse_ptxas_log(info)
+    assert report.registers == 230 and len(report.warnings) == 1 and "serialized" in report.warnings[0]
     with pytest.raises(ValueError, match="registers"):
         parse_ptxas_log("ptxas fatal : Unresolved extern function")
 
