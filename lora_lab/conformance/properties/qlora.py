@@ -134,9 +134,9 @@ def _where(p: Problem) -> str:
 def forward_matches_float64(target) -> None:
     """Output equals the float64 reference for drawn odd shapes, ranks, dtypes and scalings, on repeated calls.
 
-    Draws ``problems``: M = 1 to 48 rows or 3-D x, N = 1 to 96, r = 1 to 8 or 16/32/64, K whole NF4 blocks of 32 to 256,
-    three dtypes, double quantization, bias or not. Tile edges and K not a multiple of the blocksize are drawn by
-    ``bounds.qlora_linear`` and ``qlora.rejects_bad_input``.
+    Draws ``problems``: M = 1 to 48 rows or 3-D x, N = 1 to 96, r = 1 to 8 or 16/32/64, K whole NF4 blocks of 32 to
+    256, three dtypes, outlier activations, double quantization, bias or not. Tile edges and K not a multiple of the
+    blocksize are drawn by ``bounds.qlora_linear`` and ``qlora.rejects_bad_input``.
     """
 
     @settings(max_examples=examples(15))
