@@ -348,6 +348,26 @@ def test_qlora_linear_module_with_triton_backend():
     assert torch.equal(layer.lora_A.grad, lora_A.grad) and torch.equal(layer.lora_B.grad, lora_B.grad)
 
 
+def test_a_bf16_compute_dtype_layer_runs_the_kernels_in_bf16():
+    """QLoRALinear(backend="triton", compute_dtype=bf16) on fp32 activations is the fused op on x cast to bf16, cast
+    back: the --bf16 step on a GPU runs the kernels the suite checks in bf16, bit for bit, gradients included."""
+    torch.manual_seed(0)
+    layer = QLoRALinear.from_linear(torch.nn.Linear(128, 45), r=8, alpha=16, backend="triton",
+                                    compute_dtype=torch.bfloat16).to(DEVICE)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(45, 8, generator=seeded_generator(1)))
+    x = torch.randn(2, 7, 128, generator=seeded_generator(2)).to(DEVICE).requires_grad_()
+    y = layer(x)
+    assert y.dtype == torch.float32
+    y.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    lora_A, lora_B = (p.detach().clone().requires_grad_() for p in (layer.lora_A, layer.lora_B))
+    direct = fused_qlora_linear(x2.to(torch.bfloat16), layer.weight, lora_A, lora_B, layer.scaling, layer.bias).float()
+    direct.square().sum().backward()
+    assert torch.equal(y, direct) and torch.equal(x.grad, x2.grad)
+    assert torch.equal(layer.lora_A.grad, lora_A.grad) and torch.equal(layer.lora_B.grad, lora_B.grad)
+
+
 def _training_available() -> bool:
     return all(importlib.util.find_spec(f"lora_lab.{name}") is not None for name in ("model", "train"))
 
