@@ -75,7 +75,7 @@ def upcast_copies(saved: list[Seen], dtype: torch.dtype, sizes: set[int]) -> lis
 def qlora_linear_keeps_no_dense_weight(target) -> None:
     """Between forward and backward qlora_linear keeps no N x K tensor (W dequantized, or B @ A) and no fp32 copy of a half x."""
 
-    @settings(max_examples=examples(10), phases=NO_SHRINK)  # the failure names its shapes; shrinking adds a minute
+    @settings(max_examples=examples(4), phases=NO_SHRINK)  # structural: few draws suffice; shrinking would add a minute
     @given(layer_problems())
     def prop(p):
         N, K = p.weight.shape
