@@ -48,8 +48,8 @@ def test_ci_subset_compiles_clean_for_hopper_and_ampere(tmp_path):
 @pytest.mark.skipif(
     not OTHER_PYTHON,
     reason="set LORA_LAB_OTHER_TRITON_PYTHON to a python with another Triton. Recorded on 2026-12-01: with triton "
-    "3.6.0 (the GPU machine's, torch 2.11's pin) in a venv on the CI machine, the full sweep compiled 200 kernels; "
-    "the 16 of one tile, 32x128x64 w8 on sm_90a, spilled 36 B (fp16 and bf16, both blocksizes) and the tile was "
+    "3.6.0 (the GPU machine's, torch 2.11's pin) in a venv on the CI machine, the full sweep made 200 compiles; 4 "
+    "of one tile's 16, 32x128x64 w8 (forward, sm_90a, fp16 and bf16, both blocksizes), spilled 36 B and the tile was "
     "dropped; the 184 of the tiles kept are clean (0 spills, at most 81% of shared memory), and so is this subset. "
     "benchmarks/gpu_check.sh runs the check with the GPU machine's own Triton",
 )
