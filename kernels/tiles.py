@@ -26,7 +26,7 @@ def matmul_configs() -> list[triton.Config]:
     autotuning. Every one compiles without a spill and within shared memory on
     sm_90a and sm_80, forward and dX, with Triton 3.6 and 3.9 (``python -m
     lora_lab.kernels.compile_check``): on the NF4 path 4-warp tiles 128 wide,
-    16-row tiles, a 4-warp 64x128x128 and (fp16, Triton 3.6) 32x128x64 spilled,
+    16-row tiles, a 4-warp 64x128x128 and (Triton 3.6, sm_90a) 32x128x64 spilled,
     so they are not offered.
     """
     if INTERPRETING:
