@@ -152,8 +152,7 @@ class Row:
 def plan_rows(compiled: list[dict], gpus=tuple(GPUS), tokens=TOKENS) -> list[Row]:
     """One row per (GPU, layer, M): the path ``fused_qlora_linear`` takes and the compiled kernel behind it."""
     from lora_lab.kernels.fused_qlora_linear import DENSE_FROM_M, SMALL_M
-    from lora_lab.kernels.qlora_small_m import BLOCK_N as SMALL_BLOCK_N
-    from lora_lab.kernels.qlora_small_m import split_k_for
+    from lora_lab.kernels.qlora_small_m import GPU_TILE, split_k_for
 
     def kernel(name: str, arch: str) -> dict:
         found = [c for c in compiled if c["kernel"] == name and c["arch"] == arch]
@@ -169,7 +168,7 @@ def plan_rows(compiled: list[dict], gpus=tuple(GPUS), tokens=TOKENS) -> list[Row
                 path = "small_m" if m <= SMALL_M else ("dense" if m >= DENSE_FROM_M else "fused")
                 if path == "small_m":
                     info = kernel(f"qlora_small_m_kernel[M={1 if m == 1 else 16}]", gpu.arch)
-                    programs = math.ceil(n / SMALL_BLOCK_N) * split_k_for(n, k // 64)
+                    programs = math.ceil(n / GPU_TILE[0]) * split_k_for(n, k // GPU_TILE[1], GPU_TILE[0])
                 else:
                     info = kernel("qlora_forward_kernel" + ("[dense]" if path == "dense" else ""), gpu.arch)
                     block_m, block_n = (int(v) for v in info["config"].split()[0].split("x")[:2])

@@ -57,7 +57,7 @@ def test_each_m_takes_the_path_fused_qlora_linear_takes():
     q_fused, q_dense = rows[2], rows[3]
     assert q_fused.programs == 2 * 32  # cdiv(128, 64) x cdiv(4096, 128)
     assert q_dense.programs == 32 * 32  # cdiv(4096, 128) x cdiv(4096, 128)
-    assert rows[0].programs == 64 * 8  # 4096 / 64 column tiles x 8 K slices (split_k_for)
+    assert rows[0].programs == 32 * 16  # 4096 / 128 column tiles (the GPU's tile) x 16 K slices (split_k_for)
 
 
 def test_ideal_and_issue_time():
