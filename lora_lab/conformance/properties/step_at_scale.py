@@ -220,6 +220,21 @@ def _layer_bounds(x, weight, pair, scaling: float, dtype: torch.dtype) -> torch.
     return 2 * product_bound(magnitude, reduction, dtype).reshape(*x.shape[:-1], -1)
 
 
+def _input_grad_bounds(grad_out, weight, pair, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """2 x the product bound of dX = dY W + s (dY B) A, summed over N then r, in ``dtype``."""
+    from lora_lab.conformance.compare import product_bound
+    from lora_lab.nf4 import dequantize_nf4
+
+    g = grad_out.double().abs().reshape(-1, grad_out.shape[-1])
+    magnitude = g @ dequantize_nf4(weight).double().abs()
+    reduction = grad_out.shape[-1]
+    if pair is not None:
+        aa, ab = pair.lora_A.detach().double().abs(), pair.lora_B.detach().double().abs()
+        magnitude = magnitude + abs(scaling) * (g @ ab) @ aa
+        reduction += aa.shape[0]
+    return 2 * product_bound(magnitude, reduction, dtype).reshape(*grad_out.shape[:-1], -1)
+
+
 @check(
     "qlora.apply_compute_dtype_matches_bitsandbytes",
     requires=("apply_qlora",),
@@ -229,7 +244,7 @@ def _layer_bounds(x, weight, pair, scaling: float, dtype: torch.dtype) -> torch.
     "adapters are cast for the matmul), and cast the result back to x's dtype.",
 )
 def apply_compute_dtype_matches_bitsandbytes(target) -> None:
-    """With compute_dtype bf16/fp16 each quantized layer casts x to it, matches Linear4bit + peft, returns x's dtype."""
+    """With compute_dtype bf16/fp16 each quantized layer casts x to it, matches Linear4bit + peft in y and dX, keeps x's dtype."""
     from lora_lab.conformance.memory import measure
     from lora_lab.conformance.model_protocol import module_at, quantized_layer_names
 
@@ -256,8 +271,15 @@ def apply_compute_dtype_matches_bitsandbytes(target) -> None:
             if not isinstance(y, torch.Tensor) or y.dtype != x.dtype:
                 raise CheckFailed(f"{where}: expected the output in x's dtype {x.dtype} (as Linear4bit), got "
                                   f"{getattr(y, 'dtype', type(y).__name__)}")
-            assert_close(y, oracle(x.detach()), _layer_bounds(x, weight, pairs.get(name), alpha / r, dtype),
+            x_oracle = x.detach().clone().requires_grad_()
+            y_oracle = oracle(x_oracle)
+            assert_close(y, y_oracle, _layer_bounds(x, weight, pairs.get(name), alpha / r, dtype),
                          f"{where} vs bitsandbytes Linear4bit + peft")
+            grad_out = torch.randn(y.shape, generator=g)
+            y.backward(grad_out)
+            y_oracle.backward(grad_out)
+            assert_close(x.grad, x_oracle.grad, _input_grad_bounds(grad_out, weight, pairs.get(name), alpha / r, dtype),
+                         f"gradient of x through {where} vs bitsandbytes Linear4bit + peft")
 
     from lora_lab.conformance.oracles import bitsandbytes_eager
 
