@@ -5,7 +5,6 @@ import triton
 from lora_lab.kernels.common import (
     INTERPRETING,
     LAUNCH_OPTIONS,
-    autotune_key_rows,
     dot_dtype,
     dot_precision,
     dtype_kind,
@@ -14,6 +13,7 @@ from lora_lab.kernels.common import (
     weight_rounding,
 )
 from lora_lab.kernels.qlora_forward import qlora_forward_kernel
+from lora_lab.kernels.tiles import autotune_key_rows
 
 EXPECTED_FAILURE = "qlora.forward_matches_float64"
 
