@@ -16,6 +16,7 @@ from lora_lab.conformance.properties import (  # noqa: F401  (registers them)
     memory,
     nf4,
     qlora,
+    realistic,
     step_at_scale,
     training,
 )

@@ -175,3 +175,31 @@ def rejects_bad_input(target) -> None:
         except Exception as exc:  # noqa: BLE001
             raise CheckFailed(f"next_token_loss with {description} raised {type(exc).__name__}, expected ValueError") from exc
         raise CheckFailed(f"next_token_loss with {description} returned {out!r}; expected a ValueError")
+
+
+LLAMA3_VOCAB = 128_256
+
+
+@check(
+    "loss.llama_vocab",
+    requires=("next_token_loss",),
+    points=2,
+    exercise="04",
+    hint="Llama 3's vocabulary has 128,256 tokens: a token id needs more than 16 bits, and a log-sum-exp over that "
+    "many bf16 logits must be computed in float32.",
+)
+def llama_vocab(target) -> None:
+    """Over Llama 3's 128,256-token vocabulary (bf16 logits, ids past 65,535), loss and gradient equal the float64 ones."""
+    g = seeded_generator(LLAMA3_VOCAB)
+    logits = (torch.randn(2, 12, LLAMA3_VOCAB, generator=g) * 2).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(65_536, LLAMA3_VOCAB, (2, 12), generator=g)  # every id needs a 17th bit
+    labels[:, :4] = -100  # the prompt
+    expected, expected_grad = _float64_loss_and_grad(logits.detach(), labels, -100)
+    loss = _scalar_loss(call_guarded(target.op("next_token_loss"), logits, labels, name="next_token_loss"), "next_token_loss")
+    where = f"logits {tuple(logits.shape)} bf16, token ids up to {int(labels.max()):,}"
+    assert_close(loss, expected, _loss_allowance(logits, float(expected)), f"loss ({where})")
+    loss.backward()
+    n = int((labels[:, 1:] != -100).sum())
+    allowed = 4 * UNIT_ROUNDOFF[torch.bfloat16] * expected_grad.abs() + 16 * U32 * (expected_grad.abs() + 1 / n)
+    allowed = allowed + torch.finfo(torch.bfloat16).smallest_normal  # as in matches_shift_and_mask: subnormal spacing
+    assert_close(logits.grad, expected_grad, allowed, f"d loss / d logits ({where})")

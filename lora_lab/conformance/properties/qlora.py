@@ -32,6 +32,8 @@ from lora_lab.conformance.profiles import examples
 from lora_lab.conformance.registry import CheckFailed, check
 from lora_lab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
+TALL_M = 5 * 64 + 7  # past several 64-row tiles, and not a multiple of any tile: a dropped partial tile shows
+
 
 @dataclass
 class Problem:
@@ -132,11 +134,12 @@ def _where(p: Problem) -> str:
     "and keep every leading dimension of x.",
 )
 def forward_matches_float64(target) -> None:
-    """Output equals the float64 reference for drawn odd shapes, ranks, dtypes and scalings, on repeated calls.
+    """Output equals the float64 reference for drawn odd shapes, ranks, dtypes and scalings, on repeated calls, and M=327.
 
     Draws ``problems``: M = 1 to 48 rows or 3-D x, N = 1 to 96, r = 1 to 8 or 16/32/64, K whole NF4 blocks of 32 to
-    256, three dtypes, outlier activations, double quantization, bias or not. Tile edges and K not a multiple of the
-    blocksize are drawn by ``bounds.qlora_linear`` and ``qlora.rejects_bad_input``.
+    256, three dtypes, outlier activations, double quantization, bias or not; then one fixed case of M = 327 rows,
+    past several 64-row tiles. Tile edges and K not a multiple of the blocksize are drawn by ``bounds.qlora_linear``
+    and ``qlora.rejects_bad_input``.
     """
 
     @settings(max_examples=examples(15))
@@ -147,11 +150,27 @@ def forward_matches_float64(target) -> None:
         for call, trial in (("first call", p), ("new values", fresh), ("refilled in place", p)):
             if call == "refilled in place":
                 refill_tail([t for t in (p.x, p.lora_A, p.lora_B, p.bias) if t is not None], seeded_generator(reseed))
-            y = _call(target, trial, deterministic=call == "first call")
-            allowed = product_bound(_magnitudes(trial), trial.K, trial.x.dtype)
-            assert_close(y, float64_reference(trial), allowed, f"qlora_linear output ({_where(trial)}, {call})")
+            check_forward(target, trial, call, deterministic=call == "first call")
 
     prop()
+    check_forward(target, fixed_problem(TALL_M, 256, 96, 8, torch.bfloat16, seed=0), "M past several 64-row tiles")
+
+
+def check_forward(target, p: Problem, what: str, deterministic: bool = False) -> None:
+    """The target's output equals the float64 reference within the bound derived from its dtype and K."""
+    y = _call(target, p, deterministic=deterministic)
+    allowed = product_bound(_magnitudes(p), p.K, p.x.dtype)
+    assert_close(y, float64_reference(p), allowed, f"qlora_linear output ({_where(p)}, {what})")
+
+
+def fixed_problem(M: int, K: int, N: int, r: int, dtype: torch.dtype, seed: int) -> Problem:
+    """One problem of a given size, not drawn: the tall case and the realistic ones (blocksize 64, double quant, bias)."""
+    g = seeded_generator(seed)
+    weight = quantize_nf4((torch.randn(N, K, generator=g) * 0.02).to(dtype), 64, True)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    lora_A = (torch.randn(r, K, generator=g) / K**0.5).to(dtype)
+    lora_B = (torch.randn(N, r, generator=g) * 0.1).to(dtype)
+    return Problem(x, weight, lora_A, lora_B, 2.0, (torch.randn(N, generator=g) * 0.1).to(dtype))
 
 
 def _float64_gradients(p: Problem, grad_out: torch.Tensor):
@@ -193,28 +212,34 @@ def gradient_bounds(p: Problem, grad_out: torch.Tensor) -> dict[str, torch.Tenso
     "leading dimension. The frozen NF4 weight gets no gradient at all.",
 )
 def gradients_match_float64(target) -> None:
-    """Gradients of x, A, B and bias equal float64 autograd of the formula; the weight gets none."""
+    """Gradients of x, A, B and bias equal float64 autograd of the formula (drawn shapes and M=327); the weight gets none."""
 
     @settings(max_examples=examples(10))
     @given(problems())
     def prop(p):
-        inputs = [None if t is None else t.detach().clone().requires_grad_() for t in (p.x, p.lora_A, p.lora_B, p.bias)]
-        graded = Problem(inputs[0], p.weight, inputs[1], inputs[2], p.scaling, inputs[3])
-        y = _call(target, graded)
-        if not y.requires_grad:
-            raise CheckFailed("qlora_linear's output does not require grad although x, A and B do")
-        grad_out = torch.randn(y.shape, generator=seeded_generator(p.M)).to(y.dtype)
-        y.backward(grad_out)
-        expected = _float64_gradients(p, grad_out)
-        bounds = gradient_bounds(p, grad_out)
-        for name, tensor, want in zip(("x", "lora_A", "lora_B", "bias"), inputs, expected):
-            if tensor is None:
-                continue
-            if tensor.grad is None:
-                raise CheckFailed(f"{name} received no gradient ({_where(p)})")
-            assert_close(tensor.grad, want, bounds[name].reshape(tensor.shape), f"gradient of {name} ({_where(p)})")
+        check_gradients(target, p)
 
     prop()
+    check_gradients(target, fixed_problem(TALL_M, 256, 96, 8, torch.float32, seed=1), "M past several 64-row tiles")
+
+
+def check_gradients(target, p: Problem, what: str = "drawn") -> None:
+    """Gradients of x, A, B and bias from the target's backward equal float64 autograd, within derived bounds."""
+    inputs = [None if t is None else t.detach().clone().requires_grad_() for t in (p.x, p.lora_A, p.lora_B, p.bias)]
+    graded = Problem(inputs[0], p.weight, inputs[1], inputs[2], p.scaling, inputs[3])
+    y = _call(target, graded)
+    if not y.requires_grad:
+        raise CheckFailed("qlora_linear's output does not require grad although x, A and B do")
+    grad_out = torch.randn(y.shape, generator=seeded_generator(p.M)).to(y.dtype)
+    y.backward(grad_out)
+    expected = _float64_gradients(p, grad_out)
+    bounds = gradient_bounds(p, grad_out)
+    for name, tensor, want in zip(("x", "lora_A", "lora_B", "bias"), inputs, expected):
+        if tensor is None:
+            continue
+        if tensor.grad is None:
+            raise CheckFailed(f"{name} received no gradient ({_where(p)}, {what})")
+        assert_close(tensor.grad, want, bounds[name].reshape(tensor.shape), f"gradient of {name} ({_where(p)}, {what})")
 
 
 @check(

@@ -1,0 +1,96 @@
+"""Properties at the sizes of a real model (exercises 01 and 03): one Llama-3.1-8B case per op, run once per check.
+
+Hypothesis draws small shapes so that a check takes seconds: K up to 512, N up
+to 96, weights under 40,000 elements. The mistakes that only show at real sizes
+pass every one of them: a block index computed in float32 (exact only below
+2^24 elements, and an 8B model's MLP weights hold 58.7 million), a loop over K
+that stops early, a token id stored in 16 bits (Llama 3's vocabulary is 128,256).
+Each check here is one fixed case at the size a QLoRA fine-tune of Llama 3.1 8B
+meets, against the same oracles as the drawn checks: bitsandbytes' bytes, and
+the float64 formula within the bounds derived from dtype and K.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lora_lab.conformance.compare import assert_equal, call_guarded, seeded_generator
+from lora_lab.conformance.contract import owned_copy
+from lora_lab.conformance.oracles import bitsandbytes_eager, bnb_dequantize
+from lora_lab.conformance.properties.nf4 import check_fields
+from lora_lab.conformance.properties.qlora import check_forward, check_gradients, fixed_problem
+from lora_lab.conformance.registry import check
+from lora_lab.nf4 import NF4Tensor
+
+HIDDEN, KV_WIDTH = 4096, 1024  # Llama 3.1 8B: q_proj/o_proj are 4096 x 4096, k_proj/v_proj 1024 x 4096
+# A weight of 4160 x 4096 = 17,039,360 elements: 2^24 + 262,144, so the last 4,096 blocks lie past float32's exact integers.
+BEYOND_2_24 = (HIDDEN + 64, HIDDEN)
+
+
+@functools.cache
+def _beyond_2_24():
+    """A weight of more than 2^24 elements (Llama's 0.02 scale, one outlier) and bitsandbytes' NF4 of it, made once.
+
+    fp32, because bitsandbytes quantizes fp32 on the CPU ten times faster than bf16; the drawn checks cover bf16.
+    The checks hand the target a copy, so nothing a target does can change what the next one is compared with.
+    """
+    import bitsandbytes.functional as bnb_functional
+
+    weight = torch.randn(BEYOND_2_24, generator=seeded_generator(24)).mul_(0.02)
+    weight[-1, -1] = 3.0
+    with bitsandbytes_eager():
+        packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    return weight, NF4Tensor.from_bnb(packed, state)
+
+
+@check(
+    "nf4.quantize_realistic_size",
+    requires=("quantize_nf4",),
+    points=2,
+    exercise="01",
+    hint="Real weights are large: Llama 3.1 8B's MLP weights hold 58.7 million elements. Past 2^24 (16.8 million) "
+    "float32 cannot count every element, so compute element and block indices with integers, never in float32.",
+)
+def quantize_realistic_size(target) -> None:
+    """A weight of 2^24 + 262,144 elements (blocksize 64, double quant) gives bitsandbytes' bytes and statistics."""
+    weight, expected = _beyond_2_24()
+    q = call_guarded(target.op("quantize_nf4"), weight.clone(), 64, True, name="quantize_nf4")
+    check_fields(q, weight.numel(), 64, True)
+    where = f"weight {tuple(weight.shape)} fp32 ({weight.numel():,} elements, past 2^24), blocksize 64, double_quant"
+    assert_equal(q.packed.reshape(-1), expected.packed, f"packed bytes ({where})")
+    assert_equal(q.absmax.reshape(-1), expected.absmax, f"uint8 absmax codes ({where})")
+    assert_equal(q.absmax_scale.reshape(-1), expected.absmax_scale, f"fp32 scale per 256 blocks ({where})")
+    assert_equal(torch.tensor(float(q.absmax_offset)), torch.tensor(expected.absmax_offset), f"absmax offset ({where})")
+
+
+@check(
+    "nf4.dequantize_realistic_size",
+    requires=("dequantize_nf4",),
+    points=2,
+    exercise="01",
+    hint="Past 2^24 elements float32 cannot count every element: element i's block is i // blocksize in integers. "
+    "A float32 index sends some elements near the end of a large weight to their neighbour's block.",
+)
+def dequantize_realistic_size(target) -> None:
+    """A double-quantized weight of 2^24 + 262,144 elements dequantizes to bitsandbytes' values exactly."""
+    weight, q = _beyond_2_24()
+    got = call_guarded(target.op("dequantize_nf4"), owned_copy(q), name="dequantize_nf4")
+    assert_equal(got, bnb_dequantize(q), f"dequantized weight {tuple(weight.shape)} fp32 ({weight.numel():,} elements)")
+
+
+@check(
+    "qlora.llama_shapes",
+    requires=("qlora_linear",),
+    points=2,
+    exercise="03",
+    hint="At real sizes K is 4096: every loop over K, every tile of N, must run to the end. Decoding is M = 2 rows, "
+    "less than one tile; make sure a tile that is mostly empty still writes its rows.",
+)
+def llama_shapes(target) -> None:
+    """Forward and backward at Llama 3.1 8B's q_proj (4096 x 4096) and k_proj (1024 x 4096), bf16, M = 2, r = 16."""
+    for name, n_out in (("q_proj", HIDDEN), ("k_proj", KV_WIDTH)):
+        p = fixed_problem(2, HIDDEN, n_out, 16, torch.bfloat16, seed=n_out)
+        check_forward(target, p, f"Llama 3.1 8B {name}")
+        check_gradients(target, p, f"Llama 3.1 8B {name}")
