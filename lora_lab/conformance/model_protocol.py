@@ -137,10 +137,13 @@ def quantized_layer_names(model: nn.Module) -> list[str]:
 
 
 def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every non-adapter tensor: the state dict (bitsandbytes keeps its quant state there), plus the
-    tensor fields of NF4-like weights that live outside it (lora_lab's NF4Tensor)."""
+    """A copy of every non-adapter tensor: the state dict (bitsandbytes keeps its quant state there), every buffer,
+    persistent or not, plus the tensor fields of NF4-like weights that live outside it (lora_lab's NF4Tensor)."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()
              if isinstance(v, torch.Tensor) and not is_adapter_name(k)}
+    for name, buffer in model.named_buffers():  # non-persistent buffers too (rotary inv_freq): not in the state dict
+        if not is_adapter_name(name):
+            state.setdefault(name, buffer.detach().clone())
     for name, m in model.named_modules():
         weight = getattr(m, "weight", None)
         if weight is not None and not isinstance(weight, torch.Tensor):
@@ -148,3 +151,44 @@ def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
                 if isinstance(value, torch.Tensor):
                     state[f"{name}.weight.{field}"] = value.detach().clone()
     return state
+
+
+def _reachable_storages(obj, storages: dict[int, int], seen: set[int], skip_adapters: bool) -> None:
+    """Add the storages of every tensor reachable from ``obj``'s attributes (modules, containers, plain objects)."""
+    import types
+
+    if id(obj) in seen or isinstance(obj, (type, types.ModuleType, types.FunctionType, types.MethodType, str, bytes)):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type != "meta" and obj.untyped_storage().nbytes():
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        children = list(getattr(obj, "__dict__", {}).values())  # bitsandbytes' Params4bit keeps its quant_state here
+    elif isinstance(obj, nn.Module):
+        children = [v for k, v in vars(obj).items() if k not in ("_parameters", "_buffers", "_modules")]
+        for group in ("_parameters", "_buffers", "_modules"):
+            children += [v for k, v in getattr(obj, group).items() if not (skip_adapters and is_adapter_name(k))]
+    elif isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = list(obj)
+    else:
+        children = list(getattr(obj, "__dict__", {}).values())
+    for child in children:
+        _reachable_storages(child, storages, seen, skip_adapters)
+
+
+def quantized_layer_bytes(model: nn.Module) -> dict[str, int]:
+    """Canonical name of each quantized layer -> bytes of the tensor storage it holds, adapters left out.
+
+    A census, not a trust in names: every tensor reachable from the layer's attributes
+    counts (parameters, buffers, plain attributes, the fields of an NF4 object or of
+    a quant state), each storage once. A hidden dense copy of the weight shows here.
+    """
+    census = {}
+    for name in quantized_layer_names(model):
+        storages: dict[int, int] = {}
+        _reachable_storages(module_at(model, name), storages, set(), skip_adapters=True)
+        census[name] = sum(storages.values())
+    return census

@@ -116,7 +116,8 @@ MISTAKES = {
         def dequantize_nf4(q):
             return reference_dequantize(replace(q, packed=swap_nibbles(q.packed)))
         ''',
-        {"nf4.bytes_match_bitsandbytes", "nf4.dequantize_matches_bitsandbytes"},
+        {"nf4.bytes_match_bitsandbytes", "nf4.dequantize_matches_bitsandbytes", "nf4.quantize_realistic_size",
+         "nf4.dequantize_realistic_size"},
     ),
     "scaling_forgotten": (
         "ex03_qlora_linear",
@@ -130,7 +131,8 @@ MISTAKES = {
             check_qlora_operands(x, weight, lora_A, lora_B, bias)
             return base_path(x, weight, bias) + (x @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t()
         ''',
-        {"qlora.forward_matches_float64", "qlora.gradients_match_float64", "qlora.matches_peft_bitsandbytes"},
+        {"qlora.forward_matches_float64", "qlora.gradients_match_float64", "qlora.matches_peft_bitsandbytes",
+         "qlora.llama_shapes"},
     ),
     "loss_without_the_shift": (
         "ex04_loss",
@@ -146,7 +148,7 @@ MISTAKES = {
             vocab = logits.shape[-1]
             return F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), ignore_index=ignore_index)
         ''',
-        {"loss.matches_shift_and_mask", "loss.matches_transformers"},
+        {"loss.matches_shift_and_mask", "loss.matches_transformers", "loss.llama_vocab"},
     ),
     "adam_with_l2_instead_of_decoupled_decay": (
         "ex05_adamw",

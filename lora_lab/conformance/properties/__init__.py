@@ -11,6 +11,7 @@ from lora_lab.conformance.properties import (  # noqa: F401  (registers them)
     adamw,
     apply_qlora,
     bounds,
+    convergence,
     double_quant,
     loss,
     memory,

@@ -26,6 +26,7 @@ from lora_lab.conformance.model_protocol import (
     layer_weight,
     model_logits,
     module_at,
+    quantized_layer_bytes,
     seeded_apply,
 )
 from lora_lab.conformance.profiles import NO_SHRINK, examples
@@ -205,3 +206,38 @@ def apply_rejects_unknown_target(target) -> None:
             raise CheckFailed(f"the ValueError should name the unknown target 'qkv_proj'; it says: {exc}") from exc
         return
     raise CheckFailed("apply_qlora(model, target_modules=('q_proj', 'qkv_proj')) returned; expected a ValueError")
+
+
+# What one NF4 layer may hold: 4 bits a weight and an fp32 absmax a block of 64 (an upper bound: double quantization
+# stores 8 bits), a quarter more for padding and layout, and 2 KiB for the fixed tables (the 256-value dynamic map,
+# the 16 NF4 levels, the scales and offset). A dense copy of the weight beside it, even in bf16, is over 3x this.
+NF4_LAYOUT_SLACK, NF4_TABLE_BYTES = 1.25, 2048
+
+
+def nf4_budget(numel: int, blocksize: int = 64) -> int:
+    """Bytes an NF4 layer of ``numel`` weights may hold (see NF4_LAYOUT_SLACK)."""
+    return int(NF4_LAYOUT_SLACK * (-(-numel // 2) + 4 * -(-numel // blocksize))) + NF4_TABLE_BYTES
+
+
+@check(
+    "qlora.apply_holds_only_nf4",
+    requires=("apply_qlora",),
+    points=3,
+    exercise="06",
+    hint="QLoRA's point is memory: a quantized layer must not keep its dense weight around (as an attribute, a "
+    "buffer or a cache). Keep only the packed codes and the block statistics; dequantize on the fly in forward.",
+)
+def apply_holds_only_nf4(target) -> None:
+    """A census of every tensor each quantized layer holds: no more than NF4 takes, so no hidden dense copy."""
+    for double_quant in (True, False):
+        model = seeded_apply(target, 0, target_modules=ATTENTION, blocksize=64, double_quant=double_quant)
+        census = quantized_layer_bytes(model)
+        if not census:
+            raise CheckFailed("found no quantized layer after apply_qlora, so there is nothing whose memory to count")
+        dense = tiny_llama(0)
+        for name, held in census.items():
+            numel = module_at(dense, name).weight.numel()
+            if held > nf4_budget(numel):
+                raise CheckFailed(f"{name} holds {held:,} bytes of tensors (adapters left out) for {numel:,} weights "
+                                  f"(double_quant={double_quant}); NF4 takes at most {nf4_budget(numel):,}, and a dense "
+                                  f"fp32 copy alone is {4 * numel:,}: the layer keeps more than its 4-bit storage")
