@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_lab.conformance.compare import UNIT_ROUNDOFF, assert_close, assert_equal, seeded_generator
+from lora_lab.conformance.contract import DETERMINISTIC, keeps_global_state
 from lora_lab.conformance.profiles import examples
 from lora_lab.conformance.registry import CheckFailed, check
 
@@ -62,10 +63,12 @@ def _likely_cause(weight_decay: float) -> str:
     "without weight decay. param and both moments change in place; grad belongs to the caller.",
 )
 def adamw_matches_torch(target) -> None:
-    """Six adamw_step calls equal torch.optim.AdamW (param and both moments), with and without weight decay.
+    """Six adamw_step calls equal torch.optim.AdamW (param and both moments), with and without weight decay; grad is
+    never written, global state never changed, and the same inputs twice give the same bits.
 
-    Draws ``adamw_problems``: 1-3 dimensional shapes up to 17, fp32/fp64, lr, betas, eps from 1e-8 to 1e-3, gradients
-    from 1e-6 to 100 with exact zeros; weight decay 0 first, so a mismatch there clears the decay.
+    Draws ``adamw_problems``: 1-3 dimensional shapes up to 17, fp64/fp32/bf16/fp16, lr, betas, eps from 1e-8 to 1e-3,
+    gradients from 1e-6 to 100 with exact zeros (fp16: magnitudes 0.5 to 1.5, where torch's own fp16 AdamW is
+    sound); weight decay 0 first, so a mismatch there clears the decay.
     """
 
     @settings(max_examples=examples(20))
@@ -82,10 +85,20 @@ def adamw_matches_torch(target) -> None:
                 ref.grad = grad.clone()
                 optimizer.step()
                 state = optimizer.state[ref]
-                grad_before = grad.clone()
-                target.op("adamw_step")(param, grad, exp_avg, exp_avg_sq, step, **hparams, weight_decay=wd)
+                grad_before, twin = grad.clone(), [t.clone() for t in (param, exp_avg, exp_avg_sq)]  # for a second call
                 where = f"step {step}, shape {tuple(param.shape)}, {param.dtype}, {hparams}, weight_decay={wd}"
+                version = grad._version  # counts every in-place write, a restored one too
+                with keeps_global_state("adamw_step"):
+                    target.op("adamw_step")(param, grad, exp_avg, exp_avg_sq, step, **hparams, weight_decay=wd)
                 assert_equal(grad, grad_before, f"grad after adamw_step ({where}); the gradient must not be modified")
+                if grad._version != version:
+                    raise CheckFailed(f"adamw_step wrote in place to grad ({where}), even if it restored it; "
+                                      "the gradient belongs to the caller: work on a copy")
+                target.op("adamw_step")(twin[0], grad.clone(), twin[1], twin[2], step, **hparams, weight_decay=wd)
+                for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), (param, exp_avg, exp_avg_sq), twin):
+                    if not torch.equal(a, b):
+                        raise CheckFailed(f"adamw_step is not deterministic: the same inputs twice gave a different {name} "
+                                          f"({where}); it promises {DETERMINISTIC['adamw_step']}")
                 # Each step may round a few times per element: in the parameter and in the update lr * m_hat / sqrt(v_hat).
                 update = (state["exp_avg"] / (1 - hparams["betas"][0] ** step)).abs() / (
                     (state["exp_avg_sq"] / (1 - hparams["betas"][1] ** step)).sqrt() + hparams["eps"]
