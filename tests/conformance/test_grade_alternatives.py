@@ -112,7 +112,9 @@ MISTAKES = {
                 return NF4Tensor(packed, absmax, blocksize, weight.shape, weight.dtype)
             codes, code, scales, offset = quantize_absmax(absmax)
             return NF4Tensor(packed, codes, blocksize, weight.shape, weight.dtype, True, code, scales, offset)
-        '''), {"nf4.bytes_match_bitsandbytes": "bitsandbytes picks the lower one"}),
+        '''), {"nf4.bytes_match_bitsandbytes": "bitsandbytes picks the lower one",
+              # 17 million random weights hold a few exact midpoints too (3 of them: chance, not construction)
+              "nf4.quantize_realistic_size": "past 2^24"}),
     "eps_inside_the_square_root": (("ex05_adamw", '''
         """sqrt(v_hat + eps) instead of sqrt(v_hat) + eps."""
         import torch
