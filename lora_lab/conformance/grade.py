@@ -296,6 +296,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def watch_exercise(folder: Path, exercise_id: str, profile: str, chain: bool, stream=sys.stdout, **loop) -> int:
+    """``--watch``: grade exercise ``exercise_id`` again each time a file in ``folder`` changes (see ``watch.py``)."""
+    from lora_lab.conformance.watch import watch
+
+    exercise = next(e for e in EXERCISES if e.id == exercise_id)
+    width = max(len(g.check.name) for g in graded_checks(exercise))
+    title = f"exercise {exercise_id}, hypothesis profile {profile}{', --chain' if chain else ''}"
+    return watch(folder, lambda out: grade(folder, [exercise_id], profile, stream=out, chain=chain)[0],
+                 lambda row: format_row(row, width), title, stream=stream, **loop)
+
+
 def to_json(reports: list[ExerciseReport], profile: str) -> dict:
     def check_json(row: Row) -> dict:
         return {"check": row.graded.check.name, "points": row.score, "max_points": row.graded.points,
@@ -318,12 +329,10 @@ def run(args: argparse.Namespace) -> int:
         print(HOW_TO_START.format(folder=folder, exercises=_checkout_exercises()), file=sys.stderr)
         return 2
     if args.watch:
-        from lora_lab.conformance.watch import watch
-
         if folder is None or not args.only or len(args.only) != 1:
             print("lora-lab grade --watch needs one exercise of yours: lora-lab grade --watch --only 03", file=sys.stderr)
             return 2
-        return watch(folder, args.only[0], args.profile, chain=args.chain)
+        return watch_exercise(folder, args.only[0], args.profile, args.chain)
     what = "the reference solutions" if folder is None else _display(folder)
     print(f"lora-lab grade: {what}, hypothesis profile {args.profile}{', --chain' if args.chain else ''}")
     reports = grade(folder, args.only, args.profile, chain=args.chain)

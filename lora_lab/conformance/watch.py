@@ -5,6 +5,9 @@ later run prints only the rows whose status or points changed (with their
 details and hints) and the new score, or a line saying nothing changed. The
 exercises folder is polled (every ``*.py`` in it, so an edit to an earlier
 exercise that this one imports counts too); no extra dependency is needed.
+
+``grade.py`` hands in the grading and the row formatting, so this module never
+imports it back (the import graph stays a tree).
 """
 
 from __future__ import annotations
@@ -15,8 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-from lora_lab.conformance.grade import EXERCISES, ExerciseReport, format_row, grade, graded_checks
+from typing import Any, TextIO
 
 
 def folder_fingerprint(folder: Path) -> str:
@@ -31,7 +33,7 @@ def folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def changed_rows(before: ExerciseReport | None, after: ExerciseReport) -> list:
+def changed_rows(before: Any | None, after: Any) -> list:
     """Rows of ``after`` whose status, points or first detail line differ from ``before`` (all rows when it is None)."""
     if before is None:
         return list(after.rows)
@@ -45,19 +47,17 @@ def changed_rows(before: ExerciseReport | None, after: ExerciseReport) -> list:
 
 
 def watch(
-    folder: Path, exercise_id: str, profile: str = "ci", chain: bool = False, stream=sys.stdout,
-    runs: int | None = None, poll_seconds: float = 0.5, wait: Callable[[float], None] = time.sleep,
+    folder: Path, grade_once: Callable[[TextIO], Any], format_row: Callable[[Any], str], title: str,
+    stream=sys.stdout, runs: int | None = None, poll_seconds: float = 0.5, wait: Callable[[float], None] = time.sleep,
 ) -> int:
-    """Grade exercise ``exercise_id`` in ``folder`` now and after every change; ``runs`` bounds the gradings (tests).
+    """Grade with ``grade_once(stream)`` now and after every change in ``folder``; ``runs`` bounds the gradings (tests).
 
-    Returns 0 (grading is feedback); Ctrl-C ends the loop.
+    ``grade_once`` prints its table to the stream it is given and returns the exercise's report; ``format_row`` is
+    ``grade.format_row`` at the table's width. Returns 0 (grading is feedback); Ctrl-C ends the loop.
     """
-    exercise = next(e for e in EXERCISES if e.id == exercise_id)
-    width = max(len(g.check.name) for g in graded_checks(exercise))
-    last: ExerciseReport | None = None
+    last = None
     fingerprint, done = None, 0
-    print(f"lora-lab grade --watch: exercise {exercise_id} in {folder}, hypothesis profile {profile} (Ctrl-C ends)",
-          file=stream, flush=True)
+    print(f"lora-lab grade --watch: {title} in {folder} (Ctrl-C ends)", file=stream, flush=True)
     try:
         while runs is None or done < runs:
             current = folder_fingerprint(folder)
@@ -65,20 +65,19 @@ def watch(
                 wait(poll_seconds)
                 continue
             fingerprint = current
-            quiet = io.StringIO()
-            (report,) = grade(folder, [exercise_id], profile, stream=quiet if last is not None else stream, chain=chain)
+            report = grade_once(io.StringIO() if last is not None else stream)
             done += 1
             if last is not None:
                 rows = changed_rows(last, report)
                 stamp = time.strftime("%H:%M:%S")
                 if not rows:
-                    print(f"\n[{stamp}] {exercise.stem}.py changed; no check changed: {report.score}/{report.total}",
-                          file=stream, flush=True)
+                    print(f"\n[{stamp}] a file changed; no check changed: {report.score}/{report.total}", file=stream,
+                          flush=True)
                 else:
                     print(f"\n[{stamp}] changed since the last run ({last.score} -> {report.score}/{report.total}):",
                           file=stream)
                     for row in rows:
-                        print(format_row(row, width), file=stream)
+                        print(format_row(row), file=stream)
                     stream.flush()
             last = report
     except KeyboardInterrupt:

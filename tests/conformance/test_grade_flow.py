@@ -5,9 +5,8 @@ import textwrap
 
 from test_grade import MISTAKES, run_grade, write_exercise
 
-from lora_lab.conformance.grade import grade
+from lora_lab.conformance.grade import grade, watch_exercise
 from lora_lab.conformance.runner import FAILED, PASSED
-from lora_lab.conformance.watch import watch
 
 OWN_DOUBLE_QUANT = '''
     """Exercise 02 as the file ships it: single quantization imported from the reference."""
@@ -59,7 +58,7 @@ def test_watch_shows_the_whole_table_first_then_only_what_changed(tmp_path):
         path.write_text(next(saves))
 
     out = io.StringIO()
-    assert watch(tmp_path, "04", stream=out, runs=3, wait=save_next) == 0
+    assert watch_exercise(tmp_path, "04", "ci", False, stream=out, runs=3, wait=save_next) == 0
     first, second, third = out.getvalue().split("\n[")[0], *out.getvalue().split("\n[")[1:]
     assert "passed        loss.matches_shift_and_mask" in first and "loss.rejects_bad_input" in first
     assert "changed since the last run (19 -> 3/19)" in second
