@@ -115,9 +115,14 @@ def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
     )
 
 
+def _is_plain(tensor: torch.Tensor) -> bool:
+    """A plain tensor, not a subclass such as torchao's NF4Tensor (whose clone() re-quantizes with default settings)."""
+    return type(tensor) in (torch.Tensor, torch.nn.Parameter)
+
+
 def _snapshot(value):
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return value.detach().clone() if _is_plain(value) else contract.owned_copy(value)
     if isinstance(value, (list, tuple)):
         return type(value)(_snapshot(v) for v in value)
     if isinstance(value, dict):
@@ -126,6 +131,8 @@ def _snapshot(value):
 
 
 def _unchanged(before, after) -> bool:
+    if isinstance(before, torch.Tensor) and not _is_plain(before):  # a subclass: the tensors it is made of
+        return all(_unchanged(b, a) for b, a in zip(contract.tensors_in(before), contract.tensors_in(after)))
     if isinstance(before, torch.Tensor):
         return torch.equal(before, after.detach()) or (
             before.is_floating_point() and torch.equal(torch.nan_to_num(before), torch.nan_to_num(after.detach()))
@@ -162,7 +169,7 @@ def call_guarded(fn: Callable, *args, name: str = "the call", deterministic: boo
             raise CheckFailed(f"{name} modified its input {key!r}; inputs must be left unchanged")
     contract.check_inputs_not_written(versions, (args, kwargs), name)
     for t in contract.tensors_in(copied):
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if _is_plain(t) and t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckFailed(f"{name} returned NaN or Inf for finite inputs")
     contract.check_layout(out, name)
     contract.check_no_input_alias(out, (args, kwargs), name)
@@ -186,3 +193,43 @@ def add_outliers(t: torch.Tensor, count: int, generator: torch.Generator, signed
     signs = torch.randint(0, 2, (count,), generator=generator).to(flat.dtype) * 2 - 1 if signed else 1
     flat[where] = signs * OUTLIER_MAGNITUDE[t.dtype]
     return flat.reshape(t.shape)
+
+
+CONVENTIONAL_ERRORS = (ValueError, TypeError)  # lora_lab's convention for bad input; any clear exception is accepted
+
+
+def _holds_nan(out) -> bool:
+    if isinstance(out, torch.Tensor):
+        return _is_plain(out) and out.is_floating_point() and bool(torch.isnan(out).any())
+    return isinstance(out, float) and math.isnan(out)
+
+
+def assert_rejects(fn: Callable, cases: dict[str, tuple], name: str) -> str:
+    """Try every bad input, and list what each did; fail if any was accepted.
+
+    A clear exception of any type (one with a message) rejects the input: a
+    library's own RuntimeError or assert is as good a refusal as a ValueError,
+    which is only the convention, and noted as such. A returned result fails,
+    a NaN one says so. Returns the list of outcomes, for the report.
+    """
+    outcomes, accepted = [], 0
+    for description, args in cases.items():
+        try:
+            out = fn(*args)
+        except NotImplementedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any exception type may be the library's refusal
+            if not str(exc).strip():
+                accepted += 1
+                outcomes.append(f"{description}: {type(exc).__name__} with no message (say what was expected)")
+            elif isinstance(exc, CONVENTIONAL_ERRORS):
+                outcomes.append(f"{description}: {type(exc).__name__}")
+            else:
+                outcomes.append(f"{description}: {type(exc).__name__} (accepted; the convention is ValueError or TypeError)")
+            continue
+        accepted += 1
+        outcomes.append(f"{description}: returned a {'NaN ' if _holds_nan(out) else ''}result instead of raising")
+    listing = "; ".join(outcomes)
+    if accepted:
+        raise CheckFailed(f"{name} accepted {accepted} of {len(cases)} bad inputs: {listing}")
+    return f"all {len(cases)} bad inputs refused: {listing}"

@@ -105,8 +105,18 @@ def keeps_global_state(name: str, random_state: bool = True) -> Iterator[None]:
                           "as it found it (save and restore what you change, or use a local torch.Generator)")
 
 
+def _is_subclass(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and type(value) not in (torch.Tensor, torch.nn.Parameter) and hasattr(
+        value, "__tensor_flatten__")
+
+
 def tensors_in(value: Any) -> list[torch.Tensor]:
-    """The tensors of a result: itself, inside lists/tuples/dicts, or the tensor fields of an object (an NF4Tensor)."""
+    """The tensors of a result: itself, inside lists/tuples/dicts, or the tensor fields of an object (an NF4Tensor).
+
+    A tensor subclass (torchao's NF4Tensor) is the tensors it is made of (``__tensor_flatten__``).
+    """
+    if _is_subclass(value):
+        return [t for name in value.__tensor_flatten__()[0] for t in tensors_in(getattr(value, name))]
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (list, tuple)):
@@ -120,7 +130,15 @@ def tensors_in(value: Any) -> list[torch.Tensor]:
 
 
 def owned_copy(value: Any) -> Any:
-    """A copy that shares no storage with ``value``: tensors cloned, an object's tensor fields cloned."""
+    """A copy that shares no storage with ``value``: tensors cloned, an object's tensor fields cloned.
+
+    A tensor subclass is rebuilt from copies of its inner tensors: its own clone() may do anything (torchao's
+    NF4Tensor re-quantizes with its default block sizes).
+    """
+    if _is_subclass(value):
+        names, context = value.__tensor_flatten__()
+        inner = {name: owned_copy(getattr(value, name)) for name in names}
+        return type(value).__tensor_unflatten__(inner, context, value.shape, value.stride())
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, (list, tuple)):

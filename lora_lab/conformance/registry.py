@@ -20,9 +20,20 @@ OPERATIONS = (
     "adamw_step",
     "apply_qlora",
     "training_step",
+    "NF4_FORMAT",  # not a function: a library's own weight format (lora_lab.conformance.formats)
 )
 
 PASSED, FAILED, ERROR, NOT_PROVIDED, NOT_ATTEMPTED = "passed", "failed", "error", "not provided", "not attempted"
+NOT_SUPPORTED = "not supported"  # the target declares (or was probed to have) no support for what the check needs
+
+# Two levels of conformance. Semantic: NF4 as defined, and the layer against float64 of the target's own
+# dequantized weight, whatever its storage. Interchange: byte-identical with bitsandbytes' storage.
+SEMANTIC, INTERCHANGE = "semantic", "interchange"
+LEVEL_PREFIX = {  # what a hint says first, so that a failure names its level
+    "": "",
+    SEMANTIC: "Semantic level (the numbers themselves, in any storage format): ",
+    INTERCHANGE: "Interchange level (bitsandbytes' bytes and stack; the numbers alone may still be right): ",
+}
 
 
 class CheckFailed(AssertionError):
@@ -36,14 +47,15 @@ class Check:
     points: int  # weight in `lora-lab grade`
     description: str  # one line: the property
     hint: str  # for learners: how to think about a failure, never the solution
-    exercise: str  # the exercise that teaches it ("01" ... "08")
+    exercise: str  # the exercise that teaches it ("01" ... "08"), or "" for one no exercise teaches (not graded)
     func: Callable[[Any], None] = field(repr=False, compare=False)
+    level: str = ""  # SEMANTIC or INTERCHANGE for the NF4 and layer checks: which conformance a failure is a failure of
 
 
 CHECKS: list[Check] = []
 
 
-def check(name: str, *, requires: tuple[str, ...], points: int, exercise: str, hint: str):
+def check(name: str, *, requires: tuple[str, ...], points: int, exercise: str, hint: str, level: str = ""):
     """Register a property. Its docstring's first line becomes the description."""
 
     def register(func: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -52,8 +64,10 @@ def check(name: str, *, requires: tuple[str, ...], points: int, exercise: str, h
         unknown = set(requires) - set(OPERATIONS)
         if unknown:
             raise ValueError(f"check {name!r} requires unknown operations {sorted(unknown)}")
+        if level not in LEVEL_PREFIX:
+            raise ValueError(f"check {name!r} has level {level!r}; expected one of {sorted(LEVEL_PREFIX)}")
         description = (func.__doc__ or name).strip().splitlines()[0]
-        CHECKS.append(Check(name, tuple(requires), points, description, hint, exercise, func))
+        CHECKS.append(Check(name, tuple(requires), points, description, LEVEL_PREFIX[level] + hint, exercise, func, level))
         return func
 
     return register

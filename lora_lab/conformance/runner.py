@@ -14,11 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lora_lab.conformance.capabilities import NotSupported
 from lora_lab.conformance.registry import (
     ERROR,
     FAILED,
     NOT_ATTEMPTED,
     NOT_PROVIDED,
+    NOT_SUPPORTED,
     OPERATIONS,
     PASSED,
     Check,
@@ -40,7 +42,7 @@ def all_checks() -> list[Check]:
 
 
 __all__ = [
-    "ERROR", "FAILED", "NOT_ATTEMPTED", "NOT_PROVIDED", "OPERATIONS", "PASSED",
+    "ERROR", "FAILED", "NOT_ATTEMPTED", "NOT_PROVIDED", "NOT_SUPPORTED", "OPERATIONS", "PASSED",
     "Check", "CheckFailed", "Result", "Target", "all_checks", "run_check", "run_suite",
 ]
 
@@ -72,6 +74,8 @@ class Target:
 
     def provides(self, operation: str) -> bool:
         try:
+            if operation == "NF4_FORMAT":  # an object, not a function
+                return getattr(self.obj, operation, None) is not None
             return callable(getattr(self.obj, operation, None))
         except ImportError:  # a lazily exported name whose module is missing
             return False
@@ -88,7 +92,7 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return self.status in (PASSED, NOT_PROVIDED)
+        return self.status in (PASSED, NOT_PROVIDED, NOT_SUPPORTED)
 
     @property
     def points(self) -> int:
@@ -121,18 +125,45 @@ def run_check(check: Check, target: Target) -> Result:
 
     contract.WATCH.clear()  # outputs of an earlier check are not this check's to judge
     try:
-        check.func(target)
+        note = check.func(target)  # a check may return a note for the report (what each bad input did, say)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a Result
         if isinstance(exc, KeyboardInterrupt):
             raise
         leaves = _leaf_exceptions(exc)
-        if any(isinstance(e, NotImplementedError) for e in leaves):
+        if any(isinstance(e, NotImplementedError) and not _raised_by_a_library(e) for e in leaves):
             return Result(check, NOT_ATTEMPTED, "raises NotImplementedError (still a stub)")
+        unsupported = [e for e in leaves if isinstance(e, NotSupported)]
+        if unsupported:
+            return Result(check, NOT_SUPPORTED, f"not supported: {unsupported[0]}")
         first = leaves[0]
-        if isinstance(first, AssertionError):
+        if isinstance(first, CheckFailed):
             return Result(check, FAILED, _strip_hypothesis_noise(str(first)))
-        return Result(check, ERROR, _user_traceback(first))
-    return Result(check, PASSED)
+        # Anything else, a library's own assert included, is an error in the target: its traceback, and the input.
+        drawn = _drawn_input(first)
+        return Result(check, ERROR, (f"on the drawn input {drawn}\n" if drawn else "") + _user_traceback(first))
+    return Result(check, PASSED, _self_comparison(check, target) or (note if isinstance(note, str) else ""))
+
+
+def _self_comparison(check: Check, target: Target) -> str:
+    """The target's own word that this check's oracle is the very library it wraps: a pass shows determinism only."""
+    declared = getattr(target.obj, "SELF_COMPARISONS", None)
+    reason = declared.get(check.name) if isinstance(declared, dict) else None
+    return f"self-comparison: the oracle is the library itself ({reason}); this pass shows determinism only" if reason else ""
+
+
+def _raised_by_a_library(exc: BaseException) -> bool:
+    """True when the innermost frame is an installed package's (torch or torchao lacking an op): an error, not a stub."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and any(folder in frames[-1].filename for folder in ("site-packages", "dist-packages"))
+
+
+def _drawn_input(exc: BaseException, limit: int = 600) -> str:
+    """Hypothesis' "Falsifying example" note on one line (tensors are summarized by torch), or ""."""
+    for note in getattr(exc, "__notes__", ()):
+        if note.startswith("Falsifying example"):
+            text = " ".join(note.partition(":")[2].split())
+            return text if len(text) <= limit else text[: limit - 3] + "..."
+    return ""
 
 
 def _strip_hypothesis_noise(message: str) -> str:

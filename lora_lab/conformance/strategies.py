@@ -98,17 +98,19 @@ def nf4_witnesses() -> list[tuple[torch.Tensor, int]]:
 
 
 @st.composite
-def nf4_weights(draw, max_numel: int = 6000, dtypes: tuple[torch.dtype, ...] = DTYPES):
+def nf4_weights(draw, max_numel: int = 6000, dtypes: tuple[torch.dtype, ...] = DTYPES,
+                blocksizes: tuple[int, ...] = BLOCKSIZES, ragged: bool = True):
     """``(weight, blocksize)``: random blocks mixed with constructed ones, a full or short last block.
 
     Draws: exact NF4 midpoints and their one-ulp neighbours, the multiply-vs-divide witness in a full block and in
     a short last block, all-equal, single-outlier and all-zero blocks (a full or a short all-zero last block),
     odd shapes (1-D or a few rows), every blocksize from 32 to 4096, fp32/fp16/bf16, and in a quarter of the draws
-    one outlier of ``compare.OUTLIER_MAGNITUDE`` (in bf16 past fp16's largest number).
+    one outlier of ``compare.OUTLIER_MAGNITUDE`` (in bf16 past fp16's largest number). A format that supports
+    only some ``blocksizes``, or no short last block (``ragged=False``), gets only those (``formats.capabilities``).
     """
-    blocksize = draw(st.sampled_from(BLOCKSIZES))
-    full_blocks = draw(st.integers(0, max(0, max_numel // blocksize - 1)))
-    tail = draw(st.sampled_from((0, 2, 3, blocksize // 2 + 1, blocksize - 1, 1)))
+    blocksize = draw(st.sampled_from(blocksizes))
+    full_blocks = draw(st.integers(0 if ragged else 1, max(0 if ragged else 1, max_numel // blocksize - 1)))
+    tail = draw(st.sampled_from((0, 2, 3, blocksize // 2 + 1, blocksize - 1, 1))) if ragged else 0
     if full_blocks == 0 and tail == 0:
         tail = draw(st.integers(1, blocksize))
     # The last block (full or short) is drawn on its own, witnesses first: a short block divides, a full one

@@ -22,9 +22,20 @@ import sys
 import time
 from pathlib import Path
 
-from lora_lab.conformance.runner import ERROR, FAILED, NOT_ATTEMPTED, NOT_PROVIDED, PASSED, Result, Target, all_checks, run_check
+from lora_lab.conformance.runner import (
+    ERROR,
+    FAILED,
+    NOT_ATTEMPTED,
+    NOT_PROVIDED,
+    NOT_SUPPORTED,
+    PASSED,
+    Result,
+    Target,
+    all_checks,
+    run_check,
+)
 
-SYMBOLS = {PASSED: "PASS", FAILED: "FAIL", ERROR: "ERROR", NOT_PROVIDED: "-", NOT_ATTEMPTED: "TODO"}
+SYMBOLS = {PASSED: "PASS", FAILED: "FAIL", ERROR: "ERROR", NOT_PROVIDED: "-", NOT_SUPPORTED: "n/s", NOT_ATTEMPTED: "TODO"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,8 +98,52 @@ def summary(results: list[Result]) -> str:
     parts = [f"{counts[PASSED]} passed", f"{counts[FAILED] + counts[ERROR]} failed"]
     if counts[NOT_ATTEMPTED]:
         parts.append(f"{counts[NOT_ATTEMPTED]} not attempted")
+    if counts[NOT_SUPPORTED]:
+        parts.append(f"{counts[NOT_SUPPORTED]} not supported")
     parts.append(f"{counts[NOT_PROVIDED]} not provided")
     return ", ".join(parts)
+
+
+def group(check) -> str:
+    """Where a check counts in the compatibility matrix: its conformance level, or training, or bad input."""
+    if check.level:
+        return check.level
+    if {"apply_qlora", "training_step"} & set(check.requires):
+        return "training"
+    return "bad input" if check.name.endswith("rejects_bad_input") else "loss and optimizer"
+
+
+def json_report(target_spec: str, profile: str, results: list[Result]) -> dict:
+    """The results with what a compatibility matrix needs: library versions, format, capabilities, a count per group."""
+    from importlib import metadata
+
+    from lora_lab.conformance.formats import capabilities, has_own_format, weight_format
+
+    target = Target.load(target_spec)
+    versions = {}
+    for library in ("torch", *getattr(target.obj, "LIBRARIES", ())):
+        try:
+            versions[library] = metadata.version(library)
+        except metadata.PackageNotFoundError:
+            versions[library] = None
+    own = has_own_format(target)
+    summary: dict[str, dict[str, int]] = {}
+    for r in results:
+        counts = summary.setdefault(group(r.check), {})
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return {
+        "target": target_spec,
+        "profile": profile,
+        "libraries": versions,
+        "format": weight_format(target).name if own else "NF4Tensor (the interchange type)",
+        "capabilities": capabilities(target).report() if own else "all (the NF4Tensor contract)",
+        "summary": summary,
+        "results": [
+            {"check": r.check.name, "group": group(r.check), "requires": list(r.check.requires), "status": r.status,
+             "detail": r.detail}
+            for r in results
+        ],
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,14 +167,7 @@ def run(args: argparse.Namespace) -> int:
               + r.detail.replace("\n", "\n            ") + f"\n  hint:     {r.check.hint}")
     print("\n" + summary(results))
     if args.json:
-        report = {
-            "target": args.target,
-            "profile": args.profile,
-            "results": [
-                {"check": r.check.name, "requires": list(r.check.requires), "status": r.status, "detail": r.detail}
-                for r in results
-            ],
-        }
+        report = json_report(args.target, args.profile, results)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

@@ -1,20 +1,32 @@
-"""The canonical stack as a conformance target: bitsandbytes NF4, peft LoRA, transformers' loss, torch's AdamW.
+"""peft's LoRA on a bitsandbytes ``Linear4bit``, and bitsandbytes' NF4, in lora_lab's interchange type (NF4Tensor).
 
-``lora-lab verify lora_lab.targets.peft_bnb`` shows that the suite accepts a
-correct implementation that lora_lab did not write. The numerics are
-entirely theirs; this module only translates calling conventions, plus:
+``lora-lab verify lora_lab.targets.peft_bnb`` shows what the suite says of the
+canonical stack, spoken through ``NF4Tensor``. Every number it returns comes from
+peft's or bitsandbytes' own code, never from the suite's oracles
+(``lora_lab.conformance.oracles``), and bad input meets their own checks, not ours.
 
-- the protocol's input validation (bitsandbytes quantizes NaN weights and
-  peft broadcasts a wrong-length bias without complaint), borrowed from
-  lora_lab so the error-handling checks measure the adapter, not the stack;
-- dequantization on the flattened weight, because bitsandbytes 0.50's CPU C
-  kernel indexes blocks per row when a row is not a multiple of the block size.
+Every line that is not a direct call of bitsandbytes or peft:
 
-It does not provide ``apply_qlora`` / ``training_step``: peft keeps each
-layer's adapters in ``ModuleDict``s keyed by adapter name, which does not fit
-the protocol's ``module.lora_A`` tensors. The whole-step comparison with peft +
-bitsandbytes is the check ``training.matches_peft_bitsandbytes`` instead, which
-every target's training step must pass.
+- ``NF4Tensor.from_bnb`` / ``to_bnb`` rename fields between bitsandbytes'
+  ``(packed, QuantState)`` and ``NF4Tensor`` (no arithmetic);
+- ``dequantize_nf4`` reshapes ``dequantize_4bit``'s result to the weight's shape
+  (bitsandbytes returns (1, n) for a 1-D weight and (2, 1) for a (1, 2) one); it
+  asks bitsandbytes with the weight's own shape, where the oracle flattens it;
+- ``qlora_linear`` builds the ``Linear4bit`` from the NF4Tensor's bytes with
+  bitsandbytes' ``Params4bit.from_prequantized``, wraps it with peft's
+  ``get_peft_model``, sets peft's ``scaling`` to the exact value, takes the weight's
+  dtype as the compute dtype (as a user sets ``bnb_4bit_compute_dtype``), and passes
+  A, B and bias (in x's dtype) through ``torch.func.functional_call``, and keeps
+  the caller's RNG (``fork_rng``: peft draws the initial adapters it replaces);
+- every bitsandbytes call runs under ``torch.compiler.set_stance("force_eager")``
+  (bitsandbytes compiles its CPU dequantizer; recompiling per drawn shape costs minutes).
+
+Not provided: ``next_token_loss`` and ``adamw_step``. Their oracles are
+transformers' loss and ``torch.optim.AdamW``, the very code this stack would call,
+so those checks would compare a library with itself.
+
+``SELF_COMPARISONS`` lists the checks whose oracle is the library itself here;
+their results are reported as such, since passing them shows determinism only.
 """
 
 from __future__ import annotations
@@ -22,70 +34,54 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_lab.loss import check_loss_inputs
-from lora_lab.nf4 import NF4Tensor, check_weight
-from lora_lab.operands import check_qlora_operands
+from lora_lab.conformance.oracles import bitsandbytes_eager
+from lora_lab.nf4 import NF4Tensor
+
+LIBRARIES = ("bitsandbytes", "peft")
+SELF_COMPARISONS = {
+    "nf4.bytes_match_bitsandbytes": "bitsandbytes' quantize_4bit on both sides",
+    "nf4.double_quant_matches_bitsandbytes": "bitsandbytes' quantize_4bit on both sides",
+    "qlora.matches_peft_bitsandbytes": "peft on a bitsandbytes Linear4bit on both sides (built two ways)",
+}
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
+    """``bitsandbytes.functional.quantize_4bit(weight, blocksize, "nf4", compress_statistics=double_quant)``."""
     import bitsandbytes.functional as bnb_functional
 
-    check_weight(weight, blocksize)
-    packed, state = bnb_functional.quantize_4bit(
-        weight, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant
-    )
+    with bitsandbytes_eager():
+        packed, state = bnb_functional.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4",
+                                                     compress_statistics=double_quant)
     return NF4Tensor.from_bnb(packed, state)
 
 
 def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
-    from lora_lab.conformance.oracles import bnb_dequantize
+    """``bitsandbytes.functional.dequantize_4bit`` of the weight's own bytes and QuantState."""
+    import bitsandbytes.functional as bnb_functional
 
-    return bnb_dequantize(q)
+    with bitsandbytes_eager():
+        return bnb_functional.dequantize_4bit(*q.to_bnb()).reshape(q.shape)
 
 
 def qlora_linear(x, weight: NF4Tensor, lora_A, lora_B, scaling: float, bias=None) -> torch.Tensor:
-    """peft's LoRA layer on a bitsandbytes Linear4bit, called with the given A, B and bias as its parameters."""
+    """peft's LoRA layer on a bitsandbytes Linear4bit holding the weight's bytes, with A, B and bias as its parameters."""
+    import bitsandbytes as bnb
     import peft
 
-    from lora_lab.conformance.oracles import bnb_linear4bit
-
-    check_qlora_operands(x, weight, lora_A, lora_B, bias, scaling)
-    r = lora_A.shape[0]
+    packed, state = weight.to_bnb()
+    n_out, k_in = weight.shape
+    base = bnb.nn.Linear4bit(k_in, n_out, bias=bias is not None, compute_dtype=weight.dtype, quant_type="nf4", device="meta")
+    base.weight = bnb.nn.Params4bit.from_prequantized(packed, state.as_dict(packed=True), device=packed.device, module=base)
     holder = nn.Module()
-    holder.proj = bnb_linear4bit(weight, None, compute_dtype=x.dtype)
+    holder.proj = base
+    r = lora_A.shape[0]
     config = peft.LoraConfig(r=r, lora_alpha=scaling * r, target_modules=["proj"], lora_dropout=0.0)
     with torch.random.fork_rng(devices=[]):  # peft initialises adapters we replace at once: leave the caller's RNG alone
         layer = peft.get_peft_model(holder, config).base_model.model.proj
-    layer.scaling["default"] = scaling
-    layer.to(x.dtype).train()
+    layer.scaling["default"] = scaling  # exactly, not alpha / r re-rounded
+    layer.train()  # bitsandbytes' eval mode on the CPU computes approximately (a known finding)
     parameters = {"lora_A.default.weight": lora_A.to(x.dtype), "lora_B.default.weight": lora_B.to(x.dtype)}
-    y = torch.func.functional_call(layer, parameters, (x,), strict=False)
-    return y if bias is None else y + bias.to(x.dtype)
-
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """transformers' own causal-LM loss (it shifts internally); it returns NaN when no label counts, so check first."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    check_loss_inputs(logits, labels, ignore_index)
-    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], ignore_index=ignore_index)
-
-
-def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01) -> None:
-    """One step of torch.optim.AdamW on ``param``, with the moment buffers supplied by the caller.
-
-    torch counts steps in its own state and never sees a step 0; the contract's ``step`` comes from the caller,
-    so this adapter refuses one below 1 (torch would divide by 1 - beta ** 0 = 0).
-    """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"expected step to be the update's number, counting from 1, got {step!r}")
-    optimizer = torch.optim.AdamW([param], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
-    optimizer.state[param] = {
-        "step": torch.tensor(float(step - 1)),
-        "exp_avg": exp_avg,
-        "exp_avg_sq": exp_avg_sq,
-    }
-    previous, param.grad = param.grad, grad
-    with torch.no_grad():
-        optimizer.step()
-    param.grad = previous
+    if bias is not None:
+        parameters["base_layer.bias"] = bias.to(x.dtype)
+    with bitsandbytes_eager():
+        return torch.func.functional_call(layer, parameters, (x,), strict=False)

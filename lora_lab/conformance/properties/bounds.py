@@ -16,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_lab.conformance.bounds import OutOfBounds, guarded, guards_changed, watch_memory
+from lora_lab.conformance.capabilities import NotSupported
 from lora_lab.conformance.compare import seeded_generator
+from lora_lab.conformance.formats import has_own_format
 from lora_lab.conformance.profiles import examples
 from lora_lab.conformance.registry import CheckFailed, check
 from lora_lab.nf4 import NF4Tensor, quantize_nf4
@@ -91,6 +93,8 @@ def dequantize_in_bounds(target) -> None:
 
     Draws ``edge_nf4``: 1, 2, 3 or one past a power of two elements, a short last NF4 block, double quantization.
     """
+    if has_own_format(target):
+        raise NotSupported("this check draws lora_lab NF4Tensor weights; the target's weights are its own format's")
 
     @settings(max_examples=examples(12))
     @given(edge_nf4())
@@ -134,6 +138,8 @@ def qlora_linear_in_bounds(target) -> None:
     Draws ``edge_problems``: M, N one past a power of two, r of 1, 3, 5 or 17, K one NF4 block past a tile, a
     non-contiguous x.
     """
+    if has_own_format(target):
+        raise NotSupported("this check draws lora_lab NF4Tensor weights; the target's weights are its own format's")
 
     @settings(max_examples=examples(10))
     @given(edge_problems())

@@ -15,9 +15,10 @@ import torch
 from hypothesis import given, settings
 
 from lora_lab.conformance.compare import assert_equal, call_guarded, seeded_generator
+from lora_lab.conformance.formats import has_own_format, interchange_capabilities, to_interchange
 from lora_lab.conformance.profiles import examples
 from lora_lab.conformance.properties.nf4 import check_fields
-from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.conformance.registry import INTERCHANGE, CheckFailed, check
 from lora_lab.conformance.strategies import double_quant_weights, grid_boundary_values
 from lora_lab.nf4 import ABSMAX_BLOCKSIZE
 
@@ -29,7 +30,11 @@ def _bnb_double_quantize(weight: torch.Tensor, blocksize: int):
 
 
 def _double_quantize(target, weight: torch.Tensor, blocksize: int):
+    """The target's double-quantized NF4Tensor; a format of its own is converted (NotSupported if it cannot be)."""
+    interchange_capabilities(target)
     q = call_guarded(target.op("quantize_nf4"), weight, blocksize, True, name="quantize_nf4")
+    if has_own_format(target):
+        q = to_interchange(target, q)
     for field in ("packed", "absmax", "double_quant", "absmax_code", "absmax_scale", "absmax_offset"):
         if not hasattr(q, field):
             raise CheckFailed(f"quantize_nf4(..., double_quant=True) must return an NF4Tensor-like object with {field!r}")
@@ -48,6 +53,7 @@ def _where(weight: torch.Tensor, blocksize: int) -> str:
 @check(
     "nf4.double_quant_offset",
     requires=("quantize_nf4",),
+    level=INTERCHANGE,
     points=2,
     exercise="02",
     hint="The offset is one number for the whole weight: the mean of every block's absmax, computed in fp32 the way "
@@ -82,6 +88,7 @@ def double_quant_offset(target) -> None:
 @check(
     "nf4.double_quant_scales",
     requires=("quantize_nf4",),
+    level=INTERCHANGE,
     points=2,
     exercise="02",
     hint="One fp32 scale per group of 256 consecutive blocks (the last group may be short): the largest |absmax - "
@@ -108,6 +115,7 @@ def double_quant_scales(target) -> None:
 @check(
     "nf4.double_quant_codes",
     requires=("quantize_nf4",),
+    level=INTERCHANGE,
     points=3,
     exercise="02",
     hint="Centre every absmax on the one global offset, multiply by 1 / (its group's scale), snap to bitsandbytes' "
@@ -162,6 +170,7 @@ def every_grid_point_weight(blocksize: int = 32) -> torch.Tensor:
 @check(
     "nf4.double_quant_grid_table",
     requires=("quantize_nf4",),
+    level=INTERCHANGE,
     points=3,
     exercise="02",
     hint="nearest_level_table: entry i is the index of the map level nearest to grid point i / 65535.0 * 2 - 1, "

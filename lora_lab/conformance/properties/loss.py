@@ -12,7 +12,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.compare import UNIT_ROUNDOFF, add_outliers, assert_close, call_guarded, seeded_generator
+from lora_lab.conformance.compare import (
+    UNIT_ROUNDOFF,
+    add_outliers,
+    assert_close,
+    assert_rejects,
+    call_guarded,
+    seeded_generator,
+)
 from lora_lab.conformance.contract import refill_tail
 from lora_lab.conformance.profiles import NO_SHRINK, examples
 from lora_lab.conformance.registry import CheckFailed, check
@@ -153,8 +160,8 @@ def matches_transformers(target) -> None:
     hint="What is the mean over zero tokens? Decide what should happen when no label survives the offset and the mask, "
     "or when logits and labels disagree in shape, before computing anything.",
 )
-def rejects_bad_input(target) -> None:
-    """No labelled token, or logits and labels of different batch or length, raise ValueError (not NaN)."""
+def rejects_bad_input(target) -> str:
+    """No labelled token, or logits and labels of different batch or length: each is refused with a clear exception, not NaN."""
     loss = target.op("next_token_loss")
     logits = torch.randn(2, 5, 11)
     only_first = torch.full((2, 5), -100)
@@ -165,17 +172,7 @@ def rejects_bad_input(target) -> None:
         "labels one position longer than the logits": (logits, torch.randint(0, 11, (2, 6))),
         "labels for a different batch size": (logits, torch.randint(0, 11, (3, 5))),
     }
-    for description, (lg, labels) in cases.items():
-        try:
-            out = loss(lg, labels)
-        except (ValueError, TypeError):
-            continue
-        except NotImplementedError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise CheckFailed(f"next_token_loss with {description} raised {type(exc).__name__}, expected ValueError") from exc
-        raise CheckFailed(f"next_token_loss with {description} returned {out!r}; expected a ValueError")
-
+    return assert_rejects(loss, cases, "next_token_loss")
 
 LLAMA3_VOCAB = 128_256
 

@@ -19,7 +19,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_lab.conformance.capabilities import NotSupported
 from lora_lab.conformance.compare import seeded_generator
+from lora_lab.conformance.formats import has_own_format
 from lora_lab.conformance.memory import Seen, measure
 from lora_lab.conformance.model_protocol import apply_target, model_logits, module_at, quantized_layer_names
 from lora_lab.conformance.profiles import NO_SHRINK, examples
@@ -74,6 +76,8 @@ def upcast_copies(saved: list[Seen], dtype: torch.dtype, sizes: set[int]) -> lis
 )
 def qlora_linear_keeps_no_dense_weight(target) -> None:
     """Between forward and backward qlora_linear keeps no N x K tensor (W dequantized, or B @ A) and no fp32 copy of a half x."""
+    if has_own_format(target):
+        raise NotSupported("this check draws lora_lab NF4Tensor weights; the target's weights are its own format's")
 
     @settings(max_examples=examples(4), phases=NO_SHRINK)  # structural: few draws suffice; shrinking would add a minute
     @given(layer_problems())

@@ -15,11 +15,20 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.compare import assert_close, assert_equal, call_guarded, seeded_generator
+from lora_lab.conformance.capabilities import NotSupported
+from lora_lab.conformance.compare import assert_equal, assert_rejects, call_guarded, seeded_generator
 from lora_lab.conformance.contract import refill_tail
+from lora_lab.conformance.formats import (
+    Capabilities,
+    capabilities,
+    from_interchange,
+    has_own_format,
+    interchange_capabilities,
+    to_interchange,
+)
 from lora_lab.conformance.oracles import bnb_dequantize
 from lora_lab.conformance.profiles import examples
-from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.conformance.registry import INTERCHANGE, CheckFailed, check
 from lora_lab.conformance.strategies import nf4_weights, nf4_witnesses
 from lora_lab.nf4 import NF4_CODE, NF4Tensor, quantize_nf4, unpack_codes
 
@@ -32,12 +41,33 @@ def _bnb_quantize(weight: torch.Tensor, blocksize: int, double_quant: bool):
     )
 
 
-def _with_witnesses(prop):
-    """Run the constructed NF4 witnesses first (``strategies.nf4_witnesses``), then hypothesis' drawn weights."""
+def supported_weights(supports: Capabilities, max_numel: int = 6000):
+    """``strategies.nf4_weights`` restricted to what a format supports (everything, for an NF4Tensor target)."""
+    return nf4_weights(max_numel, dtypes=supports.dtypes, blocksizes=supports.blocksizes, ragged=supports.ragged)
+
+
+def with_witnesses(prop, supports: Capabilities | None = None, double_quant: bool = False):
+    """Run the constructed NF4 witnesses first (``strategies.nf4_witnesses``), then hypothesis' drawn weights.
+
+    Only the witnesses a format supports (all of them for an NF4Tensor target: fp32, blocksize 64, short blocks).
+    """
+    supports = supports or Capabilities()
     takes_double_quant = prop.__code__.co_argcount == 2
-    for witness in reversed(nf4_witnesses()):
-        prop = (example(witness, False) if takes_double_quant else example(witness))(prop)
+    for witness, blocksize in reversed(nf4_witnesses()):
+        if (blocksize not in supports.blocksizes or witness.dtype not in supports.dtypes
+                or (not supports.ragged and witness.numel() % blocksize)):
+            continue
+        drawn = (witness, blocksize)
+        prop = (example(drawn, double_quant) if takes_double_quant else example(drawn))(prop)
     return prop
+
+
+def _interchange(target, double_quant: bool | None = None) -> Capabilities:
+    """What an interchange check may draw (NotSupported without a conversion to NF4Tensor, or without ``double_quant``)."""
+    supports = interchange_capabilities(target)
+    if double_quant is not None and double_quant not in supports.double_quant:
+        raise NotSupported(supports.missing.get(f"double_quant {double_quant}", f"double_quant={double_quant}"))
+    return supports
 
 
 def _which_bug(weight: torch.Tensor, blocksize: int, got: torch.Tensor, want: torch.Tensor, where: str) -> str:
@@ -74,8 +104,11 @@ def _which_bug(weight: torch.Tensor, blocksize: int, got: torch.Tensor, want: to
 
 
 def _quantize(target, weight, blocksize, double_quant, deterministic: bool = False) -> NF4Tensor:
+    """The target's quantize_nf4 as an NF4Tensor (its own format converted by its to_nf4, for the interchange level)."""
     q = call_guarded(target.op("quantize_nf4"), weight, blocksize, double_quant, name="quantize_nf4",
                      deterministic=deterministic)
+    if has_own_format(target):
+        q = to_interchange(target, q)
     for field in ("packed", "absmax", "blocksize", "shape", "dtype", "double_quant"):
         if not hasattr(q, field):
             raise CheckFailed(f"quantize_nf4 must return an NF4Tensor-like object with a {field!r} field")
@@ -121,6 +154,7 @@ def check_fields(q, numel: int, blocksize: int, double_quant: bool) -> None:
     requires=("quantize_nf4",),
     points=10,
     exercise="01",
+    level=INTERCHANGE,
     hint="Flatten row-major, one absmax per block of `blocksize` values (the last block may be short), "
     "pick the nearest NF4 level (bucketize against the fp32 midpoints between levels: an exact midpoint takes the "
     "lower level), full blocks multiply by 1/absmax while the short last block divides, and put element 2i in the "
@@ -132,10 +166,11 @@ def bytes_match_bitsandbytes(target) -> None:
     Draws ``strategies.nf4_weights``: exact midpoints and their one-ulp neighbours, the multiply-vs-divide witness
     in full and short blocks, all-equal, single-outlier and all-zero blocks, full and short last blocks.
     """
+    supports = _interchange(target, double_quant=False)
 
     @settings(max_examples=examples(25))
-    @given(nf4_weights())
-    @_with_witnesses
+    @given(supported_weights(supports))
+    @lambda prop: with_witnesses(prop, supports)
     def prop(drawn):
         weight, blocksize = drawn
         for call in ("first", "refilled"):  # the second call: same storage and prefix, new tail (no cached answer)
@@ -165,6 +200,7 @@ def bytes_match_bitsandbytes(target) -> None:
     requires=("dequantize_nf4",),
     points=8,
     exercise="01",
+    level=INTERCHANGE,
     hint="Unpack high nibble first, look each code up in NF4_CODE, multiply by its block's absmax in fp32, "
     "and round to the original dtype only once, at the end.",
 )
@@ -174,63 +210,21 @@ def dequantize_matches_bitsandbytes(target) -> None:
     Draws ``strategies.nf4_weights`` (single and double quantization), so every code 0..15, zero and short last
     blocks and odd element counts appear.
     """
+    supports = _interchange(target)
 
     @settings(max_examples=examples(25))
-    @given(nf4_weights(), st.booleans())
-    @_with_witnesses
+    @given(supported_weights(supports), st.sampled_from(supports.double_quant))
+    @lambda prop: with_witnesses(prop, supports, supports.double_quant[0])
     def prop(drawn, double_quant):
         weight, blocksize = drawn
         q = quantize_nf4(weight, blocksize, double_quant)
         for call in ("first", "refilled"):  # the second call: same storage and prefix, new codes in the tail
             if call == "refilled":
                 refill_tail([q.packed], seeded_generator(weight.numel()))
-            got = call_guarded(target.op("dequantize_nf4"), q, name="dequantize_nf4", deterministic=call == "first")
+            given_q = from_interchange(target, q) if has_own_format(target) else q  # the same bytes, in its format
+            got = call_guarded(target.op("dequantize_nf4"), given_q, name="dequantize_nf4", deterministic=call == "first")
             where = f"blocksize={blocksize}, double_quant={double_quant}, {weight.dtype}, {call} call"
             assert_equal(got, bnb_dequantize(q), f"dequantized weight ({where})")
-
-    prop()
-
-
-@check(
-    "nf4.zero_blocks_and_round_trip",
-    requires=("quantize_nf4", "dequantize_nf4"),
-    points=6,
-    exercise="01",
-    hint="A block of zeros has absmax 0: never divide by it (bitsandbytes floors it at 1e-38). "
-    "Each value may move by at most half the widest gap between neighbouring NF4 levels, times its absmax.",
-)
-def zero_blocks_and_round_trip(target) -> None:
-    """All-zero blocks come back as zeros (never NaN); every value is within absmax x half the widest NF4 gap.
-
-    Draws ``strategies.nf4_weights``: all-zero blocks anywhere, a full or short all-zero last block, outliers.
-    """
-    half_gap = float((NF4_CODE[1:] - NF4_CODE[:-1]).max()) / 2
-
-    @settings(max_examples=examples(20))
-    @given(nf4_weights(), st.booleans())
-    @_with_witnesses
-    def prop(drawn, double_quant):
-        weight, blocksize = drawn
-        q = _quantize(target, weight, blocksize, double_quant)
-        back = call_guarded(target.op("dequantize_nf4"), q, name="dequantize_nf4")
-        flat = weight.reshape(-1).float()
-        blocks = -(-flat.numel() // blocksize)
-        padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - flat.numel()))
-        absmax = padded.view(blocks, blocksize).abs().amax(1).repeat_interleave(blocksize)[: flat.numel()]
-        # |w - round(level * a')| <= a * half_gap + |level| * |a - a'| + u * |result|: the nearest level, the stored
-        # absmax a' (|level| <= 1), then one rounding to the dtype. Double quantization stores absmax to within
-        # ~1/127 of the centred range (half the dynamic map's widest gap times the scale of 256 blocks).
-        u = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[weight.dtype]
-        absmax_error = (absmax.max() - absmax.min()) / 127 if double_quant else 0.0
-        result = back.reshape(-1).float().abs()
-        allowed = absmax * half_gap + absmax_error + u * result + torch.finfo(weight.dtype).tiny
-        where = f"blocksize={blocksize}, double_quant={double_quant}, dtype={weight.dtype}, shape={tuple(weight.shape)}"
-        assert_close(back.reshape(-1).float(), flat, allowed, f"round-trip error ({where})")
-        zero_blocks = padded.view(blocks, blocksize).abs().amax(1) == 0
-        if zero_blocks.any():
-            values = torch.nn.functional.pad(back.reshape(-1).float(), (0, blocks * blocksize - flat.numel()))
-            if values.view(blocks, blocksize)[zero_blocks].abs().max() != 0:
-                raise CheckFailed("an all-zero block did not dequantize to zeros")
 
     prop()
 
@@ -241,11 +235,12 @@ def zero_blocks_and_round_trip(target) -> None:
     points=3,
     exercise="01",
     hint="Validate before computing: an integer weight, a blocksize that is not a power of two in 32..4096, an "
-    "empty weight or one holding NaN/Inf must raise ValueError naming what was expected.",
+    "empty weight or one holding NaN/Inf must raise an exception (ValueError, by convention) naming what was expected.",
 )
-def rejects_bad_input(target) -> None:
-    """Bad input (integer weight, bad blocksize, empty weight, NaN/Inf) raises ValueError, not a wrong result."""
+def rejects_bad_input(target) -> str:
+    """Every bad input (integer weight, bad blocksize, empty weight, NaN/Inf) is refused by a clear exception, not a result."""
     quantize = target.op("quantize_nf4")
+    double_quant = capabilities(target).double_quant[0]  # a setting the format supports: the input is what is bad
     cases = {
         "an integer weight": (torch.ones(64, dtype=torch.int32), 64),
         "blocksize=48 (not a power of two)": (torch.randn(64), 48),
@@ -255,13 +250,6 @@ def rejects_bad_input(target) -> None:
         "a weight holding NaN": (torch.tensor([1.0, float("nan")] * 32), 64),
         "a weight holding Inf": (torch.tensor([1.0, float("inf")] * 32), 64),
     }
-    for description, (weight, blocksize) in cases.items():
-        try:
-            quantize(weight, blocksize, False)
-        except (ValueError, TypeError):
-            continue
-        except NotImplementedError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise CheckFailed(f"quantize_nf4 with {description} raised {type(exc).__name__}, expected ValueError") from exc
-        raise CheckFailed(f"quantize_nf4 with {description} returned a result; expected a ValueError")
+    if has_own_format(target):  # the range 32..4096 is the NF4Tensor contract's (bitsandbytes'); another format may differ
+        cases = {k: v for k, v in cases.items() if "below 32" not in k and "above 4096" not in k}
+    return assert_rejects(lambda weight, blocksize: quantize(weight, blocksize, double_quant), cases, "quantize_nf4")

@@ -18,10 +18,11 @@ import torch
 
 from lora_lab.conformance.compare import assert_equal, call_guarded, seeded_generator
 from lora_lab.conformance.contract import owned_copy
+from lora_lab.conformance.formats import from_interchange, has_own_format, interchange_capabilities, to_interchange
 from lora_lab.conformance.oracles import bitsandbytes_eager, bnb_dequantize
 from lora_lab.conformance.properties.nf4 import check_fields
 from lora_lab.conformance.properties.qlora import check_forward, check_gradients, fixed_problem
-from lora_lab.conformance.registry import check
+from lora_lab.conformance.registry import INTERCHANGE, check
 from lora_lab.nf4 import NF4Tensor
 
 HIDDEN, KV_WIDTH = 4096, 1024  # Llama 3.1 8B: q_proj/o_proj are 4096 x 4096, k_proj/v_proj 1024 x 4096
@@ -48,6 +49,7 @@ def _beyond_2_24():
 @check(
     "nf4.quantize_realistic_size",
     requires=("quantize_nf4",),
+    level=INTERCHANGE,
     points=2,
     exercise="01",
     hint="Real weights are large: Llama 3.1 8B's MLP weights hold 58.7 million elements. Past 2^24 (16.8 million) "
@@ -55,8 +57,10 @@ def _beyond_2_24():
 )
 def quantize_realistic_size(target) -> None:
     """A weight of 2^24 + 262,144 elements (blocksize 64, double quant) gives bitsandbytes' bytes and statistics."""
+    interchange_capabilities(target)  # NotSupported for a format with no conversion to NF4Tensor
     weight, expected = _beyond_2_24()
     q = call_guarded(target.op("quantize_nf4"), weight.clone(), 64, True, name="quantize_nf4")
+    q = to_interchange(target, q) if has_own_format(target) else q
     check_fields(q, weight.numel(), 64, True)
     where = f"weight {tuple(weight.shape)} fp32 ({weight.numel():,} elements, past 2^24), blocksize 64, double_quant"
     assert_equal(q.packed.reshape(-1), expected.packed, f"packed bytes ({where})")
@@ -68,6 +72,7 @@ def quantize_realistic_size(target) -> None:
 @check(
     "nf4.dequantize_realistic_size",
     requires=("dequantize_nf4",),
+    level=INTERCHANGE,
     points=2,
     exercise="01",
     hint="Past 2^24 elements float32 cannot count every element: element i's block is i // blocksize in integers. "
@@ -75,8 +80,10 @@ def quantize_realistic_size(target) -> None:
 )
 def dequantize_realistic_size(target) -> None:
     """A double-quantized weight of 2^24 + 262,144 elements dequantizes to bitsandbytes' values exactly."""
+    interchange_capabilities(target)
     weight, q = _beyond_2_24()
-    got = call_guarded(target.op("dequantize_nf4"), owned_copy(q), name="dequantize_nf4")
+    given_q = from_interchange(target, owned_copy(q)) if has_own_format(target) else owned_copy(q)
+    got = call_guarded(target.op("dequantize_nf4"), given_q, name="dequantize_nf4")
     assert_equal(got, bnb_dequantize(q), f"dequantized weight {tuple(weight.shape)} fp32 ({weight.numel():,} elements)")
 
 
@@ -90,7 +97,8 @@ def dequantize_realistic_size(target) -> None:
 )
 def llama_shapes(target) -> None:
     """Llama 3.1 8B's q_proj (4096 x 4096) forward and k_proj (1024 x 4096) forward and backward, bf16, M = 2, r = 16."""
-    check_forward(target, fixed_problem(2, HIDDEN, HIDDEN, 16, torch.bfloat16, seed=HIDDEN), "Llama 3.1 8B q_proj")
-    k_proj = fixed_problem(2, HIDDEN, KV_WIDTH, 16, torch.bfloat16, seed=KV_WIDTH)  # backward on the smaller one: 4x cheaper
+    check_forward(target, fixed_problem(2, HIDDEN, HIDDEN, 16, torch.bfloat16, seed=HIDDEN, target=target), "Llama 3.1 8B q_proj")
+    # Backward on the smaller one: 4x cheaper.
+    k_proj = fixed_problem(2, HIDDEN, KV_WIDTH, 16, torch.bfloat16, seed=KV_WIDTH, target=target)
     check_forward(target, k_proj, "Llama 3.1 8B k_proj")
     check_gradients(target, k_proj, "Llama 3.1 8B k_proj")
