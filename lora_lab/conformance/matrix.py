@@ -6,8 +6,9 @@
     python -m lora_lab.conformance.matrix docs/compat/*.json      # the Markdown table in the README
 
 Each cell counts the checks of one group (semantic, interchange, training, bad
-input) that passed out of those that ran; "not supported" and "not provided"
-are listed apart, never counted as passes. The table is made from the files,
+input, the rest) that passed out of those that ran; "not supported" and "not
+provided" are listed apart, never counted as passes, and a pass whose oracle is
+the library itself is marked "self-comparison". The table is made from the files,
 so the README's numbers are the verifier's, not typed by hand.
 """
 
@@ -17,21 +18,26 @@ import json
 import sys
 from pathlib import Path
 
-GROUPS = ("semantic", "interchange", "training", "bad input")
+GROUPS = ("semantic", "interchange", "training", "bad input", "other")  # other: memory, bounds, loss, adamw
 
 
-def _cell(counts: dict[str, int]) -> str:
-    ran = {s: n for s, n in counts.items() if s not in ("not supported", "not provided")}
+def _cell(results: list[dict]) -> str:
+    ran = [r for r in results if r["status"] not in ("not supported", "not provided")]
+    unsupported = sum(r["status"] == "not supported" for r in results)
     if not ran:
-        return "n/s" if counts.get("not supported") else "-"
-    cell = f"{ran.get('passed', 0)}/{sum(ran.values())}"
-    return cell + (f" (+{counts['not supported']} n/s)" if counts.get("not supported") else "")
+        return "n/s" if unsupported else "-"
+    cell = f"{sum(r['status'] == 'passed' for r in ran)}/{len(ran)}"
+    self_compared = sum(r["detail"].startswith("self-comparison") for r in ran)
+    notes = [f"{self_compared} self-comparison"] * bool(self_compared) + [f"+{unsupported} n/s"] * bool(unsupported)
+    return cell + (f" ({', '.join(notes)})" if notes else "")
 
 
 def row(report: dict) -> str:
     """One Markdown table row: target, library versions, format, a cell per group, and the failing checks."""
     versions = ", ".join(f"{name} {version}" for name, version in report["libraries"].items() if name != "torch")
-    cells = [_cell(report["summary"].get(group, {})) for group in GROUPS]
+    grouped = {group: [r for r in report["results"] if (r["group"] if r["group"] in GROUPS else "other") == group]
+               for group in GROUPS}
+    cells = [_cell(grouped[group]) for group in GROUPS]
     failing = [r["check"] for r in report["results"] if r["status"] in ("failed", "error")]
     target = report["target"].rsplit(".", 1)[-1]
     return f"| `{target}` | {versions} | {report['format']} | " + " | ".join(cells) + f" | {', '.join(failing) or '-'} |"

@@ -158,9 +158,9 @@ def _raised_by_a_library(exc: BaseException) -> bool:
 
 
 def _drawn_input(exc: BaseException, limit: int = 600) -> str:
-    """Hypothesis' "Falsifying example" note on one line (tensors are summarized by torch), or ""."""
+    """Hypothesis' note of the failing example on one line (tensors are summarized by torch), or ""."""
     for note in getattr(exc, "__notes__", ()):
-        if note.startswith("Falsifying example"):
+        if note.startswith(("Falsifying", "Failing")):  # "Falsifying example: ...", "Failing explicit example: ..."
             text = " ".join(note.partition(":")[2].split())
             return text if len(text) <= limit else text[: limit - 3] + "..."
     return ""

@@ -105,12 +105,12 @@ def summary(results: list[Result]) -> str:
 
 
 def group(check) -> str:
-    """Where a check counts in the compatibility matrix: its conformance level, or training, or bad input."""
+    """Where a check counts in the compatibility matrix: its conformance level, training, bad input, or its topic."""
     if check.level:
         return check.level
     if {"apply_qlora", "training_step"} & set(check.requires):
         return "training"
-    return "bad input" if check.name.endswith("rejects_bad_input") else "loss and optimizer"
+    return "bad input" if check.name.endswith("rejects_bad_input") else check.name.split(".")[0]
 
 
 def json_report(target_spec: str, profile: str, results: list[Result]) -> dict:
@@ -127,6 +127,7 @@ def json_report(target_spec: str, profile: str, results: list[Result]) -> dict:
         except metadata.PackageNotFoundError:
             versions[library] = None
     own = has_own_format(target)
+    layer_level = any(target.provides(op) for op in ("quantize_nf4", "dequantize_nf4", "qlora_linear"))
     summary: dict[str, dict[str, int]] = {}
     for r in results:
         counts = summary.setdefault(group(r.check), {})
@@ -135,7 +136,7 @@ def json_report(target_spec: str, profile: str, results: list[Result]) -> dict:
         "target": target_spec,
         "profile": profile,
         "libraries": versions,
-        "format": weight_format(target).name if own else "NF4Tensor (the interchange type)",
+        "format": weight_format(target).name if own else "NF4Tensor (the interchange type)" if layer_level else "-",
         "capabilities": capabilities(target).report() if own else "all (the NF4Tensor contract)",
         "summary": summary,
         "results": [

@@ -32,7 +32,8 @@ from lora_lab.nf4 import NF4Tensor
 LIBRARIES = ("bitsandbytes",)
 SELF_COMPARISONS = {  # checks whose oracle is bitsandbytes itself: a pass shows determinism only
     "nf4.bytes_match_bitsandbytes": "bitsandbytes' quantize_4bit on both sides",
-    "nf4.double_quant_matches_bitsandbytes": "bitsandbytes' quantize_4bit on both sides",
+    **{name: "bitsandbytes' quantize_4bit on both sides" for name in (
+        "nf4.double_quant_offset", "nf4.double_quant_scales", "nf4.double_quant_codes", "nf4.double_quant_grid_table")},
     "qlora.matches_peft_bitsandbytes": "bitsandbytes' 4-bit matmul on both sides, peft's LoRA path on one",
 }
 

@@ -40,7 +40,8 @@ from lora_lab.nf4 import NF4Tensor
 LIBRARIES = ("bitsandbytes", "peft")
 SELF_COMPARISONS = {
     "nf4.bytes_match_bitsandbytes": "bitsandbytes' quantize_4bit on both sides",
-    "nf4.double_quant_matches_bitsandbytes": "bitsandbytes' quantize_4bit on both sides",
+    **{name: "bitsandbytes' quantize_4bit on both sides" for name in (
+        "nf4.double_quant_offset", "nf4.double_quant_scales", "nf4.double_quant_codes", "nf4.double_quant_grid_table")},
     "qlora.matches_peft_bitsandbytes": "peft on a bitsandbytes Linear4bit on both sides (built two ways)",
 }
 

@@ -8,7 +8,10 @@ reason in the detail), so a fix upstream, or a suite that stopped seeing the
 bug, shows up here.
 """
 
+import contextlib
+
 import pytest
+from hypothesis import Phase, settings
 from lora_lab.kernels.common import INTERPRETING
 
 from lora_lab.conformance.runner import FAILED, NOT_SUPPORTED, OPERATIONS, PASSED, Target, all_checks, run_check
@@ -68,6 +71,18 @@ CASES = [(name, check) for name in PROVIDES for check in all_checks()
          if set(check.requires) <= PROVIDES[name] and (name, check.name) not in MATRIX_ONLY]
 
 
+@contextlib.contextmanager
+def no_shrinking():
+    previous = settings.get_current_profile_name()
+    settings.register_profile("known-failure", parent=settings.get_profile(previous),
+                              phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    settings.load_profile("known-failure")
+    try:
+        yield
+    finally:
+        settings.load_profile(previous)
+
+
 def _load(target_name: str) -> Target:
     if target_name in NEEDS:
         pytest.importorskip(NEEDS[target_name])
@@ -82,7 +97,11 @@ def test_target_provides_what_it_should(target_name):
 
 @pytest.mark.parametrize("target_name, check", CASES, ids=[f"{name}-{check.name}" for name, check in CASES])
 def test_target_satisfies_property(target_name, check):
-    result = run_check(check, _load(target_name))
+    if (target_name, check.name) in KNOWN_FAILURES:
+        with no_shrinking():  # a known failure needs rejecting, not its smallest example: shrinking costs a minute
+            result = run_check(check, _load(target_name))
+    else:
+        result = run_check(check, _load(target_name))
     if (target_name, check.name) in NOT_SUPPORTED_HERE:
         assert result.status == NOT_SUPPORTED, f"{check.name} on {target_name}: {result.status}\n{result.detail}"
         return
@@ -91,3 +110,10 @@ def test_target_satisfies_property(target_name, check):
                                          f"({KNOWN_FAILURES[target_name, check.name]}) but it {result.status}")
         return
     assert result.status == PASSED, f"{check.name} on {target_name}: {result.status}\n{result.detail}"
+
+
+@pytest.mark.parametrize("target_name", sorted(PROVIDES))
+def test_declared_self_comparisons_name_real_checks(target_name):
+    """A target's SELF_COMPARISONS must name checks that exist, or a renamed check would lose its caveat silently."""
+    declared = getattr(_load(target_name).obj, "SELF_COMPARISONS", {})
+    assert set(declared) <= {c.name for c in all_checks()}, sorted(set(declared) - {c.name for c in all_checks()})
