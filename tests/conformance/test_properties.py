@@ -54,7 +54,8 @@ KNOWN_FAILURES = {
 # What a library's own format does not claim: bitsandbytes' bytes (torchao stores its own).
 NOT_SUPPORTED_HERE = {("lora_lab.targets.torchao_nf4", name) for name in (
     "nf4.bytes_match_bitsandbytes", "nf4.dequantize_matches_bitsandbytes", "nf4.double_quant_offset",
-    "nf4.double_quant_scales", "nf4.double_quant_codes", "nf4.double_quant_grid_table", "qlora.matches_peft_bitsandbytes")}
+    "nf4.double_quant_scales", "nf4.double_quant_codes", "nf4.double_quant_grid_table", "qlora.matches_peft_bitsandbytes",
+    "nf4.quantize_realistic_size", "nf4.dequantize_realistic_size")}
 # Checks that draw lora_lab NF4Tensor weights (memory, Triton bounds) do not apply to a library's own format.
 NOT_SUPPORTED_HERE |= {(target, name) for target in ("lora_lab.targets.torchao_nf4", "lora_lab.targets.bnb_functional")
                        for name in ("memory.qlora_linear_keeps_no_dense_weight", "bounds.dequantize_nf4", "bounds.qlora_linear")}
