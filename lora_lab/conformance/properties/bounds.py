@@ -19,7 +19,7 @@ from lora_lab.conformance.bounds import OutOfBounds, guarded, guards_changed, wa
 from lora_lab.conformance.capabilities import NotSupported
 from lora_lab.conformance.compare import seeded_generator
 from lora_lab.conformance.formats import has_own_format
-from lora_lab.conformance.profiles import examples
+from lora_lab.conformance.profiles import NO_SHRINK, examples
 from lora_lab.conformance.registry import CheckFailed, check
 from lora_lab.nf4 import NF4Tensor, quantize_nf4
 
@@ -96,7 +96,7 @@ def dequantize_in_bounds(target) -> None:
     if has_own_format(target):
         raise NotSupported("this check draws lora_lab NF4Tensor weights; the target's weights are its own format's")
 
-    @settings(max_examples=examples(12))
+    @settings(max_examples=examples(12), phases=NO_SHRINK)  # the edge sizes are small already; shrinking re-runs kernels
     @given(edge_nf4())
     def prop(q):
         q = guarded_weight(q)
@@ -141,7 +141,7 @@ def qlora_linear_in_bounds(target) -> None:
     if has_own_format(target):
         raise NotSupported("this check draws lora_lab NF4Tensor weights; the target's weights are its own format's")
 
-    @settings(max_examples=examples(10))
+    @settings(max_examples=examples(10), phases=NO_SHRINK)
     @given(edge_problems())
     def prop(problem):
         x, weight, lora_A, lora_B, bias, transposed = problem
