@@ -37,10 +37,12 @@ from pathlib import Path
 
 from lora_lab.conformance.learner import (
     LearnerModule,
+    borrowed_operations,
     chain_to_learner,
     exercise_imports,
     learner_traceback,
     load_learner_module,
+    not_yours_reason,
     raised_in,
 )
 from lora_lab.conformance.runner import (
@@ -82,7 +84,9 @@ EXERCISES = (
                        ("qlora.gradients_match_float64", 12))),
 )
 MISSING = "missing"  # the exercise file, or the function a check needs, is not there
-STATUS_WORDS = {PASSED: "passed", FAILED: "failed", ERROR: "error", NOT_ATTEMPTED: "not attempted", NOT_PROVIDED: MISSING}
+NOT_YOURS = "not your code"  # the function a check needs is lora_lab's own, imported into the exercise file
+STATUS_WORDS = {PASSED: "passed", FAILED: "failed", ERROR: "error", NOT_ATTEMPTED: "not attempted", NOT_PROVIDED: MISSING,
+                NOT_YOURS: NOT_YOURS}
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ def grade_exercise(
     With ``chain`` the file's imports of the reference's earlier pieces are rebound to the learner's own
     (``learner.chain_to_learner``); ``report.chained`` says what each name now calls.
     """
-    learner, unusable = None, None  # unusable: (status, detail) for every row when the file cannot be graded
+    learner, unusable, borrowed = None, None, {}  # unusable: (status, detail) for every row when the file cannot be graded
     if folder is None:
         report, target = ExerciseReport(exercise, exercise.solution), Target.load(exercise.solution)
     else:
@@ -174,13 +178,17 @@ def grade_exercise(
                 module = load_learner_module(path)
                 report.chained = chain_to_learner(module, folder) if chain else []
                 learner = LearnerModule(module, folder)
+                borrowed = borrowed_operations(module)  # after --chain: a rebound name is the learner's own
             except Exception as exc:  # noqa: BLE001 - a syntax or import error is the learner's, shown as such
                 unusable = (ERROR, "the file does not import:\n" + learner_traceback(exc, folder))
         target = Target(report.source, learner)
     for graded in graded_checks(exercise):
         start = time.perf_counter()
+        not_yours = not_yours_reason(graded.check.requires, borrowed, exercise.stem)
         if unusable:
             status, detail = unusable
+        elif not_yours:
+            status, detail = NOT_YOURS, not_yours
         else:
             if learner is not None:
                 learner.last_error = None
@@ -191,7 +199,8 @@ def grade_exercise(
 
 
 def grade(
-    folder: Path | None, only: list[str] | None = None, profile: str = "ci", stream=sys.stdout, chain: bool = False
+    folder: Path | None, only: list[str] | None = None, profile: str = "ci", stream=sys.stdout, chain: bool = False,
+    seed: int | None = None,
 ) -> list[ExerciseReport]:
     """Grade the exercises in ``folder`` (or the reference solutions when None), printing tables to ``stream``."""
     exercises = [e for e in EXERCISES if not only or e.id in only]
@@ -200,7 +209,8 @@ def grade(
     reports = []
     from lora_lab.conformance.profiles import command_profile
 
-    with command_profile(profile), exercise_imports(folder, {e.stem for e in EXERCISES}) if folder else contextlib.nullcontext():
+    imports = exercise_imports(folder, {e.stem for e in EXERCISES}) if folder else contextlib.nullcontext()
+    with command_profile(profile, seed), imports:
         for exercise in exercises:
             source = exercise.solution if folder is None else _find_file(folder, exercise) or (
                 f"no {exercise.stem}.py in {_display(folder)}: copy it from the lora_lab repository's exercises/")
@@ -291,9 +301,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --only NN: grade, then grade again each time the file changes, showing only what changed",
     )
     parser.add_argument(
-        "--profile", choices=("ci", "dev", "thorough"), default="ci",
-        help="hypothesis profile: ci (derandomized, default), dev (2x examples, random), thorough (10x)",
+        "--profile", choices=("ci", "dev", "thorough", "scored"), default="ci",
+        help="hypothesis profile: ci (derandomized, default), dev (2x examples, random), thorough (10x), "
+        "scored (ci's examples from a fresh secret seed, recorded in the output: what a course grades with)",
     )
+    parser.add_argument("--seed", type=int, default=None, help="draw every check's inputs from this seed")
 
 
 def watch_exercise(folder: Path, exercise_id: str, profile: str, chain: bool, stream=sys.stdout, **loop) -> int:
@@ -307,16 +319,22 @@ def watch_exercise(folder: Path, exercise_id: str, profile: str, chain: bool, st
                  lambda row: format_row(row, width), title, stream=stream, **loop)
 
 
-def to_json(reports: list[ExerciseReport], profile: str) -> dict:
+def to_json(reports: list[ExerciseReport], profile: str, seed: int | None = None) -> dict:
     def check_json(row: Row) -> dict:
         return {"check": row.graded.check.name, "points": row.score, "max_points": row.graded.points,
                 "status": STATUS_WORDS.get(row.status, row.status), "detail": row.detail, "hint": row.graded.check.hint,
                 "seconds": round(row.seconds, 3)}
 
-    exercises = [{"id": r.exercise.id, "title": r.exercise.title, "source": r.source, "score": r.score, "total": r.total,
-                  "chained": r.chained, "checks": [check_json(row) for row in r.rows]} for r in reports]
-    return {"profile": profile, "score": sum(r.score for r in reports), "total": sum(r.total for r in reports),
-            "exercises": exercises}
+    def sha256(source: str) -> str | None:
+        from lora_lab.conformance.origin import sha256_of
+
+        return sha256_of([Path(source)]) if Path(source).is_file() else None
+
+    exercises = [{"id": r.exercise.id, "title": r.exercise.title, "source": r.source, "sha256": sha256(r.source),
+                  "score": r.score, "total": r.total, "chained": r.chained, "checks": [check_json(row) for row in r.rows]}
+                 for r in reports]
+    return {"profile": profile, "seed": seed, "score": sum(r.score for r in reports),
+            "total": sum(r.total for r in reports), "exercises": exercises}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -334,13 +352,17 @@ def run(args: argparse.Namespace) -> int:
             return 2
         return watch_exercise(folder, args.only[0], args.profile, args.chain)
     what = "the reference solutions" if folder is None else _display(folder)
-    print(f"lora-lab grade: {what}, hypothesis profile {args.profile}{', --chain' if args.chain else ''}")
-    reports = grade(folder, args.only, args.profile, chain=args.chain)
+    from lora_lab.conformance.profiles import draw_seed
+
+    seed = args.seed if args.seed is not None else draw_seed() if args.profile == "scored" else None
+    shown = f", seed {seed}" if seed is not None else ""
+    print(f"lora-lab grade: {what}, hypothesis profile {args.profile}{shown}{', --chain' if args.chain else ''}")
+    reports = grade(folder, args.only, args.profile, chain=args.chain, seed=seed)
     score, total = sum(r.score for r in reports), sum(r.total for r in reports)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as handle:
-            json.dump(to_json(reports, args.profile), handle, indent=2)
+            json.dump(to_json(reports, args.profile, seed), handle, indent=2)
         print(f"\nwrote {args.json}")
     advice = next_step(reports, folder) if folder is not None else None
     if advice:

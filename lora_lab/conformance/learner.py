@@ -165,3 +165,20 @@ def chain_to_learner(module: Any, folder: Path) -> list[str]:
             setattr(module, name, mine)
             notes.append(f"{name} -> your {stem}.{attribute}")
     return notes
+
+
+def borrowed_operations(module) -> dict[str, dict]:
+    """The operations of a learner's module that are lora_lab's own functions, imported rather than written."""
+    from lora_lab.conformance.origin import origin_of
+    found = {op: origin_of(getattr(module, op)) for op in OPERATIONS if callable(getattr(module, op, None))}
+    return {op: origin for op, origin in found.items() if origin["lora_lab"]}
+
+
+def not_yours_reason(requires: tuple[str, ...], borrowed: dict[str, dict], stem: str) -> str | None:
+    """Why a check gives no points when an operation it needs is lora_lab's own code, imported into the file."""
+    ops = [op for op in requires if op in borrowed]
+    if not ops:
+        return None
+    where = ", ".join(sorted({borrowed[op]["module"] for op in ops}))
+    return (f"{', '.join(ops)} in {stem}.py is lora_lab's own reference ({where}), imported rather than written: "
+            "these points are for your own implementation")

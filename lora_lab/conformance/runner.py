@@ -83,6 +83,13 @@ class Target:
     def op(self, operation: str) -> Callable:
         return getattr(self.obj, operation)
 
+    @property
+    def origin(self) -> dict[str, dict]:
+        """For each operation provided: its module and file, and whether it is lora_lab's own code (``origin.py``)."""
+        from lora_lab.conformance.origin import origin_of
+
+        return {op: origin_of(getattr(self.obj, op)) for op in OPERATIONS if self.provides(op)}
+
 
 @dataclass
 class Result:

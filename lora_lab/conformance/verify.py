@@ -5,7 +5,16 @@ providing any of: quantize_nf4, dequantize_nf4, qlora_linear, next_token_loss,
 adamw_step, apply_qlora + training_step (signatures as in lora_lab). Checks for
 operations it lacks are reported as "not provided", not as failures.
 
-Exit status: 0 when every provided operation passes, 1 otherwise.
+Exit status: 0 when every provided operation passes, 1 otherwise, 2 when the
+target provides none of the operations (a mistyped module must not pass).
+
+--profile scored (or --seed N) draws the inputs from a seed the target cannot
+know, printed and recorded in the report; the default ci profile is public and
+reproducible, so answers memorised from it would pass it. A function that is
+lora_lab's own, re-exported by the target (``from lora_lab.nf4 import *``), is
+flagged: those checks test lora_lab, not the target. --json records the
+target's module path and the sha256 of its source files, so a published result
+names the code it came from.
 
 examples:
   lora-lab verify lora_lab                        # the reference passes every check
@@ -28,6 +37,7 @@ from lora_lab.conformance.runner import (
     NOT_ATTEMPTED,
     NOT_PROVIDED,
     NOT_SUPPORTED,
+    OPERATIONS,
     PASSED,
     Result,
     Target,
@@ -47,9 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     parser.add_argument(
-        "--profile", choices=("ci", "dev", "thorough"), default="ci",
-        help="hypothesis profile: ci (derandomized, default), dev (2x examples, random), thorough (10x)",
+        "--profile", choices=("ci", "dev", "thorough", "scored"), default="ci",
+        help="hypothesis profile: ci (derandomized, default), dev (2x examples, random), thorough (10x), "
+        "scored (ci's examples from a fresh secret seed, recorded in the report)",
     )
+    parser.add_argument("--seed", type=int, default=None,
+                        help="draw every check's inputs from this seed (reproduces a scored run)")
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
 
 
@@ -84,6 +97,11 @@ def verify(target_spec: str, only: list[str] | None = None, stream=None) -> list
     width = max(len(c.name) for c in checks)
     provided = [op for op in sorted({op for c in checks for op in c.requires}) if target.provides(op)]
     print(f"lora-lab verify {target_spec}: {len(checks)} checks; provides {', '.join(provided) or 'nothing'}", file=stream)
+    borrowed = sorted(op for op, origin in target.origin.items() if origin["lora_lab"])
+    if borrowed and target_spec.split(".")[0].split(":")[0] != "lora_lab":
+        modules = sorted({target.origin[op]["module"] for op in borrowed})
+        print(f"  note: {', '.join(borrowed)} {'is' if len(borrowed) == 1 else 'are'} lora_lab's own code, re-exported "
+              f"({', '.join(modules)}): those checks test lora_lab, not {target_spec}", file=stream)
     results = []
     for check in checks:
         start = time.perf_counter()
@@ -113,7 +131,16 @@ def group(check) -> str:
     return "bad input" if check.name.endswith("rejects_bad_input") else check.name.split(".")[0]
 
 
-def json_report(target_spec: str, profile: str, results: list[Result]) -> dict:
+def provenance(spec: str) -> dict:
+    """The target's module path and the sha256 of its source files, found without executing any package's code."""
+    from lora_lab.conformance.origin import sha256_of, source_files
+
+    files = source_files(spec.partition(":")[0])
+    return {"module_path": str(files[0].parent if len(files) > 1 else files[0]) if files else None,
+            "source_files": [str(f) for f in files], "sha256": sha256_of(files)}
+
+
+def json_report(target_spec: str, profile: str, results: list[Result], seed: int | None = None) -> dict:
     """The results with what a compatibility matrix needs: library versions, format, capabilities, a count per group."""
     from importlib import metadata
 
@@ -134,7 +161,10 @@ def json_report(target_spec: str, profile: str, results: list[Result]) -> dict:
         counts[r.status] = counts.get(r.status, 0) + 1
     return {
         "target": target_spec,
+        **provenance(target_spec),
+        "origin": target.origin,
         "profile": profile,
+        "seed": seed,
         "libraries": versions,
         "format": weight_format(target).name if own else "NF4Tensor (the interchange type)" if layer_level else "-",
         "capabilities": capabilities(target).report() if own else "all (the NF4Tensor contract)",
@@ -154,13 +184,22 @@ def run(args: argparse.Namespace) -> int:
         for c in all_checks():
             print(f"{c.name:<40} requires {'+'.join(c.requires):<28} {c.description}")
         return 0
+    from lora_lab.conformance.profiles import draw_seed
+
     try:
-        Target.load(args.target)
+        target = Target.load(args.target)
         _select(args.only)
     except ValueError as exc:
         print(f"lora-lab verify: {exc}", file=sys.stderr)
         return 2
-    with command_profile(args.profile):
+    if not any(target.provides(op) for op in OPERATIONS):
+        print(f"lora-lab verify: {args.target} provides none of the operations ({', '.join(OPERATIONS)}), so nothing "
+              "was checked; expected a module (or module:attribute) that defines at least one of them", file=sys.stderr)
+        return 2
+    seed = args.seed if args.seed is not None else draw_seed() if args.profile == "scored" else None
+    if seed is not None:
+        print(f"lora-lab verify: inputs drawn from seed {seed} (reproduce with --seed {seed})")
+    with command_profile(args.profile, seed):
         results = verify(args.target, args.only)
     failures = [r for r in results if r.status in (FAILED, ERROR, NOT_ATTEMPTED)]
     for r in failures:
@@ -168,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
               + r.detail.replace("\n", "\n            ") + f"\n  hint:     {r.check.hint}")
     print("\n" + summary(results))
     if args.json:
-        report = json_report(args.target, args.profile, results)
+        report = json_report(args.target, args.profile, results, seed)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

@@ -48,8 +48,12 @@ def test_chain_keeps_the_reference_when_the_earlier_file_is_missing(tmp_path):
 def test_watch_shows_the_whole_table_first_then_only_what_changed(tmp_path):
     stem, no_shift, caught = MISTAKES["loss_without_the_shift"]
     right = '''
-        """The reference's loss."""
-        from lora_lab.loss import next_token_loss  # noqa: F401
+        """The reference's loss, called from a function of the file (a bare re-export would be "not your code")."""
+        from lora_lab.loss import next_token_loss as reference
+
+
+        def next_token_loss(logits, labels, ignore_index=-100):
+            return reference(logits, labels, ignore_index)
         '''
     path = write_exercise(tmp_path, stem, right)
     saves = iter([textwrap.dedent(no_shift), textwrap.dedent(no_shift) + "\n# a comment\n"])

@@ -104,3 +104,27 @@ def test_pytest_plugin_runs_only_the_conformance_items_unless_paths_are_named(py
     # inline runs drop the modules they imported, and bitsandbytes cannot register its torch ops twice
     pytester.runpytest(*only).assert_outcomes(passed=1)  # in this process: the plugin is already imported
     pytester.runpytest("tests/test_own.py", *only).assert_outcomes(passed=2)
+
+
+def test_a_target_that_provides_nothing_fails(capsys):
+    """`lora-lab verify os` printed "0 passed, 0 failed, 24 not provided" and exited 0: a typo passed CI forever."""
+    assert main(["verify", "os"]) == 2
+    assert "provides none of the operations" in capsys.readouterr().err
+
+
+def test_reexported_lora_lab_code_is_flagged_and_the_report_names_the_files(tmp_path, monkeypatch, capsys):
+    (tmp_path / "reexports_reference.py").write_text("from lora_lab.nf4 import *  # noqa: F403\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    report = tmp_path / "report.json"
+    assert main(["verify", "reexports_reference", "--only", "nf4.rejects", "--json", str(report)]) == 0
+    assert "lora_lab's own code, re-exported" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert data["origin"]["quantize_nf4"]["lora_lab"] is True and data["seed"] is None
+    assert data["source_files"] == [str(tmp_path / "reexports_reference.py")] and len(data["sha256"]) == 64
+
+
+def test_a_scored_run_prints_and_records_its_seed(tmp_path, capsys):
+    report = tmp_path / "report.json"
+    assert main(["verify", "lora_lab", "--only", "nf4.rejects", "--profile", "scored", "--json", str(report)]) == 0
+    seed = json.loads(report.read_text())["seed"]
+    assert f"inputs drawn from seed {seed}" in capsys.readouterr().out
