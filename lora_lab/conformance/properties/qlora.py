@@ -24,17 +24,15 @@ from lora_lab.conformance.capabilities import NotSupported
 from lora_lab.conformance.compare import (
     add_outliers,
     assert_close,
-    assert_rejects,
     call_guarded,
-    describe_mismatch,
     product_bound,
     seeded_generator,
 )
 from lora_lab.conformance.contract import refill_tail
-from lora_lab.conformance.formats import NF4TENSOR_QUANTIZER, Quantizer, has_own_format, quantizer_for, to_interchange
+from lora_lab.conformance.formats import NF4TENSOR_QUANTIZER, Quantizer, quantizer_for
 from lora_lab.conformance.profiles import examples
-from lora_lab.conformance.registry import INTERCHANGE, SEMANTIC, CheckFailed, check
-from lora_lab.nf4 import dequantize_nf4, quantize_nf4
+from lora_lab.conformance.registry import SEMANTIC, CheckFailed, check
+from lora_lab.nf4 import dequantize_nf4
 
 TALL_M = 5 * 64 + 7  # past several 64-row tiles, and not a multiple of any tile: a dropped partial tile shows
 
@@ -125,7 +123,7 @@ def float64_reference(p: Problem, x: torch.Tensor | None = None, lora_A=None, lo
     return y if bias is None else y + as64(bias)
 
 
-def _magnitudes(p: Problem):
+def magnitudes(p: Problem):
     """|x| @ |W|^T + s |x| @ |A|^T @ |B|^T + |bias|: what the rounding errors scale with."""
     ax, aw = p.x.double().abs(), p.dense.abs()
     aa, ab = p.lora_A.to(p.x.dtype).double().abs(), p.lora_B.to(p.x.dtype).double().abs()
@@ -133,7 +131,7 @@ def _magnitudes(p: Problem):
     return out if p.bias is None else out + p.bias.double().abs()
 
 
-def _call(target, p: Problem, deterministic: bool = False) -> torch.Tensor:
+def call_qlora(target, p: Problem, deterministic: bool = False) -> torch.Tensor:
     y = call_guarded(target.op("qlora_linear"), *p.args(), name="qlora_linear", deterministic=deterministic)
     if not isinstance(y, torch.Tensor):
         raise CheckFailed(f"qlora_linear must return a tensor, got {type(y).__name__}")
@@ -143,7 +141,7 @@ def _call(target, p: Problem, deterministic: bool = False) -> torch.Tensor:
     return y
 
 
-def _where(p: Problem) -> str:
+def describe_problem(p: Problem) -> str:
     return (
         f"x {tuple(p.x.shape)} {str(p.x.dtype).replace('torch.', '')}, N={p.dense.shape[0]}, r={p.lora_A.shape[0]}, "
         f"blocksize={p.blocksize}, double_quant={p.double_quant}, bias={p.bias is not None}, scaling={p.scaling:.4g}"
@@ -187,9 +185,9 @@ def forward_matches_float64(target) -> None:
 
 def check_forward(target, p: Problem, what: str, deterministic: bool = False) -> None:
     """The target's output equals the float64 reference within the bound derived from its dtype and K."""
-    y = _call(target, p, deterministic=deterministic)
-    allowed = product_bound(_magnitudes(p), p.K, p.x.dtype)
-    assert_close(y, float64_reference(p), allowed, f"qlora_linear output ({_where(p)}, {what})")
+    y = call_qlora(target, p, deterministic=deterministic)
+    allowed = product_bound(magnitudes(p), p.K, p.x.dtype)
+    assert_close(y, float64_reference(p), allowed, f"qlora_linear output ({describe_problem(p)}, {what})")
 
 
 def fixed_problem(M: int, K: int, N: int, r: int, dtype: torch.dtype, seed: int, target=None) -> Problem:
@@ -267,7 +265,7 @@ def check_gradients(target, p: Problem, what: str = "drawn") -> None:
     """Gradients of x, A, B and bias from the target's backward equal float64 autograd, within derived bounds."""
     inputs = [None if t is None else t.detach().clone().requires_grad_() for t in (p.x, p.lora_A, p.lora_B, p.bias)]
     graded = p.with_tensors(*inputs)
-    y = _call(target, graded)
+    y = call_qlora(target, graded)
     if not y.requires_grad:
         raise CheckFailed("qlora_linear's output does not require grad although x, A and B do")
     grad_out = torch.randn(y.shape, generator=seeded_generator(p.M)).to(y.dtype)
@@ -278,114 +276,5 @@ def check_gradients(target, p: Problem, what: str = "drawn") -> None:
         if tensor is None:
             continue
         if tensor.grad is None:
-            raise CheckFailed(f"{name} received no gradient ({_where(p)}, {what})")
-        assert_close(tensor.grad, want, bounds[name].reshape(tensor.shape), f"gradient of {name} ({_where(p)}, {what})")
-
-
-@check(
-    "qlora.matches_peft_bitsandbytes",
-    requires=("qlora_linear",),
-    points=6,
-    exercise="03",
-    level=INTERCHANGE,
-    hint="The real stack is peft's LoRA on a bitsandbytes Linear4bit: base output plus lora_B(lora_A(x)) * scaling, "
-    "with the weight dequantized exactly as bitsandbytes does.",
-)
-def matches_peft_bitsandbytes(target) -> None:
-    """In fp32, output and the gradients of x, A, B equal peft's LoRA on a bitsandbytes Linear4bit with the same weights."""
-    from dataclasses import replace
-
-    from lora_lab.conformance.oracles import peft_bnb_layer
-
-    @settings(max_examples=examples(6))
-    @given(problems(dtypes=(torch.float32,), max_k=256, quantizer=quantizer_for(target)))
-    def prop(p):
-        # bitsandbytes holds the same bytes: the target's own weight converted by its format (NotSupported without one).
-        layer, _ = peft_bnb_layer(replace(p, weight=to_interchange(target, p.weight)) if has_own_format(target) else p)
-        x1 = p.x.detach().clone().requires_grad_()
-        A, B = p.lora_A.detach().float().clone().requires_grad_(), p.lora_B.detach().float().clone().requires_grad_()
-        y = _call(target, p.with_tensors(x1, A, B, p.bias))
-        x2 = p.x.detach().clone().requires_grad_()
-        y_peft = layer(x2)
-        allowed = 2 * product_bound(_magnitudes(p), p.K, torch.float32)
-        assert_close(y, y_peft, allowed, f"output vs peft+bitsandbytes ({_where(p)})")
-        grad_out = torch.randn(y.shape, generator=seeded_generator(p.K))
-        y.backward(grad_out)
-        y_peft.backward(grad_out)
-        bounds = gradient_bounds(p, grad_out)
-        lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        for name, got, want in (("x", x1.grad, x2.grad), ("lora_A", A.grad, lora_a.grad), ("lora_B", B.grad, lora_b.grad)):
-            if got is None:
-                raise CheckFailed(f"{name} received no gradient")
-            allowed = 2 * bounds[name].reshape(want.shape)  # both sides round: twice one side's bound
-            assert_close(got, want, allowed, f"gradient of {name} vs peft+bitsandbytes ({_where(p)})")
-
-    prop()
-
-
-@check(
-    "qlora.rejects_bad_input",
-    requires=("qlora_linear",),
-    points=3,
-    exercise="03",
-    hint="Check shapes before computing: x's last dimension must be K, A must be (r, K), B must be (N, r), "
-    "bias (N,); raise ValueError (or TypeError for non-tensors / integer x) that names what was expected. "
-    "A fused kernel that reads W in tiles inside NF4 blocks needs K to be a multiple of the blocksize: "
-    "either compute such a K correctly or refuse it with a ValueError, never return garbage.",
-)
-def rejects_bad_input(target) -> str:
-    """Every mismatch of x, W, A, B and bias shapes, and an integer x, is refused with a clear exception, never a result.
-
-    Also draws K not a multiple of the blocksize (K = 48 and 80 with blocksize 32): the op must either refuse it
-    or return the float64 reference's values (the torch reference computes it, the kernels refuse it).
-    """
-    fn = target.op("qlora_linear")
-    g = seeded_generator(0)
-    quantizer = quantizer_for(target)
-    weight = quantizer.quantize(torch.randn(16, 64, generator=g), 64, quantizer.supports.double_quant[0])
-    x, A, B = torch.randn(3, 64, generator=g), torch.randn(4, 64, generator=g), torch.randn(16, 4, generator=g)
-    bias = torch.zeros(16)
-    cases = {
-        "x with the wrong last dimension": (torch.randn(3, 32), weight, A, B, 2.0, None),
-        "lora_A with the wrong K": (x, weight, torch.randn(4, 32), B, 2.0, None),
-        "lora_B with the wrong rank": (x, weight, A, torch.randn(16, 5), 2.0, None),
-        "lora_B with the wrong N": (x, weight, A, torch.randn(8, 4), 2.0, None),
-        "bias with the wrong length": (x, weight, A, B, 2.0, torch.zeros(8)),
-        "an integer x": (x.to(torch.int64), weight, A, B, 2.0, bias),
-    }
-
-    def problem(K: int) -> Problem:
-        return Problem(torch.randn(5, K, generator=g), quantize_nf4(torch.randn(7, K, generator=g) * 0.05, 32),
-                       torch.randn(2, K, generator=g) / K**0.5, torch.randn(7, 2, generator=g) * 0.1, 2.0, None)
-
-    def wrong(p: Problem, y) -> bool:
-        allowed = product_bound(_magnitudes(p), p.K, torch.float32)
-        return not isinstance(y, torch.Tensor) or describe_mismatch(y, float64_reference(p), allowed, "y") is not None
-
-    listing = assert_rejects(fn, cases, "qlora_linear")
-    if has_own_format(target):
-        return listing  # the K probe below draws NF4Tensor weights
-    control = problem(64)
-    try:
-        control_wrong = wrong(control, fn(*control.args()))
-    except NotImplementedError:
-        raise
-    except Exception:  # noqa: BLE001 - broken for whole blocks too
-        control_wrong = True
-    if control_wrong:
-        return listing  # wrong for whole blocks too: that is forward_matches_float64's finding, not a missing K check
-    for K in (48, 80):  # 1.5 and 2.5 blocks of 32: a tile of 32 straddles two NF4 blocks
-        p = problem(K)
-        try:
-            y = fn(*p.args())
-        except NotImplementedError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a clear refusal of any type; ValueError is the convention
-            if str(exc).strip():
-                continue
-            raise CheckFailed(f"qlora_linear with K={K}, not a multiple of the blocksize 32, raised a bare "
-                              f"{type(exc).__name__}; expected an error naming K and the blocksize, or the right result") from exc
-        if wrong(p, y):
-            raise CheckFailed(f"qlora_linear with K={K}, not a multiple of the blocksize 32, returned wrong values (right "
-                              "for K=64): a kernel whose tiles assume whole NF4 blocks must check K % blocksize == 0")
-    return listing
+            raise CheckFailed(f"{name} received no gradient ({describe_problem(p)}, {what})")
+        assert_close(tensor.grad, want, bounds[name].reshape(tensor.shape), f"gradient of {name} ({describe_problem(p)}, {what})")
