@@ -18,7 +18,12 @@ comes from another library is a valid target with no wrapper of ours in between:
   ``lora.Linear``) is read through its ``base_layer``.
 
 These are plain functions over an ``nn.Module``: they never import the runner, so
-they can run wherever the model lives (the caller's process or a child's).
+they can run wherever the model lives (the caller's process or a child's). The
+properties themselves never hold a target's model: they hold a ``ModelHandle``,
+whose few methods call these functions where the model lives. A handle works the
+same in this process (lora_lab's own reference, the fast path of the tests) and
+behind a process boundary (``isolation.RemoteModel`` forwards each method to the
+``ModelHandle`` in the target's process), so the properties are written once.
 """
 
 from __future__ import annotations
@@ -148,3 +153,83 @@ def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
                 if isinstance(value, torch.Tensor):
                     state[f"{name}.weight.{field}"] = value.detach().clone()
     return state
+
+
+class ModelHandle:
+    """A target's QLoRA model and what the properties may ask of it; every answer is a copy.
+
+    Built by the target's own ``apply_qlora`` on ``tiny_llama(seed)``; the optimizer
+    is built here from the property's spec, so the target's ``training_step`` gets
+    a real ``torch.optim.AdamW`` it did not choose.
+    """
+
+    # The methods a remote handle forwards; nothing else of the model is reachable from the parent.
+    METHODS = ("adapters", "set_adapters", "parameters", "frozen_state", "dense_linear_names", "quantized_layer_names",
+               "layer_kinds", "train", "logits", "backward_loss", "make_optimizer", "training_step")
+
+    def __init__(self, target, model: nn.Module) -> None:
+        self.target, self.model, self.optimizer = target, model, None
+
+    @classmethod
+    def build(cls, target, seed: int, **kwargs) -> ModelHandle:
+        return cls(target, seeded_apply(target, seed, **kwargs))
+
+    def adapters(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{canonical module name: {"lora_A": A, "lora_B": B}}``, copies."""
+        return {name: {"lora_A": a.lora_A.detach().clone(), "lora_B": a.lora_B.detach().clone()}
+                for name, a in adapters(self.model).items()}
+
+    def set_adapters(self, values: dict[str, dict[str, torch.Tensor]]) -> None:
+        live = adapters(self.model)
+        with torch.no_grad():
+            for name, pair in values.items():
+                for which, value in pair.items():
+                    getattr(live[name], which).copy_(value)
+
+    def parameters(self) -> dict[str, dict]:
+        """``{name: {"requires_grad": bool, "grad": tensor or None}}`` for every parameter."""
+        return {name: {"requires_grad": p.requires_grad, "grad": None if p.grad is None else p.grad.detach().clone()}
+                for name, p in self.model.named_parameters()}
+
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        return frozen_state(self.model)
+
+    def dense_linear_names(self) -> list[str]:
+        return dense_linear_names(self.model)
+
+    def quantized_layer_names(self) -> list[str]:
+        return quantized_layer_names(self.model)
+
+    def layer_kinds(self, names: list[str]) -> dict[str, dict]:
+        """For each canonical name: the layer's class, whether it is an ``nn.Linear``, and its weight's type and storage."""
+        kinds = {}
+        for name in names:
+            module = module_at(self.model, name)
+            weight = layer_weight(module)
+            kinds[name] = {"class": type(module).__name__, "linear": isinstance(module, nn.Linear),
+                           "weight_type": type(weight).__name__, "quantized": is_quantized(weight)}
+        return kinds
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return model_logits(self.model, batch).detach().clone()
+
+    def backward_loss(self, batch: dict[str, torch.Tensor]) -> None:
+        """lora_lab's next-token loss on ``batch`` and its backward pass: gradients land where the model lets them."""
+        from lora_lab.loss import next_token_loss
+
+        next_token_loss(model_logits(self.model, batch), batch["labels"]).backward()
+
+    def make_optimizer(self, lr: float, weight_decay: float = 0.01, every_parameter: bool = False) -> None:
+        """torch's AdamW over the trainable parameters (or, with ``every_parameter``, over all of them)."""
+        params = [p for p in self.model.parameters() if every_parameter or p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
+
+    def training_step(self, batch: dict[str, torch.Tensor]):
+        """The target's ``training_step(model, batch, optimizer)``; its return value as it came."""
+        if self.optimizer is None:
+            raise RuntimeError("make_optimizer must come before training_step")
+        return self.target.op("training_step")(self.model, batch, self.optimizer)

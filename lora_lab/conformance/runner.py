@@ -41,7 +41,7 @@ def all_checks() -> list[Check]:
 
 __all__ = [
     "ERROR", "FAILED", "NOT_ATTEMPTED", "NOT_PROVIDED", "OPERATIONS", "PASSED",
-    "Check", "CheckFailed", "Result", "Target", "all_checks", "run_check", "run_suite",
+    "Check", "CheckFailed", "Result", "Target", "all_checks", "load_target", "run_check", "run_suite",
 ]
 
 
@@ -79,12 +79,47 @@ class Target:
     def op(self, operation: str) -> Callable:
         return getattr(self.obj, operation)
 
+    def model(self, seed: int, **kwargs):
+        """``tiny_llama(seed)`` through the target's ``apply_qlora``, as a ``ModelHandle`` (what the properties see)."""
+        from lora_lab.conformance.model_protocol import ModelHandle
+
+        return ModelHandle.build(self, seed, **kwargs)
+
+    @property
+    def capabilities(self) -> dict | None:
+        """The target's ``CAPABILITIES`` declaration (see ``capabilities.py``), if it makes one."""
+        return getattr(self.obj, "CAPABILITIES", None)
+
+    @property
+    def origin(self) -> dict[str, dict]:
+        from lora_lab.conformance.origin import origin_of
+
+        return {op: origin_of(getattr(self.obj, op)) for op in OPERATIONS if self.provides(op)}
+
+    seconds = 0.0  # time inside the target's calls: measured only for an isolated target
+
+    def reset(self) -> None:
+        """Nothing to restart in this process (an isolated target starts a fresh one)."""
+
+    def close(self) -> None:
+        """Nothing to stop in this process."""
+
+
+def load_target(spec: str, isolated: bool = True):
+    """The target named ``spec``: in its own process (the default, for any target) or, for trusted code, in this one."""
+    if not isolated:
+        return Target.load(spec)
+    from lora_lab.conformance.isolation import RemoteTarget
+
+    return RemoteTarget(spec)
+
 
 @dataclass
 class Result:
     check: Check
     status: str
     detail: str = ""
+    target_seconds: float = 0.0  # time inside the target's own calls (isolated targets only)
 
     @property
     def ok(self) -> bool:
@@ -113,24 +148,43 @@ def _user_traceback(exc: BaseException) -> str:
 
 
 def run_check(check: Check, target: Target) -> Result:
-    """Run one check on one target; never raises."""
+    """Run one check on one target; never raises. After an error an isolated target gets a fresh process."""
     missing = [op for op in check.requires if not target.provides(op)]
     if missing:
         return Result(check, NOT_PROVIDED, f"target has no {', '.join(missing)}")
     from lora_lab.conformance import contract  # imports torch: not at import time, so `lora-lab verify -h` stays fast
 
     contract.WATCH.clear()  # outputs of an earlier check are not this check's to judge
+    target.seconds = 0.0
+    result = _run(check, target)
+    result.target_seconds = target.seconds
+    if result.status == ERROR:
+        try:
+            target.reset()
+        except ValueError as exc:  # the target no longer imports: the next check says so too
+            result.detail += f"\n(restarting the target's process failed: {exc})"
+    return result
+
+
+def _run(check: Check, target: Target) -> Result:
+    from lora_lab.conformance.isolation import RemoteError, TargetCrashed, TargetTimedOut
+    from lora_lab.conformance.learner import StubReached
+
     try:
         check.func(target)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a Result
         if isinstance(exc, KeyboardInterrupt):
             raise
         leaves = _leaf_exceptions(exc)
-        if any(isinstance(e, NotImplementedError) for e in leaves):
+        if any(isinstance(e, (NotImplementedError, StubReached)) for e in leaves):
             return Result(check, NOT_ATTEMPTED, "raises NotImplementedError (still a stub)")
         first = leaves[0]
+        if isinstance(first, (TargetCrashed, TargetTimedOut)):
+            return Result(check, ERROR, str(first))
         if isinstance(first, AssertionError):
             return Result(check, FAILED, _strip_hypothesis_noise(str(first)))
+        if isinstance(first, RemoteError):
+            return Result(check, ERROR, first.info.get("traceback") or f"{type(first).__name__}: {first}")
         return Result(check, ERROR, _user_traceback(first))
     return Result(check, PASSED)
 
@@ -140,8 +194,8 @@ def _strip_hypothesis_noise(message: str) -> str:
 
 
 def run_suite(target: Target | str, only: list[str] | None = None) -> list[Result]:
-    """Run every check (or those whose name starts with one of ``only``) on ``target``."""
-    if not isinstance(target, Target):
-        target = Target.load(target)
+    """Run every check (or those whose name starts with one of ``only``) on ``target`` (a name runs isolated)."""
+    if isinstance(target, str):
+        target = load_target(target)
     checks = [c for c in all_checks() if not only or any(c.name.startswith(o) for o in only)]
     return [run_check(c, target) for c in checks]

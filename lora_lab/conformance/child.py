@@ -1,0 +1,220 @@
+"""The target's own process: it imports the target and calls it, and nothing else.
+
+``isolation.Child`` starts this module as a fresh interpreter (``python -m
+lora_lab.conformance.child READ_FD WRITE_FD``: a spawn, never a fork, so the
+child inherits none of the parent's objects) and talks to it over two pipes.
+The child's stdout goes to stderr, so a target's prints reach the terminal but
+never the protocol or the report. Each request is one framed message (see
+``wire``), each gets exactly one reply, in order:
+
+==========================================  =================================================================
+request                                     reply ``["ok", ...]``
+==========================================  =================================================================
+``["init", {sys_path, threads, target,``    ``{"provides": [ops], "origin": {op: origin}}``; the target is
+``learner_folder}]``                        imported here (a learner's file is loaded from its path)
+``["call", op, args, kwargs, grad_flags,``  ``[result, changed_inputs, graph, seconds]``: the op's result;
+``grad_enabled]``                           the inputs it modified ``[[index, tensor]]``; a graph number when
+                                            the result needs gradients (its leaves are the inputs flagged)
+``["backward", graph, grad_outputs]``       ``[gradient of each flagged input, or None]``; frees the graph
+``["model_new", seed, kwargs]``             a handle number: ``ModelHandle.build`` with the target's
+                                            ``apply_qlora`` on ``tiny_llama(seed)``
+``["model", handle, method, args]``         ``[result, seconds]`` of ``ModelHandle.<method>(*args)``
+``["model_free", handle]``                  ``None``
+==========================================  =================================================================
+
+When the target raises, the reply is ``["raised", info]`` (its exception's
+builtin bases, type, message and the target's own traceback lines). A crash
+or a hang is seen by the parent as a closed pipe or a silent one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+KEPT_GRAPHS = 16  # forward graphs awaiting their backward; the oldest is dropped first
+
+
+def _builtin_bases(exc: BaseException) -> list[str]:
+    return [c.__name__ for c in type(exc).__mro__ if c.__module__ == "builtins"]
+
+
+def _target_traceback(exc: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/lora_lab/conformance/" not in f.filename and "/hypothesis/" not in f.filename]
+    return "".join(traceback.format_list(frames[-4:])) + f"{type(exc).__name__}: {exc}"
+
+
+class Server:
+    """The child's side: the target, its kept autograd graphs and its models."""
+
+    def __init__(self) -> None:
+        self.target = None
+        self.learner_folder: Path | None = None
+        self.graphs: OrderedDict[int, tuple[list, list]] = OrderedDict()
+        self.models: dict[int, Any] = {}
+        self.counter = 0
+
+    def describe(self, exc: BaseException) -> dict:
+        from lora_lab.conformance.learner import StubReached, learner_traceback, raised_in
+
+        cause = exc.__cause__ if isinstance(exc, StubReached) and exc.__cause__ is not None else exc
+        info = {"bases": _builtin_bases(cause), "type": type(cause).__name__, "message": str(cause),
+                "traceback": _target_traceback(cause), "stub": isinstance(exc, StubReached),
+                "check_failed": type(cause).__name__ == "CheckFailed", "in_learner_file": False}
+        if self.learner_folder is not None:
+            info["traceback"] = learner_traceback(cause, self.learner_folder)
+            info["in_learner_file"] = raised_in(cause, self.learner_folder)
+        return info
+
+    def handle(self, message: list) -> list:
+        kind = message[0]
+        if kind == "init":
+            return ["ok", self.init(message[1])]
+        if kind == "call":
+            return ["ok", self.call(*message[1:])]
+        if kind == "backward":
+            return ["ok", self.backward(*message[1:])]
+        if kind == "model_new":
+            return ["ok", self.model_new(*message[1:])]
+        if kind == "model":
+            return ["ok", self.model_call(*message[1:])]
+        if kind == "model_free":
+            self.models.pop(int(message[1]), None)
+            return ["ok", None]
+        raise ValueError(f"unknown request {kind!r}")
+
+    def init(self, settings: dict) -> dict:
+        sys.path[:] = settings["sys_path"]
+        import torch
+
+        torch.set_num_threads(int(settings["threads"]))
+        from lora_lab.conformance.origin import origin_of
+        from lora_lab.conformance.registry import OPERATIONS
+        from lora_lab.conformance.runner import Target
+
+        if settings.get("learner_folder"):
+            from lora_lab.conformance.learner import LearnerModule, load_learner_module
+
+            self.learner_folder = Path(settings["learner_folder"])
+            sys.path.insert(0, str(self.learner_folder))
+            module = load_learner_module(Path(settings["target"]))
+            self.target = Target(settings["target"], LearnerModule(module, self.learner_folder))
+            raw = module
+        else:
+            self.target = Target.load(settings["target"])
+            raw = self.target.obj
+        from lora_lab.conformance import wire
+
+        provides = [op for op in OPERATIONS if self.target.provides(op)]
+        return {"provides": provides, "origin": {op: origin_of(getattr(raw, op)) for op in provides},
+                "capabilities": wire.encode(getattr(raw, "CAPABILITIES", None))}
+
+    def call(self, op: str, args, kwargs, grad_flags: list, grad_enabled: bool) -> list:
+        import torch
+
+        from lora_lab.conformance import wire
+        from lora_lab.nf4 import NF4Tensor
+
+        tensors: list = []
+        args = wire.decode(args, NF4Tensor, tensors)
+        kwargs = wire.decode(kwargs, NF4Tensor, tensors)
+        leaves = [t.requires_grad_() for t, flag in zip(tensors, grad_flags) if flag]
+        before = [t.detach().clone() for t in tensors]
+        fn = self.target.op(op)
+        start = time.perf_counter()
+        with torch.set_grad_enabled(bool(grad_enabled)):
+            result = fn(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        changed = [[i, wire.encode_tensor(t)] for i, (t, b) in enumerate(zip(tensors, before)) if not _same(t, b)]
+        outputs: list = []
+        encoded = wire.encode(result, None, outputs)
+        graph = None
+        if leaves and any(isinstance(t, torch.Tensor) and t.requires_grad for t in outputs):
+            graph = self._keep(outputs, leaves)
+        return [encoded, changed, graph, seconds]
+
+    def _keep(self, outputs: list, leaves: list) -> int:
+        self.counter += 1
+        self.graphs[self.counter] = (outputs, leaves)
+        while len(self.graphs) > KEPT_GRAPHS:
+            self.graphs.popitem(last=False)
+        return self.counter
+
+    def backward(self, graph: int, grad_outputs) -> list:
+        import torch
+
+        from lora_lab.conformance import wire
+
+        if graph not in self.graphs:
+            raise RuntimeError(f"graph {graph} was dropped (more than {KEPT_GRAPHS} forward calls awaited backward)")
+        outputs, leaves = self.graphs.pop(graph)
+        grads = wire.decode(grad_outputs)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return [wire.encode(leaf.grad) for leaf in leaves]
+
+    def model_new(self, seed: int, kwargs) -> int:
+        from lora_lab.conformance import wire
+        from lora_lab.conformance.model_protocol import ModelHandle
+        from lora_lab.conformance.oracles import bitsandbytes_eager
+
+        self.counter += 1
+        with bitsandbytes_eager():  # a bitsandbytes model would otherwise recompile its dequantizer for every shape
+            self.models[self.counter] = ModelHandle.build(self.target, int(seed), **wire.decode(kwargs))
+        return self.counter
+
+    def model_call(self, handle: int, method: str, args) -> list:
+        from lora_lab.conformance import wire
+        from lora_lab.conformance.model_protocol import ModelHandle
+        from lora_lab.nf4 import NF4Tensor
+
+        if method not in ModelHandle.METHODS:
+            raise ValueError(f"ModelHandle has no remote method {method!r}")
+        from lora_lab.conformance.oracles import bitsandbytes_eager
+
+        start = time.perf_counter()
+        with bitsandbytes_eager():
+            result = getattr(self.models[int(handle)], method)(*wire.decode(args, NF4Tensor))
+        return [wire.encode(result), time.perf_counter() - start]
+
+
+def _same(after, before) -> bool:
+    import torch
+
+    if after.shape != before.shape or after.dtype != before.dtype:
+        return False
+    a = after.detach()
+    return torch.equal(a, before) or (a.is_floating_point() and torch.equal(torch.nan_to_num(a), torch.nan_to_num(before)))
+
+
+def main(argv: list[str]) -> int:
+    from lora_lab.conformance import wire
+
+    inbox = os.fdopen(int(argv[1]), "rb", buffering=0)
+    outbox = os.fdopen(int(argv[2]), "wb", buffering=0)
+    os.dup2(2, 1)  # the target's prints go to stderr, never into the report on stdout
+    server = Server()
+    while True:
+        try:
+            message = wire.receive(inbox)
+        except EOFError:
+            return 0
+        try:
+            reply = server.handle(message)
+        except BaseException as exc:  # noqa: BLE001 - every exception of the target goes back as a reply
+            reply = ["raised", server.describe(exc)]
+        try:
+            wire.send(outbox, reply)
+        except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be encoded
+            wire.send(outbox, ["raised", server.describe(exc)])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
