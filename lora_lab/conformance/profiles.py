@@ -20,6 +20,16 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 settings.register_profile("ci", max_examples=100, derandomize=True, print_blob=True, **_COMMON)
 settings.register_profile("dev", max_examples=200, **_COMMON)
 settings.register_profile("thorough", max_examples=1000, **_COMMON)
+# What a course or a leaderboard scores with: ci's examples, drawn from a seed the target cannot know (see draw_seed).
+settings.register_profile("scored", max_examples=100, derandomize=False, **_COMMON)
+PROFILES = ("ci", "dev", "thorough", "scored")
+
+
+def draw_seed() -> int:
+    """A fresh seed for a scored run, from the operating system: no target can predict it, the report records it."""
+    import secrets
+
+    return secrets.randbits(32)
 
 
 # Model-level draws are only seeds and hyperparameters: shrinking them teaches nothing and retrains models for minutes.
@@ -32,7 +42,7 @@ def examples(n: int) -> int:
 
 
 @contextlib.contextmanager
-def command_profile(name: str) -> Iterator[None]:
+def command_profile(name: str, seed: int | None = None) -> Iterator[None]:
     """Load profile ``name`` for ``lora-lab verify`` / ``grade``, and restore the previous one afterwards.
 
     Three changes to the profile: no example database (no .hypothesis/ folder among
@@ -43,15 +53,25 @@ def command_profile(name: str) -> Iterator[None]:
     "reproduce with @seed(...)" for every failing check, an untouched stub included,
     advice for a test file that a command's user does not have. The table row
     already says what failed and why.
+
+    With ``seed``, every property draws from that seed (derandomization off), as
+    pytest's ``--hypothesis-seed`` does: a scored run is reproducible by whoever
+    knows the seed, and by no one else.
     """
+    import hypothesis.core
+
     current = getattr(settings, "get_current_profile_name", None)  # public only in recent hypothesis versions
     previous = current() if current else settings._current_profile
     parent = settings.get_profile(name)
     command = f"lora-lab-{name}"
     phases = [phase for phase in parent.phases if phase != Phase.explain]
-    settings.register_profile(command, parent=parent, database=None, phases=phases, verbosity=Verbosity.quiet)
+    seeded = {} if seed is None else {"derandomize": False}
+    settings.register_profile(command, parent=parent, database=None, phases=phases, verbosity=Verbosity.quiet, **seeded)
     settings.load_profile(command)
+    previous_seed = hypothesis.core.global_force_seed  # what hypothesis' own pytest plugin sets for --hypothesis-seed
+    hypothesis.core.global_force_seed = seed
     try:
         yield
     finally:
+        hypothesis.core.global_force_seed = previous_seed
         settings.load_profile(previous)

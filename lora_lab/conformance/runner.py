@@ -120,6 +120,7 @@ class Result:
     status: str
     detail: str = ""
     target_seconds: float = 0.0  # time inside the target's own calls (isolated targets only)
+    seconds: float = 0.0  # wall time of the whole check, set by the command that ran it
 
     @property
     def ok(self) -> bool:

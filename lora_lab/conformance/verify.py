@@ -5,7 +5,27 @@ providing any of: quantize_nf4, dequantize_nf4, qlora_linear, next_token_loss,
 adamw_step, apply_qlora + training_step (signatures as in lora_lab). Checks for
 operations it lacks are reported as "not provided", not as failures.
 
-Exit status: 0 when every provided operation passes, 1 otherwise.
+Exit status: 0 when every provided operation passes, 1 otherwise, 2 when the
+target provides none of the operations (a mistyped module must not pass).
+
+What a pass means. The target is imported and run only in a child process (a
+fresh interpreter, not a fork); the inputs, the oracles, the comparisons, the
+exit status and this report stay in this process and exchange plain copies of
+tensors with it. Closed by that and by the checks: tampering with the suite
+in-process (patching its comparisons, hypothesis or torch.testing, an atexit
+handler that rewrites the exit status), reading the expected values from the
+suite's frames or gc.get_objects(), cached answers (every call gets fresh
+values), outputs that alias each other or change after they were returned,
+dtype and size blind spots the checks cover, crashes and hangs (a verdict
+naming the call). Not closable by any test suite: code that recognises a
+verification run by other means (the inputs' statistics, the machine, the time
+budget) and behaves differently elsewhere; and code running as your user can
+reach the operating system, so run untrusted code in a sandbox or container.
+--profile scored (or --seed N) draws the inputs from a seed the target cannot
+know, recorded in the report; the ci profile stays reproducible. A function
+that is lora_lab's own, re-exported by the target, is flagged: those checks test
+lora_lab, not the target. --json records the target's module path and the
+sha256 of its source files, so a published result names the code it came from.
 
 examples:
   lora-lab verify lora_lab                        # the reference passes every check
@@ -22,7 +42,17 @@ import sys
 import time
 from pathlib import Path
 
-from lora_lab.conformance.runner import ERROR, FAILED, NOT_ATTEMPTED, NOT_PROVIDED, PASSED, Result, Target, all_checks, run_check
+from lora_lab.conformance.runner import (
+    ERROR,
+    FAILED,
+    NOT_ATTEMPTED,
+    NOT_PROVIDED,
+    OPERATIONS,
+    PASSED,
+    Result,
+    all_checks,
+    run_check,
+)
 
 SYMBOLS = {PASSED: "PASS", FAILED: "FAIL", ERROR: "ERROR", NOT_PROVIDED: "-", NOT_ATTEMPTED: "TODO"}
 
@@ -36,9 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     parser.add_argument(
-        "--profile", choices=("ci", "dev", "thorough"), default="ci",
-        help="hypothesis profile: ci (derandomized, default), dev (2x examples, random), thorough (10x)",
+        "--profile", choices=("ci", "dev", "thorough", "scored"), default="ci",
+        help="hypothesis profile: ci (derandomized, default), dev (2x examples, random), thorough (10x), "
+        "scored (ci's examples from a fresh secret seed, recorded in the report)",
     )
+    parser.add_argument("--seed", type=int, default=None,
+                        help="draw every check's inputs from this seed (reproduces a scored run)")
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
 
 
@@ -62,24 +95,45 @@ def _select(only: list[str] | None):
 
 def format_row(result: Result, seconds: float, width: int) -> str:
     detail = result.detail.splitlines()[0] if result.detail else result.check.description
-    return f"  {SYMBOLS[result.status]:<5} {result.check.name:<{width}} {seconds:5.1f}s  {detail}"
+    inside = f"{result.target_seconds:5.1f}s" if result.status != NOT_PROVIDED else " " * 6
+    return f"  {SYMBOLS[result.status]:<5} {result.check.name:<{width}} {seconds:5.1f}s {inside}  {detail}"
 
 
-def verify(target_spec: str, only: list[str] | None = None, stream=None) -> list[Result]:
-    """Run the selected checks on ``target_spec``, printing one row per check as it finishes."""
+def borrowed_operations(target) -> dict[str, str]:
+    """Operations the target re-exports from lora_lab itself: ``{op: module}``; their checks test lora_lab."""
+    return {op: origin["module"] or origin["file"] for op, origin in target.origin.items() if origin["lora_lab"]}
+
+
+def verify(target, only: list[str] | None = None, stream=None) -> list[Result]:
+    """Run the selected checks on ``target`` (a loaded target), printing one row per check as it finishes."""
     stream = stream or sys.stdout
-    target = Target.load(target_spec)
     checks = _select(only)
     width = max(len(c.name) for c in checks)
     provided = [op for op in sorted({op for c in checks for op in c.requires}) if target.provides(op)]
-    print(f"lora-lab verify {target_spec}: {len(checks)} checks; provides {', '.join(provided) or 'nothing'}", file=stream)
+    print(f"lora-lab verify {target.name}: {len(checks)} checks; provides {', '.join(provided) or 'nothing'}", file=stream)
+    borrowed = borrowed_operations(target)
+    if borrowed and not target.name.split(".")[0].startswith("lora_lab"):
+        print(f"  note: {', '.join(sorted(borrowed))} {'is' if len(borrowed) == 1 else 'are'} lora_lab's own code, "
+              f"re-exported ({', '.join(sorted(set(borrowed.values())))}): those checks test lora_lab, not {target.name}",
+              file=stream)
+    print(f"  {'':5} {'check':<{width}} {'total':>6} {'target':>6}", file=stream)
     results = []
     for check in checks:
         start = time.perf_counter()
         result = run_check(check, target)
-        print(format_row(result, time.perf_counter() - start, width), file=stream, flush=True)
+        result.seconds = time.perf_counter() - start
+        print(format_row(result, result.seconds, width), file=stream, flush=True)
         results.append(result)
     return results
+
+
+def provenance(spec: str) -> dict:
+    """The target's module path and the sha256 of its source files, found without importing it here."""
+    from lora_lab.conformance.origin import sha256_of, source_files
+
+    files = source_files(spec.partition(":")[0])
+    return {"module_path": str(files[0].parent if len(files) > 1 else files[0]) if files else None,
+            "source_files": [str(f) for f in files], "sha256": sha256_of(files)}
 
 
 def summary(results: list[Result]) -> str:
@@ -98,14 +152,28 @@ def run(args: argparse.Namespace) -> int:
         for c in all_checks():
             print(f"{c.name:<40} requires {'+'.join(c.requires):<28} {c.description}")
         return 0
+    from lora_lab.conformance.isolation import RemoteTarget
+    from lora_lab.conformance.profiles import draw_seed
+
     try:
-        Target.load(args.target)
         _select(args.only)
+        target = RemoteTarget(args.target)
     except ValueError as exc:
         print(f"lora-lab verify: {exc}", file=sys.stderr)
         return 2
-    with command_profile(args.profile):
-        results = verify(args.target, args.only)
+    if not any(target.provides(op) for op in OPERATIONS):
+        target.close()
+        print(f"lora-lab verify: {args.target} provides none of the operations ({', '.join(OPERATIONS)}), so nothing "
+              "was checked; expected a module (or module:attribute) that defines at least one of them", file=sys.stderr)
+        return 2
+    seed = args.seed if args.seed is not None else draw_seed() if args.profile == "scored" else None
+    if seed is not None:
+        print(f"lora-lab verify: inputs drawn from seed {seed} (reproduce with --seed {seed})")
+    try:
+        with command_profile(args.profile, seed):
+            results = verify(target, args.only)
+    finally:
+        target.close()
     failures = [r for r in results if r.status in (FAILED, ERROR, NOT_ATTEMPTED)]
     for r in failures:
         print(f"\n{r.check.name} {r.status}:\n  property: {r.check.description}\n  detail:   "
@@ -114,9 +182,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         report = {
             "target": args.target,
+            **provenance(args.target),
+            "isolated": True,
             "profile": args.profile,
+            "seed": seed,
+            "origin": target.origin,
             "results": [
-                {"check": r.check.name, "requires": list(r.check.requires), "status": r.status, "detail": r.detail}
+                {"check": r.check.name, "requires": list(r.check.requires), "status": r.status, "detail": r.detail,
+                 "seconds": round(r.seconds, 3), "target_seconds": round(r.target_seconds, 3)}
                 for r in results
             ],
         }
