@@ -59,6 +59,7 @@ class Server:
         self.graphs: OrderedDict[int, tuple[list, list]] = OrderedDict()
         self.models: dict[int, Any] = {}
         self.counter = 0
+        self.previous: tuple[str | None, list] = (None, [])  # the last call's outputs, and copies of their values
 
     def describe(self, exc: BaseException) -> dict:
         from lora_lab.conformance.learner import StubReached, learner_traceback, raised_in
@@ -90,6 +91,9 @@ class Server:
         raise ValueError(f"unknown request {kind!r}")
 
     def init(self, settings: dict) -> dict:
+        self.target, self.learner_folder = None, None
+        self.graphs.clear()
+        self.models.clear()
         sys.path[:] = settings["sys_path"]
         import torch
 
@@ -127,17 +131,30 @@ class Server:
         leaves = [t.requires_grad_() for t, flag in zip(tensors, grad_flags) if flag]
         before = [t.detach().clone() for t in tensors]
         fn = self.target.op(op)
+        problems = self._late_writes("before")
+        state = global_state()
         start = time.perf_counter()
-        with torch.set_grad_enabled(bool(grad_enabled)):
-            result = fn(*args, **kwargs)
+        result = invoke(fn, args, kwargs, bool(grad_enabled))
         seconds = time.perf_counter() - start
+        problems += [f"it changed global state: {change}" for change in state_changes(state, global_state())]
         changed = [[i, wire.encode_tensor(t)] for i, (t, b) in enumerate(zip(tensors, before)) if not _same(t, b)]
         outputs: list = []
         encoded = wire.encode(result, None, outputs)
+        problems += self._late_writes("during")
+        self.previous = (op, [(t, t.detach().clone()) for t in outputs if isinstance(t, torch.Tensor)])
         graph = None
         if leaves and any(isinstance(t, torch.Tensor) and t.requires_grad for t in outputs):
             graph = self._keep(outputs, leaves)
-        return [encoded, changed, graph, seconds]
+        return [encoded, changed, graph, seconds, problems]
+
+    def _late_writes(self, when: str) -> list[str]:
+        """Outputs of the previous call whose values changed after they were returned (aliasing, a late writer)."""
+        op, kept = self.previous
+        if any(not _same(t, snapshot) for t, snapshot in kept):
+            self.previous = (None, [])
+            return [f"an output of the previous {op} call changed after it was returned ({when} this call): it shares "
+                    "storage with a later output, or something writes to it later; return a tensor of its own"]
+        return []
 
     def _keep(self, outputs: list, leaves: list) -> int:
         self.counter += 1
@@ -167,7 +184,7 @@ class Server:
 
         self.counter += 1
         with bitsandbytes_eager():  # a bitsandbytes model would otherwise recompile its dequantizer for every shape
-            self.models[self.counter] = ModelHandle.build(self.target, int(seed), **wire.decode(kwargs))
+            self.models[self.counter] = ModelHandle.build(NeutralTarget(self.target), int(seed), **wire.decode(kwargs))
         return self.counter
 
     def model_call(self, handle: int, method: str, args) -> list:
@@ -183,6 +200,79 @@ class Server:
         with bitsandbytes_eager():
             result = getattr(self.models[int(handle)], method)(*wire.decode(args, NF4Tensor))
         return [wire.encode(result), time.perf_counter() - start]
+
+
+# The target's functions are called from a fresh thread through a function whose code names no file of lora_lab's:
+# the target's call stack holds the standard library's thread start-up and this one frame, nothing of the suite.
+_NEUTRAL = {}
+exec(compile(  # noqa: S102 - a fixed string, compiled only to give the frame a neutral file name
+    "def call(fn, args, kwargs, grad_enabled, box):\n"
+    "    import torch\n"
+    "    try:\n"
+    "        with torch.set_grad_enabled(grad_enabled):\n"
+    "            box.append((True, fn(*args, **kwargs)))\n"
+    "    except BaseException as exc:\n"
+    "        box.append((False, exc))\n",
+    "<call>", "exec"), _NEUTRAL)
+
+
+def invoke(fn, args, kwargs=None, grad_enabled: bool = True):
+    """``fn(*args, **kwargs)`` on a fresh thread whose stack shows nothing of the suite; its exception is re-raised."""
+    import threading
+
+    box: list = []
+    thread = threading.Thread(target=_NEUTRAL["call"], args=(fn, tuple(args), dict(kwargs or {}), grad_enabled, box),
+                              name="target", daemon=True)
+    thread.start()
+    thread.join()
+    if not box:
+        raise RuntimeError("the target's call ended without a result or an exception")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+class NeutralTarget:
+    """The target as ``ModelHandle`` calls it: each operation runs through ``invoke``, on a stack free of the suite."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def op(self, operation: str):
+        import torch
+
+        fn = self.target.op(operation)
+        return lambda *args, **kwargs: invoke(fn, args, kwargs, torch.is_grad_enabled())
+
+
+def global_state() -> dict:
+    """What a functional op must leave as it found it: the RNGs, default dtype, threads and numerics flags."""
+    import random
+
+    import torch
+
+    return {
+        "torch's RNG (torch.manual_seed or a draw)": torch.get_rng_state(),
+        "Python's random module": random.getstate(),
+        "torch.get_default_dtype()": torch.get_default_dtype(),
+        "torch.get_num_threads()": torch.get_num_threads(),
+        "torch.are_deterministic_algorithms_enabled()": torch.are_deterministic_algorithms_enabled(),
+        "torch.get_float32_matmul_precision()": torch.get_float32_matmul_precision(),
+        "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
+def state_changes(before: dict, after: dict) -> list[str]:
+    import torch
+
+    changes = []
+    for name, value in before.items():
+        same = torch.equal(value, after[name]) if isinstance(value, torch.Tensor) else value == after[name]
+        if not same:
+            shown = "" if isinstance(value, (torch.Tensor, tuple)) else f" ({value} -> {after[name]})"
+            changes.append(name + shown)
+    return changes
 
 
 def _same(after, before) -> bool:

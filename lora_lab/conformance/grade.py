@@ -8,6 +8,13 @@ attempted" and scores 0. Sizes, shapes and dtypes are drawn by hypothesis
 (derandomized under the default ``ci`` profile, so a grade is reproducible), and
 the checks come from the installed lora_lab, never from files in your folder.
 
+Your files are imported and run only in a separate process: a crash (even a
+Triton kernel writing past a buffer) or a hang becomes an "error" row naming
+the call, and the Score line and --json always come out. A function imported
+from lora_lab itself rather than written (``from lora_lab.nf4 import *``) is
+"not your code" and scores 0. ``--profile scored`` draws inputs from a fresh
+secret seed that the output records; the default ``ci`` profile is reproducible.
+
 Exit status: 0 whenever grading ran, whatever the score (grading is feedback,
 not a gate); 2 for a usage error (no exercises folder, an unknown exercise).
 With --solutions, 1 unless the reference scores full marks (that would be a
@@ -33,13 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_lab.conformance.learner import (
-    LearnerModule,
-    exercise_imports,
-    learner_traceback,
-    load_learner_module,
-    raised_in,
-)
+from lora_lab.conformance.isolation import RemoteTarget, TargetCrashed, TargetImportError, TargetTimedOut
 from lora_lab.conformance.runner import (
     ERROR,
     FAILED,
@@ -47,9 +48,7 @@ from lora_lab.conformance.runner import (
     NOT_PROVIDED,
     PASSED,
     Check,
-    CheckFailed,
     Result,
-    Target,
     all_checks,
     run_check,
 )
@@ -79,7 +78,9 @@ EXERCISES = (
                        ("qlora.gradients_match_float64", 12))),
 )
 MISSING = "missing"  # the exercise file, or the function a check needs, is not there
-STATUS_WORDS = {PASSED: "passed", FAILED: "failed", ERROR: "error", NOT_ATTEMPTED: "not attempted", NOT_PROVIDED: MISSING}
+NOT_YOURS = "not your code"  # the function a check needs is lora_lab's own, imported into the exercise file
+STATUS_WORDS = {PASSED: "passed", FAILED: "failed", ERROR: "error", NOT_ATTEMPTED: "not attempted", NOT_PROVIDED: MISSING,
+                NOT_YOURS: NOT_YOURS}
 
 
 @dataclass(frozen=True)
@@ -126,22 +127,58 @@ class ExerciseReport:
         return sum(r.graded.points for r in self.rows)
 
 
-def _explain(result: Result, learner: LearnerModule | None, folder: Path | None) -> tuple[str, str]:
-    """``(status, detail)`` for a table row, using the learner's recorded exception where it tells more."""
+def _explain(result: Result, error: dict | None) -> tuple[str, str]:
+    """``(status, detail)`` for a table row, using what the learner's code raised last (``child.Server.describe``)."""
     status, detail = result.status, result.detail
-    error = learner.last_error if learner is not None else None
-    if status != PASSED and isinstance(error, NotImplementedError) and folder is not None:
-        if raised_in(error, folder):  # one of the learner's stubs (StubReached ended the check)
-            return NOT_ATTEMPTED, str(error) or "raises NotImplementedError (still a stub)"
-        return ERROR, learner_traceback(error, folder)  # torch or Triton lacks an op: a real error, not a stub
-    if status == ERROR and error is not None and folder is not None and detail.endswith(f"{type(error).__name__}: {error}"):
-        return status, learner_traceback(error, folder)
-    learner_assert = isinstance(error, AssertionError) and not isinstance(error, CheckFailed)
-    if status == FAILED and learner_assert and raised_in(error, folder) and detail == str(error).strip():
-        return ERROR, learner_traceback(error, folder)  # the learner's own assert, not a property of the suite
+    if status != PASSED and error is not None and "NotImplementedError" in error["bases"]:
+        if error["stub"] or error["in_learner_file"]:  # one of the learner's stubs (StubReached ended the check)
+            return NOT_ATTEMPTED, error["message"] or "raises NotImplementedError (still a stub)"
+        return ERROR, error["traceback"]  # torch or Triton lacks an op: a real error, not a stub
+    learner_assert = error is not None and "AssertionError" in error["bases"] and not error["check_failed"]
+    if status == FAILED and learner_assert and error["in_learner_file"] and detail == error["message"].strip():
+        return ERROR, error["traceback"]  # the learner's own assert, not a property of the suite
     if status == NOT_PROVIDED:
         return MISSING, detail.replace("target has no", "the file defines no")
     return status, detail
+
+
+class Processes:
+    """The isolated processes of one grading run: one warm process for the learner's files, one per reference solution.
+
+    The learner's files are loaded one after another into the same process (so one exercise can import another,
+    and grading pays one start-up); after a crash, a hang or an error a fresh one takes over.
+    """
+
+    def __init__(self) -> None:
+        self.learner: RemoteTarget | None = None
+        self.solutions: dict[str, RemoteTarget] = {}
+
+    def solution(self, module: str) -> RemoteTarget:
+        if module not in self.solutions:
+            self.solutions[module] = RemoteTarget(module)
+        return self.solutions[module]
+
+    def learner_file(self, path: Path, folder: Path) -> RemoteTarget:
+        if self.learner is None:
+            self.learner = RemoteTarget(str(path), learner_folder=str(folder))
+        else:
+            self.learner.retarget(str(path), str(folder))
+        return self.learner
+
+    def close(self) -> None:
+        for target in [self.learner, *self.solutions.values()]:
+            if target is not None:
+                target.close()
+
+
+def _not_yours(check: Check, borrowed: dict[str, dict], stem: str) -> str | None:
+    """Why a check gives no points when an operation it needs is lora_lab's own code, imported into the file."""
+    ops = [op for op in check.requires if op in borrowed]
+    if not ops:
+        return None
+    where = ", ".join(sorted({borrowed[op]["module"] for op in ops}))
+    return (f"{', '.join(ops)} in {stem}.py is lora_lab's own reference ({where}), imported rather than written: "
+            "these points are for your own implementation")
 
 
 def _find_file(folder: Path, exercise: Exercise) -> Path | None:
@@ -150,38 +187,53 @@ def _find_file(folder: Path, exercise: Exercise) -> Path | None:
 
 
 def grade_exercise(
-    exercise: Exercise, folder: Path | None, on_row: Callable[[Row], None] = lambda row: None
+    exercise: Exercise, folder: Path | None, on_row: Callable[[Row], None] = lambda row: None,
+    processes: Processes | None = None,
 ) -> ExerciseReport:
-    """Run the exercise's checks on the learner's file in ``folder``, or on its reference solution when ``folder`` is None."""
-    learner, unusable = None, None  # unusable: (status, detail) for every row when the file cannot be graded
-    if folder is None:
-        report, target = ExerciseReport(exercise, exercise.solution), Target.load(exercise.solution)
-    else:
-        path = _find_file(folder, exercise)
-        report = ExerciseReport(exercise, str(path or folder / f"{exercise.stem}.py"))
-        if path is None:
-            unusable = (MISSING, "")  # the header already says the file is missing
+    """Run the exercise's checks on the learner's file in ``folder``, or on its reference solution when ``folder`` is None.
+
+    The file (or the solution) is imported and run only in an isolated process (``processes``, started here if None).
+    """
+    own = processes is None
+    processes = processes or Processes()
+    target, unusable = None, None  # unusable: (status, detail) for every row when the file cannot be graded
+    try:
+        if folder is None:
+            report, target = ExerciseReport(exercise, exercise.solution), processes.solution(exercise.solution)
         else:
-            try:
-                learner = LearnerModule(load_learner_module(path), folder)
-            except Exception as exc:  # noqa: BLE001 - a syntax or import error is the learner's, shown as such
-                unusable = (ERROR, "the file does not import:\n" + learner_traceback(exc, folder))
-        target = Target(report.source, learner)
-    for graded in graded_checks(exercise):
-        start = time.perf_counter()
-        if unusable:
-            status, detail = unusable
-        else:
-            if learner is not None:
-                learner.last_error = None
-            status, detail = _explain(run_check(graded.check, target), learner, folder)
-        report.rows.append(Row(graded, status, detail, time.perf_counter() - start))
-        on_row(report.rows[-1])
+            path = _find_file(folder, exercise)
+            report = ExerciseReport(exercise, str(path or folder / f"{exercise.stem}.py"))
+            if path is None:
+                unusable = (MISSING, "")  # the header already says the file is missing
+            else:
+                try:
+                    target = processes.learner_file(path, folder)
+                except TargetImportError as exc:  # a syntax or import error is the learner's, shown as such
+                    unusable = (ERROR, "the file does not import:\n" + exc.info.get("traceback", str(exc)))
+                except (TargetCrashed, TargetTimedOut) as exc:
+                    unusable = (ERROR, f"the file does not import: {exc}")
+        borrowed = {} if folder is None or target is None else {
+            op: origin for op, origin in target.origin.items() if origin["lora_lab"]}
+        for graded in graded_checks(exercise):
+            start = time.perf_counter()
+            not_yours = _not_yours(graded.check, borrowed, exercise.stem)
+            if unusable:
+                status, detail = unusable
+            elif not_yours:
+                status, detail = NOT_YOURS, not_yours
+            else:
+                target.last_error = None
+                status, detail = _explain(run_check(graded.check, target), target.last_error)
+            report.rows.append(Row(graded, status, detail, time.perf_counter() - start))
+            on_row(report.rows[-1])
+    finally:
+        if own:
+            processes.close()
     return report
 
 
 def grade(
-    folder: Path | None, only: list[str] | None = None, profile: str = "ci", stream=sys.stdout
+    folder: Path | None, only: list[str] | None = None, profile: str = "ci", stream=sys.stdout, seed: int | None = None
 ) -> list[ExerciseReport]:
     """Grade the exercises in ``folder`` (or the reference solutions when None), printing tables to ``stream``."""
     exercises = [e for e in EXERCISES if not only or e.id in only]
@@ -190,14 +242,19 @@ def grade(
     reports = []
     from lora_lab.conformance.profiles import command_profile
 
-    with command_profile(profile), exercise_imports(folder, {e.stem for e in EXERCISES}) if folder else contextlib.nullcontext():
-        for exercise in exercises:
-            source = exercise.solution if folder is None else _find_file(folder, exercise) or (
-                f"no {exercise.stem}.py in {_display(folder)}: copy it from the lora_lab repository's exercises/")
-            print(f"\n{exercise.id}  {exercise.title}  [{_display(source)}]", file=stream, flush=True)
-            report = grade_exercise(exercise, folder, on_row=lambda row: print(format_row(row, width), file=stream, flush=True))
-            print(f"  {'':{14 + width}} {report.score:>3}/{report.total:<3} for exercise {exercise.id}", file=stream)
-            reports.append(report)
+    processes = Processes()
+    try:
+        with command_profile(profile, seed):
+            for exercise in exercises:
+                source = exercise.solution if folder is None else _find_file(folder, exercise) or (
+                    f"no {exercise.stem}.py in {_display(folder)}: copy it from the lora_lab repository's exercises/")
+                print(f"\n{exercise.id}  {exercise.title}  [{_display(source)}]", file=stream, flush=True)
+                report = grade_exercise(exercise, folder, lambda row: print(format_row(row, width), file=stream, flush=True),
+                                        processes)
+                print(f"  {'':{14 + width}} {report.score:>3}/{report.total:<3} for exercise {exercise.id}", file=stream)
+                reports.append(report)
+    finally:
+        processes.close()
     return reports
 
 
@@ -270,21 +327,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="grade the reference solutions (lora_lab for 01-06, lora_lab.kernels for 07-08) instead of your files",
     )
     parser.add_argument(
-        "--profile", choices=("ci", "dev", "thorough"), default="ci",
-        help="hypothesis profile: ci (derandomized, default), dev (2x examples, random), thorough (10x)",
+        "--profile", choices=("ci", "dev", "thorough", "scored"), default="ci",
+        help="hypothesis profile: ci (derandomized, default), dev (2x examples, random), thorough (10x), "
+        "scored (ci's examples from a fresh secret seed, recorded in the output: what a course grades with)",
     )
+    parser.add_argument("--seed", type=int, default=None, help="draw every check's inputs from this seed")
 
 
-def to_json(reports: list[ExerciseReport], profile: str) -> dict:
+def to_json(reports: list[ExerciseReport], profile: str, seed: int | None = None) -> dict:
     def check_json(row: Row) -> dict:
         return {"check": row.graded.check.name, "points": row.score, "max_points": row.graded.points,
                 "status": STATUS_WORDS.get(row.status, row.status), "detail": row.detail, "hint": row.graded.check.hint,
                 "seconds": round(row.seconds, 3)}
 
-    exercises = [{"id": r.exercise.id, "title": r.exercise.title, "source": r.source, "score": r.score, "total": r.total,
-                  "checks": [check_json(row) for row in r.rows]} for r in reports]
-    return {"profile": profile, "score": sum(r.score for r in reports), "total": sum(r.total for r in reports),
-            "exercises": exercises}
+    def sha256(source: str) -> str | None:
+        from lora_lab.conformance.origin import sha256_of
+
+        return sha256_of([Path(source)]) if Path(source).is_file() else None
+
+    exercises = [{"id": r.exercise.id, "title": r.exercise.title, "source": r.source, "sha256": sha256(r.source),
+                  "score": r.score, "total": r.total, "checks": [check_json(row) for row in r.rows]} for r in reports]
+    return {"profile": profile, "seed": seed, "isolated": True, "score": sum(r.score for r in reports),
+            "total": sum(r.total for r in reports), "exercises": exercises}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -297,13 +361,16 @@ def run(args: argparse.Namespace) -> int:
         print(HOW_TO_START.format(folder=folder, exercises=_checkout_exercises()), file=sys.stderr)
         return 2
     what = "the reference solutions" if folder is None else _display(folder)
-    print(f"lora-lab grade: {what}, hypothesis profile {args.profile}")
-    reports = grade(folder, args.only, args.profile)
+    from lora_lab.conformance.profiles import draw_seed
+
+    seed = args.seed if args.seed is not None else draw_seed() if args.profile == "scored" else None
+    print(f"lora-lab grade: {what}, hypothesis profile {args.profile}" + (f", seed {seed}" if seed is not None else ""))
+    reports = grade(folder, args.only, args.profile, seed=seed)
     score, total = sum(r.score for r in reports), sum(r.total for r in reports)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as handle:
-            json.dump(to_json(reports, args.profile), handle, indent=2)
+            json.dump(to_json(reports, args.profile, seed), handle, indent=2)
         print(f"\nwrote {args.json}")
     advice = next_step(reports, folder) if folder is not None else None
     if advice:

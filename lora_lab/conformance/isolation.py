@@ -31,7 +31,7 @@ import torch
 
 from lora_lab.conformance import wire
 
-CALL_TIMEOUT = float(os.environ.get("LORA_LAB_CALL_TIMEOUT", "300"))  # seconds one call to the target may take
+CALL_TIMEOUT_ENV = "LORA_LAB_CALL_TIMEOUT"  # seconds one call to the target may take (default 300)
 START_TIMEOUT = 300.0  # importing torch, bitsandbytes and the target on a busy machine
 
 
@@ -41,6 +41,14 @@ class TargetCrashed(BaseException):
 
 class TargetTimedOut(BaseException):
     """A call to the target ran past its time limit; its process was killed."""
+
+
+class TargetImportError(ValueError):
+    """The target (or a learner's file) did not import in its process; ``info`` holds its traceback."""
+
+    def __init__(self, message: str, info: dict) -> None:
+        super().__init__(message)
+        self.info = info
 
 
 class RemoteError(Exception):
@@ -84,8 +92,9 @@ def _signal_name(returncode: int | None) -> str:
 class Child:
     """One child process running ``lora_lab.conformance.child``, and its two pipes."""
 
-    def __init__(self, init: dict, call_timeout: float = CALL_TIMEOUT) -> None:
-        self.init, self.call_timeout = init, call_timeout
+    def __init__(self, init: dict, call_timeout: float | None = None) -> None:
+        self.init = init
+        self.call_timeout = call_timeout if call_timeout is not None else float(os.environ.get(CALL_TIMEOUT_ENV, "300"))
         self.process: subprocess.Popen | None = None
         self.hello: dict | None = None
 
@@ -116,7 +125,7 @@ class Child:
             if not ready:
                 self.close()
                 raise TargetTimedOut(f"the target did not answer {what} within {timeout:.0f} s; its process was killed "
-                                     f"(set LORA_LAB_CALL_TIMEOUT to allow more)")
+                                     f"(set {CALL_TIMEOUT_ENV} to allow more)")
             reply = wire.receive(self.inbox)
         except (EOFError, BrokenPipeError, OSError) as exc:
             code = self.process.wait(timeout=10) if self.process else None
@@ -183,8 +192,12 @@ class _Call:
 
     def run(self) -> list[torch.Tensor]:
         reply = self.target.request(["call", self.op, *self.encoded, self.flags, self.grad_enabled], self.what)
-        encoded, changed, self.graph, seconds = reply
+        encoded, changed, self.graph, seconds, problems = reply
         self.target.seconds += float(seconds)
+        if problems:
+            from lora_lab.conformance.registry import CheckFailed
+
+            raise CheckFailed(f"{self.what}: " + "; ".join(str(p) for p in problems))
         with torch.no_grad():  # in-place semantics: what the target changed in its copy, the caller sees changed
             for index, tensor in changed:
                 new = wire.decode_tensor(tensor)
@@ -284,7 +297,7 @@ class RemoteModel:
 class RemoteTarget:
     """An implementation under test that runs in its own process; what the properties see is ``runner.Target``'s API."""
 
-    def __init__(self, spec: str, learner_folder: str | None = None, call_timeout: float = CALL_TIMEOUT,
+    def __init__(self, spec: str, learner_folder: str | None = None, call_timeout: float | None = None,
                  name: str | None = None) -> None:
         self.name = name or spec
         self.spec = spec
@@ -294,6 +307,7 @@ class RemoteTarget:
         self.seconds = 0.0  # time spent inside the target's calls, as its process measured it
         self.generation = 0
         self.pending_frees: list[int] = []
+        self.last_error: dict | None = None  # what the target raised last (grade explains a row with it)
         self.hello = self._start()
 
     def _start(self) -> dict:
@@ -301,14 +315,34 @@ class RemoteTarget:
             return self.child.start()
         except RemoteError as exc:
             self.child.close()
-            raise ValueError(str(exc)) from exc
+            raise TargetImportError(str(exc), exc.info) from exc
+
+    def retarget(self, spec: str, learner_folder: str | None = None, name: str | None = None) -> None:
+        """Load another target into the same warm process (grade's next exercise file); a fresh one if it died."""
+        self.name, self.spec = name or spec, spec
+        self.child.init.update(target=spec, learner_folder=learner_folder)
+        self.generation += 1
+        self.pending_frees.clear()
+        if not self.child.alive:
+            self.hello = self._start()
+            return
+        try:
+            self.hello = self.child.request(["init", self.child.init], "importing the target", timeout=START_TIMEOUT)
+        except RemoteError as exc:
+            self.child.close()
+            raise TargetImportError(str(exc), exc.info) from exc
 
     def request(self, message: list, what: str) -> Any:
         if not self.child.alive:
             self.reset()
         while self.pending_frees:
             self.child.request(["model_free", self.pending_frees.pop()], "freeing a model")
-        return self.child.request(message, what)
+        try:
+            return self.child.request(message, what)
+        except BaseException as exc:  # a remote exception (a stub's included) carries what the target raised
+            if isinstance(getattr(exc, "info", None), dict):
+                self.last_error = exc.info
+            raise
 
     def reset(self) -> None:
         """A fresh process for the next check: after a crash, a hang or an error nothing of the last one survives."""

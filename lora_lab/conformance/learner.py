@@ -1,18 +1,16 @@
 """A learner's exercise file as the suite sees it: loaded from its path, its stubs and tracebacks told apart.
 
-``lora-lab grade`` loads each exercise file by path (so one exercise can import
-another: ``from ex01_nf4 import quantize_nf4``), wraps it so that the last
-exception of each operation is recorded, and shows the learner their own
-traceback lines rather than the suite's or torch's.
+``lora-lab grade`` has each exercise file loaded by path in the learner's own
+process (``child.py``; so one exercise can import another: ``from ex01_nf4
+import quantize_nf4``), wrapped so that a stub ends a check at once, and shows
+the learner their own traceback lines rather than the suite's or torch's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import sys
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,22 +99,3 @@ def load_learner_module(path: Path) -> Any:
         sys.modules.pop(path.stem, None)
         raise
     return module
-
-
-@contextlib.contextmanager
-def exercise_imports(folder: Path, stems: set[str]) -> Iterator[None]:
-    """Make ``folder`` importable while grading, and forget its modules afterwards (the next run reloads them).
-
-    ``stems`` are the exercise module names: the same exercise from another
-    folder (an earlier grade in this process) is forgotten first."""
-    for stem in stems:
-        sys.modules.pop(stem, None)
-    sys.path.insert(0, str(folder))
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(str(folder))
-        for name, module in list(sys.modules.items()):
-            if name in stems or inside(getattr(module, "__file__", None) or "", folder):
-                del sys.modules[name]
