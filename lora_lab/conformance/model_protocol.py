@@ -165,14 +165,22 @@ class ModelHandle:
 
     # The methods a remote handle forwards; nothing else of the model is reachable from the parent.
     METHODS = ("adapters", "set_adapters", "parameters", "frozen_state", "dense_linear_names", "quantized_layer_names",
-               "layer_kinds", "train", "logits", "backward_loss", "make_optimizer", "training_step")
+               "layer_kinds", "train", "logits", "backward_loss", "adapter_gradients", "enable_checkpointing",
+               "make_optimizer", "training_step", "recorded_step")
 
     def __init__(self, target, model: nn.Module) -> None:
         self.target, self.model, self.optimizer = target, model, None
 
     @classmethod
-    def build(cls, target, seed: int, **kwargs) -> ModelHandle:
-        return cls(target, seeded_apply(target, seed, **kwargs))
+    def build(cls, target, seed: int, checkpointing: str | None = None, **kwargs) -> ModelHandle:
+        """``tiny_llama(seed)`` through the target's apply_qlora; ``checkpointing`` ("reentrant" or "non-reentrant")
+        turns on Hugging Face gradient checkpointing before apply_qlora sees the model."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            dense = tiny_llama(seed)
+            if checkpointing is not None:
+                enable_checkpointing(dense, checkpointing == "reentrant")
+            return cls(target, apply_target(target, dense, **kwargs))
 
     def adapters(self) -> dict[str, dict[str, torch.Tensor]]:
         """``{canonical module name: {"lora_A": A, "lora_B": B}}``, copies."""
@@ -223,6 +231,26 @@ class ModelHandle:
 
         next_token_loss(model_logits(self.model, batch), batch["labels"]).backward()
 
+    def adapter_gradients(self, batch: dict[str, torch.Tensor], grad_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The vector-Jacobian product of the model's logits with ``grad_logits``, for each adapter tensor.
+
+        The caller computes its loss, and ``grad_logits``, from ``logits(batch)`` on its own side, so the loss that
+        defines the expected gradients never runs where the target does.
+        """
+        logits = model_logits(self.model, batch)
+        parameters = adapter_parameters(self.model)
+        grads = torch.autograd.grad(logits, list(parameters.values()), grad_logits)
+        return {name: g.detach().clone() for name, g in zip(parameters, grads)}
+
+    def enable_checkpointing(self, reentrant: bool) -> None:
+        enable_checkpointing(self.model, reentrant)
+
+    def recorded_step(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor | None]]:
+        """The target's ``training_step`` with a ``GradientRecorder`` for an optimizer: the gradients of each ``step()``."""
+        recorder = GradientRecorder(adapter_parameters(self.model))
+        self.target.op("training_step")(self.model, batch, recorder)
+        return recorder.recorded
+
     def make_optimizer(self, lr: float, weight_decay: float = 0.01, every_parameter: bool = False) -> None:
         """torch's AdamW over the trainable parameters (or, with ``every_parameter``, over all of them)."""
         params = [p for p in self.model.parameters() if every_parameter or p.requires_grad]
@@ -233,3 +261,36 @@ class ModelHandle:
         if self.optimizer is None:
             raise RuntimeError("make_optimizer must come before training_step")
         return self.target.op("training_step")(self.model, batch, self.optimizer)
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{"<module>.lora_A": A, "<module>.lora_B": B}`` for every adapted module: the live parameters."""
+    return {f"{name}.{which}": getattr(pair, which) for name, pair in adapters(model).items() for which in ("lora_A", "lora_B")}
+
+
+def enable_checkpointing(model: nn.Module, reentrant: bool) -> None:
+    """Hugging Face gradient checkpointing, as ``Trainer(gradient_checkpointing=True)`` turns it on."""
+    import warnings
+
+    with warnings.catch_warnings():  # transformers 5 renamed it activation_checkpointing_enable; both work
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
+class GradientRecorder(torch.optim.Optimizer):
+    """An optimizer that changes nothing and keeps a copy of the gradients each ``step()`` receives.
+
+    Handed to a target's ``training_step``, it shows the gradients the step
+    computed, however the step computed them.
+    """
+
+    def __init__(self, named_parameters: dict[str, nn.Parameter]) -> None:
+        super().__init__(list(named_parameters.values()), {})
+        self.names = {id(p): name for name, p in named_parameters.items()}
+        self.recorded: list[dict[str, torch.Tensor | None]] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - the optimizer protocol
+        grads = {self.names[id(p)]: None if p.grad is None else p.grad.detach().clone()
+                 for group in self.param_groups for p in group["params"]}
+        self.recorded.append(grads)

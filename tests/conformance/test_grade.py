@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lab.conformance.grade import EXERCISES, ExerciseReport, grade, graded_checks, main, next_step
+from lora_lab.conformance.grade import EXERCISES, NOT_YOURS, ExerciseReport, grade, graded_checks, main, next_step
 from lora_lab.conformance.runner import ERROR, FAILED, NOT_ATTEMPTED, PASSED, all_checks
 
 if not torch.cuda.is_available():  # as lora_lab.kernels does, but before any test imports triton (bitsandbytes does)
@@ -253,13 +253,29 @@ def test_a_file_that_does_not_import_is_an_error_not_a_crash(tmp_path):
 
 
 def test_one_exercise_can_import_another_and_nothing_leaks_between_folders(tmp_path):
-    write_exercise(tmp_path / "a", "ex01_nf4", "from lora_lab.nf4 import quantize_nf4\n")
+    # The learner's 01 is a function of its own file (here one that delegates: importing between exercises is the
+    # subject, and a plain re-export of lora_lab's function would be "not your code").
+    write_exercise(tmp_path / "a", "ex01_nf4", """
+        from lora_lab.nf4 import quantize_nf4 as reference
+
+
+        def quantize_nf4(weight, blocksize=64, double_quant=False):
+            return reference(weight, blocksize, double_quant)
+        """)
     write_exercise(tmp_path / "a", "ex02_double_quant", "from ex01_nf4 import quantize_nf4  # the learner's own 01\n")
     (report,), _ = run_grade(tmp_path / "a", ["02"])
     assert report.score == report.total > 0
     write_exercise(tmp_path / "b", "ex02_double_quant", "from ex01_nf4 import quantize_nf4\n")  # no ex01 here
     (report,), _ = run_grade(tmp_path / "b", ["02"])
     assert {row.status for row in report.rows} == {ERROR} and all("ModuleNotFoundError" in row.detail for row in report.rows)
+
+
+def test_lora_labs_own_functions_imported_into_an_exercise_are_not_your_code(tmp_path):
+    """``from lora_lab.nf4 import *`` in an exercise file scored 27/27 once; it is lora_lab's work, not the learner's."""
+    write_exercise(tmp_path, "ex01_nf4", "from lora_lab.nf4 import *  # noqa: F403\n")
+    (report,), output = run_grade(tmp_path, ["01"])
+    assert report.score == 0 and {row.status for row in report.rows} == {NOT_YOURS}, output
+    assert "lora_lab's own reference (lora_lab.nf4)" in report.rows[0].detail
 
 
 def test_a_random_profile_prints_no_hypothesis_seed_advice(capsys):
