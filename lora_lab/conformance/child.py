@@ -119,7 +119,7 @@ class Server:
         return {"provides": provides, "origin": {op: origin_of(getattr(raw, op)) for op in provides},
                 "capabilities": wire.encode(getattr(raw, "CAPABILITIES", None))}
 
-    def call(self, op: str, args, kwargs, grad_flags: list, grad_enabled: bool) -> list:
+    def call(self, op: str, args, kwargs, grad_flags: list, grad_enabled: bool, measure_min: int | None = None) -> list:
         import torch
 
         from lora_lab.conformance import wire
@@ -130,14 +130,18 @@ class Server:
         kwargs = wire.decode(kwargs, NF4Tensor, tensors)
         leaves = [t.requires_grad_() for t, flag in zip(tensors, grad_flags) if flag]
         before = [t.detach().clone() for t in tensors]
+        versions = [t._version for t in tensors]  # counts every in-place write, a restored scratch use included
         fn = self.target.op(op)
         problems = self._late_writes("before")
         state = global_state()
         start = time.perf_counter()
-        result = invoke(fn, args, kwargs, bool(grad_enabled))
+        measured = Measured(measure_min) if measure_min is not None else None
+        result = invoke(fn, args, kwargs, bool(grad_enabled), measured)
         seconds = time.perf_counter() - start
+        measurement = measured.summary() if measured is not None else None
         problems += [f"it changed global state: {change}" for change in state_changes(state, global_state())]
-        changed = [[i, wire.encode_tensor(t)] for i, (t, b) in enumerate(zip(tensors, before)) if not _same(t, b)]
+        changed = [[i, wire.encode_tensor(t)] for i, (t, b, v) in enumerate(zip(tensors, before, versions))
+                   if t._version != v or not _same(t, b)]  # written: the caller's copy gets the write too
         outputs: list = []
         encoded = wire.encode(result, None, outputs)
         problems += self._late_writes("during")
@@ -145,7 +149,7 @@ class Server:
         graph = None
         if leaves and any(isinstance(t, torch.Tensor) and t.requires_grad for t in outputs):
             graph = self._keep(outputs, leaves)
-        return [encoded, changed, graph, seconds, problems]
+        return [encoded, changed, graph, seconds, problems, measurement]
 
     def _late_writes(self, when: str) -> list[str]:
         """Outputs of the previous call whose values changed after they were returned (aliasing, a late writer)."""
@@ -204,24 +208,27 @@ class Server:
 
 # The target's functions are called from a fresh thread through a function whose code names no file of lora_lab's:
 # the target's call stack holds the standard library's thread start-up and this one frame, nothing of the suite.
+# A measurement's context (``memory.measure``) is entered on that thread: autograd's hooks and dispatch modes are per thread.
 _NEUTRAL = {}
 exec(compile(  # noqa: S102 - a fixed string, compiled only to give the frame a neutral file name
-    "def call(fn, args, kwargs, grad_enabled, box):\n"
+    "def call(fn, args, kwargs, grad_enabled, context, box):\n"
     "    import torch\n"
     "    try:\n"
-    "        with torch.set_grad_enabled(grad_enabled):\n"
+    "        with torch.set_grad_enabled(grad_enabled), context:\n"
     "            box.append((True, fn(*args, **kwargs)))\n"
     "    except BaseException as exc:\n"
     "        box.append((False, exc))\n",
     "<call>", "exec"), _NEUTRAL)
 
 
-def invoke(fn, args, kwargs=None, grad_enabled: bool = True):
+def invoke(fn, args, kwargs=None, grad_enabled: bool = True, context=None):
     """``fn(*args, **kwargs)`` on a fresh thread whose stack shows nothing of the suite; its exception is re-raised."""
+    import contextlib
     import threading
 
     box: list = []
-    thread = threading.Thread(target=_NEUTRAL["call"], args=(fn, tuple(args), dict(kwargs or {}), grad_enabled, box),
+    context = context if context is not None else contextlib.nullcontext()
+    thread = threading.Thread(target=_NEUTRAL["call"], args=(fn, tuple(args), dict(kwargs or {}), grad_enabled, context, box),
                               name="target", daemon=True)
     thread.start()
     thread.join()
@@ -231,6 +238,29 @@ def invoke(fn, args, kwargs=None, grad_enabled: bool = True):
     if not ok:
         raise value
     return value
+
+
+class Measured:
+    """``memory.measure`` for tensors of ``min_numel`` elements or more, as a context entered on the call's thread."""
+
+    def __init__(self, min_numel: int) -> None:
+        from lora_lab.conformance.memory import measure
+
+        self.context = measure(lambda n: n >= min_numel)
+        self.record = None
+
+    def __enter__(self):
+        self.record = self.context.__enter__()
+        return self.record
+
+    def __exit__(self, *exc_info):
+        return self.context.__exit__(*exc_info)
+
+    def summary(self) -> list:
+        """``[saved, alive]``: what autograd packed for backward, and the op outputs still alive after the call."""
+        from lora_lab.conformance.memory import seen_to_wire
+
+        return [seen_to_wire(self.record.saved), seen_to_wire(self.record.alive())]
 
 
 class NeutralTarget:

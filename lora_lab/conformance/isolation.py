@@ -182,8 +182,8 @@ class _RemoteFunction(torch.autograd.Function):
 
 
 class _Call:
-    def __init__(self, target: RemoteTarget, op: str, args: tuple, kwargs: dict) -> None:
-        self.target, self.op, self.args, self.kwargs = target, op, args, kwargs
+    def __init__(self, target: RemoteTarget, op: str, args: tuple, kwargs: dict, measure_min: int | None = None) -> None:
+        self.target, self.op, self.args, self.kwargs, self.measure_min = target, op, args, kwargs, measure_min
         self.what = _describe_call(op, args, kwargs)
         self.inputs: list[torch.Tensor] = []
         self.encoded = [wire.encode(args, None, self.inputs), wire.encode(kwargs, None, self.inputs)]
@@ -191,8 +191,9 @@ class _Call:
         self.flags = [self.grad_enabled and t.requires_grad for t in self.inputs]
 
     def run(self) -> list[torch.Tensor]:
-        reply = self.target.request(["call", self.op, *self.encoded, self.flags, self.grad_enabled], self.what)
-        encoded, changed, self.graph, seconds, problems = reply
+        reply = self.target.request(["call", self.op, *self.encoded, self.flags, self.grad_enabled, self.measure_min],
+                                    self.what)
+        encoded, changed, self.graph, seconds, problems, self.measurement = reply
         self.target.seconds += float(seconds)
         if problems:
             from lora_lab.conformance.registry import CheckFailed
@@ -254,11 +255,12 @@ def _nf4_class():
 class RemoteOp:
     """One operation of a remote target, callable like the target's own function."""
 
-    def __init__(self, target: RemoteTarget, name: str) -> None:
-        self.target, self.__name__ = target, name
+    def __init__(self, target: RemoteTarget, name: str, measure_min: int | None = None) -> None:
+        self.target, self.__name__, self.measure_min = target, name, measure_min
+        self.last_call: _Call | None = None
 
     def __call__(self, *args, **kwargs):
-        call = _Call(self.target, self.__name__, args, kwargs)
+        call = self.last_call = _Call(self.target, self.__name__, args, kwargs, self.measure_min)
         if not any(call.flags):
             call.run()
             return call.result
@@ -367,6 +369,15 @@ class RemoteTarget:
 
     def op(self, operation: str) -> RemoteOp:
         return RemoteOp(self, operation)
+
+    def measured(self, operation: str, min_numel: int, *args):
+        """As ``runner.Target.measured``: the measurement is taken in the target's process, around the call."""
+        from lora_lab.conformance.memory import seen_from_wire
+
+        op = RemoteOp(self, operation, measure_min=min_numel)
+        result = op(*args)
+        saved, alive = op.last_call.measurement
+        return result, seen_from_wire(saved), seen_from_wire(alive)
 
     def model(self, seed: int, **kwargs) -> RemoteModel:
         start = time.perf_counter()

@@ -166,21 +166,23 @@ class ModelHandle:
     # The methods a remote handle forwards; nothing else of the model is reachable from the parent.
     METHODS = ("adapters", "set_adapters", "parameters", "frozen_state", "dense_linear_names", "quantized_layer_names",
                "layer_kinds", "train", "logits", "backward_loss", "adapter_gradients", "enable_checkpointing",
-               "make_optimizer", "training_step", "recorded_step")
+               "make_optimizer", "training_step", "recorded_step", "kept_for_backward")
 
     def __init__(self, target, model: nn.Module) -> None:
-        self.target, self.model, self.optimizer = target, model, None
+        self.target, self.model, self.optimizer, self.seed = target, model, None, None
 
     @classmethod
-    def build(cls, target, seed: int, checkpointing: str | None = None, **kwargs) -> ModelHandle:
-        """``tiny_llama(seed)`` through the target's apply_qlora; ``checkpointing`` ("reentrant" or "non-reentrant")
-        turns on Hugging Face gradient checkpointing before apply_qlora sees the model."""
+    def build(cls, target, seed: int, checkpointing: str | None = None, dtype: str | None = None, **kwargs) -> ModelHandle:
+        """``tiny_llama(seed)`` (in ``dtype``, e.g. "bfloat16") through the target's apply_qlora; ``checkpointing``
+        ("reentrant" or "non-reentrant") turns on Hugging Face gradient checkpointing before apply_qlora sees the model."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            dense = tiny_llama(seed)
+            dense = tiny_llama(seed) if dtype is None else tiny_llama(seed).to(getattr(torch, dtype))
             if checkpointing is not None:
                 enable_checkpointing(dense, checkpointing == "reentrant")
-            return cls(target, apply_target(target, dense, **kwargs))
+            handle = cls(target, apply_target(target, dense, **kwargs))
+        handle.seed = seed
+        return handle
 
     def adapters(self) -> dict[str, dict[str, torch.Tensor]]:
         """``{canonical module name: {"lora_A": A, "lora_B": B}}``, copies."""
@@ -250,6 +252,13 @@ class ModelHandle:
         recorder = GradientRecorder(adapter_parameters(self.model))
         self.target.op("training_step")(self.model, batch, recorder)
         return recorder.recorded
+
+    def kept_for_backward(self, batch: dict[str, torch.Tensor]) -> dict:
+        """What one forward pass on ``batch`` keeps for backward (``memory.model_kept_for_backward``), measured here."""
+        from lora_lab.conformance.memory import model_kept_for_backward
+
+        return model_kept_for_backward(self.model, tiny_llama(self.seed), batch, lambda: model_logits(self.model, batch),
+                                       quantized_layer_names(self.model), module_at)
 
     def make_optimizer(self, lr: float, weight_decay: float = 0.01, every_parameter: bool = False) -> None:
         """torch's AdamW over the trainable parameters (or, with ``every_parameter``, over all of them)."""

@@ -79,6 +79,15 @@ class Target:
     def op(self, operation: str) -> Callable:
         return getattr(self.obj, operation)
 
+    def measured(self, operation: str, min_numel: int, *args):
+        """``op(*args)`` with what it keeps for backward measured (``memory.measure``): ``(result, saved, alive)``,
+        the saved and still-alive tensors of ``min_numel`` elements or more."""
+        from lora_lab.conformance.memory import measure
+
+        with measure(lambda n: n >= min_numel) as record:
+            result = self.op(operation)(*args)
+        return result, record.saved, record.alive()
+
     def model(self, seed: int, **kwargs):
         """``tiny_llama(seed)`` through the target's ``apply_qlora``, as a ``ModelHandle`` (what the properties see)."""
         from lora_lab.conformance.model_protocol import ModelHandle
