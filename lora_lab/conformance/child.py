@@ -29,6 +29,7 @@ or a hang is seen by the parent as a closed pipe or a silent one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -119,7 +120,8 @@ class Server:
         return {"provides": provides, "origin": {op: origin_of(getattr(raw, op)) for op in provides},
                 "capabilities": wire.encode(getattr(raw, "CAPABILITIES", None))}
 
-    def call(self, op: str, args, kwargs, grad_flags: list, grad_enabled: bool, measure_min: int | None = None) -> list:
+    def call(self, op: str, args, kwargs, grad_flags: list, grad_enabled: bool, measure_min: int | None = None,
+             watch: bool = False) -> list:
         import torch
 
         from lora_lab.conformance import wire
@@ -128,6 +130,8 @@ class Server:
         tensors: list = []
         args = wire.decode(args, NF4Tensor, tensors)
         kwargs = wire.decode(kwargs, NF4Tensor, tensors)
+        if watch:  # each input inside guard regions, as the property's own bounds.guarded gives them in-process
+            args, kwargs, tensors = guard_inputs(args, kwargs, tensors)
         leaves = [t.requires_grad_() for t, flag in zip(tensors, grad_flags) if flag]
         before = [t.detach().clone() for t in tensors]
         versions = [t._version for t in tensors]  # counts every in-place write, a restored scratch use included
@@ -135,10 +139,17 @@ class Server:
         problems = self._late_writes("before")
         state = global_state()
         start = time.perf_counter()
-        measured = Measured(measure_min) if measure_min is not None else None
-        result = invoke(fn, args, kwargs, bool(grad_enabled), measured)
+        measured = Measured(measure_min) if measure_min is not None else Watched() if watch else None
+        try:
+            result = invoke(fn, args, kwargs, bool(grad_enabled), measured)
+        except BaseException as exc:
+            if not watch or type(exc).__name__ != "OutOfBounds":
+                raise
+            result = None  # the stray access was stopped before it happened; the log says where
         seconds = time.perf_counter() - start
-        measurement = measured.summary() if measured is not None else None
+        measurement = measured.summary() if isinstance(measured, Measured) else None
+        if watch:
+            problems += measured.problems(tensors)
         problems += [f"it changed global state: {change}" for change in state_changes(state, global_state())]
         changed = [[i, wire.encode_tensor(t)] for i, (t, b, v) in enumerate(zip(tensors, before, versions))
                    if t._version != v or not _same(t, b)]  # written: the caller's copy gets the write too
@@ -148,7 +159,7 @@ class Server:
         self.previous = (op, [(t, t.detach().clone()) for t in outputs if isinstance(t, torch.Tensor)])
         graph = None
         if leaves and any(isinstance(t, torch.Tensor) and t.requires_grad for t in outputs):
-            graph = self._keep(outputs, leaves)
+            graph = self._keep(outputs, leaves, tensors if watch else None)
         return [encoded, changed, graph, seconds, problems, measurement]
 
     def _late_writes(self, when: str) -> list[str]:
@@ -160,9 +171,9 @@ class Server:
                     "storage with a later output, or something writes to it later; return a tensor of its own"]
         return []
 
-    def _keep(self, outputs: list, leaves: list) -> int:
+    def _keep(self, outputs: list, leaves: list, watched: list | None) -> int:
         self.counter += 1
-        self.graphs[self.counter] = (outputs, leaves)
+        self.graphs[self.counter] = (outputs, leaves, watched)
         while len(self.graphs) > KEPT_GRAPHS:
             self.graphs.popitem(last=False)
         return self.counter
@@ -174,12 +185,19 @@ class Server:
 
         if graph not in self.graphs:
             raise RuntimeError(f"graph {graph} was dropped (more than {KEPT_GRAPHS} forward calls awaited backward)")
-        outputs, leaves = self.graphs.pop(graph)
+        outputs, leaves, watched = self.graphs.pop(graph)
         grads = wire.decode(grad_outputs)
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return [wire.encode(leaf.grad) for leaf in leaves]
+        watch = Watched() if watched is not None else contextlib.nullcontext()
+        try:
+            with watch:  # autograd runs a CPU backward on this thread, so the watch is entered here
+                if pairs:
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        except BaseException as exc:
+            if watched is None or type(exc).__name__ != "OutOfBounds":
+                raise
+        problems = watch.problems(watched) if watched is not None else []
+        return [[wire.encode(leaf.grad) for leaf in leaves], problems]
 
     def model_new(self, seed: int, kwargs) -> int:
         from lora_lab.conformance import wire
@@ -261,6 +279,59 @@ class Measured:
         from lora_lab.conformance.memory import seen_to_wire
 
         return [seen_to_wire(self.record.saved), seen_to_wire(self.record.alive())]
+
+
+class Watched:
+    """``bounds.watch_memory`` as a context entered on the call's thread (the watch's state is per thread)."""
+
+    def __enter__(self):
+        from lora_lab.conformance.bounds import watch_memory
+
+        self.context = watch_memory()
+        self.log = self.context.__enter__()
+        return self.log
+
+    def __exit__(self, *exc_info):
+        return self.context.__exit__(*exc_info)
+
+    def problems(self, tensors: list) -> list[str]:
+        """The first stray access the watch stopped, and every input whose guard region was written."""
+        from lora_lab.conformance.bounds import guards_changed
+
+        found = [self.log.accesses[0].describe()] if self.log.accesses else []
+        for index, tensor in enumerate(tensors):
+            side = guards_changed(tensor)
+            if side:
+                found.append(f"the memory just {side} of input tensor #{index} (shape {tuple(tensor.shape)}) was written")
+        return found
+
+
+def guard_inputs(args, kwargs, tensors: list):
+    """Every input tensor (an NF4 weight's fields too) replaced by a copy inside guard regions, layout kept."""
+    import dataclasses
+
+    from lora_lab.conformance.bounds import guarded
+
+    def guard(t):
+        if t.is_contiguous():
+            return guarded(t)
+        order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+        return guarded(t.permute(order).contiguous()).permute([order.index(d) for d in range(t.dim())])
+
+    replacement = {id(t): guard(t) for t in tensors}
+
+    def swap(value):
+        if id(value) in replacement:
+            return replacement[id(value)]
+        if isinstance(value, (list, tuple)):
+            return type(value)(swap(v) for v in value)
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        if dataclasses.is_dataclass(value) and hasattr(value, "packed"):
+            return dataclasses.replace(value, **{f.name: swap(getattr(value, f.name)) for f in dataclasses.fields(value)})
+        return value
+
+    return swap(args), swap(kwargs), [replacement[id(t)] for t in tensors]
 
 
 class NeutralTarget:

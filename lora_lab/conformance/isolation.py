@@ -182,8 +182,10 @@ class _RemoteFunction(torch.autograd.Function):
 
 
 class _Call:
-    def __init__(self, target: RemoteTarget, op: str, args: tuple, kwargs: dict, measure_min: int | None = None) -> None:
+    def __init__(self, target: RemoteTarget, op: str, args: tuple, kwargs: dict, measure_min: int | None = None,
+                 watch: bool = False) -> None:
         self.target, self.op, self.args, self.kwargs, self.measure_min = target, op, args, kwargs, measure_min
+        self.watch = watch
         self.what = _describe_call(op, args, kwargs)
         self.inputs: list[torch.Tensor] = []
         self.encoded = [wire.encode(args, None, self.inputs), wire.encode(kwargs, None, self.inputs)]
@@ -191,8 +193,8 @@ class _Call:
         self.flags = [self.grad_enabled and t.requires_grad for t in self.inputs]
 
     def run(self) -> list[torch.Tensor]:
-        reply = self.target.request(["call", self.op, *self.encoded, self.flags, self.grad_enabled, self.measure_min],
-                                    self.what)
+        reply = self.target.request(["call", self.op, *self.encoded, self.flags, self.grad_enabled, self.measure_min,
+                                     self.watch], self.what)
         encoded, changed, self.graph, seconds, problems, self.measurement = reply
         self.target.seconds += float(seconds)
         if problems:
@@ -212,7 +214,12 @@ class _Call:
 
     def backward(self, grads) -> list:
         grads = [g if flag else None for g, flag in zip(grads, self.output_grad)]
-        reply = self.target.request(["backward", self.graph, wire.encode(list(grads))], f"the backward of {self.what}")
+        reply, problems = self.target.request(["backward", self.graph, wire.encode(list(grads))],
+                                              f"the backward of {self.what}")
+        if problems:
+            from lora_lab.conformance.registry import CheckFailed
+
+            raise CheckFailed(f"the backward of {self.what}: " + "; ".join(str(p) for p in problems))
         got = [wire.decode(g) for g in reply]
         wanted = sum(self.flags)
         if len(got) != wanted:
@@ -255,12 +262,12 @@ def _nf4_class():
 class RemoteOp:
     """One operation of a remote target, callable like the target's own function."""
 
-    def __init__(self, target: RemoteTarget, name: str, measure_min: int | None = None) -> None:
-        self.target, self.__name__, self.measure_min = target, name, measure_min
+    def __init__(self, target: RemoteTarget, name: str, measure_min: int | None = None, watch: bool = False) -> None:
+        self.target, self.__name__, self.measure_min, self.watch = target, name, measure_min, watch
         self.last_call: _Call | None = None
 
     def __call__(self, *args, **kwargs):
-        call = self.last_call = _Call(self.target, self.__name__, args, kwargs, self.measure_min)
+        call = self.last_call = _Call(self.target, self.__name__, args, kwargs, self.measure_min, self.watch)
         if not any(call.flags):
             call.run()
             return call.result
@@ -367,8 +374,10 @@ class RemoteTarget:
     def provides(self, operation: str) -> bool:
         return operation in self.hello["provides"]
 
-    def op(self, operation: str) -> RemoteOp:
-        return RemoteOp(self, operation)
+    def op(self, operation: str, watch_memory: bool = False) -> RemoteOp:
+        """The operation as a callable; ``watch_memory``: its inputs in guard regions and its kernels watched
+        (``bounds.py``), there in the target's process, where the kernels run."""
+        return RemoteOp(self, operation, watch=watch_memory)
 
     def measured(self, operation: str, min_numel: int, *args):
         """As ``runner.Target.measured``: the measurement is taken in the target's process, around the call."""

@@ -76,7 +76,8 @@ class Target:
         except ImportError:  # a lazily exported name whose module is missing
             return False
 
-    def op(self, operation: str) -> Callable:
+    def op(self, operation: str, watch_memory: bool = False) -> Callable:
+        """The operation itself (in this process the bounds properties guard and watch it themselves)."""
         return getattr(self.obj, operation)
 
     def measured(self, operation: str, min_numel: int, *args):
