@@ -38,6 +38,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from lora_lab.conformance.call_probes import Entered, Measured, StateWatch, Watched, guard_inputs, invoke, same_values
+
 KEPT_GRAPHS = 16  # forward graphs awaiting their backward; the oldest is dropped first
 
 
@@ -56,6 +58,7 @@ class Server:
 
     def __init__(self) -> None:
         self.target = None
+        self.functions: dict[str, Any] = {}  # the target's own function for each operation it provides
         self.learner_folder: Path | None = None
         self.graphs: OrderedDict[int, tuple[list, list]] = OrderedDict()
         self.models: dict[int, Any] = {}
@@ -92,33 +95,41 @@ class Server:
         raise ValueError(f"unknown request {kind!r}")
 
     def init(self, settings: dict) -> dict:
-        self.target, self.learner_folder = None, None
+        self.target, self.learner_folder, self.functions = None, None, {}
         self.graphs.clear()
         self.models.clear()
         sys.path[:] = settings["sys_path"]
         import torch
 
         torch.set_num_threads(int(settings["threads"]))
+        from lora_lab.conformance import wire
         from lora_lab.conformance.origin import origin_of
         from lora_lab.conformance.registry import OPERATIONS
         from lora_lab.conformance.runner import Target
 
         if settings.get("learner_folder"):
-            from lora_lab.conformance.learner import LearnerModule, load_learner_module
+            from lora_lab.conformance.learner import load_learner_module
 
             self.learner_folder = Path(settings["learner_folder"])
             sys.path.insert(0, str(self.learner_folder))
-            module = load_learner_module(Path(settings["target"]))
-            self.target = Target(settings["target"], LearnerModule(module, self.learner_folder))
-            raw = module
+            loaded = Target(settings["target"], load_learner_module(Path(settings["target"])))
         else:
-            self.target = Target.load(settings["target"])
-            raw = self.target.obj
-        from lora_lab.conformance import wire
+            loaded = Target.load(settings["target"])
+        self.functions = {op: loaded.op(op) for op in OPERATIONS if loaded.provides(op)}
+        self.target = NeutralTarget(self)
+        return {"provides": list(self.functions), "origin": {op: origin_of(fn) for op, fn in self.functions.items()},
+                "capabilities": wire.encode(loaded.capabilities)}
 
-        provides = [op for op in OPERATIONS if self.target.provides(op)]
-        return {"provides": provides, "origin": {op: origin_of(getattr(raw, op)) for op in provides},
-                "capabilities": wire.encode(getattr(raw, "CAPABILITIES", None))}
+    def run_op(self, op: str, args, kwargs, grad_enabled: bool, context=None):
+        """The target's own function for ``op``, called on a neutral thread; a learner's stub ends the check."""
+        try:
+            return invoke(self.functions[op], args, kwargs, grad_enabled, context)
+        except NotImplementedError as exc:
+            if self.learner_folder is None:
+                raise
+            from lora_lab.conformance.learner import as_stub
+
+            raise as_stub(exc, self.learner_folder)  # noqa: B904 - the stub keeps its NotImplementedError as __cause__
 
     def call(self, op: str, args, kwargs, grad_flags: list, grad_enabled: bool, measure_min: int | None = None,
              watch: bool = False) -> list:
@@ -135,13 +146,12 @@ class Server:
         leaves = [t.requires_grad_() for t, flag in zip(tensors, grad_flags) if flag]
         before = [t.detach().clone() for t in tensors]
         versions = [t._version for t in tensors]  # counts every in-place write, a restored scratch use included
-        fn = self.target.op(op)
         problems = self._late_writes("before")
-        state = global_state()
+        state = StateWatch()
         start = time.perf_counter()
         measured = Measured(measure_min) if measure_min is not None else Watched() if watch else None
         try:
-            result = invoke(fn, args, kwargs, bool(grad_enabled), measured)
+            result = self.run_op(op, args, kwargs, bool(grad_enabled), Entered(state, measured))
         except BaseException as exc:
             if not watch or type(exc).__name__ != "OutOfBounds":
                 raise
@@ -150,12 +160,17 @@ class Server:
         measurement = measured.summary() if isinstance(measured, Measured) else None
         if watch:
             problems += measured.problems(tensors)
-        problems += [f"it changed global state: {change}" for change in state_changes(state, global_state())]
+        if state.changes:
+            problems.append(f"it changed global state: {', '.join(state.changes)}; an operation must leave the process "
+                            "as it found it (save and restore what you change, or use a local torch.Generator)")
         changed = [[i, wire.encode_tensor(t)] for i, (t, b, v) in enumerate(zip(tensors, before, versions))
-                   if t._version != v or not _same(t, b)]  # written: the caller's copy gets the write too
+                   if t._version != v or not same_values(t, b)]  # written: the caller's copy gets the write too
         outputs: list = []
         encoded = wire.encode(result, None, outputs)
         problems += self._late_writes("during")
+        held = {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+        if any(t.numel() and t.untyped_storage().data_ptr() in held for t in outputs if isinstance(t, torch.Tensor)):
+            problems.append("it returned a tensor that shares storage with one of its inputs; expected a new tensor")
         self.previous = (op, [(t, t.detach().clone()) for t in outputs if isinstance(t, torch.Tensor)])
         graph = None
         if leaves and any(isinstance(t, torch.Tensor) and t.requires_grad for t in outputs):
@@ -165,7 +180,7 @@ class Server:
     def _late_writes(self, when: str) -> list[str]:
         """Outputs of the previous call whose values changed after they were returned (aliasing, a late writer)."""
         op, kept = self.previous
-        if any(not _same(t, snapshot) for t, snapshot in kept):
+        if any(not same_values(t, snapshot) for t, snapshot in kept):
             self.previous = (None, [])
             return [f"an output of the previous {op} call changed after it was returned ({when} this call): it shares "
                     "storage with a later output, or something writes to it later; return a tensor of its own"]
@@ -206,7 +221,7 @@ class Server:
 
         self.counter += 1
         with bitsandbytes_eager():  # a bitsandbytes model would otherwise recompile its dequantizer for every shape
-            self.models[self.counter] = ModelHandle.build(NeutralTarget(self.target), int(seed), **wire.decode(kwargs))
+            self.models[self.counter] = ModelHandle.build(self.target, int(seed), **wire.decode(kwargs))
         return self.counter
 
     def model_call(self, handle: int, method: str, args) -> list:
@@ -224,165 +239,19 @@ class Server:
         return [wire.encode(result), time.perf_counter() - start]
 
 
-# The target's functions are called from a fresh thread through a function whose code names no file of lora_lab's:
-# the target's call stack holds the standard library's thread start-up and this one frame, nothing of the suite.
-# A measurement's context (``memory.measure``) is entered on that thread: autograd's hooks and dispatch modes are per thread.
-_NEUTRAL = {}
-exec(compile(  # noqa: S102 - a fixed string, compiled only to give the frame a neutral file name
-    "def call(fn, args, kwargs, grad_enabled, context, box):\n"
-    "    import torch\n"
-    "    try:\n"
-    "        with torch.set_grad_enabled(grad_enabled), context:\n"
-    "            box.append((True, fn(*args, **kwargs)))\n"
-    "    except BaseException as exc:\n"
-    "        box.append((False, exc))\n",
-    "<call>", "exec"), _NEUTRAL)
-
-
-def invoke(fn, args, kwargs=None, grad_enabled: bool = True, context=None):
-    """``fn(*args, **kwargs)`` on a fresh thread whose stack shows nothing of the suite; its exception is re-raised."""
-    import contextlib
-    import threading
-
-    box: list = []
-    context = context if context is not None else contextlib.nullcontext()
-    thread = threading.Thread(target=_NEUTRAL["call"], args=(fn, tuple(args), dict(kwargs or {}), grad_enabled, context, box),
-                              name="target", daemon=True)
-    thread.start()
-    thread.join()
-    if not box:
-        raise RuntimeError("the target's call ended without a result or an exception")
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
-
-
-class Measured:
-    """``memory.measure`` for tensors of ``min_numel`` elements or more, as a context entered on the call's thread."""
-
-    def __init__(self, min_numel: int) -> None:
-        from lora_lab.conformance.memory import measure
-
-        self.context = measure(lambda n: n >= min_numel)
-        self.record = None
-
-    def __enter__(self):
-        self.record = self.context.__enter__()
-        return self.record
-
-    def __exit__(self, *exc_info):
-        return self.context.__exit__(*exc_info)
-
-    def summary(self) -> list:
-        """``[saved, alive]``: what autograd packed for backward, and the op outputs still alive after the call."""
-        from lora_lab.conformance.memory import seen_to_wire
-
-        return [seen_to_wire(self.record.saved), seen_to_wire(self.record.alive())]
-
-
-class Watched:
-    """``bounds.watch_memory`` as a context entered on the call's thread (the watch's state is per thread)."""
-
-    def __enter__(self):
-        from lora_lab.conformance.bounds import watch_memory
-
-        self.context = watch_memory()
-        self.log = self.context.__enter__()
-        return self.log
-
-    def __exit__(self, *exc_info):
-        return self.context.__exit__(*exc_info)
-
-    def problems(self, tensors: list) -> list[str]:
-        """The first stray access the watch stopped, and every input whose guard region was written."""
-        from lora_lab.conformance.bounds import guards_changed
-
-        found = [self.log.accesses[0].describe()] if self.log.accesses else []
-        for index, tensor in enumerate(tensors):
-            side = guards_changed(tensor)
-            if side:
-                found.append(f"the memory just {side} of input tensor #{index} (shape {tuple(tensor.shape)}) was written")
-        return found
-
-
-def guard_inputs(args, kwargs, tensors: list):
-    """Every input tensor (an NF4 weight's fields too) replaced by a copy inside guard regions, layout kept."""
-    import dataclasses
-
-    from lora_lab.conformance.bounds import guarded
-
-    def guard(t):
-        if t.is_contiguous():
-            return guarded(t)
-        order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
-        return guarded(t.permute(order).contiguous()).permute([order.index(d) for d in range(t.dim())])
-
-    replacement = {id(t): guard(t) for t in tensors}
-
-    def swap(value):
-        if id(value) in replacement:
-            return replacement[id(value)]
-        if isinstance(value, (list, tuple)):
-            return type(value)(swap(v) for v in value)
-        if isinstance(value, dict):
-            return {k: swap(v) for k, v in value.items()}
-        if dataclasses.is_dataclass(value) and hasattr(value, "packed"):
-            return dataclasses.replace(value, **{f.name: swap(getattr(value, f.name)) for f in dataclasses.fields(value)})
-        return value
-
-    return swap(args), swap(kwargs), [replacement[id(t)] for t in tensors]
-
-
 class NeutralTarget:
-    """The target as ``ModelHandle`` calls it: each operation runs through ``invoke``, on a stack free of the suite."""
+    """The target as ``ModelHandle`` calls it: each operation runs through ``Server.run_op``, on a stack free of the suite."""
 
-    def __init__(self, target) -> None:
-        self.target = target
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def provides(self, operation: str) -> bool:
+        return operation in self.server.functions
 
     def op(self, operation: str):
         import torch
 
-        fn = self.target.op(operation)
-        return lambda *args, **kwargs: invoke(fn, args, kwargs, torch.is_grad_enabled())
-
-
-def global_state() -> dict:
-    """What a functional op must leave as it found it: the RNGs, default dtype, threads and numerics flags."""
-    import random
-
-    import torch
-
-    return {
-        "torch's RNG (torch.manual_seed or a draw)": torch.get_rng_state(),
-        "Python's random module": random.getstate(),
-        "torch.get_default_dtype()": torch.get_default_dtype(),
-        "torch.get_num_threads()": torch.get_num_threads(),
-        "torch.are_deterministic_algorithms_enabled()": torch.are_deterministic_algorithms_enabled(),
-        "torch.get_float32_matmul_precision()": torch.get_float32_matmul_precision(),
-        "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-    }
-
-
-def state_changes(before: dict, after: dict) -> list[str]:
-    import torch
-
-    changes = []
-    for name, value in before.items():
-        same = torch.equal(value, after[name]) if isinstance(value, torch.Tensor) else value == after[name]
-        if not same:
-            shown = "" if isinstance(value, (torch.Tensor, tuple)) else f" ({value} -> {after[name]})"
-            changes.append(name + shown)
-    return changes
-
-
-def _same(after, before) -> bool:
-    import torch
-
-    if after.shape != before.shape or after.dtype != before.dtype:
-        return False
-    a = after.detach()
-    return torch.equal(a, before) or (a.is_floating_point() and torch.equal(torch.nan_to_num(a), torch.nan_to_num(before)))
+        return lambda *args, **kwargs: self.server.run_op(operation, args, kwargs, torch.is_grad_enabled())
 
 
 def main(argv: list[str]) -> int:

@@ -40,7 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_lab.conformance.isolation import RemoteTarget, TargetCrashed, TargetImportError, TargetTimedOut
+from lora_lab.conformance.child_process import TargetCrashed, TargetImportError, TargetTimedOut
+from lora_lab.conformance.isolation import RemoteTarget
 from lora_lab.conformance.runner import (
     ERROR,
     FAILED,

@@ -14,8 +14,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from lora_lab.conformance.registry import OPERATIONS
-
 
 class StubReached(BaseException):
     """A stub in the learner's file raised NotImplementedError: end the check at once.
@@ -26,45 +24,20 @@ class StubReached(BaseException):
     """
 
 
-class LearnerModule:
-    """A learner's module as the checks see it, recording what the last call to an operation raised.
-
-    The record lets the table say *which* stub is unfinished and show the
-    learner's own traceback lines, however deep in torch the error surfaced.
-    """
-
-    def __init__(self, module: Any, folder: Path) -> None:
-        self._module = module
-        self._folder = folder
-        self.last_error: BaseException | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._module, name)
-        if name not in OPERATIONS or not callable(value):
-            return value
-
-        def recorded(*args, **kwargs):
-            try:
-                return value(*args, **kwargs)
-            except NotImplementedError as exc:
-                self.last_error = exc
-                if raised_in(exc, self._folder):
-                    raise StubReached(str(exc)) from exc
-                raise
-            except BaseException as exc:
-                self.last_error = exc
-                raise
-
-        recorded.__name__ = recorded.__qualname__ = name
-        recorded.__doc__ = value.__doc__
-        return recorded
-
-
 def inside(filename: str, folder: Path) -> bool:
     try:
         return Path(filename).resolve().is_relative_to(folder)
     except (OSError, ValueError):
         return False
+
+
+def as_stub(exc: NotImplementedError, folder: Path) -> BaseException:
+    """``StubReached`` for a NotImplementedError raised by one of the learner's stubs; else the error itself."""
+    if raised_in(exc, folder):
+        stub = StubReached(str(exc))
+        stub.__cause__ = exc
+        return stub
+    return exc
 
 
 def raised_in(exc: BaseException, folder: Path) -> bool:

@@ -166,7 +166,7 @@ class ModelHandle:
     # The methods a remote handle forwards; nothing else of the model is reachable from the parent.
     METHODS = ("adapters", "set_adapters", "parameters", "frozen_state", "dense_linear_names", "quantized_layer_names",
                "layer_kinds", "train", "logits", "backward_loss", "adapter_gradients", "enable_checkpointing",
-               "make_optimizer", "training_step", "recorded_step", "kept_for_backward")
+               "make_optimizer", "training_step", "recorded_step", "kept_for_backward", "layer_forward")
 
     def __init__(self, target, model: nn.Module) -> None:
         self.target, self.model, self.optimizer, self.seed = target, model, None, None
@@ -252,6 +252,14 @@ class ModelHandle:
         recorder = GradientRecorder(adapter_parameters(self.model))
         self.target.op("training_step")(self.model, batch, recorder)
         return recorder.recorded
+
+    def layer_forward(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.dtype]]:
+        """One layer's output for ``x`` (with grad, as in training), and the dtypes of the tensors of x's size it made."""
+        from lora_lab.conformance.memory import measure
+
+        with measure(lambda n: n == x.numel()) as record:
+            y = module_at(self.model, name)(x.requires_grad_())
+        return y.detach().clone(), sorted({s.dtype for s in record.created}, key=str)
 
     def kept_for_backward(self, batch: dict[str, torch.Tensor]) -> dict:
         """What one forward pass on ``batch`` keeps for backward (``memory.model_kept_for_backward``), measured here."""

@@ -107,6 +107,8 @@ class Target:
         return {op: origin_of(getattr(self.obj, op)) for op in OPERATIONS if self.provides(op)}
 
     seconds = 0.0  # time inside the target's calls: measured only for an isolated target
+    sampled = None  # per check, set by run_check: calls timed against the reference (isolated targets only)
+    timing = (0.0, 0.0)
 
     def reset(self) -> None:
         """Nothing to restart in this process (an isolated target starts a fresh one)."""
@@ -130,6 +132,13 @@ class Result:
     status: str
     detail: str = ""
     target_seconds: float = 0.0  # time inside the target's own calls (isolated targets only)
+    sampled_seconds: float = 0.0  # the target's time on the calls also timed with lora_lab's reference
+    reference_seconds: float = 0.0  # the reference's time on those same calls
+
+    @property
+    def slowdown(self) -> float | None:
+        """The target's time over the reference's on the same calls (None when none was timed)."""
+        return self.sampled_seconds / self.reference_seconds if self.reference_seconds > 0 else None
     seconds: float = 0.0  # wall time of the whole check, set by the command that ran it
 
     @property
@@ -166,9 +175,10 @@ def run_check(check: Check, target: Target) -> Result:
     from lora_lab.conformance import contract  # imports torch: not at import time, so `lora-lab verify -h` stays fast
 
     contract.WATCH.clear()  # outputs of an earlier check are not this check's to judge
-    target.seconds = 0.0
+    target.seconds, target.sampled, target.timing = 0.0, {}, [0.0, 0.0]
     result = _run(check, target)
     result.target_seconds = target.seconds
+    result.sampled_seconds, result.reference_seconds = target.timing
     if result.status == ERROR:
         try:
             target.reset()
@@ -178,7 +188,7 @@ def run_check(check: Check, target: Target) -> Result:
 
 
 def _run(check: Check, target: Target) -> Result:
-    from lora_lab.conformance.isolation import RemoteError, TargetCrashed, TargetTimedOut
+    from lora_lab.conformance.child_process import RemoteError, TargetCrashed, TargetTimedOut
     from lora_lab.conformance.learner import StubReached
 
     try:

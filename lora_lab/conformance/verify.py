@@ -5,6 +5,11 @@ providing any of: quantize_nf4, dequantize_nf4, qlora_linear, next_token_loss,
 adamw_step, apply_qlora + training_step (signatures as in lora_lab). Checks for
 operations it lacks are reported as "not provided", not as failures.
 
+Each row gives the check's time, the time spent inside the target, and the
+target's time over lora_lab's reference's on the same calls (a report, not a
+verdict: at these small sizes fixed per-call costs dominate; lora-lab bench
+measures speed).
+
 Exit status: 0 when every provided operation passes, 1 otherwise, 2 when the
 target provides none of the operations (a mistyped module must not pass).
 
@@ -96,7 +101,8 @@ def _select(only: list[str] | None):
 def format_row(result: Result, seconds: float, width: int) -> str:
     detail = result.detail.splitlines()[0] if result.detail else result.check.description
     inside = f"{result.target_seconds:5.1f}s" if result.status != NOT_PROVIDED else " " * 6
-    return f"  {SYMBOLS[result.status]:<5} {result.check.name:<{width}} {seconds:5.1f}s {inside}  {detail}"
+    ratio = f"{result.slowdown:6.1f}x" if result.slowdown is not None else " " * 7
+    return f"  {SYMBOLS[result.status]:<5} {result.check.name:<{width}} {seconds:5.1f}s {inside} {ratio}  {detail}"
 
 
 def borrowed_operations(target) -> dict[str, str]:
@@ -116,7 +122,7 @@ def verify(target, only: list[str] | None = None, stream=None) -> list[Result]:
         print(f"  note: {', '.join(sorted(borrowed))} {'is' if len(borrowed) == 1 else 'are'} lora_lab's own code, "
               f"re-exported ({', '.join(sorted(set(borrowed.values())))}): those checks test lora_lab, not {target.name}",
               file=stream)
-    print(f"  {'':5} {'check':<{width}} {'total':>6} {'target':>6}", file=stream)
+    print(f"  {'':5} {'check':<{width}} {'total':>6} {'target':>6} {'vs ref':>7}", file=stream)
     results = []
     for check in checks:
         start = time.perf_counter()
@@ -189,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
             "origin": target.origin,
             "results": [
                 {"check": r.check.name, "requires": list(r.check.requires), "status": r.status, "detail": r.detail,
-                 "seconds": round(r.seconds, 3), "target_seconds": round(r.target_seconds, 3)}
+                 "seconds": round(r.seconds, 3), "target_seconds": round(r.target_seconds, 3),
+                 "target_vs_reference": None if r.slowdown is None else round(r.slowdown, 2)}
                 for r in results
             ],
         }
