@@ -20,17 +20,22 @@ from __future__ import annotations
 _NEUTRAL = {}
 exec(compile(  # noqa: S102 - a fixed string, compiled only to give the frame a neutral file name
     "def call(fn, args, kwargs, grad_enabled, context, box):\n"
+    "    import time\n"
     "    import torch\n"
     "    try:\n"
     "        with torch.set_grad_enabled(grad_enabled), context:\n"
-    "            box.append((True, fn(*args, **kwargs)))\n"
+    "            start = time.perf_counter()\n"
+    "            out = fn(*args, **kwargs)\n"
+    "            box.append((True, out, time.perf_counter() - start))\n"
     "    except BaseException as exc:\n"
-    "        box.append((False, exc))\n",
+    "        box.append((False, exc, 0.0))\n",
     "<call>", "exec"), _NEUTRAL)
 
 
-def invoke(fn, args, kwargs=None, grad_enabled: bool = True, context=None):
-    """``fn(*args, **kwargs)`` on a fresh thread whose stack shows nothing of the suite; its exception is re-raised."""
+def invoke(fn, args, kwargs=None, grad_enabled: bool = True, context=None, timing: list | None = None):
+    """``fn(*args, **kwargs)`` on a fresh thread whose stack shows nothing of the suite; its exception is re-raised.
+
+    ``timing``, when given, receives the seconds of the call itself (the thread's start and the probes excluded)."""
     import contextlib
     import threading
 
@@ -42,7 +47,9 @@ def invoke(fn, args, kwargs=None, grad_enabled: bool = True, context=None):
     thread.join()
     if not box:
         raise RuntimeError("the target's call ended without a result or an exception")
-    ok, value = box[0]
+    ok, value, seconds = box[0]
+    if timing is not None:
+        timing.append(seconds)
     if not ok:
         raise value
     return value

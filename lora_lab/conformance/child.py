@@ -120,10 +120,10 @@ class Server:
         return {"provides": list(self.functions), "origin": {op: origin_of(fn) for op, fn in self.functions.items()},
                 "capabilities": wire.encode(loaded.capabilities)}
 
-    def run_op(self, op: str, args, kwargs, grad_enabled: bool, context=None):
+    def run_op(self, op: str, args, kwargs, grad_enabled: bool, context=None, timing: list | None = None):
         """The target's own function for ``op``, called on a neutral thread; a learner's stub ends the check."""
         try:
-            return invoke(self.functions[op], args, kwargs, grad_enabled, context)
+            return invoke(self.functions[op], args, kwargs, grad_enabled, context, timing)
         except NotImplementedError as exc:
             if self.learner_folder is None:
                 raise
@@ -148,15 +148,15 @@ class Server:
         versions = [t._version for t in tensors]  # counts every in-place write, a restored scratch use included
         problems = self._late_writes("before")
         state = StateWatch()
-        start = time.perf_counter()
         measured = Measured(measure_min) if measure_min is not None else Watched() if watch else None
+        timing: list[float] = []
         try:
-            result = self.run_op(op, args, kwargs, bool(grad_enabled), Entered(state, measured))
+            result = self.run_op(op, args, kwargs, bool(grad_enabled), Entered(state, measured), timing)
         except BaseException as exc:
             if not watch or type(exc).__name__ != "OutOfBounds":
                 raise
             result = None  # the stray access was stopped before it happened; the log says where
-        seconds = time.perf_counter() - start
+        seconds = sum(timing)
         measurement = measured.summary() if isinstance(measured, Measured) else None
         if watch:
             problems += measured.problems(tensors)
