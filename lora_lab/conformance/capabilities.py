@@ -22,7 +22,7 @@ class NotSupported(Exception):
 
 def declared(target, key: str) -> tuple[tuple, str] | None:
     """The target's own declaration for ``key`` as (supported values, reason), or None when it declares nothing."""
-    capabilities = getattr(target.obj, "CAPABILITIES", None)
+    capabilities = target.declaration("CAPABILITIES")
     if not isinstance(capabilities, dict) or key not in capabilities:
         return None
     values, reason = capabilities[key]

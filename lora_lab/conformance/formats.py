@@ -87,12 +87,12 @@ class NF4TensorFormat:
 
 def weight_format(target):
     """The target's own ``NF4_FORMAT``, or the interchange format when it has none."""
-    own = getattr(target.obj, "NF4_FORMAT", None)
+    own = target.nf4_format()
     return own if own is not None else NF4TensorFormat(target)
 
 
 def has_own_format(target) -> bool:
-    return getattr(target.obj, "NF4_FORMAT", None) is not None
+    return target.nf4_format() is not None
 
 
 def to_interchange(target, q) -> NF4Tensor:
@@ -142,9 +142,6 @@ class Capabilities:
         }
 
 
-_PROBED: dict[int, Capabilities] = {}
-
-
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
 
@@ -162,10 +159,9 @@ def capabilities(target) -> Capabilities:
     """Declared or probed once per target; a target without its own format must support everything (the contract)."""
     if not has_own_format(target):
         return Capabilities()
-    key = id(target.obj)
-    if key not in _PROBED:
-        _PROBED[key] = _declared_or_probed(target, weight_format(target))
-    return _PROBED[key]
+    if target.probed is None:  # kept on the target: a learner's next file (grade's retarget) is probed afresh
+        target.probed = _declared_or_probed(target, weight_format(target))
+    return target.probed
 
 
 def _declared_or_probed(target, fmt) -> Capabilities:

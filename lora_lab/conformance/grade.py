@@ -8,6 +8,13 @@ attempted" and scores 0. Sizes, shapes and dtypes are drawn by hypothesis
 (derandomized under the default ``ci`` profile, so a grade is reproducible), and
 the checks come from the installed lora_lab, never from files in your folder.
 
+Your files are imported and run only in a separate process: a crash (even a
+Triton kernel writing past a buffer) or a hang becomes an "error" row naming
+the call, and the Score line and --json always come out. A function imported
+from lora_lab itself rather than written (``from lora_lab.nf4 import *``) is
+"not your code" and scores 0. ``--profile scored`` draws inputs from a fresh
+secret seed that the output records; the default ``ci`` profile is reproducible.
+
 Exit status: 0 whenever grading ran, whatever the score (grading is feedback,
 not a gate); 2 for a usage error (no exercises folder, an unknown exercise).
 With --solutions, 1 unless the reference scores full marks (that would be a
@@ -35,16 +42,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_lab.conformance.learner import (
-    LearnerModule,
-    borrowed_operations,
-    chain_to_learner,
-    exercise_imports,
-    learner_traceback,
-    load_learner_module,
-    not_yours_reason,
-    raised_in,
-)
+from lora_lab.conformance.child_process import TargetCrashed, TargetImportError, TargetTimedOut
+from lora_lab.conformance.isolation import RemoteTarget
+from lora_lab.conformance.learner import not_yours_reason
 from lora_lab.conformance.runner import (
     ERROR,
     FAILED,
@@ -52,9 +52,7 @@ from lora_lab.conformance.runner import (
     NOT_PROVIDED,
     PASSED,
     Check,
-    CheckFailed,
     Result,
-    Target,
     all_checks,
     run_check,
 )
@@ -134,22 +132,48 @@ class ExerciseReport:
         return sum(r.graded.points for r in self.rows)
 
 
-def _explain(result: Result, learner: LearnerModule | None, folder: Path | None) -> tuple[str, str]:
-    """``(status, detail)`` for a table row, using the learner's recorded exception where it tells more."""
+def _explain(result: Result, error: dict | None) -> tuple[str, str]:
+    """``(status, detail)`` for a table row, using what the learner's code raised last (``child.Server.describe``)."""
     status, detail = result.status, result.detail
-    error = learner.last_error if learner is not None else None
-    if status != PASSED and isinstance(error, NotImplementedError) and folder is not None:
-        if raised_in(error, folder):  # one of the learner's stubs (StubReached ended the check)
-            return NOT_ATTEMPTED, str(error) or "raises NotImplementedError (still a stub)"
-        return ERROR, learner_traceback(error, folder)  # torch or Triton lacks an op: a real error, not a stub
-    if status == ERROR and error is not None and folder is not None and detail.endswith(f"{type(error).__name__}: {error}"):
-        return status, learner_traceback(error, folder)
-    learner_assert = isinstance(error, AssertionError) and not isinstance(error, CheckFailed)
-    if status == FAILED and learner_assert and raised_in(error, folder) and detail == str(error).strip():
-        return ERROR, learner_traceback(error, folder)  # the learner's own assert, not a property of the suite
+    if status != PASSED and error is not None and "NotImplementedError" in error["bases"]:
+        if error["stub"] or error["in_learner_file"]:  # one of the learner's stubs (StubReached ended the check)
+            return NOT_ATTEMPTED, error["message"] or "raises NotImplementedError (still a stub)"
+        return ERROR, error["traceback"]  # torch or Triton lacks an op: a real error, not a stub
+    learner_assert = error is not None and "AssertionError" in error["bases"] and not error["check_failed"]
+    if status == FAILED and learner_assert and error["in_learner_file"] and detail == error["message"].strip():
+        return ERROR, error["traceback"]  # the learner's own assert, not a property of the suite
     if status == NOT_PROVIDED:
         return MISSING, detail.replace("target has no", "the file defines no")
     return status, detail
+
+
+class Processes:
+    """The isolated processes of one grading run: one warm process for the learner's files, one per reference solution.
+
+    The learner's files are loaded one after another into the same process (so one exercise can import another,
+    and grading pays one start-up); after a crash, a hang or an error a fresh one takes over.
+    """
+
+    def __init__(self) -> None:
+        self.learner: RemoteTarget | None = None
+        self.solutions: dict[str, RemoteTarget] = {}
+
+    def solution(self, module: str) -> RemoteTarget:
+        if module not in self.solutions:
+            self.solutions[module] = RemoteTarget(module)
+        return self.solutions[module]
+
+    def learner_file(self, path: Path, folder: Path, chain: bool = False) -> RemoteTarget:
+        if self.learner is None:
+            self.learner = RemoteTarget(str(path), learner_folder=str(folder), chain=chain)
+        else:
+            self.learner.retarget(str(path), str(folder), chain=chain)
+        return self.learner
+
+    def close(self) -> None:
+        for target in [self.learner, *self.solutions.values()]:
+            if target is not None:
+                target.close()
 
 
 def _find_file(folder: Path, exercise: Exercise) -> Path | None:
@@ -158,43 +182,52 @@ def _find_file(folder: Path, exercise: Exercise) -> Path | None:
 
 
 def grade_exercise(
-    exercise: Exercise, folder: Path | None, on_row: Callable[[Row], None] = lambda row: None, chain: bool = False
+    exercise: Exercise, folder: Path | None, on_row: Callable[[Row], None] = lambda row: None,
+    processes: Processes | None = None, chain: bool = False,
 ) -> ExerciseReport:
     """Run the exercise's checks on the learner's file in ``folder``, or on its reference solution when ``folder`` is None.
 
+    The file (or the solution) is imported and run only in an isolated process (``processes``, started here if None).
     With ``chain`` the file's imports of the reference's earlier pieces are rebound to the learner's own
-    (``learner.chain_to_learner``); ``report.chained`` says what each name now calls.
+    (``learner.chain_to_learner``, in that process); ``report.chained`` says what each name now calls.
     """
-    learner, unusable, borrowed = None, None, {}  # unusable: (status, detail) for every row when the file cannot be graded
-    if folder is None:
-        report, target = ExerciseReport(exercise, exercise.solution), Target.load(exercise.solution)
-    else:
-        path = _find_file(folder, exercise)
-        report = ExerciseReport(exercise, str(path or folder / f"{exercise.stem}.py"))
-        if path is None:
-            unusable = (MISSING, "")  # the header already says the file is missing
+    own = processes is None
+    processes = processes or Processes()
+    target, unusable = None, None  # unusable: (status, detail) for every row when the file cannot be graded
+    try:
+        if folder is None:
+            report, target = ExerciseReport(exercise, exercise.solution), processes.solution(exercise.solution)
         else:
-            try:
-                module = load_learner_module(path)
-                report.chained = chain_to_learner(module, folder) if chain else []
-                learner = LearnerModule(module, folder)
-                borrowed = borrowed_operations(module)  # after --chain: a rebound name is the learner's own
-            except Exception as exc:  # noqa: BLE001 - a syntax or import error is the learner's, shown as such
-                unusable = (ERROR, "the file does not import:\n" + learner_traceback(exc, folder))
-        target = Target(report.source, learner)
-    for graded in graded_checks(exercise):
-        start = time.perf_counter()
-        not_yours = not_yours_reason(graded.check.requires, borrowed, exercise.stem)
-        if unusable:
-            status, detail = unusable
-        elif not_yours:
-            status, detail = NOT_YOURS, not_yours
-        else:
-            if learner is not None:
-                learner.last_error = None
-            status, detail = _explain(run_check(graded.check, target), learner, folder)
-        report.rows.append(Row(graded, status, detail, time.perf_counter() - start))
-        on_row(report.rows[-1])
+            path = _find_file(folder, exercise)
+            report = ExerciseReport(exercise, str(path or folder / f"{exercise.stem}.py"))
+            if path is None:
+                unusable = (MISSING, "")  # the header already says the file is missing
+            else:
+                try:
+                    target = processes.learner_file(path, folder, chain)
+                    report.chained = list(target.hello.get("chained", []))
+                except TargetImportError as exc:  # a syntax or import error is the learner's, shown as such
+                    unusable = (ERROR, "the file does not import:\n" + exc.info.get("traceback", str(exc)))
+                except (TargetCrashed, TargetTimedOut) as exc:
+                    unusable = (ERROR, f"the file does not import: {exc}")
+        # after --chain: a rebound name is the learner's own
+        borrowed = {} if folder is None or target is None else {
+            op: origin for op, origin in target.origin.items() if origin["lora_lab"]}
+        for graded in graded_checks(exercise):
+            start = time.perf_counter()
+            not_yours = not_yours_reason(graded.check.requires, borrowed, exercise.stem)
+            if unusable:
+                status, detail = unusable
+            elif not_yours:
+                status, detail = NOT_YOURS, not_yours
+            else:
+                target.last_error = None
+                status, detail = _explain(run_check(graded.check, target), target.last_error)
+            report.rows.append(Row(graded, status, detail, time.perf_counter() - start))
+            on_row(report.rows[-1])
+    finally:
+        if own:
+            processes.close()
     return report
 
 
@@ -209,17 +242,21 @@ def grade(
     reports = []
     from lora_lab.conformance.profiles import command_profile
 
-    imports = exercise_imports(folder, {e.stem for e in EXERCISES}) if folder else contextlib.nullcontext()
-    with command_profile(profile, seed), imports:
-        for exercise in exercises:
-            source = exercise.solution if folder is None else _find_file(folder, exercise) or (
-                f"no {exercise.stem}.py in {_display(folder)}: copy it from the lora_lab repository's exercises/")
-            print(f"\n{exercise.id}  {exercise.title}  [{_display(source)}]", file=stream, flush=True)
-            report = grade_exercise(exercise, folder, lambda row: print(format_row(row, width), file=stream, flush=True), chain)
-            if report.chained:
-                print(f"  with --chain: {'; '.join(report.chained)}", file=stream)
-            print(f"  {'':{14 + width}} {report.score:>3}/{report.total:<3} for exercise {exercise.id}", file=stream)
-            reports.append(report)
+    processes = Processes()
+    try:
+        with command_profile(profile, seed):
+            for exercise in exercises:
+                source = exercise.solution if folder is None else _find_file(folder, exercise) or (
+                    f"no {exercise.stem}.py in {_display(folder)}: copy it from the lora_lab repository's exercises/")
+                print(f"\n{exercise.id}  {exercise.title}  [{_display(source)}]", file=stream, flush=True)
+                report = grade_exercise(exercise, folder, lambda row: print(format_row(row, width), file=stream, flush=True),
+                                        processes, chain)
+                if report.chained:
+                    print(f"  with --chain: {'; '.join(report.chained)}", file=stream)
+                print(f"  {'':{14 + width}} {report.score:>3}/{report.total:<3} for exercise {exercise.id}", file=stream)
+                reports.append(report)
+    finally:
+        processes.close()
     return reports
 
 
@@ -333,7 +370,7 @@ def to_json(reports: list[ExerciseReport], profile: str, seed: int | None = None
     exercises = [{"id": r.exercise.id, "title": r.exercise.title, "source": r.source, "sha256": sha256(r.source),
                   "score": r.score, "total": r.total, "chained": r.chained, "checks": [check_json(row) for row in r.rows]}
                  for r in reports]
-    return {"profile": profile, "seed": seed, "score": sum(r.score for r in reports),
+    return {"profile": profile, "seed": seed, "isolated": True, "score": sum(r.score for r in reports),
             "total": sum(r.total for r in reports), "exercises": exercises}
 
 

@@ -1,22 +1,18 @@
 """A learner's exercise file as the suite sees it: loaded from its path, its stubs and tracebacks told apart.
 
-``lora-lab grade`` loads each exercise file by path (so one exercise can import
-another: ``from ex01_nf4 import quantize_nf4``), wraps it so that the last
-exception of each operation is recorded, and shows the learner their own
-traceback lines rather than the suite's or torch's.
+``lora-lab grade`` has each exercise file loaded by path in the learner's own
+process (``child.py``; so one exercise can import another: ``from ex01_nf4
+import quantize_nf4``), wrapped so that a stub ends a check at once, and shows
+the learner their own traceback lines rather than the suite's or torch's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import sys
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from lora_lab.conformance.registry import OPERATIONS
 
 
 class StubReached(BaseException):
@@ -28,45 +24,20 @@ class StubReached(BaseException):
     """
 
 
-class LearnerModule:
-    """A learner's module as the checks see it, recording what the last call to an operation raised.
-
-    The record lets the table say *which* stub is unfinished and show the
-    learner's own traceback lines, however deep in torch the error surfaced.
-    """
-
-    def __init__(self, module: Any, folder: Path) -> None:
-        self._module = module
-        self._folder = folder
-        self.last_error: BaseException | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._module, name)
-        if name not in OPERATIONS or not callable(value):
-            return value
-
-        def recorded(*args, **kwargs):
-            try:
-                return value(*args, **kwargs)
-            except NotImplementedError as exc:
-                self.last_error = exc
-                if raised_in(exc, self._folder):
-                    raise StubReached(str(exc)) from exc
-                raise
-            except BaseException as exc:
-                self.last_error = exc
-                raise
-
-        recorded.__name__ = recorded.__qualname__ = name
-        recorded.__doc__ = value.__doc__
-        return recorded
-
-
 def inside(filename: str, folder: Path) -> bool:
     try:
         return Path(filename).resolve().is_relative_to(folder)
     except (OSError, ValueError):
         return False
+
+
+def as_stub(exc: NotImplementedError, folder: Path) -> BaseException:
+    """``StubReached`` for a NotImplementedError raised by one of the learner's stubs; else the error itself."""
+    if raised_in(exc, folder):
+        stub = StubReached(str(exc))
+        stub.__cause__ = exc
+        return stub
+    return exc
 
 
 def raised_in(exc: BaseException, folder: Path) -> bool:
@@ -101,25 +72,6 @@ def load_learner_module(path: Path) -> Any:
         sys.modules.pop(path.stem, None)
         raise
     return module
-
-
-@contextlib.contextmanager
-def exercise_imports(folder: Path, stems: set[str]) -> Iterator[None]:
-    """Make ``folder`` importable while grading, and forget its modules afterwards (the next run reloads them).
-
-    ``stems`` are the exercise module names: the same exercise from another
-    folder (an earlier grade in this process) is forgotten first."""
-    for stem in stems:
-        sys.modules.pop(stem, None)
-    sys.path.insert(0, str(folder))
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(str(folder))
-        for name, module in list(sys.modules.items()):
-            if name in stems or inside(getattr(module, "__file__", None) or "", folder):
-                del sys.modules[name]
 
 
 def _chain_pieces() -> dict[int, tuple[str, str]]:
@@ -165,13 +117,6 @@ def chain_to_learner(module: Any, folder: Path) -> list[str]:
             setattr(module, name, mine)
             notes.append(f"{name} -> your {stem}.{attribute}")
     return notes
-
-
-def borrowed_operations(module) -> dict[str, dict]:
-    """The operations of a learner's module that are lora_lab's own functions, imported rather than written."""
-    from lora_lab.conformance.origin import origin_of
-    found = {op: origin_of(getattr(module, op)) for op in OPERATIONS if callable(getattr(module, op, None))}
-    return {op: origin for op, origin in found.items() if origin["lora_lab"]}
 
 
 def not_yours_reason(requires: tuple[str, ...], borrowed: dict[str, dict], stem: str) -> str | None:

@@ -99,3 +99,58 @@ def measure(wanted: Callable[[int], bool], context: Callable[[], str] = lambda: 
         yield record
     record.created = [seen for seen, _ in created.refs]
     record._refs = created.refs
+
+
+def seen_to_wire(seen: list[Seen]) -> list[list]:
+    """``Seen`` records as plain lists, to cross from the target's process."""
+    return [[s.where, list(s.shape), str(s.dtype).removeprefix("torch.")] for s in seen]
+
+
+def seen_from_wire(items: list[list]) -> list[Seen]:
+    from lora_lab.conformance.wire import DTYPES
+
+    return [Seen(str(where), tuple(int(d) for d in shape), DTYPES[dtype]) for where, shape, dtype in items]
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def tracked_layers(model, dense, quantized: list[str], module_at) -> tuple[dict, dict, list, list]:
+    """For each quantized layer: (N, K) from the dense twin, and hooks that note the layer running now and the
+    sizes of its input and output (each layer runs once per forward)."""
+    shapes, activation_sizes, stack, hooks = {}, {}, [], []
+
+    def enter(module, args, name):
+        stack.append(name)
+        rows = args[0].numel() // shapes[name][1]
+        activation_sizes[name] = {args[0].numel(), rows * shapes[name][0]} if args[0].dtype in HALF else set()
+
+    def leave(module, args, output) -> None:  # returns None: a forward hook's return value would replace the output
+        stack.pop()
+
+    for name in quantized:
+        reference = dense.get_submodule(name)
+        shapes[name] = (reference.out_features, reference.in_features)
+        module = module_at(model, name)
+        hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: enter(m, args, name)))
+        hooks.append(module.register_forward_hook(leave))
+    return shapes, activation_sizes, stack, hooks
+
+
+def model_kept_for_backward(model, dense, batch, forward, quantized: list[str], module_at) -> dict:
+    """What a model's forward on ``batch`` keeps for backward: tensors with a quantized layer's N x K elements
+    (``kept``) and fp32 copies of a layer's half-precision activations (``copies``); ``layers`` is how many were watched."""
+    shapes, activation_sizes, stack, hooks = tracked_layers(model, dense, quantized, module_at)
+    if not shapes:
+        return {"layers": 0, "kept": [], "copies": []}
+    sizes = {n * k for n, k in shapes.values()}
+    try:
+        with measure(lambda n: n in sizes, context=lambda: stack[-1] if stack else "outside the quantized layers") as record:
+            logits = forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    kept = [s for s in record.saved + record.alive() if s.dtype.is_floating_point and s.numel in sizes]
+    copies = [s for s in record.saved if s.dtype == torch.float32 and s.numel in activation_sizes.get(s.where, ())]
+    logits.float().sum().backward()
+    return {"layers": len(shapes), "kept": seen_to_wire(kept), "copies": seen_to_wire(copies)}

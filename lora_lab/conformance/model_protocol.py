@@ -18,7 +18,12 @@ comes from another library is a valid target with no wrapper of ours in between:
   ``lora.Linear``) is read through its ``base_layer``.
 
 These are plain functions over an ``nn.Module``: they never import the runner, so
-they can run wherever the model lives (the caller's process or a child's).
+they can run wherever the model lives (the caller's process or a child's). The
+properties themselves never hold a target's model: they hold a ``ModelHandle``,
+whose few methods call these functions where the model lives. A handle works the
+same in this process (lora_lab's own reference, the fast path of the tests) and
+behind a process boundary (``isolation.RemoteModel`` forwards each method to the
+``ModelHandle`` in the target's process), so the properties are written once.
 """
 
 from __future__ import annotations
@@ -139,11 +144,21 @@ def quantized_layer_names(model: nn.Module) -> list[str]:
 def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of every non-adapter tensor: the state dict (bitsandbytes keeps its quant state there), every buffer,
     persistent or not, plus the tensor fields of NF4-like weights that live outside it (lora_lab's NF4Tensor)."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()
-             if isinstance(v, torch.Tensor) and not is_adapter_name(k)}
+    state: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+            for inner in tensor.__tensor_flatten__()[0]:  # torchao's NF4Tensor: the tensors it is made of
+                keep(f"{name}.{inner}", getattr(tensor, inner))
+        elif isinstance(tensor, torch.Tensor):
+            state.setdefault(name, tensor.detach().clone())
+
+    for k, v in model.state_dict().items():
+        if not is_adapter_name(k):
+            keep(k, v)
     for name, buffer in model.named_buffers():  # non-persistent buffers too (rotary inv_freq): not in the state dict
         if not is_adapter_name(name):
-            state.setdefault(name, buffer.detach().clone())
+            keep(name, buffer)
     for name, m in model.named_modules():
         weight = getattr(m, "weight", None)
         if weight is not None and not isinstance(weight, torch.Tensor):
@@ -192,3 +207,176 @@ def quantized_layer_bytes(model: nn.Module) -> dict[str, int]:
         _reachable_storages(module_at(model, name), storages, set(), skip_adapters=True)
         census[name] = sum(storages.values())
     return census
+
+
+class ModelHandle:
+    """A target's QLoRA model and what the properties may ask of it; every answer is a copy.
+
+    Built by the target's own ``apply_qlora`` on ``tiny_llama(seed)``; the optimizer
+    is built here from the property's spec, so the target's ``training_step`` gets
+    a real ``torch.optim.AdamW`` it did not choose.
+    """
+
+    # The methods a remote handle forwards; nothing else of the model is reachable from the parent.
+    METHODS = ("adapters", "set_adapters", "parameters", "frozen_state", "dense_linear_names", "quantized_layer_names",
+               "layer_kinds", "train", "logits", "backward_loss", "adapter_gradients", "enable_checkpointing",
+               "make_optimizer", "training_step", "recorded_step", "kept_for_backward", "layer_forward",
+               "quantized_layer_bytes", "modes")
+
+    def __init__(self, target, model: nn.Module) -> None:
+        self.target, self.model, self.optimizer, self.seed = target, model, None, None
+
+    @classmethod
+    def build(cls, target, seed: int, checkpointing: str | None = None, dtype: str | None = None, **kwargs) -> ModelHandle:
+        """``tiny_llama(seed)`` (in ``dtype``, e.g. "bfloat16") through the target's apply_qlora; ``checkpointing``
+        ("reentrant" or "non-reentrant") turns on Hugging Face gradient checkpointing before apply_qlora sees the model."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            dense = tiny_llama(seed) if dtype is None else tiny_llama(seed).to(getattr(torch, dtype))
+            if checkpointing is not None:
+                enable_checkpointing(dense, checkpointing == "reentrant")
+            handle = cls(target, apply_target(target, dense, **kwargs))
+        handle.seed = seed
+        return handle
+
+    def adapters(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{canonical module name: {"lora_A": A, "lora_B": B}}``, copies."""
+        return {name: {"lora_A": a.lora_A.detach().clone(), "lora_B": a.lora_B.detach().clone()}
+                for name, a in adapters(self.model).items()}
+
+    def set_adapters(self, values: dict[str, dict[str, torch.Tensor]]) -> None:
+        live = adapters(self.model)
+        with torch.no_grad():
+            for name, pair in values.items():
+                for which, value in pair.items():
+                    getattr(live[name], which).copy_(value)
+
+    def parameters(self) -> dict[str, dict]:
+        """``{name: {"requires_grad": bool, "grad": tensor or None}}`` for every parameter."""
+        return {name: {"requires_grad": p.requires_grad, "grad": None if p.grad is None else p.grad.detach().clone()}
+                for name, p in self.model.named_parameters()}
+
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        return frozen_state(self.model)
+
+    def dense_linear_names(self) -> list[str]:
+        return dense_linear_names(self.model)
+
+    def quantized_layer_names(self) -> list[str]:
+        return quantized_layer_names(self.model)
+
+    def quantized_layer_bytes(self) -> dict[str, int]:
+        """The census of ``quantized_layer_bytes``: bytes of tensor storage each quantized layer holds."""
+        return quantized_layer_bytes(self.model)
+
+    def layer_kinds(self, names: list[str]) -> dict[str, dict]:
+        """For each canonical name: the layer's class, whether it is an ``nn.Linear``, and its weight's type and storage."""
+        kinds = {}
+        for name in names:
+            module = module_at(self.model, name)
+            weight = layer_weight(module)
+            kinds[name] = {"class": type(module).__name__, "linear": isinstance(module, nn.Linear),
+                           "weight_type": type(weight).__name__, "quantized": is_quantized(weight)}
+        return kinds
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def modes(self) -> dict[str, bool]:
+        """``{submodule name: training}`` for the model and every submodule ("" is the model itself)."""
+        return {name: m.training for name, m in self.model.named_modules()}
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return model_logits(self.model, batch).detach().clone()
+
+    def backward_loss(self, batch: dict[str, torch.Tensor]) -> None:
+        """lora_lab's next-token loss on ``batch`` and its backward pass: gradients land where the model lets them."""
+        from lora_lab.loss import next_token_loss
+
+        next_token_loss(model_logits(self.model, batch), batch["labels"]).backward()
+
+    def adapter_gradients(self, batch: dict[str, torch.Tensor], grad_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The vector-Jacobian product of the model's logits with ``grad_logits``, for each adapter tensor.
+
+        The caller computes its loss, and ``grad_logits``, from ``logits(batch)`` on its own side, so the loss that
+        defines the expected gradients never runs where the target does.
+        """
+        logits = model_logits(self.model, batch)
+        parameters = adapter_parameters(self.model)
+        grads = torch.autograd.grad(logits, list(parameters.values()), grad_logits)
+        return {name: g.detach().clone() for name, g in zip(parameters, grads)}
+
+    def enable_checkpointing(self, reentrant: bool) -> None:
+        enable_checkpointing(self.model, reentrant)
+
+    def recorded_step(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor | None]]:
+        """The target's ``training_step`` with a ``GradientRecorder`` for an optimizer: the gradients of each ``step()``."""
+        recorder = GradientRecorder(adapter_parameters(self.model))
+        self.target.op("training_step")(self.model, batch, recorder)
+        return recorder.recorded
+
+    def layer_forward(self, name: str, x: torch.Tensor, grad_out: torch.Tensor
+                      ) -> tuple[torch.Tensor, list[torch.dtype], torch.Tensor | None]:
+        """One layer's output for ``x`` (with grad, as in training), the dtypes of the tensors of x's size it made, and
+        the gradient of x for ``grad_out`` (None when none reaches x)."""
+        from lora_lab.conformance.memory import measure
+
+        x = x.detach().clone().requires_grad_()
+        with measure(lambda n: n == x.numel()) as record:
+            y = module_at(self.model, name)(x)
+        created = sorted({s.dtype for s in record.created}, key=str)
+        if isinstance(y, torch.Tensor) and y.requires_grad and y.shape == grad_out.shape:
+            y.backward(grad_out.to(y.dtype))
+        return (y.detach().clone() if isinstance(y, torch.Tensor) else y), created, x.grad
+
+    def kept_for_backward(self, batch: dict[str, torch.Tensor]) -> dict:
+        """What one forward pass on ``batch`` keeps for backward (``memory.model_kept_for_backward``), measured here."""
+        from lora_lab.conformance.memory import model_kept_for_backward
+
+        return model_kept_for_backward(self.model, tiny_llama(self.seed), batch, lambda: model_logits(self.model, batch),
+                                       quantized_layer_names(self.model), module_at)
+
+    def make_optimizer(self, lr: float, weight_decay: float = 0.01, every_parameter: bool = False) -> None:
+        """torch's AdamW over the trainable parameters (or, with ``every_parameter``, over all of them)."""
+        params = [p for p in self.model.parameters() if every_parameter or p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
+
+    def training_step(self, batch: dict[str, torch.Tensor]):
+        """The target's ``training_step(model, batch, optimizer)``; its return value as it came."""
+        if self.optimizer is None:
+            raise RuntimeError("make_optimizer must come before training_step")
+        return self.target.op("training_step")(self.model, batch, self.optimizer)
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{"<module>.lora_A": A, "<module>.lora_B": B}`` for every adapted module: the live parameters."""
+    return {f"{name}.{which}": getattr(pair, which) for name, pair in adapters(model).items() for which in ("lora_A", "lora_B")}
+
+
+def enable_checkpointing(model: nn.Module, reentrant: bool) -> None:
+    """Hugging Face gradient checkpointing, as ``Trainer(gradient_checkpointing=True)`` turns it on."""
+    import warnings
+
+    with warnings.catch_warnings():  # transformers 5 renamed it activation_checkpointing_enable; both work
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
+class GradientRecorder(torch.optim.Optimizer):
+    """An optimizer that changes nothing and keeps a copy of the gradients each ``step()`` receives.
+
+    Handed to a target's ``training_step``, it shows the gradients the step
+    computed, however the step computed them.
+    """
+
+    def __init__(self, named_parameters: dict[str, nn.Parameter]) -> None:
+        super().__init__(list(named_parameters.values()), {})
+        self.names = {id(p): name for name, p in named_parameters.items()}
+        self.recorded: list[dict[str, torch.Tensor | None]] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - the optimizer protocol
+        grads = {self.names[id(p)]: None if p.grad is None else p.grad.detach().clone()
+                 for group in self.param_groups for p in group["params"]}
+        self.recorded.append(grads)

@@ -4,7 +4,9 @@
     pytest --lora-lab-impl my_package.qlora --lora-lab-only nf4.   # only the NF4 checks
 
 Each check becomes one item named ``TARGET::check.name``; operations the target
-does not provide are skipped with a reason. Loading this plugin also registers
+does not provide are skipped with a reason. As in ``lora-lab verify``, the target
+runs in its own process (one warm process per target for the session), never in
+pytest's. Loading this plugin also registers
 the hypothesis profiles, so ``--hypothesis-profile=ci`` works everywhere.
 
 With --lora-lab-impl and no test paths on the command line, only the conformance
@@ -44,13 +46,13 @@ class ConformanceItem(pytest.Item):
 
     def runtest(self) -> None:
         from lora_lab.conformance.profiles import command_profile
-        from lora_lab.conformance.runner import NOT_PROVIDED, PASSED, Target, run_check
+        from lora_lab.conformance.runner import NOT_PROVIDED, PASSED, run_check
 
         # The profile named by --hypothesis-profile, else ``ci`` as in ``lora-lab verify``: hypothesis' own
         # default has a 200 ms deadline, which a model-level check exceeds by design.
         profile = self.config.getoption("hypothesis_profile", default=None) or "ci"
         with command_profile(profile):
-            result = run_check(self.check, Target.load(self.target_name))
+            result = run_check(self.check, _targets(self.config)[self.target_name])
         if result.status == NOT_PROVIDED:
             pytest.skip(f"{self.target_name} does not provide {', '.join(self.check.requires)}")
         if result.status != PASSED:
@@ -76,16 +78,30 @@ def pytest_ignore_collect(collection_path, config: pytest.Config) -> bool | None
     return None
 
 
+_TARGETS = pytest.StashKey[dict]()
+
+
+def _targets(config: pytest.Config) -> dict:
+    """The session's isolated targets by name, started at collection."""
+    return config.stash.setdefault(_TARGETS, {})
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for target in _targets(config).values():
+        target.close()
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     targets = config.getoption("lora_lab_impl")
     if not targets:
         return
-    from lora_lab.conformance.runner import Target, all_checks
+    from lora_lab.conformance.isolation import RemoteTarget
+    from lora_lab.conformance.runner import all_checks
 
     only = config.getoption("lora_lab_only")
     for target_name in targets:
         try:
-            Target.load(target_name)
+            _targets(config)[target_name] = RemoteTarget(target_name)
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from exc
         for check in all_checks():

@@ -5,16 +5,32 @@ providing any of: quantize_nf4, dequantize_nf4, qlora_linear, next_token_loss,
 adamw_step, apply_qlora + training_step (signatures as in lora_lab). Checks for
 operations it lacks are reported as "not provided", not as failures.
 
+Each row gives the check's time, the time spent inside the target, and the
+target's time over lora_lab's reference's on the same calls (a report, not a
+verdict: at these small sizes fixed per-call costs dominate; lora-lab bench
+measures speed).
+
 Exit status: 0 when every provided operation passes, 1 otherwise, 2 when the
 target provides none of the operations (a mistyped module must not pass).
 
+What a pass means. The target is imported and run only in a child process (a
+fresh interpreter, not a fork); the inputs, the oracles, the comparisons, the
+exit status and this report stay in this process and exchange plain copies of
+tensors with it. Closed by that and by the checks: tampering with the suite
+in-process (patching its comparisons, hypothesis or torch.testing, an atexit
+handler that rewrites the exit status), reading the expected values from the
+suite's frames or gc.get_objects(), cached answers (every call gets fresh
+values), outputs that alias each other or change after they were returned,
+dtype and size blind spots the checks cover, crashes and hangs (a verdict
+naming the call). Not closable by any test suite: code that recognises a
+verification run by other means (the inputs' statistics, the machine, the time
+budget) and behaves differently elsewhere; and code running as your user can
+reach the operating system, so run untrusted code in a sandbox or container.
 --profile scored (or --seed N) draws the inputs from a seed the target cannot
-know, printed and recorded in the report; the default ci profile is public and
-reproducible, so answers memorised from it would pass it. A function that is
-lora_lab's own, re-exported by the target (``from lora_lab.nf4 import *``), is
-flagged: those checks test lora_lab, not the target. --json records the
-target's module path and the sha256 of its source files, so a published result
-names the code it came from.
+know, recorded in the report; the ci profile stays reproducible. A function
+that is lora_lab's own, re-exported by the target, is flagged: those checks test
+lora_lab, not the target. --json records the target's module path and the
+sha256 of its source files, so a published result names the code it came from.
 
 examples:
   lora-lab verify lora_lab                        # the reference passes every check
@@ -40,7 +56,6 @@ from lora_lab.conformance.runner import (
     OPERATIONS,
     PASSED,
     Result,
-    Target,
     all_checks,
     run_check,
 )
@@ -86,27 +101,35 @@ def _select(only: list[str] | None):
 
 def format_row(result: Result, seconds: float, width: int) -> str:
     detail = result.detail.splitlines()[0] if result.detail else result.check.description
-    return f"  {SYMBOLS[result.status]:<5} {result.check.name:<{width}} {seconds:5.1f}s  {detail}"
+    inside = f"{result.target_seconds:5.1f}s" if result.status != NOT_PROVIDED else " " * 6
+    ratio = f"{result.slowdown:6.1f}x" if result.slowdown is not None else " " * 7
+    return f"  {SYMBOLS[result.status]:<5} {result.check.name:<{width}} {seconds:5.1f}s {inside} {ratio}  {detail}"
 
 
-def verify(target_spec: str, only: list[str] | None = None, stream=None) -> list[Result]:
-    """Run the selected checks on ``target_spec``, printing one row per check as it finishes."""
+def borrowed_operations(target) -> dict[str, str]:
+    """Operations the target re-exports from lora_lab itself: ``{op: module}``; their checks test lora_lab."""
+    return {op: origin["module"] or origin["file"] for op, origin in target.origin.items() if origin["lora_lab"]}
+
+
+def verify(target, only: list[str] | None = None, stream=None) -> list[Result]:
+    """Run the selected checks on ``target`` (a loaded target), printing one row per check as it finishes."""
     stream = stream or sys.stdout
-    target = Target.load(target_spec)
     checks = _select(only)
     width = max(len(c.name) for c in checks)
     provided = [op for op in sorted({op for c in checks for op in c.requires}) if target.provides(op)]
-    print(f"lora-lab verify {target_spec}: {len(checks)} checks; provides {', '.join(provided) or 'nothing'}", file=stream)
-    borrowed = sorted(op for op, origin in target.origin.items() if origin["lora_lab"])
-    if borrowed and target_spec.split(".")[0].split(":")[0] != "lora_lab":
-        modules = sorted({target.origin[op]["module"] for op in borrowed})
-        print(f"  note: {', '.join(borrowed)} {'is' if len(borrowed) == 1 else 'are'} lora_lab's own code, re-exported "
-              f"({', '.join(modules)}): those checks test lora_lab, not {target_spec}", file=stream)
+    print(f"lora-lab verify {target.name}: {len(checks)} checks; provides {', '.join(provided) or 'nothing'}", file=stream)
+    borrowed = borrowed_operations(target)
+    if borrowed and not target.name.split(".")[0].startswith("lora_lab"):
+        print(f"  note: {', '.join(sorted(borrowed))} {'is' if len(borrowed) == 1 else 'are'} lora_lab's own code, "
+              f"re-exported ({', '.join(sorted(set(borrowed.values())))}): those checks test lora_lab, not {target.name}",
+              file=stream)
+    print(f"  {'':5} {'check':<{width}} {'total':>6} {'target':>6} {'vs ref':>7}", file=stream)
     results = []
     for check in checks:
         start = time.perf_counter()
         result = run_check(check, target)
-        print(format_row(result, time.perf_counter() - start, width), file=stream, flush=True)
+        result.seconds = time.perf_counter() - start
+        print(format_row(result, result.seconds, width), file=stream, flush=True)
         results.append(result)
     return results
 
@@ -140,18 +163,18 @@ def provenance(spec: str) -> dict:
             "source_files": [str(f) for f in files], "sha256": sha256_of(files)}
 
 
-def json_report(target_spec: str, profile: str, results: list[Result], seed: int | None = None) -> dict:
+def json_report(target, profile: str, results: list[Result], seed: int | None = None) -> dict:
     """The results with what a compatibility matrix needs: library versions, format, capabilities, a count per group."""
     from importlib import metadata
 
     from lora_lab.conformance.formats import capabilities, has_own_format, weight_format
 
-    target = Target.load(target_spec)
+    target_spec = target.name
     versions = {}
-    for library in ("torch", *getattr(target.obj, "LIBRARIES", ())):
+    for library in ("torch", *(target.declaration("LIBRARIES") or ())):
         try:
-            versions[library] = metadata.version(library)
-        except metadata.PackageNotFoundError:
+            versions[library] = metadata.version(str(library))
+        except (metadata.PackageNotFoundError, ValueError):
             versions[library] = None
     own = has_own_format(target)
     layer_level = any(target.provides(op) for op in ("quantize_nf4", "dequantize_nf4", "qlora_linear"))
@@ -162,6 +185,7 @@ def json_report(target_spec: str, profile: str, results: list[Result], seed: int
     return {
         "target": target_spec,
         **provenance(target_spec),
+        "isolated": not hasattr(target, "obj"),
         "origin": target.origin,
         "profile": profile,
         "seed": seed,
@@ -171,7 +195,8 @@ def json_report(target_spec: str, profile: str, results: list[Result], seed: int
         "summary": summary,
         "results": [
             {"check": r.check.name, "group": group(r.check), "requires": list(r.check.requires), "status": r.status,
-             "detail": r.detail}
+             "detail": r.detail, "seconds": round(r.seconds, 3), "target_seconds": round(r.target_seconds, 3),
+             "target_vs_reference": None if r.slowdown is None else round(r.slowdown, 2)}
             for r in results
         ],
     }
@@ -184,30 +209,35 @@ def run(args: argparse.Namespace) -> int:
         for c in all_checks():
             print(f"{c.name:<40} requires {'+'.join(c.requires):<28} {c.description}")
         return 0
+    from lora_lab.conformance.isolation import RemoteTarget
     from lora_lab.conformance.profiles import draw_seed
 
     try:
-        target = Target.load(args.target)
         _select(args.only)
+        target = RemoteTarget(args.target)
     except ValueError as exc:
         print(f"lora-lab verify: {exc}", file=sys.stderr)
         return 2
     if not any(target.provides(op) for op in OPERATIONS):
+        target.close()
         print(f"lora-lab verify: {args.target} provides none of the operations ({', '.join(OPERATIONS)}), so nothing "
               "was checked; expected a module (or module:attribute) that defines at least one of them", file=sys.stderr)
         return 2
     seed = args.seed if args.seed is not None else draw_seed() if args.profile == "scored" else None
     if seed is not None:
         print(f"lora-lab verify: inputs drawn from seed {seed} (reproduce with --seed {seed})")
-    with command_profile(args.profile, seed):
-        results = verify(args.target, args.only)
+    try:
+        with command_profile(args.profile, seed):
+            results = verify(target, args.only)
+        report = json_report(target, args.profile, results, seed) if args.json else None  # may probe the target
+    finally:
+        target.close()
     failures = [r for r in results if r.status in (FAILED, ERROR, NOT_ATTEMPTED)]
     for r in failures:
         print(f"\n{r.check.name} {r.status}:\n  property: {r.check.description}\n  detail:   "
               + r.detail.replace("\n", "\n            ") + f"\n  hint:     {r.check.hint}")
     print("\n" + summary(results))
     if args.json:
-        report = json_report(args.target, args.profile, results, seed)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

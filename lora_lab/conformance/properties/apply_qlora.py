@@ -2,7 +2,9 @@
 
 Oracle: the dense model with every linear weight but lm_head's replaced by its
 dequantized NF4 (QLoRA quantizes the whole base, not only the targets). Every
-model here is ``tiny_llama`` (2 layers, hidden 64): a check takes seconds.
+model here is ``tiny_llama`` (2 layers, hidden 64): a check takes seconds. The
+target's model is reached only through its handle (``target.model(seed, ...)``,
+see ``model_protocol.ModelHandle``), which may live in another process.
 """
 
 from __future__ import annotations
@@ -19,15 +21,10 @@ from lora_lab.conformance.model_protocol import (
     EVERY_LINEAR,
     MODEL_RTOL,
     adapters,
-    apply_target,
     dense_linear_names,
     is_adapter_name,
-    is_quantized,
-    layer_weight,
     model_logits,
     module_at,
-    quantized_layer_bytes,
-    seeded_apply,
 )
 from lora_lab.conformance.profiles import NO_SHRINK, examples
 from lora_lab.conformance.registry import CheckFailed, check
@@ -48,33 +45,30 @@ QUANTIZATIONS = ((64, True), (64, False), (32, True), (128, False), (256, True))
 )
 def apply_trains_only_adapters(target) -> None:
     """Exactly the targeted layers get adapters, and after backward only lora_A/lora_B require or hold a gradient."""
-    from lora_lab.loss import next_token_loss
 
     @settings(max_examples=examples(4), phases=NO_SHRINK)
     @given(st.integers(0, 1000), st.sets(st.sampled_from(EVERY_LINEAR), min_size=1), st.sampled_from((1, 4, 8)))
     def prop(seed, targets, r):
-        model = seeded_apply(target, seed, target_modules=tuple(sorted(targets)), r=r, alpha=2 * r)
-        adapted = adapters(model)
-        layers = model.config.num_hidden_layers
+        model = target.model(seed, target_modules=tuple(sorted(targets)), r=r, alpha=2 * r)
+        adapted = model.adapters()
+        dense = tiny_llama(seed)
         expected = sorted(f"model.layers.{i}.{'self_attn' if t in ATTENTION else 'mlp'}.{t}"
-                          for i in range(layers) for t in targets)
+                          for i in range(dense.config.num_hidden_layers) for t in targets)
         if sorted(adapted) != expected:
             raise CheckFailed(f"expected adapters on {expected}, got them on {sorted(adapted)}")
-        dense = tiny_llama(seed)
-        for name, m in adapted.items():
+        for name, pair in adapted.items():
             shape_a, shape_b = (r, dense.get_submodule(name).in_features), (dense.get_submodule(name).out_features, r)
-            if tuple(m.lora_A.shape) != shape_a or tuple(m.lora_B.shape) != shape_b:
+            if tuple(pair["lora_A"].shape) != shape_a or tuple(pair["lora_B"].shape) != shape_b:
                 raise CheckFailed(f"{name}: expected lora_A {shape_a} and lora_B {shape_b}, "
-                                  f"got {tuple(m.lora_A.shape)} and {tuple(m.lora_B.shape)}")
-        batch = collate(generate_products(2, seed=seed))
-        next_token_loss(model_logits(model, batch), batch["labels"]).backward()
-        for name, p in model.named_parameters():
+                                  f"got {tuple(pair['lora_A'].shape)} and {tuple(pair['lora_B'].shape)}")
+        model.backward_loss(collate(generate_products(2, seed=seed)))
+        for name, p in model.parameters().items():
             if is_adapter_name(name):
-                if not p.requires_grad or p.grad is None:
+                if not p["requires_grad"] or p["grad"] is None:
                     raise CheckFailed(f"adapter {name} should be trainable and receive a gradient; it did not")
-            elif p.requires_grad or p.grad is not None:
-                raise CheckFailed(f"{name} is not an adapter but requires_grad={p.requires_grad}, "
-                                  f"has a gradient={p.grad is not None}; expected it frozen")
+            elif p["requires_grad"] or p["grad"] is not None:
+                raise CheckFailed(f"{name} is not an adapter but requires_grad={p['requires_grad']}, "
+                                  f"has a gradient={p['grad'] is not None}; expected it frozen")
 
     prop()
 
@@ -93,23 +87,22 @@ def apply_quantizes_whole_base(target) -> None:
     @settings(max_examples=examples(3), phases=NO_SHRINK)
     @given(st.integers(0, 1000), st.sets(st.sampled_from(EVERY_LINEAR), min_size=1))
     def prop(seed, targets):
-        from torch import nn
-
-        model = seeded_apply(target, seed, target_modules=tuple(sorted(targets)))
-        dense = dense_linear_names(model)
+        model = target.model(seed, target_modules=tuple(sorted(targets)))
+        dense = model.dense_linear_names()
         if dense:
             raise CheckFailed(f"{len(dense)} linear layer(s) kept a dense weight after apply_qlora "
                               f"(target_modules={sorted(targets)}), e.g. {', '.join(dense[:3])}; expected every "
                               f"linear layer but {DENSE_HEAD} in NF4")
-        for name in dense_linear_names(tiny_llama(seed)):
-            weight = layer_weight(module_at(model, name))
-            if not is_quantized(weight):
+        base = dense_linear_names(tiny_llama(seed))
+        kinds = model.layer_kinds([*base, DENSE_HEAD])
+        for name in base:
+            if not kinds[name]["quantized"]:
                 raise CheckFailed(f"{name} should hold a quantized weight after apply_qlora (NF4 storage, not a dense "
-                                  f"floating-point tensor); its weight is a {type(weight).__name__}")
-        head = module_at(model, DENSE_HEAD)
-        if not isinstance(head, nn.Linear) or is_quantized(head.weight):
+                                  f"floating-point tensor); its weight is a {kinds[name]['weight_type']}")
+        head = kinds[DENSE_HEAD]
+        if not head["linear"] or head["quantized"]:
             raise CheckFailed(f"{DENSE_HEAD} should stay a dense nn.Linear (QLoRA leaves the output head unquantized), "
-                              f"got a {type(head).__name__} holding a {type(layer_weight(head)).__name__}")
+                              f"got a {head['class']} holding a {head['weight_type']}")
 
     prop()
 
@@ -135,7 +128,8 @@ def apply_fresh_adapters_keep_base(target) -> None:
     def prop(seed, quantization, attention_only):
         blocksize, double_quant = quantization
         targets = ATTENTION if attention_only else EVERY_LINEAR
-        model = seeded_apply(target, seed, target_modules=targets, blocksize=blocksize, double_quant=double_quant).train()
+        model = target.model(seed, target_modules=targets, blocksize=blocksize, double_quant=double_quant)
+        model.train()
         dense = tiny_llama(seed)
         with torch.no_grad():
             for name in dense_linear_names(dense):  # targets or not: QLoRA quantizes every linear layer but lm_head
@@ -144,7 +138,7 @@ def apply_fresh_adapters_keep_base(target) -> None:
             batch = collate(generate_products(3, seed=seed))
             where = f"blocksize={blocksize}, double_quant={double_quant}"
             expected = model_logits(dense, batch)
-            assert_equal(model_logits(model, batch), expected, f"logits, fresh adapters vs dequantized base ({where})")
+            assert_equal(model.logits(batch), expected, f"logits, fresh adapters vs dequantized base ({where})")
 
     for seed, quantization in enumerate(explicit):
         prop = example(seed, quantization, seed % 2 == 0)(prop)
@@ -166,24 +160,25 @@ def apply_dropout_only_in_training(target) -> None:
     @settings(max_examples=examples(2), phases=NO_SHRINK)
     @given(st.integers(0, 1000))
     def prop(seed):
-        model = seeded_apply(target, seed, dropout=0.5)
+        model = target.model(seed, dropout=0.5)
         reference = reference_apply(tiny_llama(seed))
         g = seeded_generator(seed)
         with torch.no_grad():
-            reference_adapters = adapters(reference)
-            for name, m in adapters(model).items():
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.5)
+            reference_adapters, target_adapters = adapters(reference), model.adapters()
+            for name, pair in target_adapters.items():
+                pair["lora_B"] = torch.randn(pair["lora_B"].shape, generator=g) * 0.5
                 ref = reference_adapters[name]
-                ref.lora_A.copy_(m.lora_A)
-                ref.lora_B.copy_(m.lora_B)
+                ref.lora_A.copy_(pair["lora_A"])
+                ref.lora_B.copy_(pair["lora_B"])
+            model.set_adapters(target_adapters)
             batch = collate(generate_products(2, seed=seed))
-            model.eval()
-            first, second = model_logits(model, batch), model_logits(model, batch)
+            model.train(False)
+            first, second = model.logits(batch), model.logits(batch)
             assert_equal(second, first, "two eval-mode forward passes with dropout=0.5")
             expected = model_logits(reference.eval(), batch)
             assert_close(first, expected, MODEL_RTOL * (1 + expected.abs()), "eval-mode logits vs the same model without dropout")
-            model.train()
-            if torch.equal(model_logits(model, batch), model_logits(model, batch)):
+            model.train(True)
+            if torch.equal(model.logits(batch), model.logits(batch)):
                 raise CheckFailed("two train-mode forward passes with dropout=0.5 gave identical logits: dropout is not applied")
 
     prop()
@@ -200,7 +195,7 @@ def apply_dropout_only_in_training(target) -> None:
 def apply_rejects_unknown_target(target) -> None:
     """A target name that matches no linear layer raises ValueError that names it."""
     try:
-        apply_target(target, tiny_llama(0), target_modules=("q_proj", "qkv_proj"))
+        target.model(0, target_modules=("q_proj", "qkv_proj"))
     except ValueError as exc:
         if "qkv_proj" not in str(exc):
             raise CheckFailed(f"the ValueError should name the unknown target 'qkv_proj'; it says: {exc}") from exc
@@ -230,8 +225,7 @@ def nf4_budget(numel: int, blocksize: int = 64) -> int:
 def apply_holds_only_nf4(target) -> None:
     """A census of every tensor each quantized layer holds: no more than NF4 takes, so no hidden dense copy."""
     for double_quant in (True, False):
-        model = seeded_apply(target, 0, target_modules=ATTENTION, blocksize=64, double_quant=double_quant)
-        census = quantized_layer_bytes(model)
+        census = target.model(0, target_modules=ATTENTION, blocksize=64, double_quant=double_quant).quantized_layer_bytes()
         if not census:
             raise CheckFailed("found no quantized layer after apply_qlora, so there is nothing whose memory to count")
         dense = tiny_llama(0)

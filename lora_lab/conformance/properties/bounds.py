@@ -7,6 +7,8 @@ its mask on. Sizes are drawn just past the tile boundaries where masks matter:
 a last program with one element, M, N and r one past a power of two, K one NF4
 block past a tile, a last NF4 block that is short. For a pure-torch target the
 properties hold trivially (torch checks its own bounds); they exist for kernels.
+An isolated target gets the same guards and the same watch in its own process,
+where its kernels run (``op(..., watch_memory=True)``).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def dequantize_in_bounds(target) -> None:
     def prop(q):
         q = guarded_weight(q)
         what = f"numel={q.numel}, blocksize={q.blocksize}, double_quant={q.double_quant}, {q.dtype}"
-        out = _run_watched(what, lambda: target.op("dequantize_nf4")(q), _weight_tensors(q))
+        out = _run_watched(what, lambda: target.op("dequantize_nf4", watch_memory=True)(q), _weight_tensors(q))
         _assert_finite(out, what, "packed, absmax and the double-quant statistics")
 
     prop()
@@ -153,7 +155,7 @@ def qlora_linear_in_bounds(target) -> None:
         tensors = {"x": x, "lora_A": A, "lora_B": B, **({"bias": bias} if bias is not None else {}), **_weight_tensors(weight)}
         what = (f"x {tuple(x.shape)}{' transposed' if transposed else ''}, N={weight.shape[0]}, r={A.shape[0]}, "
                 f"blocksize={weight.blocksize}, double_quant={weight.double_quant}, bias={bias is not None}")
-        y = _run_watched(what, lambda: target.op("qlora_linear")(x, weight, A, B, 2.0, bias), tensors)
+        y = _run_watched(what, lambda: target.op("qlora_linear", watch_memory=True)(x, weight, A, B, 2.0, bias), tensors)
         _assert_finite(y, what, "x, lora_A, lora_B, bias and the weight's tensors")
         if not isinstance(y, torch.Tensor) or not y.requires_grad:
             return

@@ -24,7 +24,6 @@ import torch
 
 from lora_lab.conformance.compare import assert_equal
 from lora_lab.conformance.contract import keeps_global_state
-from lora_lab.conformance.model_protocol import adapters, frozen_state
 from lora_lab.conformance.properties.training import TRAINING_HINT, _as_loss, _assert_loss, _optimizer, _twins
 from lora_lab.conformance.registry import CheckFailed, check
 from lora_lab.data import collate, generate_products
@@ -45,29 +44,30 @@ def converges_like_reference(target) -> None:
     """32 steps track lora_lab's reference step by step; every buffer and frozen tensor stays bit-identical."""
     from lora_lab.train import training_step as reference_step
 
-    model, reference = _twins(target, 7, 8, 16)
-    optimizer, reference_optimizer = _optimizer(model, CONVERGENCE_LR), _optimizer(reference, CONVERGENCE_LR)
+    model, reference = _twins(target, 7, 8, 16, CONVERGENCE_LR)
+    reference_optimizer = _optimizer(reference, CONVERGENCE_LR)
     batches = [collate(generate_products(2, seed=700 + i)) for i in range(CONVERGENCE_BATCHES)]
-    before = frozen_state(model)
+    before = model.frozen_state()
     reference_losses = []
+    adapters_before = model.adapters()
     for step in range(1, CONVERGENCE_STEPS + 1):
         batch = batches[(step - 1) % CONVERGENCE_BATCHES]
-        adapters_before = {name: (pair.lora_A.detach().clone(), pair.lora_B.detach().clone())
-                           for name, pair in adapters(model).items()}
-        with keeps_global_state(f"training_step (step {step})"):
-            got = _as_loss(target.op("training_step")(model, batch, optimizer), step)
+        with keeps_global_state(f"training_step (step {step})"):  # in the target's process too (call_probes.StateWatch)
+            got = _as_loss(model.training_step(batch), step)
         expected = reference_step(reference, batch, reference_optimizer)
         reference_losses.append(expected)
         what = f"loss at step {step} of {CONVERGENCE_STEPS} vs lora_lab's reference (lr={CONVERGENCE_LR}, r=8)"
         _assert_loss(got, expected, what, steps=step)
-        if all(torch.equal(pair.lora_A, adapters_before[name][0]) and torch.equal(pair.lora_B, adapters_before[name][1])
-               for name, pair in adapters(model).items()):
+        adapters_now = model.adapters()
+        if all(torch.equal(adapters_now[name][w], adapters_before[name][w]) for name in adapters_now
+               for w in ("lora_A", "lora_B")):
             raise CheckFailed(f"step {step} of {CONVERGENCE_STEPS} left every adapter unchanged: it stopped learning "
                               f"(AdamW with lr={CONVERGENCE_LR} moves them at every step)")
+        adapters_before = adapters_now
     first, last = (sum(losses) / CONVERGENCE_BATCHES for losses in (reference_losses[:4], reference_losses[-4:]))
     if last > (1 - REFERENCE_GAIN) * first:  # a guard on the check itself: a run that learns nothing compares nothing
         raise CheckFailed(f"the reference did not learn (mean loss of the first and last cycle {first:.4f}, {last:.4f})")
-    after = frozen_state(model)
+    after = model.frozen_state()
     for name, tensor in before.items():
         if name not in after:
             raise CheckFailed(f"{name} disappeared during training")

@@ -22,16 +22,13 @@ from hypothesis import strategies as st
 from lora_lab.conformance.capabilities import NotSupported
 from lora_lab.conformance.compare import seeded_generator
 from lora_lab.conformance.formats import has_own_format
-from lora_lab.conformance.memory import Seen, measure
-from lora_lab.conformance.model_protocol import apply_target, model_logits, module_at, quantized_layer_names
+from lora_lab.conformance.memory import HALF, Seen, seen_from_wire
 from lora_lab.conformance.profiles import NO_SHRINK, examples
 from lora_lab.conformance.properties.qlora import Problem
 from lora_lab.conformance.registry import CheckFailed, check
 from lora_lab.data import collate, generate_products
-from lora_lab.model import tiny_llama
 from lora_lab.nf4 import quantize_nf4
 
-HALF = (torch.float16, torch.bfloat16)
 MEMORY_HINT = (
     "What autograd keeps between forward and backward is what your forward saves (and what the ops it calls save). "
     "Keep the NF4 weight itself and dequantize it again in backward; go through the r-wide x @ A^T, never form B @ A; "
@@ -84,13 +81,12 @@ def qlora_linear_keeps_no_dense_weight(target) -> None:
     def prop(p):
         N, K = p.weight.shape
         where = f"x {tuple(p.x.shape)} {str(p.x.dtype).replace('torch.', '')}, W {N} x {K}, r={p.lora_A.shape[0]}"
-        with measure(lambda n: n >= N * K) as record:
-            y = target.op("qlora_linear")(*p.args())
-        kept = [s for s in record.saved + record.alive() if s.dtype.is_floating_point and s.numel >= N * K]
+        y, saved, alive = target.measured("qlora_linear", N * K, *p.args())
+        kept = [s for s in saved + alive if s.dtype.is_floating_point and s.numel >= N * K]
         if kept:
             raise CheckFailed(f"qlora_linear keeps {len(kept)} tensor(s) of N x K = {N * K:,} elements or more for backward: "
                               f"{_listed(kept)} ({where}); a dense weight between forward and backward is what QLoRA avoids")
-        copies = upcast_copies(record.saved, p.x.dtype, {p.x.numel(), p.M * N})
+        copies = upcast_copies(saved, p.x.dtype, {p.x.numel(), p.M * N})
         if copies:
             raise CheckFailed(f"qlora_linear keeps an fp32 copy of its {p.x.dtype} activations for backward: {_listed(copies)} "
                               f"({where}); it doubles their memory")
@@ -98,28 +94,6 @@ def qlora_linear_keeps_no_dense_weight(target) -> None:
             y.sum().backward()  # frees the graph, and checks that the kept tensors suffice
 
     prop()
-
-
-def _tracked_layers(model, dense) -> tuple[dict[str, tuple[int, int]], dict[str, set[int]], list, list]:
-    """For each quantized layer: (N, K) from the dense twin, and hooks that note the layer running now and the
-    sizes of its input and output (each layer runs once per forward)."""
-    shapes, activation_sizes, stack, hooks = {}, {}, [], []
-
-    def enter(module, args, name):
-        stack.append(name)
-        rows = args[0].numel() // shapes[name][1]
-        activation_sizes[name] = {args[0].numel(), rows * shapes[name][0]} if args[0].dtype in HALF else set()
-
-    def leave(module, args, output) -> None:  # returns None: a forward hook's return value would replace the output
-        stack.pop()
-
-    for name in quantized_layer_names(model):
-        reference = dense.get_submodule(name)
-        shapes[name] = (reference.out_features, reference.in_features)
-        module = module_at(model, name)
-        hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: enter(m, args, name)))
-        hooks.append(module.register_forward_hook(leave))
-    return shapes, activation_sizes, stack, hooks
 
 
 @check(
@@ -135,29 +109,17 @@ def model_keeps_no_dense_weight(target) -> None:
     @settings(max_examples=examples(1), phases=NO_SHRINK)  # what is kept depends on the code, not the seed's values
     @given(st.integers(0, 1000))
     def prop(seed):
-        dense = tiny_llama(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = apply_target(target, tiny_llama(seed).to(torch.bfloat16)).train()
-        shapes, activation_sizes, stack, hooks = _tracked_layers(model, dense)
-        if not shapes:
+        model = target.model(seed, dtype="bfloat16")
+        model.train()
+        found = model.kept_for_backward(collate(generate_products(3, seed=seed)))  # 3 rows: no power-of-two activation
+        if not found["layers"]:
             raise CheckFailed("found no quantized layer after apply_qlora, so nothing to measure")
-        sizes = {n * k for n, k in shapes.values()}
-        batch = collate(generate_products(3, seed=seed))  # 3 rows: no activation has a power-of-two size
-        try:
-            with measure(lambda n: n in sizes, context=lambda: stack[-1] if stack else "outside the quantized layers") as record:
-                logits = model_logits(model, batch)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        kept = [s for s in record.saved + record.alive() if s.dtype.is_floating_point and s.numel in sizes]
+        kept, copies = seen_from_wire(found["kept"]), seen_from_wire(found["copies"])
         if kept:
             raise CheckFailed(f"the model keeps {len(kept)} tensor(s) with a quantized layer's N x K elements for backward: "
                               f"{_listed(kept)}; QLoRA keeps only the NF4 weights")
-        copies = [s for s in record.saved if s.dtype == torch.float32 and s.numel in activation_sizes.get(s.where, ())]
         if copies:
             raise CheckFailed(f"in a bf16 model, the quantized layers keep {len(copies)} fp32 copies of their bf16 activations "
                               f"for backward: {_listed(copies)}; each doubles that activation's memory")
-        logits.float().sum().backward()
 
     prop()

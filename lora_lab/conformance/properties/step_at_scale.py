@@ -15,75 +15,41 @@ for that dtype.
 
 from __future__ import annotations
 
-import functools
 import itertools
-import operator
-import warnings
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_lab.conformance.compare import assert_close, seeded_generator
-from lora_lab.conformance.model_protocol import MODEL_RTOL, adapters, apply_target, seeded_apply
+from lora_lab.conformance.model_protocol import MODEL_RTOL, Adapter
 from lora_lab.conformance.profiles import NO_SHRINK, examples
 from lora_lab.conformance.registry import CheckFailed, check
 from lora_lab.data import collate, collate_listings, generate_products
 from lora_lab.model import tiny_llama
 
 
-class GradientRecorder(torch.optim.Optimizer):
-    """An optimizer that changes nothing and keeps a copy of the gradients each ``step()`` receives.
-
-    Handed to a target's ``training_step``, it shows the gradients the step
-    computed, however the step computed them.
-    """
-
-    def __init__(self, named_parameters: dict[str, torch.nn.Parameter]) -> None:
-        super().__init__(list(named_parameters.values()), {})
-        self.names = {id(p): name for name, p in named_parameters.items()}
-        self.recorded: list[dict[str, torch.Tensor | None]] = []
-
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - the optimizer protocol
-        grads = {self.names[id(p)]: None if p.grad is None else p.grad.detach().clone()
-                 for group in self.param_groups for p in group["params"]}
-        self.recorded.append(grads)
-
-
-def adapter_parameters(model) -> dict[str, torch.nn.Parameter]:
-    """``{"<module>.lora_A": A, "<module>.lora_B": B}`` for every adapted module."""
-    return {f"{name}.{which}": getattr(pair, which) for name, pair in adapters(model).items() for which in ("lora_A", "lora_B")}
-
-
 def randomize_B(model, seed: int) -> None:
     """Give every lora_B drawn values: with B = 0, as at the start, every gradient of A is zero and proves nothing."""
     g = seeded_generator(seed)
-    with torch.no_grad():
-        for pair in adapters(model).values():
-            pair.lora_B.copy_(torch.randn(pair.lora_B.shape, generator=g) * 0.05)
+    pairs = model.adapters()
+    for pair in pairs.values():
+        pair["lora_B"] = torch.randn(pair["lora_B"].shape, generator=g) * 0.05
+    model.set_adapters(pairs)
 
 
-def copy_adapters(source, destination) -> None:
-    sources = adapter_parameters(source)
-    with torch.no_grad():
-        for name, p in adapter_parameters(destination).items():
-            p.copy_(sources[name])
-
-
-def recorded_step(target, model, batch, where: str = "") -> dict[str, torch.Tensor | None]:
-    """The gradients the target's training_step computes for ``model``'s adapters on ``batch``."""
-    recorder = GradientRecorder(adapter_parameters(model))
+def recorded_step(model, batch, where: str = "") -> dict[str, torch.Tensor | None]:
+    """The gradients the target's training_step computes for the adapters of ``model`` (a handle) on ``batch``."""
     try:
-        target.op("training_step")(model, batch, recorder)
+        recorded = model.recorded_step(batch)
     except RuntimeError as exc:
         if "does not require grad" not in str(exc):
             raise
         raise CheckFailed(f"the loss does not require grad {where}, so no adapter can get a gradient ({exc}); under reentrant "
                           "checkpointing that happens when no input of a checkpointed block requires grad") from exc
-    if len(recorder.recorded) != 1:
-        raise CheckFailed(f"training_step called optimizer.step() {len(recorder.recorded)} times; expected once")
-    return recorder.recorded[0]
+    if len(recorded) != 1:
+        raise CheckFailed(f"training_step called optimizer.step() {len(recorded)} times; expected once")
+    return recorded[0]
 
 
 def assert_gradients(got: dict, expected: dict[str, torch.Tensor], what: str) -> None:
@@ -96,14 +62,17 @@ def assert_gradients(got: dict, expected: dict[str, torch.Tensor], what: str) ->
 
 
 def full_logits_gradients(model, batch) -> dict[str, torch.Tensor]:
-    """Adapter gradients of transformers' own loss over every position's logits (it shifts the labels internally)."""
+    """Adapter gradients of transformers' own loss over every position's logits (it shifts the labels internally).
+
+    The loss and its gradient in the logits are computed here; the model (a handle) only carries that gradient back
+    through itself to its adapters.
+    """
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model.logits(batch).requires_grad_()
     loss = ForCausalLMLoss(logits, batch["labels"], vocab_size=logits.shape[-1])
-    parameters = adapter_parameters(model)
-    grads = torch.autograd.grad(loss, list(parameters.values()))
-    return dict(zip(parameters, grads))
+    (grad_logits,) = torch.autograd.grad(loss, [logits])
+    return model.adapter_gradients(batch, grad_logits)
 
 
 def _batch(kind: str, size: int, seed: int) -> dict[str, torch.Tensor]:
@@ -125,21 +94,15 @@ def gradients_match_full_logits(target) -> None:
     @settings(max_examples=examples(2), phases=NO_SHRINK)
     @given(st.integers(0, 1000), st.sampled_from(("prices", "listings")), st.integers(1, 4))
     def prop(seed, kind, size):
-        model = seeded_apply(target, seed).train()
+        model = target.model(seed)
+        model.train()
         randomize_B(model, seed)
         batch = _batch(kind, size, seed)
         expected = full_logits_gradients(model, batch)
-        got = recorded_step(target, model, batch)
+        got = recorded_step(model, batch)
         assert_gradients(got, expected, f"vs every position's logits ({kind}, batch of {size})")
 
     prop()
-
-
-def enable_checkpointing(model, reentrant: bool) -> None:
-    """Hugging Face gradient checkpointing, as ``Trainer(gradient_checkpointing=True)`` turns it on."""
-    with warnings.catch_warnings():  # transformers 5 renamed it activation_checkpointing_enable; both work
-        warnings.simplefilter("ignore", FutureWarning)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
 
 
 @check(
@@ -157,22 +120,21 @@ def gradient_checkpointing(target) -> None:
     @settings(max_examples=examples(1), phases=NO_SHRINK)
     @given(st.integers(0, 1000))
     def prop(seed):
-        plain = seeded_apply(target, seed).train()
+        plain = target.model(seed)
+        plain.train()
         randomize_B(plain, seed)
         batch = collate(generate_products(2, seed=seed))
-        expected = recorded_step(target, plain, batch)
+        expected = recorded_step(plain, batch)
         for reentrant, before_apply in itertools.product((True, False), repeat=2):  # each way of turning it on
-            dense = tiny_llama(seed)
-            if before_apply:
-                enable_checkpointing(dense, reentrant)
-            checkpointed = apply_target(target, dense)
+            kind = "reentrant" if reentrant else "non-reentrant"
+            checkpointed = target.model(seed, checkpointing=kind) if before_apply else target.model(seed)
             if not before_apply:
-                enable_checkpointing(checkpointed, reentrant)
+                checkpointed.enable_checkpointing(reentrant)
             checkpointed.train()
-            copy_adapters(plain, checkpointed)
+            checkpointed.set_adapters(plain.adapters())
             where = (f"with {'reentrant' if reentrant else 'non-reentrant'} checkpointing enabled "
                      f"{'before' if before_apply else 'after'} apply_qlora")
-            got = recorded_step(target, checkpointed, batch, where)
+            got = recorded_step(checkpointed, batch, where)
             missing = [name for name, g in got.items() if g is None]
             if missing:
                 raise CheckFailed(f"{len(missing)} of {len(got)} adapters received no gradient {where}, e.g. {missing[0]}; "
@@ -245,27 +207,28 @@ def _input_grad_bounds(grad_out, weight, pair, scaling: float, dtype: torch.dtyp
 )
 def apply_compute_dtype_matches_bitsandbytes(target) -> None:
     """With compute_dtype bf16/fp16 each quantized layer casts x to it, matches Linear4bit + peft in y and dX, keeps x's dtype."""
-    from lora_lab.conformance.memory import measure
-    from lora_lab.conformance.model_protocol import module_at, quantized_layer_names
 
     @settings(max_examples=examples(2), phases=NO_SHRINK)
     @given(st.integers(0, 1000), st.sampled_from((torch.bfloat16, torch.float16)))
     def prop(seed, dtype):
         r, alpha = 8, 16
-        model = seeded_apply(target, seed, r=r, alpha=alpha, compute_dtype=dtype).train()
+        model = target.model(seed, r=r, alpha=alpha, compute_dtype=dtype)
+        model.train()
         randomize_B(model, seed)
-        dense, pairs, g = tiny_llama(seed), adapters(model), seeded_generator(seed)
-        names = quantized_layer_names(model)
+        dense, g = tiny_llama(seed), seeded_generator(seed)
+        pairs = {name: Adapter(pair["lora_A"], pair["lora_B"]) for name, pair in model.adapters().items()}
+        names = model.quantized_layer_names()
         if not names:
             raise CheckFailed("found no quantized layer after apply_qlora")
         for name in names:
             reference = dense.get_submodule(name)
             oracle, weight = _bnb_oracle(reference, dtype, pairs.get(name), alpha / r)
             x = torch.randn(3, 7, reference.in_features, generator=g).requires_grad_()  # as inside a model being trained
+            grad_out = torch.randn(3, 7, reference.out_features, generator=g)
             where = f"{name} with compute_dtype={str(dtype).replace('torch.', '')}"
-            with measure(functools.partial(operator.eq, x.numel())) as record:
-                y = module_at(model, name)(x)
-            if not any(s.dtype == dtype for s in record.created):
+            # y, the dtypes of the x-sized tensors the layer made, and dX for grad_out, all from the target's process
+            y, created, x_grad = model.layer_forward(name, x, grad_out)
+            if dtype not in created:
                 raise CheckFailed(f"{where} made no {str(dtype).replace('torch.', '')} copy of its fp32 input: it does not "
                                   "compute in compute_dtype")
             if not isinstance(y, torch.Tensor) or y.dtype != x.dtype:
@@ -275,10 +238,10 @@ def apply_compute_dtype_matches_bitsandbytes(target) -> None:
             y_oracle = oracle(x_oracle)
             assert_close(y, y_oracle, _layer_bounds(x, weight, pairs.get(name), alpha / r, dtype),
                          f"{where} vs bitsandbytes Linear4bit + peft")
-            grad_out = torch.randn(y.shape, generator=g)
-            y.backward(grad_out)
             y_oracle.backward(grad_out)
-            assert_close(x.grad, x_oracle.grad, _input_grad_bounds(grad_out, weight, pairs.get(name), alpha / r, dtype),
+            if x_grad is None:
+                raise CheckFailed(f"{where}: no gradient reached x through the layer; expected dX = dY W + s (dY B) A")
+            assert_close(x_grad, x_oracle.grad, _input_grad_bounds(grad_out, weight, pairs.get(name), alpha / r, dtype),
                          f"gradient of x through {where} vs bitsandbytes Linear4bit + peft")
 
     from lora_lab.conformance.oracles import bitsandbytes_eager

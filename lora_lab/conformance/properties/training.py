@@ -22,11 +22,6 @@ from lora_lab.conformance.model_protocol import (
     U32,
     adapters,
     dense_linear_names,
-    frozen_state,
-    is_adapter_name,
-    model_logits,
-    quantized_layer_names,
-    seeded_apply,
 )
 from lora_lab.conformance.profiles import NO_SHRINK, examples
 from lora_lab.conformance.registry import CheckFailed, check
@@ -44,27 +39,35 @@ def _optimizer(model, lr: float, weight_decay: float = 0.01) -> torch.optim.Opti
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, foreach=False)
 
 
-def _twins(target, seed: int, r: int, alpha: float):
-    """The target's QLoRA tiny_llama and lora_lab's, holding the same adapter values (the target's)."""
+def _trained(target, seed: int, lr: float, weight_decay: float = 0.01, every_parameter: bool = False, **kwargs):
+    """The target's QLoRA tiny_llama (a handle) in train mode, with torch's AdamW over its trainable parameters."""
+    model = target.model(seed, **kwargs)
+    model.train()
+    model.make_optimizer(lr, weight_decay, every_parameter)
+    return model
+
+
+def _twins(target, seed: int, r: int, alpha: float, lr: float):
+    """The target's QLoRA tiny_llama (a handle) and lora_lab's, holding the same adapter values (the target's)."""
     from lora_lab.model import apply_qlora as reference_apply
 
-    model = seeded_apply(target, seed, r=r, alpha=alpha).train()
+    model = _trained(target, seed, lr, r=r, alpha=alpha)
     reference = reference_apply(tiny_llama(seed), r=r, alpha=alpha).train()
-    adapted, reference_adapted = adapters(model), adapters(reference)
+    adapted, reference_adapted = model.adapters(), adapters(reference)
     if sorted(adapted) != sorted(reference_adapted):
         raise CheckFailed(f"expected adapters on {sorted(reference_adapted)}, got them on {sorted(adapted)}")
     with torch.no_grad():
         for name, m in reference_adapted.items():
-            m.lora_A.copy_(adapted[name].lora_A)
-            m.lora_B.copy_(adapted[name].lora_B)
+            m.lora_A.copy_(adapted[name]["lora_A"])
+            m.lora_B.copy_(adapted[name]["lora_B"])
     return model, reference
 
 
 def _price_loss(model, batch) -> float:
+    """The loss of the target's model on ``batch``, computed here from the logits it returns."""
     from lora_lab.loss import next_token_loss
 
-    with torch.no_grad():
-        return next_token_loss(model_logits(model, batch), batch["labels"]).item()
+    return next_token_loss(model.logits(batch), batch["labels"]).item()
 
 
 def _as_loss(value, step: int) -> float:
@@ -115,22 +118,23 @@ def matches_reference(target) -> None:
     @given(st.integers(0, 1000), st.sampled_from((4, 8)), st.sampled_from((8, 32)), st.sampled_from((1e-3, 1e-2)),
            st.integers(1, 4))
     def prop(seed, r, alpha, lr, batch_size):
-        model, reference = _twins(target, seed, r, alpha)
-        optimizer, reference_optimizer = _optimizer(model, lr), _optimizer(reference, lr)
+        model, reference = _twins(target, seed, r, alpha, lr)
+        reference_optimizer = _optimizer(reference, lr)
         steps = 4
         for step in range(1, steps + 1):
             batch = left_padded(collate(generate_products(batch_size, seed=1000 * seed + step)))
-            got = _as_loss(target.op("training_step")(model, batch, optimizer), step)
+            got = _as_loss(model.training_step(batch), step)
             expected = reference_step(reference, batch, reference_optimizer)
             try:
                 _assert_loss(got, expected, f"loss returned by step {step} (r={r}, alpha={alpha}, lr={lr}, "
                                             f"{batch_size} prompt(s), left-padded)")
             except CheckFailed as failure:
                 raise CheckFailed(f"{failure}; {_first_wrong_step_cause(step, batch_size)}") from None
+        trained = model.adapters()
         for name, m in adapters(reference).items():
             for which in ("lora_A", "lora_B"):
                 expected = getattr(m, which).detach()
-                assert_close(getattr(adapters(model)[name], which).detach(), expected,
+                assert_close(trained[name][which], expected,
                              MODEL_RTOL * (expected.abs() + lr * steps), f"{name}.{which} after {steps} steps (lr={lr})")
 
     prop()
@@ -151,20 +155,20 @@ def returns_loss_before_update(target) -> None:
     @settings(max_examples=examples(2), phases=NO_SHRINK)
     @given(st.integers(0, 1000))
     def prop(seed):
-        model = seeded_apply(target, seed).train()
-        optimizer = _optimizer(model, 1e-2)
+        model = _trained(target, seed, 1e-2)
         batch = collate(generate_products(2, seed=seed))
         for step in (1, 2):
             before = _price_loss(model, batch)
-            adapters = {n: p.detach().clone() for n, p in model.named_parameters() if is_adapter_name(n)}
-            got = _as_loss(target.op("training_step")(model, batch, optimizer), step)
+            previous = model.adapters()
+            got = _as_loss(model.training_step(batch), step)
             _assert_loss(got, before, f"loss returned by step {step} vs the loss before that step's update")
-            if all(torch.equal(p.detach(), adapters[n]) for n, p in model.named_parameters() if is_adapter_name(n)):
+            now = model.adapters()
+            if all(torch.equal(now[n][w], previous[n][w]) for n in previous for w in ("lora_A", "lora_B")):
                 raise CheckFailed(f"step {step} left every adapter unchanged: the optimizer did not update them")
         for mode in ("eval", "train"):  # the caller's choice of mode, e.g. eval() to switch dropout off, must survive
-            getattr(model, mode)()
-            target.op("training_step")(model, batch, optimizer)
-            changed = sorted(name or "the model" for name, m in model.named_modules() if m.training != (mode == "train"))
+            model.train(mode == "train")
+            model.training_step(batch)
+            changed = sorted(name or "the model" for name, training in model.modes().items() if training != (mode == "train"))
             if changed:
                 raise CheckFailed(f"training_step changed the mode the caller set with model.{mode}() ({changed[0]} is now "
                                   f"in {'train' if mode == 'eval' else 'eval'} mode): do not call model.train() or "
@@ -187,15 +191,14 @@ def base_untouched(target) -> None:
     @settings(max_examples=examples(2), phases=NO_SHRINK)
     @given(st.integers(0, 1000))
     def prop(seed):
-        model = seeded_apply(target, seed).train()
-        before = frozen_state(model)
-        if not quantized_layer_names(model):
+        model = _trained(target, seed, 1e-2, weight_decay=0.1, every_parameter=True)
+        before = model.frozen_state()
+        if not model.quantized_layer_names():
             raise CheckFailed("found no quantized weight after apply_qlora (every layer holds a dense floating-point weight)")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
         batch = collate(generate_products(2, seed=seed))
         for _ in range(3):
-            target.op("training_step")(model, batch, optimizer)
-        after = frozen_state(model)
+            model.training_step(batch)
+        after = model.frozen_state()
         for name, tensor in before.items():
             if name not in after:
                 raise CheckFailed(f"{name} disappeared during training")
@@ -218,12 +221,11 @@ def lowers_loss(target) -> None:
     @settings(max_examples=examples(2), phases=NO_SHRINK)
     @given(st.integers(0, 1000))
     def prop(seed):
-        model = seeded_apply(target, seed, r=8, alpha=16).train()
-        optimizer = _optimizer(model, 1e-2)
+        model = _trained(target, seed, 1e-2, r=8, alpha=16)
         batch = collate(generate_products(2, seed=seed))
         before = _price_loss(model, batch)
         for _ in range(LOWERS_LOSS_STEPS):
-            target.op("training_step")(model, batch, optimizer)
+            model.training_step(batch)
         after = _price_loss(model, batch)
         if after > (1 - LOWERS_LOSS_MARGIN) * before:
             raise CheckFailed(f"expected the loss on the same 2 prompts to fall by at least {LOWERS_LOSS_MARGIN:.0%} in "
@@ -274,12 +276,12 @@ def matches_peft_bitsandbytes(target) -> None:
     @given(st.integers(0, 1000), st.sampled_from(((4, 32), (8, 8), (8, 16))))
     def prop(seed, rank_alpha):
         r, alpha = rank_alpha
-        model = seeded_apply(target, seed, r=r, alpha=alpha).train()
-        canonical = _canonical_stack(seed, ATTENTION, r, alpha, {n: m.lora_A.detach() for n, m in adapters(model).items()})
-        optimizer, canonical_optimizer = _optimizer(model, 1e-2), _optimizer(canonical, 1e-2)
+        model = _trained(target, seed, 1e-2, r=r, alpha=alpha)
+        canonical = _canonical_stack(seed, ATTENTION, r, alpha, {n: pair["lora_A"] for n, pair in model.adapters().items()})
+        canonical_optimizer = _optimizer(canonical, 1e-2)
         batch = collate(generate_products(4, seed=seed))
         for step in range(1, 6):
-            got = _as_loss(target.op("training_step")(model, batch, optimizer), step)
+            got = _as_loss(model.training_step(batch), step)
             loss = canonical(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
             loss.backward()
             canonical_optimizer.step()

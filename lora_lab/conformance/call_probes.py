@@ -1,0 +1,175 @@
+"""What the target's process wraps around each call: a neutral thread, and the probes the checks need.
+
+- ``invoke`` calls the target's function on a fresh thread, through a function
+  whose code names no file of lora_lab's: the target's call stack holds the
+  standard library's thread start-up and one frame, nothing of the suite.
+- ``StateWatch`` snapshots global state on that thread (``contract.global_state``:
+  some of it, torch's thread count and grad mode, is per thread).
+- ``Measured`` (what autograd keeps, ``memory.measure``) and ``Watched`` (every
+  memory access of a Triton kernel, ``bounds.watch_memory``) are entered there too,
+  since autograd's hooks, dispatch modes and the watch are per thread as well.
+- ``guard_inputs`` puts each input inside guard regions, as ``bounds.guarded``
+  does in-process.
+"""
+
+from __future__ import annotations
+
+# The target's functions are called from a fresh thread through a function whose code names no file of lora_lab's:
+# the target's call stack holds the standard library's thread start-up and this one frame, nothing of the suite.
+# A measurement's context (``memory.measure``) is entered on that thread: autograd's hooks and dispatch modes are per thread.
+_NEUTRAL = {}
+exec(compile(  # noqa: S102 - a fixed string, compiled only to give the frame a neutral file name
+    "def call(fn, args, kwargs, grad_enabled, context, box):\n"
+    "    import time\n"
+    "    import torch\n"
+    "    try:\n"
+    "        with torch.set_grad_enabled(grad_enabled), context:\n"
+    "            start = time.perf_counter()\n"
+    "            out = fn(*args, **kwargs)\n"
+    "            box.append((True, out, time.perf_counter() - start))\n"
+    "    except BaseException as exc:\n"
+    "        box.append((False, exc, 0.0))\n",
+    "<call>", "exec"), _NEUTRAL)
+
+
+def invoke(fn, args, kwargs=None, grad_enabled: bool = True, context=None, timing: list | None = None):
+    """``fn(*args, **kwargs)`` on a fresh thread whose stack shows nothing of the suite; its exception is re-raised.
+
+    ``timing``, when given, receives the seconds of the call itself (the thread's start and the probes excluded)."""
+    import contextlib
+    import threading
+
+    box: list = []
+    context = context if context is not None else contextlib.nullcontext()
+    thread = threading.Thread(target=_NEUTRAL["call"], args=(fn, tuple(args), dict(kwargs or {}), grad_enabled, context, box),
+                              name="target", daemon=True)
+    thread.start()
+    thread.join()
+    if not box:
+        raise RuntimeError("the target's call ended without a result or an exception")
+    ok, value, seconds = box[0]
+    if timing is not None:
+        timing.append(seconds)
+    if not ok:
+        raise value
+    return value
+
+
+class Measured:
+    """``memory.measure`` for tensors of ``min_numel`` elements or more, as a context entered on the call's thread."""
+
+    def __init__(self, min_numel: int) -> None:
+        from lora_lab.conformance.memory import measure
+
+        self.context = measure(lambda n: n >= min_numel)
+        self.record = None
+
+    def __enter__(self):
+        self.record = self.context.__enter__()
+        return self.record
+
+    def __exit__(self, *exc_info):
+        return self.context.__exit__(*exc_info)
+
+    def summary(self) -> list:
+        """``[saved, alive]``: what autograd packed for backward, and the op outputs still alive after the call."""
+        from lora_lab.conformance.memory import seen_to_wire
+
+        return [seen_to_wire(self.record.saved), seen_to_wire(self.record.alive())]
+
+
+class Watched:
+    """``bounds.watch_memory`` as a context entered on the call's thread (the watch's state is per thread)."""
+
+    def __enter__(self):
+        from lora_lab.conformance.bounds import watch_memory
+
+        self.context = watch_memory()
+        self.log = self.context.__enter__()
+        return self.log
+
+    def __exit__(self, *exc_info):
+        return self.context.__exit__(*exc_info)
+
+    def problems(self, tensors: list) -> list[str]:
+        """The first stray access the watch stopped, and every input whose guard region was written."""
+        from lora_lab.conformance.bounds import guards_changed
+
+        found = [self.log.accesses[0].describe()] if self.log.accesses else []
+        for index, tensor in enumerate(tensors):
+            side = guards_changed(tensor)
+            if side:
+                found.append(f"the memory just {side} of input tensor #{index} (shape {tuple(tensor.shape)}) was written")
+        return found
+
+
+def guard_inputs(args, kwargs, tensors: list):
+    """Every input tensor (an NF4 weight's fields too) replaced by a copy inside guard regions, layout kept."""
+    import dataclasses
+
+    from lora_lab.conformance.bounds import guarded
+
+    def guard(t):
+        if t.is_contiguous():
+            return guarded(t)
+        order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+        return guarded(t.permute(order).contiguous()).permute([order.index(d) for d in range(t.dim())])
+
+    replacement = {id(t): guard(t) for t in tensors}
+
+    def swap(value):
+        if id(value) in replacement:
+            return replacement[id(value)]
+        if isinstance(value, (list, tuple)):
+            return type(value)(swap(v) for v in value)
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        if dataclasses.is_dataclass(value) and hasattr(value, "packed"):
+            return dataclasses.replace(value, **{f.name: swap(getattr(value, f.name)) for f in dataclasses.fields(value)})
+        return value
+
+    return swap(args), swap(kwargs), [replacement[id(t)] for t in tensors]
+
+
+class StateWatch:
+    """``contract.global_state`` before and after the call, on the call's own thread (torch's thread count and grad
+    mode are per thread): ``changes`` names what the call left changed."""
+
+    def __enter__(self):
+        from lora_lab.conformance.contract import global_state
+
+        self.before, self.changes = global_state(), []
+        return self
+
+    def __exit__(self, *exc_info):
+        from lora_lab.conformance.contract import global_state, state_changes
+
+        self.changes = state_changes(self.before, global_state())
+        return False
+
+
+class Entered:
+    """Several contexts entered in order, left in reverse: what ``invoke`` runs the call inside."""
+
+    def __init__(self, *contexts) -> None:
+        self.contexts = [c for c in contexts if c is not None]
+
+    def __enter__(self):
+        for context in self.contexts:
+            context.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        for context in reversed(self.contexts):
+            context.__exit__(*exc_info)
+        return False
+
+
+def same_values(after, before) -> bool:
+    """The same shape, dtype and values (NaN equal to NaN)."""
+    import torch
+
+    if after.shape != before.shape or after.dtype != before.dtype:
+        return False
+    a = after.detach()
+    return torch.equal(a, before) or (a.is_floating_point() and torch.equal(torch.nan_to_num(a), torch.nan_to_num(before)))

@@ -1,0 +1,321 @@
+"""The target in its own process: the trusted side (inputs, oracles, comparisons, report) never imports it.
+
+A ``RemoteTarget`` looks like a ``runner.Target`` to the properties: ``provides(op)``,
+``op(name)`` returning a callable, and ``model(seed, **kwargs)`` returning a model
+handle. Behind it one warm child process (``child.py``, started fresh, never
+forked) imports the target and answers requests over a pipe. Tensors cross as
+copies, an NF4 weight as its fields; a result that needs gradients comes back
+through a ``torch.autograd.Function`` whose backward asks the child for the
+gradients of the inputs. So nothing the target does can patch the suite's
+code, read its expected values, keep a pointer into its tensors or change the
+exit status.
+
+A crash of the child (a segfault, an abort, ``os._exit``) and a call that runs
+past ``call_timeout`` seconds end the check with a verdict naming the call;
+``reset()`` starts a fresh child for the next check, as the runner does after
+any error.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+
+from lora_lab.conformance import wire
+from lora_lab.conformance.child_process import START_TIMEOUT, Child, RemoteError, TargetCrashed, TargetImportError
+
+REFERENCE_TIMED = ("quantize_nf4", "dequantize_nf4", "qlora_linear", "next_token_loss", "adamw_step")
+REFERENCE_SAMPLES = 3  # calls per op and check timed against the reference
+
+
+def _describe_call(op: str, args: tuple, kwargs: dict) -> str:
+    def short(v):
+        if isinstance(v, torch.Tensor):
+            return f"{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+        if hasattr(v, "packed"):
+            return f"NF4{tuple(getattr(v, 'shape', ()))}"
+        return type(v).__name__ if isinstance(v, (dict, list)) else repr(v)[:20]
+    inner = ", ".join([short(a) for a in args] + [f"{k}={short(v)}" for k, v in kwargs.items()])
+    return f"{op}({inner})"
+
+
+class _RemoteFunction(torch.autograd.Function):
+    """A remote call as one autograd node: forward runs in the child, backward asks it for the input gradients."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, *inputs):
+        outputs = call.run()
+        ctx.call = call
+        extra = torch.zeros(())  # lets a call without tensor outputs through
+        ctx.mark_non_differentiable(extra, *[t for t, flag in zip(outputs, call.output_grad) if not flag])
+        return (*outputs, extra)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *ctx.call.backward(grads[:-1]))
+
+
+class _Call:
+    def __init__(self, target: RemoteTarget, op: str, args: tuple, kwargs: dict, measure_min: int | None = None,
+                 watch: bool = False) -> None:
+        self.target, self.op, self.args, self.kwargs, self.measure_min = target, op, args, kwargs, measure_min
+        self.watch = watch
+        self.what = _describe_call(op, args, kwargs)
+        self.inputs: list[torch.Tensor] = []
+        self.encoded = [wire.encode(args, None, self.inputs), wire.encode(kwargs, None, self.inputs)]
+        self.grad_enabled = torch.is_grad_enabled()
+        self.flags = [self.grad_enabled and t.requires_grad for t in self.inputs]
+
+    def run(self) -> list[torch.Tensor]:
+        reply = self.target.request(["call", self.op, *self.encoded, self.flags, self.grad_enabled, self.measure_min,
+                                     self.watch], self.what)
+        encoded, changed, self.graph, seconds, problems, self.measurement = reply
+        self.target.seconds += float(seconds)
+        self.target.time_reference(self.op, self.args, self.kwargs, float(seconds))
+        if problems:
+            from lora_lab.conformance.registry import CheckFailed
+
+            raise CheckFailed(f"{self.what}: " + "; ".join(str(p) for p in problems))
+        with torch.no_grad():  # in-place semantics: what the target changed in its copy, the caller sees changed
+            for index, tensor in changed:
+                new = wire.decode_tensor(tensor)
+                original = self.inputs[int(index)]
+                if new.shape == original.shape and new.dtype == original.dtype:
+                    original.copy_(new)
+        self.outputs: list[torch.Tensor] = []
+        self.result = wire.decode(encoded, _nf4_class(), self.outputs)
+        self.output_grad = [self.graph is not None and bool(item) for item in _grad_flags(encoded)]
+        return self.outputs
+
+    def backward(self, grads) -> list:
+        grads = [g if flag else None for g, flag in zip(grads, self.output_grad)]
+        reply, problems = self.target.request(["backward", self.graph, wire.encode(list(grads))],
+                                              f"the backward of {self.what}")
+        if problems:
+            from lora_lab.conformance.registry import CheckFailed
+
+            raise CheckFailed(f"the backward of {self.what}: " + "; ".join(str(p) for p in problems))
+        got = [wire.decode(g) for g in reply]
+        wanted = sum(self.flags)
+        if len(got) != wanted:
+            raise TargetCrashed(f"the target's process returned {len(got)} gradients for {wanted} inputs")
+        return got
+
+
+def _grad_flags(encoded: Any) -> list[bool]:
+    """requires_grad of each tensor in an encoded tree, in decode order."""
+    if not isinstance(encoded, list) or not encoded:
+        return []
+    if encoded[0] == "tensor":
+        return [bool(encoded[5])]
+    if encoded[0] in ("list", "tuple"):
+        return [f for item in encoded[1] for f in _grad_flags(item)]
+    if encoded[0] == "dict":
+        return [f for pair in encoded[1] for item in pair for f in _grad_flags(item)]
+    if encoded[0] == "nf4":
+        return [f for item in encoded[2].values() for f in _grad_flags(item)]
+    return []
+
+
+def _replace_tensors(value: Any, replacements: dict[int, torch.Tensor]) -> Any:
+    """``value`` with each tensor replaced by ``replacements[id(tensor)]`` (the autograd node's outputs)."""
+    if isinstance(value, torch.Tensor):
+        return replacements.get(id(value), value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_replace_tensors(v, replacements) for v in value)
+    if isinstance(value, dict):
+        return {k: _replace_tensors(v, replacements) for k, v in value.items()}
+    return value
+
+
+def _nf4_class():
+    from lora_lab.nf4 import NF4Tensor
+
+    return NF4Tensor
+
+
+class RemoteOp:
+    """One operation of a remote target, callable like the target's own function."""
+
+    def __init__(self, target: RemoteTarget, name: str, measure_min: int | None = None, watch: bool = False) -> None:
+        self.target, self.__name__, self.measure_min, self.watch = target, name, measure_min, watch
+        self.last_call: _Call | None = None
+
+    def __call__(self, *args, **kwargs):
+        call = self.last_call = _Call(self.target, self.__name__, args, kwargs, self.measure_min, self.watch)
+        if not any(call.flags):
+            call.run()
+            return call.result
+        outputs = _RemoteFunction.apply(call, *[t for t, flag in zip(call.inputs, call.flags) if flag])
+        return _replace_tensors(call.result, {id(plain): out for plain, out in zip(call.outputs, outputs[:-1])})
+
+
+class RemoteModel:
+    """A model that lives in the target's process; its methods are ``ModelHandle.METHODS``, answered there."""
+
+    def __init__(self, target: RemoteTarget, handle: int) -> None:
+        self._target, self._handle, self._generation = target, handle, target.generation
+
+    def __getattr__(self, method: str):
+        from lora_lab.conformance.model_protocol import ModelHandle
+
+        if method not in ModelHandle.METHODS:
+            raise AttributeError(f"a model handle has no method {method!r}; it offers {', '.join(ModelHandle.METHODS)}")
+
+        def forward(*args):
+            if self._generation != self._target.generation:
+                raise TargetCrashed(f"the model was lost when the target's process was restarted (before {method})")
+            encoded, seconds = self._target.request(["model", self._handle, method, wire.encode(list(args))],
+                                                    f"model.{method}()")
+            self._target.seconds += float(seconds)
+            return wire.decode(encoded, _nf4_class())
+
+        return forward
+
+    def __del__(self) -> None:
+        target = self.__dict__.get("_target")
+        if target is not None and target.generation == self._generation and target.child.alive:
+            target.pending_frees.append(self._handle)
+
+
+class RemoteFormat:
+    """A target's ``NF4_FORMAT`` (``formats.py``) seen from the suite: each member a call into the target's process.
+
+    The library's own quantized weight never crosses: it stays in the target's
+    process and the suite holds a ``wire.ObjectRef`` to it, handed back as the
+    argument of the next call (its qlora_linear's, its dequantize's).
+    """
+
+    def __init__(self, target: RemoteTarget, name: str, members: list[str]) -> None:
+        self.name = name
+        for member in members:
+            setattr(self, member, RemoteOp(target, f"NF4_FORMAT.{member}"))
+
+
+class RemoteTarget:
+    """An implementation under test that runs in its own process; what the properties see is ``runner.Target``'s API."""
+
+    def __init__(self, spec: str, learner_folder: str | None = None, call_timeout: float | None = None,
+                 name: str | None = None, chain: bool = False) -> None:
+        self.name = name or spec
+        self.spec = spec
+        init = {"sys_path": list(sys.path), "threads": torch.get_num_threads(), "target": spec,
+                "learner_folder": learner_folder, "chain": chain}
+        self.child = Child(init, call_timeout)
+        self.seconds = 0.0  # time spent inside the target's calls, as its process measured it
+        self.sampled: dict[str, int] = {}  # calls per op whose time was compared with the reference's, this check
+        self.timing = [0.0, 0.0]  # on those calls: the target's seconds, lora_lab's reference's seconds
+        self.generation = 0
+        self.pending_frees: list[int] = []
+        self.last_error: dict | None = None  # what the target raised last (grade explains a row with it)
+        self.probed = None  # what formats.capabilities found the target's format supports, once probed
+        self.hello = self._start()
+
+    def _start(self) -> dict:
+        try:
+            return self.child.start()
+        except RemoteError as exc:
+            self.child.close()
+            raise TargetImportError(str(exc), exc.info) from exc
+
+    def retarget(self, spec: str, learner_folder: str | None = None, name: str | None = None,
+                 chain: bool = False) -> None:
+        """Load another target into the same warm process (grade's next exercise file); a fresh one if it died."""
+        self.name, self.spec = name or spec, spec
+        self.child.init.update(target=spec, learner_folder=learner_folder, chain=chain)
+        self.probed = None
+        self.generation += 1
+        self.pending_frees.clear()
+        if not self.child.alive:
+            self.hello = self._start()
+            return
+        try:
+            self.hello = self.child.request(["init", self.child.init], "importing the target", timeout=START_TIMEOUT)
+        except RemoteError as exc:
+            self.child.close()
+            raise TargetImportError(str(exc), exc.info) from exc
+
+    def request(self, message: list, what: str) -> Any:
+        if not self.child.alive:
+            self.reset()
+        while self.pending_frees:
+            self.child.request(["model_free", self.pending_frees.pop()], "freeing a model")
+        try:
+            return self.child.request(message, what)
+        except BaseException as exc:  # a remote exception (a stub's included) carries what the target raised
+            if isinstance(getattr(exc, "info", None), dict):
+                self.last_error = exc.info
+            raise
+
+    def time_reference(self, op: str, args: tuple, kwargs: dict, seconds: float) -> None:
+        """Time lora_lab's own ``op`` on copies of the same inputs, for the first few calls of each op in a check.
+
+        Reported beside the target's time on those calls (``timing``), never a verdict: at the suite's small sizes
+        a call's fixed overhead dominates (peft + bitsandbytes builds a layer per call, the Triton interpreter runs
+        kernels in Python), so speed is judged by ``lora-lab bench`` at real sizes.
+        """
+        if op not in REFERENCE_TIMED or self.sampled.get(op, 0) >= REFERENCE_SAMPLES:
+            return
+        import lora_lab
+        from lora_lab.conformance.contract import owned_copy
+
+        copies_args, copies_kwargs = owned_copy(args), owned_copy(kwargs)
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                getattr(lora_lab, op)(*copies_args, **copies_kwargs)
+        except Exception:  # noqa: BLE001 - bad input, as the rejects_bad_input checks pass it: nothing to compare
+            return
+        self.sampled[op] = self.sampled.get(op, 0) + 1
+        self.timing[0] += seconds
+        self.timing[1] += time.perf_counter() - start
+
+    def reset(self) -> None:
+        """A fresh process for the next check: after a crash, a hang or an error nothing of the last one survives."""
+        self.child.close()
+        self.generation += 1
+        self.pending_frees.clear()
+        self.hello = self._start()
+
+    def close(self) -> None:
+        self.child.close()
+
+    @property
+    def origin(self) -> dict[str, dict]:
+        return self.hello["origin"]
+
+    def declaration(self, name: str) -> Any:
+        """A plain-data declaration of the target's module (``CAPABILITIES``, ``SELF_COMPARISONS``, ``LIBRARIES``),
+        as its process read it at import."""
+        return wire.decode(self.hello["declarations"].get(name))
+
+    def nf4_format(self) -> RemoteFormat | None:
+        """The target's own ``NF4_FORMAT``, its members called in the target's process; None when it has none."""
+        described = self.hello.get("nf4_format")
+        return None if described is None else RemoteFormat(self, described["name"], described["members"])
+
+    def provides(self, operation: str) -> bool:
+        return operation in self.hello["provides"]
+
+    def op(self, operation: str, watch_memory: bool = False) -> RemoteOp:
+        """The operation as a callable; ``watch_memory``: its inputs in guard regions and its kernels watched
+        (``bounds.py``), there in the target's process, where the kernels run."""
+        return RemoteOp(self, operation, watch=watch_memory)
+
+    def measured(self, operation: str, min_numel: int, *args):
+        """As ``runner.Target.measured``: the measurement is taken in the target's process, around the call."""
+        from lora_lab.conformance.memory import seen_from_wire
+
+        op = RemoteOp(self, operation, measure_min=min_numel)
+        result = op(*args)
+        saved, alive = op.last_call.measurement
+        return result, seen_from_wire(saved), seen_from_wire(alive)
+
+    def model(self, seed: int, **kwargs) -> RemoteModel:
+        start = time.perf_counter()
+        handle = self.request(["model_new", int(seed), wire.encode(kwargs)], f"apply_qlora(tiny_llama({seed}), ...)")
+        self.seconds += time.perf_counter() - start
+        return RemoteModel(self, int(handle))
