@@ -10,6 +10,8 @@
   since autograd's hooks, dispatch modes and the watch are per thread as well.
 - ``guard_inputs`` puts each input inside guard regions, as ``bounds.guarded``
   does in-process.
+- ``interpreted_launches`` counts the kernels Triton's interpreter has run: a
+  call that ran one is not held to the time budget (``runner.TIME_BUDGET``).
 """
 
 from __future__ import annotations
@@ -173,3 +175,27 @@ def same_values(after, before) -> bool:
         return False
     a = after.detach()
     return torch.equal(a, before) or (a.is_floating_point() and torch.equal(torch.nan_to_num(a), torch.nan_to_num(before)))
+
+
+_LAUNCHES = [0]
+
+
+def interpreted_launches() -> int:
+    """How many kernel launches Triton's interpreter (``TRITON_INTERPRET=1``) has run in this process so far.
+
+    Counted by wrapping the interpreter's launcher the first time this is asked after the target imported Triton;
+    0 while it has not."""
+    import sys
+
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    executor = getattr(interpreter, "GridExecutor", None)
+    if executor is not None and not getattr(executor.__call__, "_counted", False):
+        launch = executor.__call__
+
+        def counted(self, *args, **kwargs):
+            _LAUNCHES[0] += 1
+            return launch(self, *args, **kwargs)
+
+        counted._counted = True
+        executor.__call__ = counted
+    return _LAUNCHES[0]

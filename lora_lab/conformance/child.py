@@ -12,9 +12,11 @@ request                                     reply ``["ok", ...]``
 ==========================================  =================================================================
 ``["init", {sys_path, threads, target,``    ``{"provides": [ops], "origin": {op: origin}}``; the target is
 ``learner_folder}]``                        imported here (a learner's file is loaded from its path)
-``["call", op, args, kwargs, grad_flags,``  ``[result, changed_inputs, graph, seconds]``: the op's result;
-``grad_enabled]``                           the inputs it modified ``[[index, tensor]]``; a graph number when
-                                            the result needs gradients (its leaves are the inputs flagged)
+``["call", op, args, kwargs, grad_flags,``  ``[result, changed_inputs, graph, seconds, problems, measurement,``
+``grad_enabled, measure_min, watch]``       ``interpreted]``: the op's result; the inputs it modified
+                                            ``[[index, tensor]]``; a graph number when the result needs
+                                            gradients (its leaves are the inputs flagged); the call's own time;
+                                            what the probes found; whether Triton's interpreter ran
 ``["backward", graph, grad_outputs]``       ``[gradient of each flagged input, or None]``; frees the graph
 ``["model_new", seed, kwargs]``             a handle number: ``ModelHandle.build`` with the target's
                                             ``apply_qlora`` on ``tiny_llama(seed)``
@@ -38,7 +40,16 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from lora_lab.conformance.call_probes import Entered, Measured, StateWatch, Watched, guard_inputs, invoke, same_values
+from lora_lab.conformance.call_probes import (
+    Entered,
+    Measured,
+    StateWatch,
+    Watched,
+    guard_inputs,
+    interpreted_launches,
+    invoke,
+    same_values,
+)
 
 KEPT_GRAPHS = 16  # forward graphs awaiting their backward; the oldest is dropped first
 DECLARATIONS = ("CAPABILITIES", "SELF_COMPARISONS", "LIBRARIES")  # plain data a target module may declare
@@ -170,6 +181,7 @@ class Server:
         state = StateWatch()
         measured = Measured(measure_min) if measure_min is not None else Watched() if watch else None
         timing: list[float] = []
+        launches = interpreted_launches()
         try:
             result = self.run_op(op, args, kwargs, bool(grad_enabled), Entered(state, measured), timing)
         except BaseException as exc:
@@ -177,6 +189,7 @@ class Server:
                 raise
             result = None  # the stray access was stopped before it happened; the log says where
         seconds = sum(timing)
+        interpreted = interpreted_launches() > launches  # Triton's interpreter ran: the time is Python's, not the kernel's
         measurement = measured.summary() if isinstance(measured, Measured) else None
         if watch:
             problems += measured.problems(tensors)
@@ -195,7 +208,7 @@ class Server:
         graph = None
         if leaves and any(isinstance(t, torch.Tensor) and t.requires_grad for t in outputs):
             graph = self._keep(outputs, leaves, tensors if watch else None)
-        return [encoded, changed, graph, seconds, problems, measurement]
+        return [encoded, changed, graph, seconds, problems, measurement, interpreted]
 
     def _late_writes(self, when: str) -> list[str]:
         """Outputs of the previous call whose values changed after they were returned (aliasing, a late writer)."""

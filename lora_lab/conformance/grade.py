@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_lab.conformance.child_process import TargetCrashed, TargetImportError, TargetTimedOut
-from lora_lab.conformance.isolation import RemoteTarget
-from lora_lab.conformance.learner import not_yours_reason
+from lora_lab.conformance.isolation import Processes
+from lora_lab.conformance.learner import how_to_start, not_yours_reason
 from lora_lab.conformance.runner import (
     ERROR,
     FAILED,
@@ -93,6 +93,11 @@ class GradedCheck:
 
     check: Check
     points: int
+
+
+def selected_checks(exercise: Exercise, prefixes: list[str] | None) -> list[GradedCheck]:
+    """The exercise's graded checks whose names start with one of ``prefixes`` (all of them when None)."""
+    return [g for g in graded_checks(exercise) if not prefixes or g.check.name.startswith(tuple(prefixes))]
 
 
 def graded_checks(exercise: Exercise, checks: list[Check] | None = None) -> list[GradedCheck]:
@@ -147,35 +152,6 @@ def _explain(result: Result, error: dict | None) -> tuple[str, str]:
     return status, detail
 
 
-class Processes:
-    """The isolated processes of one grading run: one warm process for the learner's files, one per reference solution.
-
-    The learner's files are loaded one after another into the same process (so one exercise can import another,
-    and grading pays one start-up); after a crash, a hang or an error a fresh one takes over.
-    """
-
-    def __init__(self) -> None:
-        self.learner: RemoteTarget | None = None
-        self.solutions: dict[str, RemoteTarget] = {}
-
-    def solution(self, module: str) -> RemoteTarget:
-        if module not in self.solutions:
-            self.solutions[module] = RemoteTarget(module)
-        return self.solutions[module]
-
-    def learner_file(self, path: Path, folder: Path, chain: bool = False) -> RemoteTarget:
-        if self.learner is None:
-            self.learner = RemoteTarget(str(path), learner_folder=str(folder), chain=chain)
-        else:
-            self.learner.retarget(str(path), str(folder), chain=chain)
-        return self.learner
-
-    def close(self) -> None:
-        for target in [self.learner, *self.solutions.values()]:
-            if target is not None:
-                target.close()
-
-
 def _find_file(folder: Path, exercise: Exercise) -> Path | None:
     path = folder / f"{exercise.stem}.py"
     return path if path.is_file() else None
@@ -183,13 +159,14 @@ def _find_file(folder: Path, exercise: Exercise) -> Path | None:
 
 def grade_exercise(
     exercise: Exercise, folder: Path | None, on_row: Callable[[Row], None] = lambda row: None,
-    processes: Processes | None = None, chain: bool = False,
+    processes: Processes | None = None, chain: bool = False, checks: list[str] | None = None,
 ) -> ExerciseReport:
     """Run the exercise's checks on the learner's file in ``folder``, or on its reference solution when ``folder`` is None.
 
     The file (or the solution) is imported and run only in an isolated process (``processes``, started here if None).
     With ``chain`` the file's imports of the reference's earlier pieces are rebound to the learner's own
-    (``learner.chain_to_learner``, in that process); ``report.chained`` says what each name now calls.
+    (``learner.chain_to_learner``, in that process); ``report.chained`` says what each name now calls. ``checks``:
+    only the checks whose names start with one of these prefixes (``--check``).
     """
     own = processes is None
     processes = processes or Processes()
@@ -213,7 +190,7 @@ def grade_exercise(
         # after --chain: a rebound name is the learner's own
         borrowed = {} if folder is None or target is None else {
             op: origin for op, origin in target.origin.items() if origin["lora_lab"]}
-        for graded in graded_checks(exercise):
+        for graded in selected_checks(exercise, checks):
             start = time.perf_counter()
             not_yours = not_yours_reason(graded.check.requires, borrowed, exercise.stem)
             if unusable:
@@ -233,12 +210,12 @@ def grade_exercise(
 
 def grade(
     folder: Path | None, only: list[str] | None = None, profile: str = "ci", stream=sys.stdout, chain: bool = False,
-    seed: int | None = None,
+    seed: int | None = None, checks: list[str] | None = None,
 ) -> list[ExerciseReport]:
     """Grade the exercises in ``folder`` (or the reference solutions when None), printing tables to ``stream``."""
-    exercises = [e for e in EXERCISES if not only or e.id in only]
+    exercises = [e for e in EXERCISES if (not only or e.id in only) and selected_checks(e, checks)]
     folder = folder.resolve() if folder is not None else None
-    width = max((len(g.check.name) for e in exercises for g in graded_checks(e)), default=20)
+    width = max((len(g.check.name) for e in exercises for g in selected_checks(e, checks)), default=20)
     reports = []
     from lora_lab.conformance.profiles import command_profile
 
@@ -250,7 +227,7 @@ def grade(
                     f"no {exercise.stem}.py in {_display(folder)}: copy it from the lora_lab repository's exercises/")
                 print(f"\n{exercise.id}  {exercise.title}  [{_display(source)}]", file=stream, flush=True)
                 report = grade_exercise(exercise, folder, lambda row: print(format_row(row, width), file=stream, flush=True),
-                                        processes, chain)
+                                        processes, chain, checks)
                 if report.chained:
                     print(f"  with --chain: {'; '.join(report.chained)}", file=stream)
                 print(f"  {'':{14 + width}} {report.score:>3}/{report.total:<3} for exercise {exercise.id}", file=stream)
@@ -300,27 +277,15 @@ def next_step(reports: list[ExerciseReport], folder: Path) -> str | None:
     return None
 
 
-HOW_TO_START = """lora-lab grade: no exercises folder at {folder}.
-
-The exercises come with the lora_lab repository, in exercises/ (ex01_nf4.py ... ex08_triton_forward.py).
-Run lora-lab grade from the repository root, or point to the folder:
-
-    lora-lab grade --path {exercises}
-
-Each file opens with the idea, the spec and stubs that raise NotImplementedError; fill them in and grade
-one exercise with `lora-lab grade --only 01`. `lora-lab grade --solutions` grades the reference solutions."""
-
-
-def _checkout_exercises() -> str:
-    """The exercises/ folder next to this lora_lab, when it runs from a checkout (pip install -e .)."""
-    candidate = Path(__file__).resolve().parents[2] / "exercises"
-    return str(candidate) if (candidate / f"{EXERCISES[0].stem}.py").is_file() else "/path/to/lora_lab/exercises"
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only", nargs="+", metavar="NN", default=None, choices=[e.id for e in EXERCISES], type=lambda n: n.zfill(2),
         help="grade only these exercises (01 ... 08; 3 means 03)",
+    )
+    parser.add_argument(
+        "--check", nargs="+", metavar="NAME", default=None,
+        help="grade only the checks whose names start with these (e.g. training.lowers_loss or nf4.): faster feedback "
+        "on the one you are fixing",
     )
     parser.add_argument("--path", metavar="DIR", default="exercises", help="the exercises folder (default: ./exercises)")
     parser.add_argument("--json", metavar="FILE", help="also write the grades as JSON to FILE")
@@ -381,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     folder = None if args.solutions else Path(args.path).resolve()
     if folder is not None and not folder.is_dir():
-        print(HOW_TO_START.format(folder=folder, exercises=_checkout_exercises()), file=sys.stderr)
+        print(how_to_start(folder, EXERCISES[0].stem), file=sys.stderr)
         return 2
     if args.watch:
         if folder is None or not args.only or len(args.only) != 1:
@@ -394,7 +359,11 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else draw_seed() if args.profile == "scored" else None
     shown = f", seed {seed}" if seed is not None else ""
     print(f"lora-lab grade: {what}, hypothesis profile {args.profile}{shown}{', --chain' if args.chain else ''}")
-    reports = grade(folder, args.only, args.profile, chain=args.chain, seed=seed)
+    if args.check and not any(selected_checks(e, args.check) for e in EXERCISES if not args.only or e.id in args.only):
+        names = ", ".join(g.check.name for e in EXERCISES if not args.only or e.id in args.only for g in graded_checks(e))
+        print(f"lora-lab grade: no graded check starts with {', '.join(args.check)}; they are: {names}", file=sys.stderr)
+        return 2
+    reports = grade(folder, args.only, args.profile, chain=args.chain, seed=seed, checks=args.check)
     score, total = sum(r.score for r in reports), sum(r.total for r in reports)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -127,3 +127,22 @@ def not_yours_reason(requires: tuple[str, ...], borrowed: dict[str, dict], stem:
     where = ", ".join(sorted({borrowed[op]["module"] for op in ops}))
     return (f"{', '.join(ops)} in {stem}.py is lora_lab's own reference ({where}), imported rather than written: "
             "these points are for your own implementation")
+
+
+HOW_TO_START = """lora-lab grade: no exercises folder at {folder}.
+
+The exercises come with the lora_lab repository, in exercises/ (ex01_nf4.py ... ex08_triton_forward.py).
+Run lora-lab grade from the repository root, or point to the folder:
+
+    lora-lab grade --path {exercises}
+
+Each file opens with the idea, the spec and stubs that raise NotImplementedError; fill them in and grade
+one exercise with `lora-lab grade --only 01`. `lora-lab grade --solutions` grades the reference solutions."""
+
+
+def how_to_start(folder: Path, first_stem: str) -> str:
+    """What to do when there is no exercises folder: where the exercises are (next to this lora_lab, when it runs
+    from a checkout, pip install -e .) and how to grade them."""
+    candidate = Path(__file__).resolve().parents[2] / "exercises"
+    exercises = str(candidate) if (candidate / f"{first_stem}.py").is_file() else "/path/to/lora_lab/exercises"
+    return HOW_TO_START.format(folder=folder, exercises=exercises)

@@ -209,6 +209,14 @@ def quantized_layer_bytes(model: nn.Module) -> dict[str, int]:
     return census
 
 
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor storage reachable from the model, adapters left out, each storage once: the whole census
+    (a dense copy hidden anywhere in the model, not only in a layer, shows here)."""
+    storages: dict[int, int] = {}
+    _reachable_storages(model, storages, set(), skip_adapters=True)
+    return sum(storages.values())
+
+
 class ModelHandle:
     """A target's QLoRA model and what the properties may ask of it; every answer is a copy.
 
@@ -221,7 +229,7 @@ class ModelHandle:
     METHODS = ("adapters", "set_adapters", "parameters", "frozen_state", "dense_linear_names", "quantized_layer_names",
                "layer_kinds", "train", "logits", "backward_loss", "adapter_gradients", "enable_checkpointing",
                "make_optimizer", "training_step", "recorded_step", "kept_for_backward", "layer_forward",
-               "quantized_layer_bytes", "modes")
+               "quantized_layer_bytes", "held_bytes", "modes")
 
     def __init__(self, target, model: nn.Module) -> None:
         self.target, self.model, self.optimizer, self.seed = target, model, None, None
@@ -268,6 +276,9 @@ class ModelHandle:
     def quantized_layer_bytes(self) -> dict[str, int]:
         """The census of ``quantized_layer_bytes``: bytes of tensor storage each quantized layer holds."""
         return quantized_layer_bytes(self.model)
+
+    def held_bytes(self) -> int:
+        return held_bytes(self.model)
 
     def layer_kinds(self, names: list[str]) -> dict[str, dict]:
         """For each canonical name: the layer's class, whether it is an ``nn.Linear``, and its weight's type and storage."""

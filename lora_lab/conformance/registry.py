@@ -50,12 +50,14 @@ class Check:
     exercise: str  # the exercise that teaches it ("01" ... "08"), or "" for one no exercise teaches (not graded)
     func: Callable[[Any], None] = field(repr=False, compare=False)
     level: str = ""  # SEMANTIC or INTERCHANGE for the NF4 and layer checks: which conformance a failure is a failure of
+    timed: bool = False  # held to runner.TIME_BUDGET: the realistic-size checks, where fixed per-call costs are small
 
 
 CHECKS: list[Check] = []
 
 
-def check(name: str, *, requires: tuple[str, ...], points: int, exercise: str, hint: str, level: str = ""):
+def check(name: str, *, requires: tuple[str, ...], points: int, exercise: str, hint: str, level: str = "",
+          timed: bool = False):
     """Register a property. Its docstring's first line becomes the description."""
 
     def register(func: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -67,7 +69,8 @@ def check(name: str, *, requires: tuple[str, ...], points: int, exercise: str, h
         if level not in LEVEL_PREFIX:
             raise ValueError(f"check {name!r} has level {level!r}; expected one of {sorted(LEVEL_PREFIX)}")
         description = (func.__doc__ or name).strip().splitlines()[0]
-        CHECKS.append(Check(name, tuple(requires), points, description, LEVEL_PREFIX[level] + hint, exercise, func, level))
+        CHECKS.append(Check(name, tuple(requires), points, description, LEVEL_PREFIX[level] + hint, exercise, func, level,
+                            timed))
         return func
 
     return register

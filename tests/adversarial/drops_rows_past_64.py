@@ -4,7 +4,6 @@ never had more than 51 rows."""
 from lora_lab.lora import qlora_linear as reference
 
 REJECTED_BY = "qlora.forward_matches_float64"
-NEEDS = "strict's realistic-size case (M past several tiles, issue 16 item 2), not on main yet"
 
 
 def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None):

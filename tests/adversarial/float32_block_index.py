@@ -5,8 +5,7 @@ import torch
 
 from lora_lab.nf4 import NF4_CODE
 
-REJECTED_BY = "nf4.dequantize_matches_bitsandbytes"
-NEEDS = "strict's realistic-size case (a weight above 2^24 elements, issue 16 item 2), not on main yet"
+REJECTED_BY = "nf4.dequantize_realistic_size"
 
 
 def dequantize_nf4(q):

@@ -4,8 +4,7 @@ take), and computes from the copy; only a census of the tensors a model holds se
 from lora_lab.model import apply_qlora as reference_apply
 from lora_lab.train import training_step as reference_step
 
-REJECTED_BY = "qlora.apply_quantizes_whole_base"
-NEEDS = "strict's census of the tensors a model holds (issue 16 item 3), not on main yet"
+REJECTED_BY = "qlora.apply_holds_only_nf4"
 
 
 def apply_qlora(model, **kwargs):

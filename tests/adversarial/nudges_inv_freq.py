@@ -7,7 +7,6 @@ from lora_lab.model import apply_qlora as reference_apply
 from lora_lab.train import training_step as reference_step
 
 REJECTED_BY = "training.base_untouched"
-NEEDS = "strict's comparison of every buffer, persistent or not (issue 16 item 2), not on main yet"
 
 
 def apply_qlora(model, **kwargs):

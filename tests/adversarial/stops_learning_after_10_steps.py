@@ -4,8 +4,7 @@ whose longest run is 10 steps sees a model that learns."""
 from lora_lab.model import apply_qlora as reference_apply
 from lora_lab.train import training_step as reference_step
 
-REJECTED_BY = "training.lowers_loss"
-NEEDS = "strict's 32-step convergence check (issue 16 item 2), not on main yet"
+REJECTED_BY = "training.converges_like_reference"
 _calls = {}
 
 

@@ -86,7 +86,7 @@ def test_grade_rejects(path, info, tmp_path, capsys, call_limit):
     exercise = next(e for e in EXERCISES if e.id == check.exercise)
     (tmp_path / f"{exercise.stem}.py").write_text(path.read_text())
     report = tmp_path / "grade.json"
-    assert main(["grade", "--only", exercise.id, "--path", str(tmp_path), "--json", str(report)]) == 0
+    assert main(["grade", "--only", exercise.id, "--check", check.name, "--path", str(tmp_path), "--json", str(report)]) == 0
     out = capsys.readouterr().out
     assert out.rstrip().splitlines()[-1].startswith("Score: "), out
     (graded,) = json.loads(report.read_text())["exercises"]

@@ -22,6 +22,7 @@ from lora_lab.conformance.model_protocol import (
     MODEL_RTOL,
     adapters,
     dense_linear_names,
+    held_bytes,
     is_adapter_name,
     model_logits,
     module_at,
@@ -219,19 +220,31 @@ def nf4_budget(numel: int, blocksize: int = 64) -> int:
     requires=("apply_qlora",),
     points=3,
     exercise="06",
-    hint="QLoRA's point is memory: a quantized layer must not keep its dense weight around (as an attribute, a "
-    "buffer or a cache). Keep only the packed codes and the block statistics; dequantize on the fly in forward.",
+    hint="QLoRA's point is memory: a quantized model must not keep its dense weights around (as an attribute of a "
+    "layer or of the model, a buffer or a cache). Keep only the packed codes and the block statistics; dequantize on "
+    "the fly in forward.",
 )
 def apply_holds_only_nf4(target) -> None:
     """A census of every tensor each quantized layer holds: no more than NF4 takes, so no hidden dense copy."""
+    dense = tiny_llama(0)
     for double_quant in (True, False):
-        census = target.model(0, target_modules=ATTENTION, blocksize=64, double_quant=double_quant).quantized_layer_bytes()
+        model = target.model(0, target_modules=ATTENTION, blocksize=64, double_quant=double_quant)
+        census = model.quantized_layer_bytes()
         if not census:
             raise CheckFailed("found no quantized layer after apply_qlora, so there is nothing whose memory to count")
-        dense = tiny_llama(0)
         for name, held in census.items():
             numel = module_at(dense, name).weight.numel()
             if held > nf4_budget(numel):
                 raise CheckFailed(f"{name} holds {held:,} bytes of tensors (adapters left out) for {numel:,} weights "
                                   f"(double_quant={double_quant}); NF4 takes at most {nf4_budget(numel):,}, and a dense "
                                   f"fp32 copy alone is {4 * numel:,}: the layer keeps more than its 4-bit storage")
+        # The whole model: what the dense model holds besides these layers' weights (embeddings, norms, lm_head,
+        # rotary tables), plus NF4's budget for each; a copy kept anywhere else (the model's own attributes) shows here.
+        weights = {name: module_at(dense, name).weight for name in census}
+        allowed = held_bytes(dense) - sum(w.numel() * w.element_size() for w in weights.values()) + sum(
+            nf4_budget(w.numel()) for w in weights.values())
+        held = model.held_bytes()
+        if held > allowed:
+            raise CheckFailed(f"the model holds {held:,} bytes of tensors (adapters left out; double_quant={double_quant}); "
+                              f"its dense parts and NF4 layers need at most {allowed:,}: {held - allowed:,} bytes more, "
+                              "a copy kept outside the quantized layers (a dense weight in an attribute of the model?)")

@@ -184,6 +184,7 @@ LLAMA3_VOCAB = 128_256
     exercise="04",
     hint="Llama 3's vocabulary has 128,256 tokens: a token id needs more than 16 bits, and a log-sum-exp over that "
     "many bf16 logits must be computed in float32.",
+    timed=True,
 )
 def llama_vocab(target) -> None:
     """Over Llama 3's 128,256-token vocabulary (bf16 logits, ids past 65,535), loss and gradient equal the float64 ones."""

@@ -54,6 +54,7 @@ def _beyond_2_24():
     exercise="01",
     hint="Real weights are large: Llama 3.1 8B's MLP weights hold 58.7 million elements. Past 2^24 (16.8 million) "
     "float32 cannot count every element, so compute element and block indices with integers, never in float32.",
+    timed=True,
 )
 def quantize_realistic_size(target) -> None:
     """A weight of 2^24 + 262,144 elements (blocksize 64, double quant) gives bitsandbytes' bytes and statistics."""
@@ -77,6 +78,7 @@ def quantize_realistic_size(target) -> None:
     exercise="01",
     hint="Past 2^24 elements float32 cannot count every element: element i's block is i // blocksize in integers. "
     "A float32 index sends some elements near the end of a large weight to their neighbour's block.",
+    timed=True,
 )
 def dequantize_realistic_size(target) -> None:
     """A double-quantized weight of 2^24 + 262,144 elements dequantizes to bitsandbytes' values exactly."""
@@ -94,6 +96,7 @@ def dequantize_realistic_size(target) -> None:
     exercise="03",
     hint="At real sizes K is 4096: every loop over K, every tile of N, must run to the end. Decoding is M = 2 rows, "
     "less than one tile; make sure a tile that is mostly empty still writes its rows.",
+    timed=True,
 )
 def llama_shapes(target) -> None:
     """Llama 3.1 8B's q_proj (4096 x 4096) forward and k_proj (1024 x 4096) forward and backward, bf16, M = 2, r = 16."""
