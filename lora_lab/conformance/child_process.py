@@ -18,10 +18,20 @@ import subprocess
 import sys
 from typing import Any
 
-from lora_lab.conformance import wire
-
 CALL_TIMEOUT_ENV = "LORA_LAB_CALL_TIMEOUT"  # seconds one call to the target may take (default 300)
 START_TIMEOUT = 300.0  # importing torch, bitsandbytes and the target on a busy machine
+
+
+def wait_passively() -> None:
+    """Make this process's OpenMP threads sleep, not spin, while they wait (``OMP_WAIT_POLICY=PASSIVE``).
+
+    The suite and the target's process take turns: one computes while the other waits for its reply. By default
+    torch's idle OpenMP threads spin for a while after each op, so on a small machine the waiting process burns the
+    cores the working one needs (``lora-lab verify lora_lab`` took 3x as long). OpenMP reads this when torch is
+    imported, so it takes effect only before that; the target's process always gets it (``Child.launch``).
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 class TargetCrashed(BaseException):
@@ -92,17 +102,27 @@ class Child:
         self.hello: dict | None = None
 
     def start(self) -> dict:
+        self.launch()
+        return self.await_hello()
+
+    def launch(self) -> None:
+        """Start the process and send it the target to import, without waiting: it imports while the caller works."""
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lora_lab.conformance.child", str(to_child_r), str(from_child_w)],
             pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, close_fds=True,
+            env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},  # see wait_passively
         )
         os.close(to_child_r)
         os.close(from_child_w)
         self.outbox = os.fdopen(to_child_w, "wb", buffering=0)
         self.inbox = os.fdopen(from_child_r, "rb", buffering=0)
-        self.hello = self.request(["init", self.init], "importing the target", timeout=START_TIMEOUT)
+        self._send(["init", self.init], "importing the target")
+
+    def await_hello(self) -> dict:
+        """The reply to ``launch``'s init: what the target provides (its import error, raised here, if it fails)."""
+        self.hello = self._receive("importing the target", START_TIMEOUT)
         return self.hello
 
     @property
@@ -111,19 +131,34 @@ class Child:
 
     def request(self, message: list, what: str, timeout: float | None = None) -> Any:
         """Send one request and wait for its reply; a crash, a hang or a malformed reply ends the check."""
-        timeout = self.call_timeout if timeout is None else timeout
+        self._send(message, what)
+        return self._receive(what, self.call_timeout if timeout is None else timeout)
+
+    def _crashed(self, what: str) -> TargetCrashed:
+        code = self.process.wait(timeout=10) if self.process else None
+        self.process = None
+        return TargetCrashed(f"the target's process died during {what}: {_signal_name(code)}")
+
+    def _send(self, message: list, what: str) -> None:
         try:
+            from lora_lab.conformance import wire  # imports torch: not at import time (`lora-lab grade -h` stays fast)
+
             wire.send(self.outbox, message)
+        except (BrokenPipeError, OSError) as exc:
+            raise self._crashed(what) from exc
+
+    def _receive(self, what: str, timeout: float) -> Any:
+        try:
             ready, _, _ = select.select([self.inbox], [], [], timeout)
             if not ready:
                 self.close()
                 raise TargetTimedOut(f"the target did not answer {what} within {timeout:.0f} s; its process was killed "
                                      f"(set {CALL_TIMEOUT_ENV} to allow more)")
+            from lora_lab.conformance import wire
+
             reply = wire.receive(self.inbox)
         except (EOFError, BrokenPipeError, OSError) as exc:
-            code = self.process.wait(timeout=10) if self.process else None
-            self.process = None
-            raise TargetCrashed(f"the target's process died during {what}: {_signal_name(code)}") from exc
+            raise self._crashed(what) from exc
         except Exception as exc:  # noqa: BLE001 - a reply that is not our protocol
             self.close()
             raise TargetCrashed(f"the target's process sent a malformed reply to {what} ({exc}); it was stopped") from exc

@@ -42,8 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_lab.conformance.child_process import TargetCrashed, TargetImportError, TargetTimedOut
-from lora_lab.conformance.isolation import Processes
+from lora_lab.conformance.child_process import TargetCrashed, TargetImportError, TargetTimedOut, wait_passively
 from lora_lab.conformance.learner import how_to_start, not_yours_reason
 from lora_lab.conformance.runner import (
     ERROR,
@@ -159,16 +158,19 @@ def _find_file(folder: Path, exercise: Exercise) -> Path | None:
 
 def grade_exercise(
     exercise: Exercise, folder: Path | None, on_row: Callable[[Row], None] = lambda row: None,
-    processes: Processes | None = None, chain: bool = False, checks: list[str] | None = None,
+    processes=None, chain: bool = False, checks: list[str] | None = None,
 ) -> ExerciseReport:
     """Run the exercise's checks on the learner's file in ``folder``, or on its reference solution when ``folder`` is None.
 
-    The file (or the solution) is imported and run only in an isolated process (``processes``, started here if None).
+    The file (or the solution) is imported and run only in an isolated process (``processes``, an
+    ``isolation.Processes``, started here if None).
     With ``chain`` the file's imports of the reference's earlier pieces are rebound to the learner's own
     (``learner.chain_to_learner``, in that process); ``report.chained`` says what each name now calls. ``checks``:
     only the checks whose names start with one of these prefixes (``--check``).
     """
     own = processes is None
+    from lora_lab.conformance.isolation import Processes  # imports torch: not at import time (`grade -h` stays fast)
+
     processes = processes or Processes()
     target, unusable = None, None  # unusable: (status, detail) for every row when the file cannot be graded
     try:
@@ -213,13 +215,20 @@ def grade(
     seed: int | None = None, checks: list[str] | None = None,
 ) -> list[ExerciseReport]:
     """Grade the exercises in ``folder`` (or the reference solutions when None), printing tables to ``stream``."""
-    exercises = [e for e in EXERCISES if (not only or e.id in only) and selected_checks(e, checks)]
     folder = folder.resolve() if folder is not None else None
+    from lora_lab.conformance.isolation import Processes
+
+    processes = Processes()  # started first: the targets import in their processes while this one imports the suite
+    first = [e for e in EXERCISES if not only or e.id in only]
+    if folder is None:
+        processes.prestart_solutions([e.solution for e in first])
+    elif first and _find_file(folder, first[0]):
+        processes.prestart_learner(_find_file(folder, first[0]), folder, chain)
+    exercises = [e for e in first if selected_checks(e, checks)]
     width = max((len(g.check.name) for e in exercises for g in selected_checks(e, checks)), default=20)
     reports = []
     from lora_lab.conformance.profiles import command_profile
 
-    processes = Processes()
     try:
         with command_profile(profile, seed):
             for exercise in exercises:
@@ -340,6 +349,7 @@ def to_json(reports: list[ExerciseReport], profile: str, seed: int | None = None
 
 
 def run(args: argparse.Namespace) -> int:
+    wait_passively()  # before torch is imported: this process and the target's take turns
     # The checks hand kernels CPU tensors, so Triton exercises run under its interpreter, GPU or not; it must be
     # set before any @triton.jit runs. bitsandbytes' import-time advice to `pip install kernels` is noise here.
     os.environ.setdefault("TRITON_INTERPRET", "1")

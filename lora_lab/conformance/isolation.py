@@ -203,7 +203,9 @@ class RemoteTarget:
     """An implementation under test that runs in its own process; what the properties see is ``runner.Target``'s API."""
 
     def __init__(self, spec: str, learner_folder: str | None = None, call_timeout: float | None = None,
-                 name: str | None = None, chain: bool = False) -> None:
+                 name: str | None = None, chain: bool = False, wait: bool = True) -> None:
+        """``wait=False``: the process starts importing the target at once and the caller goes on with its own work
+        (importing the suite); the first use of ``hello`` (or ``wait()``) takes its reply."""
         self.name = name or spec
         self.spec = spec
         init = {"sys_path": list(sys.path), "threads": torch.get_num_threads(), "target": spec,
@@ -213,18 +215,34 @@ class RemoteTarget:
         self.sampled: dict[str, int] = {}  # calls per op whose time was compared with the reference's, this check
         self.timing = [0.0, 0.0]  # on those calls: the target's seconds, lora_lab's reference's seconds
         self.interpreted = 0  # calls this check that ran Triton's interpreter (not timed against the reference)
+        self.timed = False  # this check is held to the time budget (Check.timed): time the reference beside the target
         self.generation = 0
         self.pending_frees: list[int] = []
         self.last_error: dict | None = None  # what the target raised last (grade explains a row with it)
         self.probed = None  # what formats.capabilities found the target's format supports, once probed
-        self.hello = self._start()
+        self._hello: dict | None = None
+        self.child.launch()
+        if wait:
+            self.wait()
+
+    def wait(self) -> dict:
+        """The started process's answer to importing the target; TargetImportError when the target does not import."""
+        if self._hello is None:
+            try:
+                self._hello = self.child.await_hello()
+            except RemoteError as exc:
+                self.child.close()
+                raise TargetImportError(str(exc), exc.info) from exc
+        return self._hello
+
+    @property
+    def hello(self) -> dict:
+        return self.wait()
 
     def _start(self) -> dict:
-        try:
-            return self.child.start()
-        except RemoteError as exc:
-            self.child.close()
-            raise TargetImportError(str(exc), exc.info) from exc
+        self._hello = None
+        self.child.launch()
+        return self.wait()
 
     def retarget(self, spec: str, learner_folder: str | None = None, name: str | None = None,
                  chain: bool = False) -> None:
@@ -235,10 +253,10 @@ class RemoteTarget:
         self.generation += 1
         self.pending_frees.clear()
         if not self.child.alive:
-            self.hello = self._start()
+            self._start()
             return
         try:
-            self.hello = self.child.request(["init", self.child.init], "importing the target", timeout=START_TIMEOUT)
+            self._hello = self.child.request(["init", self.child.init], "importing the target", timeout=START_TIMEOUT)
         except RemoteError as exc:
             self.child.close()
             raise TargetImportError(str(exc), exc.info) from exc
@@ -256,14 +274,14 @@ class RemoteTarget:
             raise
 
     def time_reference(self, op: str, args: tuple, kwargs: dict, seconds: float) -> None:
-        """Time lora_lab's own ``op`` on copies of the same inputs, for the first few calls of each op in a check.
+        """Time lora_lab's own ``op`` on copies of the same inputs, for the first few calls of each op in a timed check.
 
         Reported beside the target's time on those calls (``timing``), and held to ``runner.TIME_BUDGET``, which
         only a large slowdown exceeds: at the suite's small sizes a call's fixed overhead dominates (peft +
         bitsandbytes builds a layer per call), so only the realistic-size checks can exceed it, and calls that ran
         Triton's interpreter (kernels in Python) are not timed at all. Speed itself is ``lora-lab bench``'s.
         """
-        if op not in REFERENCE_TIMED or self.sampled.get(op, 0) >= REFERENCE_SAMPLES:
+        if not self.timed or op not in REFERENCE_TIMED or self.sampled.get(op, 0) >= REFERENCE_SAMPLES:
             return
         import lora_lab
         from lora_lab.conformance.contract import owned_copy
@@ -284,7 +302,7 @@ class RemoteTarget:
         self.child.close()
         self.generation += 1
         self.pending_frees.clear()
-        self.hello = self._start()
+        self._start()
 
     def close(self) -> None:
         self.child.close()
@@ -336,18 +354,36 @@ class Processes:
 
     def __init__(self) -> None:
         self.learner: RemoteTarget | None = None
+        self.prestarted = False  # the learner's process was started on the first file and has not graded it yet
         self.solutions: dict[str, RemoteTarget] = {}
+
+    def prestart_solutions(self, modules: list[str]) -> None:
+        """Start each solution's process now, without waiting: they import while the grader imports the suite."""
+        for module in dict.fromkeys(modules):
+            if module not in self.solutions:
+                self.solutions[module] = RemoteTarget(module, wait=False)
+
+    def prestart_learner(self, path: Path, folder: Path, chain: bool = False) -> None:
+        """Start the learner's process on its first file now, without waiting (``learner_file`` then takes it)."""
+        self.learner = RemoteTarget(str(path), learner_folder=str(folder), chain=chain, wait=False)
+        self.prestarted = True
 
     def solution(self, module: str) -> RemoteTarget:
         if module not in self.solutions:
             self.solutions[module] = RemoteTarget(module)
-        return self.solutions[module]
+        target = self.solutions[module]
+        target.wait()
+        return target
 
     def learner_file(self, path: Path, folder: Path, chain: bool = False) -> RemoteTarget:
         if self.learner is None:
             self.learner = RemoteTarget(str(path), learner_folder=str(folder), chain=chain)
+        elif self.prestarted and self.learner.spec == str(path):
+            self.prestarted = False
+            self.learner.wait()
         else:
             self.learner.retarget(str(path), str(folder), chain=chain)
+        self.prestarted = False
         return self.learner
 
     def close(self) -> None:

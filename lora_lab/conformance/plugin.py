@@ -21,6 +21,9 @@ from __future__ import annotations
 import pytest
 
 import lora_lab.conformance.profiles  # noqa: F401  (registers ci / dev / thorough)
+from lora_lab.conformance.child_process import wait_passively
+
+wait_passively()  # pytest and the targets' processes take turns: idle OpenMP threads must not spin meanwhile
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -119,6 +119,7 @@ class Target:
     sampled = None  # per check, set by run_check: calls timed against the reference (isolated targets only)
     timing = (0.0, 0.0)
     interpreted = 0
+    timed = False
 
     def reset(self) -> None:
         """Nothing to restart in this process (an isolated target starts a fresh one)."""
@@ -187,6 +188,7 @@ def run_check(check: Check, target: Target) -> Result:
 
     contract.WATCH.clear()  # outputs of an earlier check are not this check's to judge
     target.seconds, target.sampled, target.timing, target.interpreted = 0.0, {}, [0.0, 0.0], 0
+    target.timed = check.timed
     result = _run(check, target)
     result.target_seconds = target.seconds
     result.sampled_seconds, result.reference_seconds = target.timing
