@@ -4,6 +4,7 @@ which tensor and which side, and a correct kernel (a BLOCK smaller than the bloc
 The kernels are realistic learner files kept in tests/mutants/ (each also a mutant of the suite).
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -65,3 +66,21 @@ def _module(source: str):
     module = types.ModuleType("learner_kernel")
     exec(compile(source, "learner_kernel.py", "exec"), module.__dict__)  # noqa: S102 - our own test source
     return module
+
+
+def test_a_kernel_with_no_masks_at_all_is_graded_to_the_end(tmp_path, capsys):
+    """Its stores write past the output too: under the interpreter that corrupts the heap of the process it runs in
+    (glibc aborted the grader once, before the Score line). Graded in its own process, it costs only its own rows."""
+    source = UNMASKED_DEQUANTIZE.replace("tl.store(out_ptr + offs, values, mask=offs < numel)",
+                                         "tl.store(out_ptr + offs, values)").replace("BLOCK = 256", "BLOCK = 4096")
+    assert "mask=" not in source.split("def dequantize_nf4")[0].split("@triton.jit")[1]
+    write_exercise(tmp_path, "ex07_triton_dequant", source)
+    report_file = tmp_path / "grade.json"
+    from lora_lab.cli import main
+
+    assert main(["grade", "--only", "07", "--path", str(tmp_path), "--json", str(report_file)]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("Score: ")
+    (graded,) = json.loads(report_file.read_text())["exercises"]
+    bounds = next(r for r in graded["checks"] if r["check"] == "bounds.dequantize_nf4")
+    assert bounds["status"] in ("failed", "error") and bounds["points"] == 0, bounds
+    assert graded["score"] < graded["total"]
