@@ -215,7 +215,8 @@ class Server:
         outputs: list = []
         encoded = wire.encode(result, None, outputs, self.objects)
         problems += self._late_writes("during")
-        held = {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+        # A format's accessors (to_nf4, codes, ...) may return views of the weight they are given; an operation may not.
+        held = {t.untyped_storage().data_ptr() for t in tensors if t.numel()} if not op.startswith("NF4_FORMAT.") else set()
         if any(t.numel() and t.untyped_storage().data_ptr() in held for t in outputs if isinstance(t, torch.Tensor)):
             problems.append("it returned a tensor that shares storage with one of its inputs; expected a new tensor")
         self.previous = (op, [(t, t.detach().clone()) for t in outputs if isinstance(t, torch.Tensor)])
@@ -264,11 +265,8 @@ class Server:
     def model_new(self, seed: int, kwargs) -> int:
         from lora_lab.conformance import wire
         from lora_lab.conformance.model_protocol import ModelHandle
-        from lora_lab.conformance.oracles import bitsandbytes_eager
-
-        self.counter += 1
-        with bitsandbytes_eager():  # a bitsandbytes model would otherwise recompile its dequantizer for every shape
-            self.models[self.counter] = ModelHandle.build(self.target, int(seed), **wire.decode(kwargs))
+        self.counter += 1  # the target's libraries as they come (bitsandbytes compiles its dequantizer): no eager stance
+        self.models[self.counter] = ModelHandle.build(self.target, int(seed), **wire.decode(kwargs))
         return self.counter
 
     def model_call(self, handle: int, method: str, args) -> list:
@@ -278,11 +276,8 @@ class Server:
 
         if method not in ModelHandle.METHODS:
             raise ValueError(f"ModelHandle has no remote method {method!r}")
-        from lora_lab.conformance.oracles import bitsandbytes_eager
-
         start = time.perf_counter()
-        with bitsandbytes_eager():
-            result = getattr(self.models[int(handle)], method)(*wire.decode(args, NF4Tensor, None, self.objects))
+        result = getattr(self.models[int(handle)], method)(*wire.decode(args, NF4Tensor, None, self.objects))
         return [wire.encode(result, None, None, self.objects), time.perf_counter() - start]
 
 
