@@ -264,6 +264,7 @@ class RemoteTarget:
     def request(self, message: list, what: str) -> Any:
         if not self.child.alive:
             self.reset()
+        self.wait()  # a process started without waiting answers its init first
         while self.pending_frees:
             self.child.request(["model_free", self.pending_frees.pop()], "freeing a model")
         try:
@@ -302,7 +303,8 @@ class RemoteTarget:
         self.child.close()
         self.generation += 1
         self.pending_frees.clear()
-        self._start()
+        self._hello = None
+        self.child.launch()  # not waited for: it imports while the suite reports this check and draws the next one
 
     def close(self) -> None:
         self.child.close()

@@ -181,7 +181,10 @@ def _user_traceback(exc: BaseException) -> str:
 
 def run_check(check: Check, target: Target) -> Result:
     """Run one check on one target; never raises. After an error an isolated target gets a fresh process."""
-    missing = [op for op in check.requires if not target.provides(op)]
+    try:
+        missing = [op for op in check.requires if not target.provides(op)]
+    except ValueError as exc:  # an isolated target whose restarted process no longer imports it
+        return Result(check, ERROR, f"the target's process could not be restarted: {exc}")
     if missing:
         return Result(check, NOT_PROVIDED, f"target has no {', '.join(missing)}")
     from lora_lab.conformance import contract  # imports torch: not at import time, so `lora-lab verify -h` stays fast
@@ -201,10 +204,7 @@ def run_check(check: Check, target: Target) -> Result:
             f"({result.slowdown:.0f}x; the budget is {ratio:.0f}x the reference's time plus {floor} s a check); the "
             "values were right"))
     if result.status == ERROR:
-        try:
-            target.reset()
-        except ValueError as exc:  # the target no longer imports: the next check says so too
-            result.detail += f"\n(restarting the target's process failed: {exc})"
+        target.reset()  # an isolated target gets a fresh process (its import is awaited by the next check)
     return result
 
 
