@@ -6,11 +6,21 @@
 
 Each check asks for a number of examples sized for ``ci``; ``examples(n)``
 scales it by the active profile, so one knob makes the whole suite deeper.
+
+``command_profile`` also runs the checks on one torch thread (``$LORA_LAB_THREADS``
+asks for more), as ``lora-lab demo``, ``train`` and ``bench`` do: the drawn
+problems are small, and on a busy 2-core machine torch's default of one thread
+per core made every tiny op wait for a descheduled thread that spins. Exercise
+06 took 66 CPU s and 85 s with two threads beside one busy core, against 12 CPU s
+and 24 s with one, and the whole grade 100 s against 19 s beside another test
+run. On an idle machine the wall time is the same, but for exercise 01's
+17-million-element weight, which quantizes about 0.7 s slower on one thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from hypothesis import HealthCheck, Phase, Verbosity, settings
@@ -41,6 +51,22 @@ def examples(n: int) -> int:
     return max(1, n * settings.default.max_examples // 100)
 
 
+THREADS_ENV = "LORA_LAB_THREADS"  # the same variable as lora-lab demo's and train's --threads default
+
+
+def command_threads() -> int:
+    """The torch threads ``lora-lab grade`` and ``verify`` check on: ``$LORA_LAB_THREADS``, else 1; 0 is torch's default."""
+    text = os.environ.get(THREADS_ENV, "1")
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = -1
+    if threads < 0:
+        raise ValueError(f"${THREADS_ENV}={text!r}: expected a whole number of threads >= 0 (0: torch's default of one "
+                         "per core)")
+    return threads
+
+
 @contextlib.contextmanager
 def command_profile(name: str, seed: int | None = None) -> Iterator[None]:
     """Load profile ``name`` for ``lora-lab verify`` / ``grade``, and restore the previous one afterwards.
@@ -57,9 +83,15 @@ def command_profile(name: str, seed: int | None = None) -> Iterator[None]:
     With ``seed``, every property draws from that seed (derandomization off), as
     pytest's ``--hypothesis-seed`` does: a scored run is reproducible by whoever
     knows the seed, and by no one else.
+
+    torch runs on ``command_threads()`` threads inside the block, and on as many as
+    before after it (the contract's global-state check compares each call's
+    before and after, so a target still may not change the count).
     """
     import hypothesis.core
+    import torch
 
+    threads = command_threads()  # first: a bad $LORA_LAB_THREADS fails before anything is changed
     current = getattr(settings, "get_current_profile_name", None)  # public only in recent hypothesis versions
     previous = current() if current else settings._current_profile
     parent = settings.get_profile(name)
@@ -70,8 +102,12 @@ def command_profile(name: str, seed: int | None = None) -> Iterator[None]:
     settings.load_profile(command)
     previous_seed = hypothesis.core.global_force_seed  # what hypothesis' own pytest plugin sets for --hypothesis-seed
     hypothesis.core.global_force_seed = seed
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
+        torch.set_num_threads(previous_threads)
         hypothesis.core.global_force_seed = previous_seed
         settings.load_profile(previous)
