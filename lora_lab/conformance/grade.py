@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_lab.conformance.child_process import TargetCrashed, TargetImportError, TargetTimedOut, wait_passively
-from lora_lab.conformance.learner import how_to_start, not_yours_reason
+from lora_lab.conformance.learner import MISSING, NOT_YOURS, explain, how_to_start, not_yours_reason
+from lora_lab.conformance.profiles import command_threads
 from lora_lab.conformance.runner import (
     ERROR,
     FAILED,
@@ -51,7 +52,6 @@ from lora_lab.conformance.runner import (
     NOT_PROVIDED,
     PASSED,
     Check,
-    Result,
     all_checks,
     run_check,
 )
@@ -80,8 +80,6 @@ EXERCISES = (
              borrowed=(("qlora.forward_matches_float64", 15), ("qlora.rejects_bad_input", 3),
                        ("qlora.gradients_match_float64", 12))),
 )
-MISSING = "missing"  # the exercise file, or the function a check needs, is not there
-NOT_YOURS = "not your code"  # the function a check needs is lora_lab's own, imported into the exercise file
 STATUS_WORDS = {PASSED: "passed", FAILED: "failed", ERROR: "error", NOT_ATTEMPTED: "not attempted", NOT_PROVIDED: MISSING,
                 NOT_YOURS: NOT_YOURS}
 
@@ -136,21 +134,6 @@ class ExerciseReport:
         return sum(r.graded.points for r in self.rows)
 
 
-def _explain(result: Result, error: dict | None) -> tuple[str, str]:
-    """``(status, detail)`` for a table row, using what the learner's code raised last (``child.Server.describe``)."""
-    status, detail = result.status, result.detail
-    if status != PASSED and error is not None and "NotImplementedError" in error["bases"]:
-        if error["stub"] or error["in_learner_file"]:  # one of the learner's stubs (StubReached ended the check)
-            return NOT_ATTEMPTED, error["message"] or "raises NotImplementedError (still a stub)"
-        return ERROR, error["traceback"]  # torch or Triton lacks an op: a real error, not a stub
-    learner_assert = error is not None and "AssertionError" in error["bases"] and not error["check_failed"]
-    if status == FAILED and learner_assert and error["in_learner_file"] and detail == error["message"].strip():
-        return ERROR, error["traceback"]  # the learner's own assert, not a property of the suite
-    if status == NOT_PROVIDED:
-        return MISSING, detail.replace("target has no", "the file defines no")
-    return status, detail
-
-
 def _find_file(folder: Path, exercise: Exercise) -> Path | None:
     path = folder / f"{exercise.stem}.py"
     return path if path.is_file() else None
@@ -201,7 +184,7 @@ def grade_exercise(
                 status, detail = NOT_YOURS, not_yours
             else:
                 target.last_error = None
-                status, detail = _explain(run_check(graded.check, target), target.last_error)
+                status, detail = explain(run_check(graded.check, target), target.last_error)
             report.rows.append(Row(graded, status, detail, time.perf_counter() - start))
             on_row(report.rows[-1])
     finally:
@@ -350,6 +333,11 @@ def to_json(reports: list[ExerciseReport], profile: str, seed: int | None = None
 
 def run(args: argparse.Namespace) -> int:
     wait_passively()  # before torch is imported: this process and the target's take turns
+    try:
+        command_threads()  # a bad $LORA_LAB_THREADS is a usage error, before any process starts
+    except ValueError as exc:
+        print(f"lora-lab grade: {exc}", file=sys.stderr)
+        return 2
     # The checks hand kernels CPU tensors, so Triton exercises run under its interpreter, GPU or not; it must be
     # set before any @triton.jit runs. bitsandbytes' import-time advice to `pip install kernels` is noise here.
     os.environ.setdefault("TRITON_INTERPRET", "1")

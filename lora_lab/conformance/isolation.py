@@ -208,7 +208,10 @@ class RemoteTarget:
         (importing the suite); the first use of ``hello`` (or ``wait()``) takes its reply."""
         self.name = name or spec
         self.spec = spec
-        init = {"sys_path": list(sys.path), "threads": torch.get_num_threads(), "target": spec,
+        from lora_lab.conformance.profiles import command_threads
+
+        # the checks' thread count (profiles.command_threads: one, unless $LORA_LAB_THREADS says otherwise)
+        init = {"sys_path": list(sys.path), "threads": command_threads() or torch.get_num_threads(), "target": spec,
                 "learner_folder": learner_folder, "chain": chain}
         self.child = Child(init, call_timeout)
         self.seconds = 0.0  # time spent inside the target's calls, as its process measured it

@@ -14,6 +14,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+MISSING = "missing"  # the exercise file, or the function a check needs, is not there
+NOT_YOURS = "not your code"  # the function a check needs is lora_lab's own, imported into the exercise file
+
 
 class StubReached(BaseException):
     """A stub in the learner's file raised NotImplementedError: end the check at once.
@@ -146,3 +149,22 @@ def how_to_start(folder: Path, first_stem: str) -> str:
     candidate = Path(__file__).resolve().parents[2] / "exercises"
     exercises = str(candidate) if (candidate / f"{first_stem}.py").is_file() else "/path/to/lora_lab/exercises"
     return HOW_TO_START.format(folder=folder, exercises=exercises)
+
+
+def explain(result, error: dict | None) -> tuple[str, str]:
+    """``(status, detail)`` for a grade table row from a ``runner.Result``, using what the learner's code raised last
+    (``child.Server.describe``): a stub is "not attempted", the learner's own assert an error, a missing function
+    "missing"."""
+    from lora_lab.conformance.registry import ERROR, FAILED, NOT_ATTEMPTED, NOT_PROVIDED, PASSED
+
+    status, detail = result.status, result.detail
+    if status != PASSED and error is not None and "NotImplementedError" in error["bases"]:
+        if error["stub"] or error["in_learner_file"]:  # one of the learner's stubs (StubReached ended the check)
+            return NOT_ATTEMPTED, error["message"] or "raises NotImplementedError (still a stub)"
+        return ERROR, error["traceback"]  # torch or Triton lacks an op: a real error, not a stub
+    learner_assert = error is not None and "AssertionError" in error["bases"] and not error["check_failed"]
+    if status == FAILED and learner_assert and error["in_learner_file"] and detail == error["message"].strip():
+        return ERROR, error["traceback"]  # the learner's own assert, not a property of the suite
+    if status == NOT_PROVIDED:
+        return MISSING, detail.replace("target has no", "the file defines no")
+    return status, detail

@@ -215,12 +215,14 @@ def run(args: argparse.Namespace) -> int:
     from lora_lab.conformance.isolation import RemoteTarget
     from lora_lab.conformance.profiles import draw_seed
 
-    target = RemoteTarget(args.target, wait=False)  # it imports the target while this process imports the suite
+    target = None
     try:
+        target = RemoteTarget(args.target, wait=False)  # it imports the target while this process imports the suite
         _select(args.only)
         target.wait()
     except ValueError as exc:
-        target.close()
+        if target is not None:
+            target.close()
         print(f"lora-lab verify: {exc}", file=sys.stderr)
         return 2
     if not any(target.provides(op) for op in OPERATIONS):
