@@ -1,8 +1,10 @@
 """The target's own process: it imports the target and calls it, and nothing else.
 
-``isolation.Child`` starts this module as a fresh interpreter (``python -m
-lora_lab.conformance.child READ_FD WRITE_FD``: a spawn, never a fork, so the
-child inherits none of the parent's objects) and talks to it over two pipes.
+``child_process.Child`` starts it as a fork of a clean server process (a fresh
+interpreter that imported only torch and this module, ``child_process._fork_server``;
+with ``LORA_LAB_SPAWN=1``, as ``python -m lora_lab.conformance.child READ_FD WRITE_FD``),
+never as a fork of the suite's process, so it inherits none of the suite's objects,
+and talks to it over two pipes.
 The child's stdout goes to stderr, so a target's prints reach the terminal but
 never the protocol or the report. Each request is one framed message (see
 ``wire``), each gets exactly one reply, in order:
@@ -119,6 +121,9 @@ class Server:
         self.models.clear()
         self.objects.clear()
         sys.path[:] = settings["sys_path"]
+        if "environ" in settings:  # the suite's environment now, not the fork server's from when it started
+            os.environ.clear()
+            os.environ.update(settings["environ"])
         import torch
 
         torch.set_num_threads(int(settings["threads"]))
@@ -150,20 +155,6 @@ class Server:
         declarations = {name: wire.encode(loaded.declaration(name)) for name in DECLARATIONS}
         return {"provides": provided, "origin": {op: origin_of(loaded.op(op)) for op in provided},
                 "declarations": declarations, "nf4_format": described, "chained": chained}
-
-    def warm_up(self) -> None:
-        """Import now what the coming requests will need (transformers for a model, the probes, torch's lazily
-        initialised autograd and matmul paths), so that none of it is charged to the first call that needs it."""
-        import torch
-
-        from lora_lab.conformance import contract, memory  # noqa: F401 - imported for what follows
-
-        x = torch.ones(2, 2, requires_grad=True)
-        (x @ x).sum().backward()
-        if "apply_qlora" in self.functions:
-            from lora_lab.model import tiny_llama
-
-            tiny_llama(0)  # imports transformers' Llama and runs its initialisation once
 
     def run_op(self, op: str, args, kwargs, grad_enabled: bool, context=None, timing: list | None = None):
         """The target's own function for ``op``, called on a neutral thread; a learner's stub ends the check."""
@@ -310,6 +301,11 @@ class NeutralTarget:
         return watched
 
 
+def serve(inbox_fd, outbox_fd) -> None:
+    """The entry of a process forked by ``child_process._fork_server``: the two pipe ends arrive as ``_Fd``s."""
+    sys.exit(main(["serve", str(inbox_fd.fd), str(outbox_fd.fd)]))
+
+
 def main(argv: list[str]) -> int:
     from lora_lab.conformance import wire
 
@@ -330,8 +326,6 @@ def main(argv: list[str]) -> int:
             wire.send(outbox, reply)
         except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be encoded
             wire.send(outbox, ["raised", server.describe(exc)])
-        if message[0] == "init" and reply[0] == "ok":
-            server.warm_up()  # while the suite, on its side, draws the first inputs and builds its oracles
 
 
 

@@ -16,22 +16,34 @@ import select
 import signal
 import subprocess
 import sys
+import types
 from typing import Any
 
 CALL_TIMEOUT_ENV = "LORA_LAB_CALL_TIMEOUT"  # seconds one call to the target may take (default 300)
 START_TIMEOUT = 300.0  # importing torch, bitsandbytes and the target on a busy machine
 
 
+SPAWN_ENV = "LORA_LAB_SPAWN"  # "1": start each target's process as a fresh interpreter (seconds), not a fork of the server
+_SERVER: list = []  # the forkserver context, once started
+
+
 def wait_passively() -> None:
-    """Make this process's OpenMP threads sleep, not spin, while they wait (``OMP_WAIT_POLICY=PASSIVE``).
+    """Prepare this process to take turns with targets' processes: idle threads sleep, the fork server starts.
 
     The suite and the target's process take turns: one computes while the other waits for its reply. By default
     torch's idle OpenMP threads spin for a while after each op, so on a small machine the waiting process burns the
-    cores the working one needs (``lora-lab verify lora_lab`` took 3x as long). OpenMP reads this when torch is
-    imported, so it takes effect only before that; the target's process always gets it (``Child.launch``).
+    cores the working one needs (``lora-lab verify lora_lab`` took 3x as long): ``OMP_WAIT_POLICY=PASSIVE``. OpenMP
+    reads it when torch is imported, so it takes effect only before that; targets' processes always get it. The fork
+    server (``_fork_server``) is started here too, so that it imports torch while this process imports the suite.
     """
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if _forking():
+        _fork_server()
+
+
+def _forking() -> bool:
+    return os.environ.get(SPAWN_ENV) != "1" and hasattr(os, "fork")
 
 
 class TargetCrashed(BaseException):
@@ -92,13 +104,105 @@ def _signal_name(returncode: int | None) -> str:
                                           if returncode == 134 else "")
 
 
+def _fork_server():
+    """multiprocessing's forkserver, started once per suite process with torch and the child loop imported.
+
+    Each target's process is a fork of that server: a fresh interpreter that imported
+    only torch and ``lora_lab.conformance.child``, never the suite's own process, so
+    it inherits none of the suite's objects. It starts in milliseconds where a new
+    interpreter takes seconds to import torch (a learner's file with errors in many
+    checks restarts its process after each one). The server's OpenMP threads wait
+    passively (``wait_passively``), and so do its forks.
+    """
+    if not _SERVER:
+        import multiprocessing
+        from multiprocessing import forkserver
+
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", "lora_lab.conformance.child"])
+        previous = os.environ.get("OMP_WAIT_POLICY")
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        try:
+            forkserver.ensure_running()
+        finally:
+            if previous is None:
+                del os.environ["OMP_WAIT_POLICY"]
+            else:
+                os.environ["OMP_WAIT_POLICY"] = previous
+        _SERVER.append(context)
+    return _SERVER[0]
+
+
+class _Forked:
+    """A target's process forked by the server (``_fork_server``), speaking over the two pipe ends it is given."""
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        from lora_lab.conformance.child import serve
+
+        context = _fork_server()
+        self.process = context.Process(target=serve, args=(_Fd(read_fd), _Fd(write_fd)), daemon=True, name="target")
+        # multiprocessing would have the fork import the suite's __main__ again (a script, pytest, a notebook):
+        # nothing of the suite's may run there, so the fork is started as if there were no main module.
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            self.process.start()
+        finally:
+            sys.modules["__main__"] = main
+
+    def exit_code(self) -> int | None:
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def wait(self, timeout: float | None) -> int | None:
+        self.process.join(timeout)
+        return self.process.exitcode
+
+
+class _Fd:
+    """A file descriptor passed to the forked process (duplicated into it by multiprocessing)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __getstate__(self):
+        from multiprocessing.reduction import DupFd  # pickled while the server's fork is being made: sent with it
+
+        return {"dup": DupFd(self.fd)}
+
+    def __setstate__(self, state) -> None:
+        self.fd = state["dup"].detach()
+
+
+class _Spawned:
+    """A target's process started as a fresh interpreter (``python -m lora_lab.conformance.child``)."""
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lora_lab.conformance.child", str(read_fd), str(write_fd)],
+            pass_fds=(read_fd, write_fd), stdin=subprocess.DEVNULL, close_fds=True,
+            env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},  # see wait_passively
+        )
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def wait(self, timeout: float | None) -> int | None:
+        return self.process.wait(timeout=timeout)
+
+
 class Child:
     """One child process running ``lora_lab.conformance.child``, and its two pipes."""
 
     def __init__(self, init: dict, call_timeout: float | None = None) -> None:
         self.init = init
         self.call_timeout = call_timeout if call_timeout is not None else float(os.environ.get(CALL_TIMEOUT_ENV, "300"))
-        self.process: subprocess.Popen | None = None
+        self.process: _Forked | _Spawned | None = None
         self.hello: dict | None = None
 
     def start(self) -> dict:
@@ -109,16 +213,13 @@ class Child:
         """Start the process and send it the target to import, without waiting: it imports while the caller works."""
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lora_lab.conformance.child", str(to_child_r), str(from_child_w)],
-            pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, close_fds=True,
-            env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},  # see wait_passively
-        )
+        self.process = _Forked(to_child_r, from_child_w) if _forking() else _Spawned(to_child_r, from_child_w)
         os.close(to_child_r)
         os.close(from_child_w)
         self.outbox = os.fdopen(to_child_w, "wb", buffering=0)
         self.inbox = os.fdopen(from_child_r, "rb", buffering=0)
-        self._send(["init", self.init], "importing the target")
+        # The target sees the suite's environment as it is now (a fork of the server would see the server's).
+        self._send(["init", {**self.init, "environ": dict(os.environ)}], "importing the target")
 
     def await_hello(self) -> dict:
         """The reply to ``launch``'s init: what the target provides (its import error, raised here, if it fails)."""
@@ -127,7 +228,7 @@ class Child:
 
     @property
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.process is not None and self.process.exit_code() is None
 
     def request(self, message: list, what: str, timeout: float | None = None) -> Any:
         """Send one request and wait for its reply; a crash, a hang or a malformed reply ends the check."""
@@ -135,7 +236,7 @@ class Child:
         return self._receive(what, self.call_timeout if timeout is None else timeout)
 
     def _crashed(self, what: str) -> TargetCrashed:
-        code = self.process.wait(timeout=10) if self.process else None
+        code = self.process.wait(10) if self.process else None
         self.process = None
         return TargetCrashed(f"the target's process died during {what}: {_signal_name(code)}")
 
@@ -176,7 +277,7 @@ class Child:
                     stream.close()
                 except OSError:
                     pass
-            if self.process.poll() is None:
+            if self.process.exit_code() is None:
                 self.process.kill()
-            self.process.wait()
+            self.process.wait(None)
             self.process = None

@@ -2,8 +2,8 @@
 
 A ``RemoteTarget`` looks like a ``runner.Target`` to the properties: ``provides(op)``,
 ``op(name)`` returning a callable, and ``model(seed, **kwargs)`` returning a model
-handle. Behind it one warm child process (``child.py``, started fresh, never
-forked) imports the target and answers requests over a pipe. Tensors cross as
+handle. Behind it one warm child process (``child.py``, a fork of a clean server,
+never of the suite's process) imports the target and answers requests over a pipe. Tensors cross as
 copies, an NF4 weight as its fields; a result that needs gradients comes back
 through a ``torch.autograd.Function`` whose backward asks the child for the
 gradients of the inputs. So nothing the target does can patch the suite's

@@ -15,8 +15,8 @@ Exit status: 0 when every provided operation passes, 1 otherwise, 2 when the
 target provides none of the operations (a mistyped module must not pass).
 
 What a pass means. The target is imported and run only in a child process (a
-fresh interpreter, not a fork); the inputs, the oracles, the comparisons, the
-exit status and this report stay in this process and exchange plain copies of
+fork of a clean server process, never of this one); the inputs, the oracles,
+the comparisons, the exit status and this report stay in this process and exchange plain copies of
 tensors with it. Closed by that and by the checks: tampering with the suite
 in-process (patching its comparisons, hypothesis or torch.testing, an atexit
 handler that rewrites the exit status), reading the expected values from the
