@@ -301,11 +301,6 @@ class NeutralTarget:
         return watched
 
 
-def serve(inbox_fd, outbox_fd) -> None:
-    """The entry of a process forked by ``child_process._fork_server``: the two pipe ends arrive as ``_Fd``s."""
-    sys.exit(main(["serve", str(inbox_fd.fd), str(outbox_fd.fd)]))
-
-
 def main(argv: list[str]) -> int:
     from lora_lab.conformance import wire
 

@@ -25,6 +25,7 @@ START_TIMEOUT = 300.0  # importing torch, bitsandbytes and the target on a busy 
 
 SPAWN_ENV = "LORA_LAB_SPAWN"  # "1": start each target's process as a fresh interpreter (seconds), not a fork of the server
 _SERVER: list = []  # the forkserver context, once started
+CHILD_MODULE = "lora_lab.conformance.child"  # the target's side, named (as python -m names it), never imported here
 
 
 def wait_passively() -> None:
@@ -119,7 +120,7 @@ def _fork_server():
         from multiprocessing import forkserver
 
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", "lora_lab.conformance.child"])
+        context.set_forkserver_preload(["torch", CHILD_MODULE])
         previous = os.environ.get("OMP_WAIT_POLICY")
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         try:
@@ -137,10 +138,9 @@ class _Forked:
     """A target's process forked by the server (``_fork_server``), speaking over the two pipe ends it is given."""
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
-        from lora_lab.conformance.child import serve
-
         context = _fork_server()
-        self.process = context.Process(target=serve, args=(_Fd(read_fd), _Fd(write_fd)), daemon=True, name="target")
+        self.process = context.Process(target=_serve, args=(CHILD_MODULE, _Fd(read_fd), _Fd(write_fd)), daemon=True,
+                                       name="target")
         # multiprocessing would have the fork import the suite's __main__ again (a script, pytest, a notebook):
         # nothing of the suite's may run there, so the fork is started as if there were no main module.
         main = sys.modules["__main__"]
@@ -159,6 +159,13 @@ class _Forked:
     def wait(self, timeout: float | None) -> int | None:
         self.process.join(timeout)
         return self.process.exitcode
+
+
+def _serve(module: str, inbox: _Fd, outbox: _Fd) -> None:
+    """In the fork: run the child's loop on the two pipe ends, as ``python -m`` runs it in a fresh interpreter."""
+    import importlib
+
+    sys.exit(importlib.import_module(module).main(["serve", str(inbox.fd), str(outbox.fd)]))
 
 
 class _Fd:
@@ -181,7 +188,7 @@ class _Spawned:
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "lora_lab.conformance.child", str(read_fd), str(write_fd)],
+            [sys.executable, "-m", CHILD_MODULE, str(read_fd), str(write_fd)],
             pass_fds=(read_fd, write_fd), stdin=subprocess.DEVNULL, close_fds=True,
             env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},  # see wait_passively
         )
