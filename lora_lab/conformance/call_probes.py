@@ -11,7 +11,7 @@
 - ``guard_inputs`` puts each input inside guard regions, as ``bounds.guarded``
   does in-process.
 - ``interpreted_launches`` counts the kernels Triton's interpreter has run: a
-  call that ran one is not held to the time budget (``runner.TIME_BUDGET``).
+  call that ran one is not held to the time budget (``registry.TIME_BUDGET``).
 """
 
 from __future__ import annotations

@@ -280,7 +280,7 @@ class RemoteTarget:
     def time_reference(self, op: str, args: tuple, kwargs: dict, seconds: float) -> None:
         """Time lora_lab's own ``op`` on copies of the same inputs, for the first few calls of each op in a timed check.
 
-        Reported beside the target's time on those calls (``timing``), and held to ``runner.TIME_BUDGET``, which
+        Reported beside the target's time on those calls (``timing``), and held to ``registry.TIME_BUDGET``, which
         only a large slowdown exceeds: at the suite's small sizes a call's fixed overhead dominates (peft +
         bitsandbytes builds a layer per call), so only the realistic-size checks can exceed it, and calls that ran
         Triton's interpreter (kernels in Python) are not timed at all. Speed itself is ``lora-lab bench``'s.
@@ -300,6 +300,11 @@ class RemoteTarget:
         self.sampled[op] = self.sampled.get(op, 0) + 1
         self.timing[0] += seconds
         self.timing[1] += time.perf_counter() - start
+        from lora_lab.conformance.registry import CheckFailed, over_budget
+
+        over = over_budget(*self.timing)
+        if over:  # already over: no need to wait for the check's other calls
+            raise CheckFailed(f"{over}, by the call {_describe_call(op, args, kwargs)}")
 
     def reset(self) -> None:
         """A fresh process for the next check: after a crash, a hang or an error nothing of the last one survives."""

@@ -21,9 +21,6 @@ from __future__ import annotations
 import pytest
 
 import lora_lab.conformance.profiles  # noqa: F401  (registers ci / dev / thorough)
-from lora_lab.conformance.child_process import wait_passively
-
-wait_passively()  # pytest and the targets' processes take turns: idle OpenMP threads must not spin meanwhile
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -36,6 +33,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--lora-lab-only", action="append", default=[], metavar="PREFIX",
         help="with --lora-lab-impl: only checks whose name starts with PREFIX (e.g. 'nf4.'); repeatable",
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("lora_lab_impl"):  # only then: every pytest run in an environment with lora_lab loads this
+        from lora_lab.conformance.child_process import wait_passively
+
+        wait_passively()  # pytest and the targets' processes take turns: idle threads sleep, the fork server starts
 
 
 class ConformanceFailure(Exception):

@@ -23,7 +23,13 @@ from lora_lab.conformance.grade import EXERCISES
 from lora_lab.conformance.runner import all_checks
 
 HERE = Path(__file__).parent
-SUBMISSIONS = sorted(p for p in HERE.glob("*.py") if not p.name.startswith(("test_", "_", "conftest")))
+MUTANTS = HERE.parent / "mutants"
+# Exploits that are also plain wrong answers live once, as mutants (tests/mutants: rejected in-process by the check
+# they name); here they are rejected again through verify and grade, isolated, like every submission of this folder.
+EXPLOIT_MUTANTS = ("adamw_half_no_bias_correction", "qlora_scratch_input", "nf4_cache_by_data_ptr",
+                   "qlora_bf16_computed_in_fp16", "qlora_column_major", "qlora_nondeterministic", "qlora_cache_by_prefix")
+SUBMISSIONS = sorted([*(p for p in HERE.glob("*.py") if not p.name.startswith(("test_", "_", "conftest"))),
+                      *(MUTANTS / f"{name}.py" for name in EXPLOIT_MUTANTS)])
 CHECKS = {c.name: c for c in all_checks()}
 
 
@@ -36,6 +42,8 @@ def constants(path: Path) -> dict:
             for name in node.targets:
                 if isinstance(name, ast.Name):
                     found[name.id] = node.value.value
+    if "EXPECTED_FAILURE" in found:  # a mutant names the check that rejects it so
+        found.setdefault("REJECTED_BY", found["EXPECTED_FAILURE"])
     return found
 
 
@@ -70,7 +78,7 @@ def test_every_submission_names_a_check_and_a_reason():
 @pytest.mark.parametrize("path, info", cases())
 def test_verify_rejects(path, info, monkeypatch, capsys, tmp_path, call_limit):
     call_limit(info)
-    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.syspath_prepend(str(path.parent))
     report = tmp_path / "report.json"
     status = main(["verify", path.stem, "--only", info["REJECTED_BY"], "--json", str(report)])
     out = capsys.readouterr().out
@@ -102,26 +110,6 @@ def test_the_target_decides_no_exit_status(tmp_path):
                            "nf4.dequantize_matches_bitsandbytes"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "0 passed, 1 failed" in done.stdout
-
-
-def test_a_target_that_provides_nothing_fails(capsys):
-    assert main(["verify", "os"]) == 2
-    assert "provides none of the operations" in capsys.readouterr().err
-
-
-def test_reexporting_lora_lab_is_flagged_by_verify_and_scores_nothing_in_grade(monkeypatch, capsys, tmp_path):
-    """``from lora_lab.nf4 import *`` passes every NF4 check, because it is lora_lab: verify says so, grade gives 0."""
-    (tmp_path / "reexports_reference.py").write_text("from lora_lab.nf4 import *  # noqa: F403\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    report = tmp_path / "report.json"
-    assert main(["verify", "reexports_reference", "--only", "nf4.bytes", "--json", str(report)]) == 0
-    assert "lora_lab's own code, re-exported" in capsys.readouterr().out
-    assert json.loads(report.read_text())["origin"]["quantize_nf4"]["lora_lab"] is True
-    (tmp_path / "ex01_nf4.py").write_text("from lora_lab.nf4 import *  # noqa: F403\n")
-    grades = tmp_path / "grade.json"
-    main(["grade", "--only", "01", "--path", str(tmp_path), "--json", str(grades)])
-    (graded,) = json.loads(grades.read_text())["exercises"]
-    assert graded["score"] == 0 and {r["status"] for r in graded["checks"]} == {"not your code"}
 
 
 def test_memorised_table_passes_ci_but_not_a_scored_run(monkeypatch, capsys, tmp_path):
