@@ -278,13 +278,9 @@ class RemoteTarget:
             raise
 
     def time_reference(self, op: str, args: tuple, kwargs: dict, seconds: float) -> None:
-        """Time lora_lab's own ``op`` on copies of the same inputs, for the first few calls of each op in a timed check.
-
-        Reported beside the target's time on those calls (``timing``), and held to ``registry.TIME_BUDGET``, which
-        only a large slowdown exceeds: at the suite's small sizes a call's fixed overhead dominates (peft +
-        bitsandbytes builds a layer per call), so only the realistic-size checks can exceed it, and calls that ran
-        Triton's interpreter (kernels in Python) are not timed at all. Speed itself is ``lora-lab bench``'s.
-        """
+        """Time lora_lab's own ``op`` on copies of the same inputs, for the first few calls of each op in a timed
+        check (``Check.timed``: the realistic sizes): reported beside the target's time on those calls (``timing``)
+        and held to ``registry.TIME_BUDGET``. Speed itself is ``lora-lab bench``'s."""
         if not self.timed or op not in REFERENCE_TIMED or self.sampled.get(op, 0) >= REFERENCE_SAMPLES:
             return
         import lora_lab
