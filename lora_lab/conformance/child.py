@@ -204,7 +204,7 @@ class Server:
         changed = [[i, wire.encode_tensor(t)] for i, (t, b, v) in enumerate(zip(tensors, before, versions))
                    if t._version != v or not same_values(t, b)]  # written: the caller's copy gets the write too
         outputs: list = []
-        encoded = wire.encode(result, None, outputs, self.objects)
+        encoded = wire.encode(result, outputs, self.objects)
         problems += self._late_writes("during")
         # A format's accessors (to_nf4, codes, ...) may return views of the weight they are given; an operation may not.
         held = {t.untyped_storage().data_ptr() for t in tensors if t.numel()} if not op.startswith("NF4_FORMAT.") else set()
@@ -269,7 +269,7 @@ class Server:
             raise ValueError(f"ModelHandle has no remote method {method!r}")
         start = time.perf_counter()
         result = getattr(self.models[int(handle)], method)(*wire.decode(args, NF4Tensor, None, self.objects))
-        return [wire.encode(result, None, None, self.objects), time.perf_counter() - start]
+        return [wire.encode(result, None, self.objects), time.perf_counter() - start]
 
 
 class NeutralTarget:

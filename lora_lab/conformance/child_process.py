@@ -28,7 +28,7 @@ _SERVER: list = []  # the forkserver context, once started
 CHILD_MODULE = "lora_lab.conformance.child"  # the target's side, named (as python -m names it), never imported here
 
 
-def wait_passively() -> None:
+def prepare_for_targets() -> None:
     """Prepare this process to take turns with targets' processes: idle threads sleep, the fork server starts.
 
     The suite and the target's process take turns: one computes while the other waits for its reply. By default
@@ -113,7 +113,7 @@ def _fork_server():
     it inherits none of the suite's objects. It starts in milliseconds where a new
     interpreter takes seconds to import torch (a learner's file with errors in many
     checks restarts its process after each one). The server's OpenMP threads wait
-    passively (``wait_passively``), and so do its forks.
+    passively (``prepare_for_targets``), and so do its forks.
     """
     if not _SERVER:
         import multiprocessing
@@ -190,7 +190,7 @@ class _Spawned:
         self.process = subprocess.Popen(
             [sys.executable, "-m", CHILD_MODULE, str(read_fd), str(write_fd)],
             pass_fds=(read_fd, write_fd), stdin=subprocess.DEVNULL, close_fds=True,
-            env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},  # see wait_passively
+            env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},  # see prepare_for_targets
         )
 
     def exit_code(self) -> int | None:
@@ -210,11 +210,6 @@ class Child:
         self.init = init
         self.call_timeout = call_timeout if call_timeout is not None else float(os.environ.get(CALL_TIMEOUT_ENV, "300"))
         self.process: _Forked | _Spawned | None = None
-        self.hello: dict | None = None
-
-    def start(self) -> dict:
-        self.launch()
-        return self.await_hello()
 
     def launch(self) -> None:
         """Start the process and send it the target to import, without waiting: it imports while the caller works."""
@@ -230,8 +225,7 @@ class Child:
 
     def await_hello(self) -> dict:
         """The reply to ``launch``'s init: what the target provides (its import error, raised here, if it fails)."""
-        self.hello = self._receive("importing the target", START_TIMEOUT)
-        return self.hello
+        return self._receive("importing the target", START_TIMEOUT)
 
     @property
     def alive(self) -> bool:

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_lab.conformance.child_process import TargetCrashed, TargetImportError, TargetTimedOut, wait_passively
+from lora_lab.conformance.child_process import TargetCrashed, TargetImportError, TargetTimedOut, prepare_for_targets
 from lora_lab.conformance.learner import MISSING, NOT_YOURS, explain, how_to_start, not_yours_reason
 from lora_lab.conformance.profiles import command_threads
 from lora_lab.conformance.runner import (
@@ -332,7 +332,7 @@ def to_json(reports: list[ExerciseReport], profile: str, seed: int | None = None
 
 
 def run(args: argparse.Namespace) -> int:
-    wait_passively()  # before torch is imported: this process and the target's take turns
+    prepare_for_targets()  # before torch is imported: this process and the target's take turns
     try:
         command_threads()  # a bad $LORA_LAB_THREADS is a usage error, before any process starts
     except ValueError as exc:

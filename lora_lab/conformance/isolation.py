@@ -66,7 +66,7 @@ class _Call:
         self.watch = watch
         self.what = _describe_call(op, args, kwargs)
         self.inputs: list[torch.Tensor] = []
-        self.encoded = [wire.encode(args, None, self.inputs), wire.encode(kwargs, None, self.inputs)]
+        self.encoded = [wire.encode(args, self.inputs), wire.encode(kwargs, self.inputs)]
         self.grad_enabled = torch.is_grad_enabled()
         self.flags = [self.grad_enabled and t.requires_grad for t in self.inputs]
 

@@ -37,9 +37,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("lora_lab_impl"):  # only then: every pytest run in an environment with lora_lab loads this
-        from lora_lab.conformance.child_process import wait_passively
+        from lora_lab.conformance.child_process import prepare_for_targets
 
-        wait_passively()  # pytest and the targets' processes take turns: idle threads sleep, the fork server starts
+        prepare_for_targets()  # pytest and the targets' processes take turns: idle threads sleep, the fork server starts
 
 
 class ConformanceFailure(Exception):

@@ -48,7 +48,7 @@ import sys
 import time
 from pathlib import Path
 
-from lora_lab.conformance.child_process import wait_passively
+from lora_lab.conformance.child_process import prepare_for_targets
 from lora_lab.conformance.runner import (
     ERROR,
     FAILED,
@@ -205,7 +205,7 @@ def json_report(target, profile: str, results: list[Result], seed: int | None = 
 
 
 def run(args: argparse.Namespace) -> int:
-    wait_passively()  # before torch is imported: this process and the target's take turns
+    prepare_for_targets()  # before torch is imported: this process and the target's take turns
     from lora_lab.conformance.profiles import command_profile
 
     if args.list:

@@ -68,13 +68,6 @@ class ObjectStore:
         self.objects.clear()
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    """A model that lives in the child, named by its handle number."""
-
-    handle: int
-
-
 @dataclass
 class ReturnedNF4:
     """An NF4 weight returned by a target whose fields do not form a valid ``NF4Tensor``: the fields as they came."""
@@ -140,11 +133,10 @@ def _is_subclass(t: torch.Tensor) -> bool:
     return type(t) not in (torch.Tensor, torch.nn.Parameter)
 
 
-def encode(value: Any, model_ids: dict | None = None, tensors: list | None = None, store: ObjectStore | None = None) -> Any:
+def encode(value: Any, tensors: list | None = None, store: ObjectStore | None = None) -> Any:
     """``value`` as a tree of primitives.
 
-    ``model_ids`` maps id(model) to a handle, for models that stay behind; ``tensors``,
-    when given, receives every tensor in the order ``decode`` will meet them; ``store``
+    ``tensors``, when given, receives every tensor in the order ``decode`` will meet them; ``store``
     (the child's) keeps what cannot cross and encodes a reference to it instead.
     """
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
@@ -161,21 +153,17 @@ def encode(value: Any, model_ids: dict | None = None, tensors: list | None = Non
         return ["dtype", str(value).removeprefix("torch.")]
     if isinstance(value, torch.Size):
         return ["size", [int(v) for v in value]]
-    if isinstance(value, ModelRef):
-        return ["model", value.handle]
-    if model_ids is not None and id(value) in model_ids:
-        return ["model", model_ids[id(value)]]
     if isinstance(value, (list, tuple)):
-        return ["list" if isinstance(value, list) else "tuple", [encode(v, model_ids, tensors, store) for v in value]]
+        return ["list" if isinstance(value, list) else "tuple", [encode(v, tensors, store) for v in value]]
     if isinstance(value, dict):
-        return ["dict", [[encode(k, model_ids, tensors, store), encode(v, model_ids, tensors, store)]
+        return ["dict", [[encode(k, tensors, store), encode(v, tensors, store)]
                          for k, v in value.items()]]
     if _is_nf4(value):
         fields = {}
         for name in NF4_FIELDS:
             field = getattr(value, name, _MISSING)
             if field is not _MISSING:
-                fields[name] = encode(field, model_ids, tensors, store)
+                fields[name] = encode(field, tensors, store)
         return ["nf4", type(value).__name__, fields]
     if hasattr(value, "__float__") and type(value).__module__ == "numpy":
         return float(value)
@@ -212,8 +200,6 @@ def decode(item: Any, nf4_class: Any = None, tensors: list | None = None, store:
         return dtype
     if tag == "size":
         return torch.Size(item[1])
-    if tag == "model":
-        return ModelRef(int(item[1]))
     if tag in ("list", "tuple"):
         values = [decode(v, nf4_class, tensors, store) for v in item[1]]
         return values if tag == "list" else tuple(values)
