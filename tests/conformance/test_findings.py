@@ -59,7 +59,9 @@ def test_bitsandbytes_quantizes_nan_and_empty_weights_without_complaint():
     bnb_functional.quantize_4bit(torch.empty(0, 4), blocksize=64, quant_type="nf4")
 
 
-def test_bitsandbytes_linear4bit_eval_mode_on_the_cpu_is_approximate():
+def test_bitsandbytes_linear4bit_eval_mode_on_an_avx512_bf16_cpu_is_approximate():
+    """Only where the CPU has AVX512-BF16 (bitsandbytes' ``has_avx512bf16``) does eval mode repack the weight and
+    compute approximately; elsewhere (an AMD EPYC with AVX2 only, say) it is as exact as train mode."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnb_functional
 
@@ -70,7 +72,11 @@ def test_bitsandbytes_linear4bit_eval_mode_on_the_cpu_is_approximate():
     x = torch.randn(3, 64)
     exact = x.double() @ bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double().t()
     assert (layer.train()(x).double() - exact).abs().max() < 1e-5
-    assert (layer.eval()(x).double() - exact).abs().max() > 1e-3  # eval repacks the weight, computes approximately
+    eval_error = (layer.eval()(x).double() - exact).abs().max()
+    if bnb_functional.has_avx512bf16():
+        assert eval_error > 1e-3  # eval repacks the weight, computes approximately
+    else:
+        assert eval_error < 1e-5
 
 
 def test_peft_ignores_a_target_module_that_matches_nothing_when_another_matches():
@@ -82,7 +88,9 @@ def test_peft_ignores_a_target_module_that_matches_nothing_when_another_matches(
     assert any("lora_A" in name for name, _ in peft_model.named_parameters())  # no error for the misspelt qkv_proj
 
 
-def test_bitsandbytes_cpu_dequantize_4bit_misreads_blocks_when_a_row_is_not_a_multiple_of_32():
+def test_bitsandbytes_avx512_dequantize_4bit_misreads_blocks_when_a_row_is_not_a_multiple_of_32():
+    """bitsandbytes' AVX512 CPU kernel indexes blocks per row; on a CPU without AVX512 (an AMD EPYC with AVX2) the
+    same call reads every block right."""
     import copy
 
     import bitsandbytes.functional as bnb_functional
@@ -94,4 +102,8 @@ def test_bitsandbytes_cpu_dequantize_4bit_misreads_blocks_when_a_row_is_not_a_mu
     with torch.compiler.set_stance("force_eager"):
         as_rows, as_one_row = bnb_functional.dequantize_4bit(packed, state), bnb_functional.dequantize_4bit(packed, flat)
     assert (as_one_row.reshape(2, 48) - w).abs().max() < 0.2 * w.abs().max()  # NF4's own error
-    assert (as_rows - as_one_row.reshape(2, 48)).abs().max() > 0.5  # the 2-D call reads some blocks wrongly
+    misread = (as_rows - as_one_row.reshape(2, 48)).abs().max()
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert misread > 0.5  # the 2-D call reads some blocks wrongly
+    else:
+        assert misread == 0
