@@ -3,12 +3,15 @@
 peft's LoRA on a bitsandbytes ``Linear4bit`` is what people fine-tune with; the
 conformance suite compares against it layer by layer. The layer is kept in
 train mode: in eval mode bitsandbytes' CPU path repacks the weight and computes
-approximately in bf16.
+approximately in bf16 (on a CPU with AVX512-BF16).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import sys
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -17,9 +20,75 @@ from lora_lab.nf4 import NF4Tensor
 
 
 def bitsandbytes_eager():
-    """bitsandbytes torch.compile()s its fallback dequantizer; recompiling for every drawn shape would dominate."""
+    """bitsandbytes torch.compile()s its fallback dequantizer; recompiling for every drawn shape would dominate.
+
+    Where TorchDynamo was never imported nothing can have been compiled (``bitsandbytes()`` imports it so), and
+    ``set_stance`` would import it: 2 s for nothing."""
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
-    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
+    if set_stance is None or "torch._dynamo" not in sys.modules:
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
+
+
+def bitsandbytes() -> ModuleType:
+    """The bitsandbytes package, imported as the oracles run it: eager.
+
+    At import bitsandbytes wraps four of its CPU functions in ``torch.compile``, and
+    registers its ops with ``torch.library``, which wraps each kernel so that TorchDynamo
+    does not trace into it. Both import TorchDynamo and Inductor, the one at once, the
+    other at the first call: 6 of the 7 s that grading exercise 01 spent on bitsandbytes
+    on 2 cores. The oracles never compile: every call is eager (``bitsandbytes_eager()``
+    is ``force_eager``, where a compiled function runs its original Python). So, where
+    bitsandbytes is not imported yet, both wrappers are the identity while it imports:
+    each op runs bitsandbytes' own function, eagerly, as it would under ``force_eager``.
+    """
+    if "bitsandbytes" not in sys.modules:
+        compile_, disable_dynamo = torch.compile, torch._disable_dynamo
+        torch.compile = lambda fn=None, **options: fn if fn is not None else (lambda f: f)
+        torch._disable_dynamo = lambda fn=None, recursive=True: fn if fn is not None else (lambda f: f)
+        try:
+            importlib.import_module("bitsandbytes")
+        finally:
+            torch.compile, torch._disable_dynamo = compile_, disable_dynamo
+    return sys.modules["bitsandbytes"]
+
+
+def peft_module() -> ModuleType:
+    """peft, after bitsandbytes (which peft imports) is imported eagerly (``bitsandbytes``)."""
+    bitsandbytes()
+    return importlib.import_module("peft")
+
+
+STACK_TARGET = "lora_lab.targets.peft_bnb"  # peft's LoRA on a bitsandbytes Linear4bit, bitsandbytes' own NF4
+_STACK: dict = {}
+
+
+def stack():
+    """peft + bitsandbytes as they come, in a process of their own: ``lora_lab.targets.peft_bnb`` as a target
+    (``isolation.RemoteTarget``), an oracle for the checks marked ``stack``.
+
+    Importing peft (and transformers, which it imports) takes 5-7 s on 2 cores. Started early
+    (``start_stack``), that process imports it on the core the suite and the target's process leave idle while
+    they take turns, so the suite itself never imports peft for these checks. Started once, it serves every
+    check until ``close_stack``.
+    """
+    from lora_lab.conformance.isolation import RemoteTarget
+
+    if "target" not in _STACK:
+        _STACK["target"] = RemoteTarget(STACK_TARGET, name="peft + bitsandbytes (the oracle)", wait=False)
+    return _STACK["target"]
+
+
+def start_stack(checks) -> None:
+    """Start ``stack()``'s process now, without waiting, when one of ``checks`` will need it."""
+    if any(check.stack for check in checks):
+        stack()
+
+
+def close_stack() -> None:
+    target = _STACK.pop("target", None)
+    if target is not None:
+        target.close()
 
 
 def bnb_dequantize(q: NF4Tensor) -> torch.Tensor:
@@ -29,8 +98,7 @@ def bnb_dequantize(q: NF4Tensor) -> torch.Tensor:
     multiple of the block size; its torch and CUDA paths (and the NF4 format)
     index the flattened weight, so that is how it is asked.
     """
-    import bitsandbytes.functional as bnb_functional
-
+    bnb_functional = bitsandbytes().functional
     flat = NF4Tensor(
         q.packed, q.absmax, q.blocksize, torch.Size([q.numel]), q.dtype, q.double_quant,
         q.absmax_code, q.absmax_scale, q.absmax_offset,
@@ -42,8 +110,7 @@ def bnb_dequantize(q: NF4Tensor) -> torch.Tensor:
 
 def bnb_linear4bit(weight: NF4Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """A bitsandbytes ``Linear4bit`` holding ``weight``'s exact bytes (no re-quantization)."""
-    import bitsandbytes as bnb
-
+    bnb = bitsandbytes()
     n_out, k_in = weight.shape
     layer = bnb.nn.Linear4bit(
         k_in, n_out, bias=bias is not None, compute_dtype=compute_dtype, quant_type="nf4",
@@ -61,8 +128,7 @@ def bnb_linear4bit(weight: NF4Tensor, bias: torch.Tensor | None, compute_dtype: 
 
 def peft_bnb_layer(problem) -> tuple[nn.Module, NF4Tensor]:
     """peft's LoRA layer around a bitsandbytes Linear4bit, with the problem's W, A, B, bias and scaling."""
-    import peft
-
+    peft = peft_module()
     r = problem.lora_A.shape[0]
     holder = nn.Module()
     holder.proj = bnb_linear4bit(problem.weight, problem.bias)

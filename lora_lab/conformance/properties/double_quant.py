@@ -16,6 +16,7 @@ from hypothesis import given, settings
 
 from lora_lab.conformance.compare import assert_equal, call_guarded, seeded_generator
 from lora_lab.conformance.formats import has_own_format, interchange_capabilities, to_interchange
+from lora_lab.conformance.oracles import bitsandbytes
 from lora_lab.conformance.profiles import examples
 from lora_lab.conformance.properties.nf4 import check_fields
 from lora_lab.conformance.registry import INTERCHANGE, CheckFailed, check
@@ -24,9 +25,7 @@ from lora_lab.nf4 import ABSMAX_BLOCKSIZE
 
 
 def _bnb_double_quantize(weight: torch.Tensor, blocksize: int):
-    import bitsandbytes.functional as bnb_functional
-
-    return bnb_functional.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    return bitsandbytes().functional.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
 
 
 def _double_quantize(target, weight: torch.Tensor, blocksize: int):

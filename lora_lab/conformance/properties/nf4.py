@@ -26,7 +26,7 @@ from lora_lab.conformance.formats import (
     interchange_capabilities,
     to_interchange,
 )
-from lora_lab.conformance.oracles import bnb_dequantize
+from lora_lab.conformance.oracles import bitsandbytes, bnb_dequantize
 from lora_lab.conformance.profiles import examples
 from lora_lab.conformance.registry import INTERCHANGE, CheckFailed, check
 from lora_lab.conformance.strategies import nf4_weights, nf4_witnesses
@@ -34,9 +34,7 @@ from lora_lab.nf4 import NF4_CODE, NF4Tensor, quantize_nf4, unpack_codes
 
 
 def _bnb_quantize(weight: torch.Tensor, blocksize: int, double_quant: bool):
-    import bitsandbytes.functional as bnb_functional
-
-    return bnb_functional.quantize_4bit(
+    return bitsandbytes().functional.quantize_4bit(
         weight, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant
     )
 

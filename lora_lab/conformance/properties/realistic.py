@@ -13,13 +13,14 @@ the float64 formula within the bounds derived from dtype and K.
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from lora_lab.conformance.compare import assert_equal, call_guarded, seeded_generator
 from lora_lab.conformance.contract import owned_copy
 from lora_lab.conformance.formats import from_interchange, has_own_format, interchange_capabilities, to_interchange
-from lora_lab.conformance.oracles import bitsandbytes_eager, bnb_dequantize
+from lora_lab.conformance.oracles import bitsandbytes, bitsandbytes_eager, bnb_dequantize
 from lora_lab.conformance.properties.nf4 import check_fields
 from lora_lab.conformance.properties.qlora import check_forward, check_gradients, fixed_problem
 from lora_lab.conformance.registry import INTERCHANGE, check
@@ -31,19 +32,25 @@ BEYOND_2_24 = (HIDDEN + 64, HIDDEN)
 
 
 @functools.cache
-def _beyond_2_24():
-    """A weight of more than 2^24 elements (Llama's 0.02 scale, one outlier) and bitsandbytes' NF4 of it, made once.
+def _weight_beyond_2_24() -> torch.Tensor:
+    """A weight of more than 2^24 elements: Llama's 0.02 scale, one outlier. Made once; the checks hand out copies,
+    so nothing a target does can change what the next one is compared with.
 
     fp32, because bitsandbytes quantizes fp32 on the CPU ten times faster than bf16; the drawn checks cover bf16.
-    The checks hand the target a copy, so nothing a target does can change what the next one is compared with.
     """
-    import bitsandbytes.functional as bnb_functional
-
     weight = torch.randn(BEYOND_2_24, generator=seeded_generator(24)).mul_(0.02)
     weight[-1, -1] = 3.0
+    return weight
+
+
+@functools.cache
+def _bnb_beyond_2_24() -> NF4Tensor:
+    """bitsandbytes' NF4 of ``_weight_beyond_2_24()`` (blocksize 64, double quant), made once."""
+    bnb_functional = bitsandbytes().functional
     with bitsandbytes_eager():
-        packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
-    return weight, NF4Tensor.from_bnb(packed, state)
+        packed, state = bnb_functional.quantize_4bit(_weight_beyond_2_24(), blocksize=64, quant_type="nf4",
+                                                     compress_statistics=True)
+    return NF4Tensor.from_bnb(packed, state)
 
 
 @check(
@@ -59,8 +66,12 @@ def _beyond_2_24():
 def quantize_realistic_size(target) -> None:
     """A weight of 2^24 + 262,144 elements (blocksize 64, double quant) gives bitsandbytes' bytes and statistics."""
     interchange_capabilities(target)  # NotSupported for a format with no conversion to NF4Tensor
-    weight, expected = _beyond_2_24()
-    q = call_guarded(target.op("quantize_nf4"), weight.clone(), 64, True, name="quantize_nf4")
+    weight = _weight_beyond_2_24()
+    bitsandbytes()  # imported here, not on the thread
+    with ThreadPoolExecutor(1) as pool:  # bitsandbytes' answer is computed while the target computes its own
+        expected = pool.submit(_bnb_beyond_2_24)
+        q = call_guarded(target.op("quantize_nf4"), weight.clone(), 64, True, name="quantize_nf4")
+    expected = expected.result()
     q = to_interchange(target, q) if has_own_format(target) else q
     check_fields(q, weight.numel(), 64, True)
     where = f"weight {tuple(weight.shape)} fp32 ({weight.numel():,} elements, past 2^24), blocksize 64, double_quant"
@@ -83,7 +94,7 @@ def quantize_realistic_size(target) -> None:
 def dequantize_realistic_size(target) -> None:
     """A double-quantized weight of 2^24 + 262,144 elements dequantizes to bitsandbytes' values exactly."""
     interchange_capabilities(target)
-    weight, q = _beyond_2_24()
+    weight, q = _weight_beyond_2_24(), _bnb_beyond_2_24()
     given_q = from_interchange(target, owned_copy(q)) if has_own_format(target) else owned_copy(q)
     got = call_guarded(target.op("dequantize_nf4"), given_q, name="dequantize_nf4")
     assert_equal(got, bnb_dequantize(q), f"dequantized weight {tuple(weight.shape)} fp32 ({weight.numel():,} elements)")

@@ -21,6 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_lab.conformance.call_probes import backward
 from lora_lab.conformance.compare import assert_close, seeded_generator
 from lora_lab.conformance.model_protocol import MODEL_RTOL, Adapter
 from lora_lab.conformance.profiles import NO_SHRINK, examples
@@ -147,14 +148,12 @@ def gradient_checkpointing(target) -> None:
 def _bnb_oracle(dense_linear, dtype: torch.dtype, pair, scaling: float):
     """The layer as bitsandbytes + peft make it: ``Linear4bit(compute_dtype=dtype)`` (bitsandbytes' own quantization),
     with peft's LoRA holding ``pair``'s values when the layer is adapted; and its NF4 weight."""
-    import bitsandbytes.functional as bnb_functional
-
-    from lora_lab.conformance.oracles import bnb_linear4bit, peft_bnb_layer
+    from lora_lab.conformance.oracles import bitsandbytes, bnb_linear4bit, peft_bnb_layer
     from lora_lab.conformance.properties.qlora import Problem
     from lora_lab.nf4 import NF4Tensor
 
-    packed, state = bnb_functional.quantize_4bit(dense_linear.weight.detach(), blocksize=64, quant_type="nf4",
-                                                 compress_statistics=True)
+    packed, state = bitsandbytes().functional.quantize_4bit(dense_linear.weight.detach(), blocksize=64, quant_type="nf4",
+                                                    compress_statistics=True)
     weight = NF4Tensor.from_bnb(packed, state)
     if pair is None:
         layer = bnb_linear4bit(weight, dense_linear.bias, compute_dtype=dtype)
@@ -238,7 +237,7 @@ def apply_compute_dtype_matches_bitsandbytes(target) -> None:
             y_oracle = oracle(x_oracle)
             assert_close(y, y_oracle, _layer_bounds(x, weight, pairs.get(name), alpha / r, dtype),
                          f"{where} vs bitsandbytes Linear4bit + peft")
-            y_oracle.backward(grad_out)
+            backward([y_oracle], [grad_out])
             if x_grad is None:
                 raise CheckFailed(f"{where}: no gradient reached x through the layer; expected dX = dY W + s (dY B) A")
             assert_close(x_grad, x_oracle.grad, _input_grad_bounds(grad_out, weight, pairs.get(name), alpha / r, dtype),

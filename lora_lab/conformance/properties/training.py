@@ -4,7 +4,7 @@ Oracles: lora_lab's reference on an identical model, and the canonical stack,
 peft's LoRA on the targets of a model whose every linear layer but lm_head is a
 bitsandbytes ``Linear4bit`` (as ``load_in_4bit`` makes it), trained with
 transformers' loss and torch's AdamW. bitsandbytes is kept in train mode: in eval
-mode its CPU path repacks the weight and computes approximately in bf16.
+mode its CPU path repacks the weight and computes approximately in bf16 (with AVX512-BF16).
 """
 
 from __future__ import annotations
@@ -246,20 +246,19 @@ def _canonical_stack(seed: int, targets: tuple[str, ...], r: int, alpha: float, 
     adapters (A given, B = 0) on the targets."""
     import warnings
 
-    import bitsandbytes.functional as bnb_functional
-    import peft
-
-    from lora_lab.conformance.oracles import bnb_linear4bit
+    from lora_lab.conformance.oracles import bitsandbytes, bnb_linear4bit, peft_module
     from lora_lab.nf4 import NF4Tensor
 
     model = tiny_llama(seed)
     for name in dense_linear_names(model):  # as load_in_4bit: every linear but lm_head in NF4; peft adapts only the targets
         m = model.get_submodule(name)
-        packed, state = bnb_functional.quantize_4bit(m.weight.detach(), blocksize=64, quant_type="nf4", compress_statistics=True)
+        packed, state = bitsandbytes().functional.quantize_4bit(m.weight.detach(), blocksize=64, quant_type="nf4",
+                                                                compress_statistics=True)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, bnb_linear4bit(NF4Tensor.from_bnb(packed, state), m.bias))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        peft = peft_module()
         config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
         peft_model = peft.get_peft_model(model, config)
     with torch.no_grad():
