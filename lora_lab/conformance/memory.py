@@ -54,6 +54,12 @@ class Seen:
 class _Created(TorchDispatchMode):
     """Weak references to the outputs of every op whose element count ``wanted(numel)`` accepts."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """No ``torch._disable_dynamo`` wrapper (TorchDispatchMode's documented opt-out): the wrapper imports
+        TorchDynamo on the first op, 2 s in a target's process; this mode records eager calls and is never traced."""
+        return False
+
     def __init__(self, wanted: Callable[[int], bool]) -> None:
         super().__init__()
         self.wanted = wanted
