@@ -47,6 +47,7 @@ from lora_lab.conformance.call_probes import (
     Measured,
     StateWatch,
     Watched,
+    backward,
     guard_inputs,
     interpreted_launches,
     invoke,
@@ -233,7 +234,6 @@ class Server:
         return self.counter
 
     def backward(self, graph: int, grad_outputs) -> list:
-        import torch
 
         from lora_lab.conformance import wire
 
@@ -246,7 +246,7 @@ class Server:
         try:
             with watch:  # autograd runs a CPU backward on this thread, so the watch is entered here
                 if pairs:
-                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                    backward([o for o, _ in pairs], [g for _, g in pairs])
         except BaseException as exc:
             if watched is None or type(exc).__name__ != "OutOfBounds":
                 raise

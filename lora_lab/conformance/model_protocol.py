@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lora_lab.conformance.call_probes import backward
 from lora_lab.conformance.compare import UNIT_ROUNDOFF
 from lora_lab.model import tiny_llama
 
@@ -315,7 +316,8 @@ class ModelHandle:
         """
         logits = model_logits(self.model, batch)
         parameters = adapter_parameters(self.model)
-        grads = torch.autograd.grad(logits, list(parameters.values()), grad_logits)
+        # the gradient of sum(logits * grad_logits): bit for bit the vector-Jacobian product (call_probes.backward)
+        grads = torch.autograd.grad((logits * grad_logits.to(logits.dtype)).sum(), list(parameters.values()))
         return {name: g.detach().clone() for name, g in zip(parameters, grads)}
 
     def enable_checkpointing(self, reentrant: bool) -> None:
@@ -338,7 +340,7 @@ class ModelHandle:
             y = module_at(self.model, name)(x)
         created = sorted({s.dtype for s in record.created}, key=str)
         if isinstance(y, torch.Tensor) and y.requires_grad and y.shape == grad_out.shape:
-            y.backward(grad_out.to(y.dtype))
+            backward([y], [grad_out])
         return (y.detach().clone() if isinstance(y, torch.Tensor) else y), created, x.grad
 
     def kept_for_backward(self, batch: dict[str, torch.Tensor]) -> dict:

@@ -20,6 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_lab.conformance.call_probes import backward
 from lora_lab.conformance.capabilities import NotSupported
 from lora_lab.conformance.compare import (
     add_outliers,
@@ -212,7 +213,7 @@ def _float64_gradients(p: Problem, grad_out: torch.Tensor):
     y = x @ p.dense.t() + p.scaling * (x @ lora_A.t()) @ lora_B.t()
     if bias is not None:
         y = y + bias
-    y.backward(grad_out.double())
+    backward([y], [grad_out.double()])
     return [None if t is None else t.grad for t in leaves]
 
 
@@ -269,7 +270,7 @@ def check_gradients(target, p: Problem, what: str = "drawn") -> None:
     if not y.requires_grad:
         raise CheckFailed("qlora_linear's output does not require grad although x, A and B do")
     grad_out = torch.randn(y.shape, generator=seeded_generator(p.M)).to(y.dtype)
-    y.backward(grad_out)
+    backward([y], [grad_out])
     expected = _float64_gradients(p, grad_out)
     bounds = gradient_bounds(p, grad_out)
     for name, tensor, want in zip(("x", "lora_A", "lora_B", "bias"), inputs, expected):
