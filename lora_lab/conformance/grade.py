@@ -208,6 +208,9 @@ def grade(
     elif first and _find_file(folder, first[0]):
         processes.prestart_learner(_find_file(folder, first[0]), folder, chain)
     exercises = [e for e in first if selected_checks(e, checks)]
+    from lora_lab.conformance.oracles import close_stack, start_stack
+
+    start_stack([g.check for e in exercises for g in selected_checks(e, checks)])  # peft imports there meanwhile
     width = max((len(g.check.name) for e in exercises for g in selected_checks(e, checks)), default=20)
     reports = []
     from lora_lab.conformance.profiles import command_profile
@@ -226,6 +229,7 @@ def grade(
                 reports.append(report)
     finally:
         processes.close()
+        close_stack()
     return reports
 
 

@@ -213,20 +213,23 @@ def run(args: argparse.Namespace) -> int:
             print(f"{c.name:<40} requires {'+'.join(c.requires):<28} {c.description}")
         return 0
     from lora_lab.conformance.isolation import RemoteTarget
+    from lora_lab.conformance.oracles import close_stack, start_stack
     from lora_lab.conformance.profiles import draw_seed
 
     target = None
     try:
         target = RemoteTarget(args.target, wait=False)  # it imports the target while this process imports the suite
-        _select(args.only)
+        start_stack(_select(args.only))  # and peft in its own process, for the checks whose oracle it is
         target.wait()
     except ValueError as exc:
         if target is not None:
             target.close()
+        close_stack()
         print(f"lora-lab verify: {exc}", file=sys.stderr)
         return 2
     if not any(target.provides(op) for op in OPERATIONS):
         target.close()
+        close_stack()
         print(f"lora-lab verify: {args.target} provides none of the operations ({', '.join(OPERATIONS)}), so nothing "
               "was checked; expected a module (or module:attribute) that defines at least one of them", file=sys.stderr)
         return 2
@@ -239,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         report = json_report(target, args.profile, results, seed) if args.json else None  # may probe the target
     finally:
         target.close()
+        close_stack()
     failures = [r for r in results if r.status in (FAILED, ERROR, NOT_ATTEMPTED)]
     for r in failures:
         print(f"\n{r.check.name} {r.status}:\n  property: {r.check.description}\n  detail:   "

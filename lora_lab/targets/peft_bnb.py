@@ -18,8 +18,10 @@ Every line that is not a direct call of bitsandbytes or peft:
   dtype as the compute dtype (as a user sets ``bnb_4bit_compute_dtype``), and passes
   A, B and bias (in x's dtype) through ``torch.func.functional_call``, and keeps
   the caller's RNG (``fork_rng``: peft draws the initial adapters it replaces);
-- every bitsandbytes call runs under ``torch.compiler.set_stance("force_eager")``
-  (bitsandbytes compiles its CPU dequantizer; recompiling per drawn shape costs minutes).
+- bitsandbytes and peft are imported with the module, bitsandbytes as the oracles import it
+  (``oracles.bitsandbytes``: its functions eager, never wrapped for ``torch.compile``), and every
+  bitsandbytes call runs under ``torch.compiler.set_stance("force_eager")`` (bitsandbytes compiles
+  its CPU dequantizer; recompiling per drawn shape costs minutes).
 
 Not provided: ``next_token_loss`` and ``adamw_step``. Their oracles are
 transformers' loss and ``torch.optim.AdamW``, the very code this stack would call,
@@ -34,8 +36,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_lab.conformance.oracles import bitsandbytes_eager
+from lora_lab.conformance.oracles import bitsandbytes, bitsandbytes_eager, peft_module
 from lora_lab.nf4 import NF4Tensor
+
+# At import, as a library is: a process serving this target (the suite's own oracle among them, oracles.stack)
+# spends its start-up on them rather than its first call.
+bnb = bitsandbytes()
+peft = peft_module()
 
 LIBRARIES = ("bitsandbytes", "peft")
 SELF_COMPARISONS = {
@@ -48,27 +55,20 @@ SELF_COMPARISONS = {
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
     """``bitsandbytes.functional.quantize_4bit(weight, blocksize, "nf4", compress_statistics=double_quant)``."""
-    import bitsandbytes.functional as bnb_functional
-
     with bitsandbytes_eager():
-        packed, state = bnb_functional.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4",
+        packed, state = bnb.functional.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4",
                                                      compress_statistics=double_quant)
     return NF4Tensor.from_bnb(packed, state)
 
 
 def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
     """``bitsandbytes.functional.dequantize_4bit`` of the weight's own bytes and QuantState."""
-    import bitsandbytes.functional as bnb_functional
-
     with bitsandbytes_eager():
-        return bnb_functional.dequantize_4bit(*q.to_bnb()).reshape(q.shape)
+        return bnb.functional.dequantize_4bit(*q.to_bnb()).reshape(q.shape)
 
 
 def qlora_linear(x, weight: NF4Tensor, lora_A, lora_B, scaling: float, bias=None) -> torch.Tensor:
     """peft's LoRA layer on a bitsandbytes Linear4bit holding the weight's bytes, with A, B and bias as its parameters."""
-    import bitsandbytes as bnb
-    import peft
-
     packed, state = weight.to_bnb()
     n_out, k_in = weight.shape
     base = bnb.nn.Linear4bit(k_in, n_out, bias=bias is not None, compute_dtype=weight.dtype, quant_type="nf4", device="meta")
