@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,7 @@ import torch
 
 from lora_lab.conformance import wire
 from lora_lab.conformance.child_process import START_TIMEOUT, Child, RemoteError, TargetCrashed, TargetImportError
-
-REFERENCE_TIMED = ("quantize_nf4", "dequantize_nf4", "qlora_linear", "next_token_loss", "adamw_step")
-REFERENCE_SAMPLES = 3  # calls per op and check timed against the reference
+from lora_lab.conformance.reference_clock import SAMPLES, TIMED_OPS, reference_seconds
 
 
 def _describe_call(op: str, args: tuple, kwargs: dict) -> str:
@@ -71,14 +70,16 @@ class _Call:
         self.flags = [self.grad_enabled and t.requires_grad for t in self.inputs]
 
     def run(self) -> list[torch.Tensor]:
+        reference: list[float] = []  # the reference's seconds on the same inputs, timed while the target computes
         reply = self.target.request(["call", self.op, *self.encoded, self.flags, self.grad_enabled, self.measure_min,
-                                     self.watch], self.what)
+                                     self.watch], self.what,
+                                    meanwhile=lambda: self.target.time_reference(self.op, self.args, self.kwargs, reference))
         encoded, changed, self.graph, seconds, problems, self.measurement, interpreted = reply
         self.target.seconds += float(seconds)
         if interpreted:
             self.target.interpreted += 1
-        else:
-            self.target.time_reference(self.op, self.args, self.kwargs, float(seconds))
+        elif reference:
+            self.target.hold_to_budget(self.op, self.args, self.kwargs, float(seconds), reference[0])
         if problems:
             from lora_lab.conformance.registry import CheckFailed
 
@@ -264,38 +265,32 @@ class RemoteTarget:
             self.child.close()
             raise TargetImportError(str(exc), exc.info) from exc
 
-    def request(self, message: list, what: str) -> Any:
+    def request(self, message: list, what: str, meanwhile: Callable[[], None] | None = None) -> Any:
+        """The child's reply to ``message``; ``meanwhile`` runs here after it is sent, while the child works."""
         if not self.child.alive:
             self.reset()
         self.wait()  # a process started without waiting answers its init first
         while self.pending_frees:
             self.child.request(["model_free", self.pending_frees.pop()], "freeing a model")
         try:
-            return self.child.request(message, what)
+            return self.child.request(message, what, meanwhile=meanwhile)
         except BaseException as exc:  # a remote exception (a stub's included) carries what the target raised
             if isinstance(getattr(exc, "info", None), dict):
                 self.last_error = exc.info
             raise
 
-    def time_reference(self, op: str, args: tuple, kwargs: dict, seconds: float) -> None:
-        """Time lora_lab's own ``op`` on copies of the same inputs, for the first few calls of each op in a timed
-        check (``Check.timed``: the realistic sizes): reported beside the target's time on those calls (``timing``)
-        and held to ``registry.TIME_BUDGET``. Speed itself is ``lora-lab bench``'s."""
-        if not self.timed or op not in REFERENCE_TIMED or self.sampled.get(op, 0) >= REFERENCE_SAMPLES:
-            return
-        import lora_lab
-        from lora_lab.conformance.contract import owned_copy
+    def time_reference(self, op: str, args: tuple, kwargs: dict, seconds: list[float]) -> None:
+        """The reference's time on this call's inputs, appended to ``seconds``, for the first few calls of each op in a
+        timed check (``reference_clock``). Speed itself is ``lora-lab bench``'s."""
+        if self.timed and op in TIMED_OPS and self.sampled.get(op, 0) < SAMPLES:
+            taken = reference_seconds(op, args, kwargs)
+            seconds.extend([] if taken is None else [taken])
 
-        copies_args, copies_kwargs = owned_copy(args), owned_copy(kwargs)
-        start = time.perf_counter()
-        try:
-            with torch.no_grad():
-                getattr(lora_lab, op)(*copies_args, **copies_kwargs)
-        except Exception:  # noqa: BLE001 - bad input, as the rejects_bad_input checks pass it: nothing to compare
-            return
+    def hold_to_budget(self, op: str, args: tuple, kwargs: dict, seconds: float, reference: float) -> None:
+        """Add a call timed beside the reference to ``timing`` (reported); over ``registry.TIME_BUDGET``, fail now."""
         self.sampled[op] = self.sampled.get(op, 0) + 1
         self.timing[0] += seconds
-        self.timing[1] += time.perf_counter() - start
+        self.timing[1] += reference
         from lora_lab.conformance.registry import CheckFailed, over_budget
 
         over = over_budget(*self.timing)

@@ -5,7 +5,7 @@ str, bytes, lists) before it is pickled, and the parent unpickles with an
 ``Unpickler`` that refuses every class: a hostile child cannot make the parent
 run code by sending a crafted pickle. Tensors travel as their bytes (a copy,
 never shared memory, so nothing the child does later can change a tensor the
-parent holds); an NF4 weight travels as its fields; a model stays in the child
+parent holds), beside the pickle rather than inside it; an NF4 weight travels as its fields; a model stays in the child
 and crosses as a handle number. Anything else a target returns (a library's own
 quantized type, a tensor subclass, a custom object) stays in the child too: the
 parent gets an ``ObjectRef`` naming its type, and handing that back in a later
@@ -109,7 +109,8 @@ def encode_tensor(t: torch.Tensor) -> list:
         data = t.permute(order).contiguous()
     else:
         data = t.contiguous()
-    raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    # Out-of-band (pickle protocol 5): ``send`` writes the tensor's own bytes to the pipe, with no copy in between.
+    raw = pickle.PickleBuffer(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""
     return ["tensor", str(t.dtype).removeprefix("torch."), list(t.shape), strides, raw, requires_grad]
 
 
@@ -118,9 +119,9 @@ def decode_tensor(item: list) -> torch.Tensor:
     dtype = DTYPES.get(dtype_name)
     if dtype is None:
         raise ValueError(f"a tensor of dtype {dtype_name!r} cannot cross processes")
-    if not raw:
+    if not len(memoryview(raw)):
         flat = torch.empty(0, dtype=dtype)
-    else:
+    else:  # a copy of its own: the same message may be decoded twice, and a PickleBuffer is the sender's memory
         flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)
     if strides is None:
         return flat.reshape(shape)
@@ -225,34 +226,47 @@ class _PrimitivesOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing {module}.{name}: only primitives cross from the target's process")
 
 
-def dumps(message: Any) -> bytes:
-    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+MAX_BUFFERS = 1 << 16  # tensors in one message; more is not our protocol
 
 
-def loads(data: bytes) -> Any:
-    return _PrimitivesOnly(io.BytesIO(data)).load()
+def dumps(message: Any) -> tuple[bytes, list[memoryview]]:
+    """The pickled tree, and the tensors' bytes beside it (out-of-band: never copied into the pickle)."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    return data, [b.raw() for b in buffers]
+
+
+def loads(data: bytes, buffers: list | tuple = ()) -> Any:
+    return _PrimitivesOnly(io.BytesIO(data), buffers=buffers).load()
 
 
 def send(stream, message: Any) -> None:
-    data = dumps(message)
-    stream.write(struct.pack("<Q", len(data)))
-    stream.write(data)
+    """One message: its lengths, the pickled tree, then each tensor's bytes written straight from the tensor."""
+    data, buffers = dumps(message)
+    stream.write(struct.pack(f"<QI{len(buffers)}Q", len(data), len(buffers), *(b.nbytes for b in buffers)))
+    for view in (memoryview(data), *buffers):
+        while view.nbytes:
+            view = view[stream.write(view):]
     stream.flush()
 
 
 def receive(stream) -> Any:
-    """One framed message, or EOFError when the other side has gone."""
-    header = _read_exactly(stream, 8)
-    (length,) = struct.unpack("<Q", header)
-    return loads(_read_exactly(stream, length))
+    """One framed message, or EOFError when the other side has gone. Each tensor's bytes are read into a buffer
+    of their own (the only copy on this side), and only primitives are unpickled (``_PrimitivesOnly``)."""
+    length, count = struct.unpack("<QI", _read_exactly(stream, 12))
+    if count > MAX_BUFFERS:
+        raise ValueError(f"a message of {count} buffers is not the protocol")
+    sizes = struct.unpack(f"<{count}Q", _read_exactly(stream, 8 * count))
+    data = _read_exactly(stream, length)
+    return loads(data, [_read_exactly(stream, size) for size in sizes])
 
 
-def _read_exactly(stream, n: int) -> bytes:
-    chunks, remaining = [], n
-    while remaining:
-        chunk = stream.read(remaining)
-        if not chunk:
+def _read_exactly(stream, n: int) -> bytearray:
+    buffer = bytearray(n)
+    view = memoryview(buffer)
+    while view.nbytes:
+        got = stream.readinto(view)
+        if not got:
             raise EOFError("the other process closed the connection")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+        view = view[got:]
+    return buffer
