@@ -72,9 +72,14 @@ def global_state() -> dict[str, Any]:
     return state
 
 
+_PLAIN = (int, float, str, bytes, bool, type(None))
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if type(a) in (list, tuple) and all(type(x) in _PLAIN for x in a):  # Python's random state: 625 ints at once
+        return a == b
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
