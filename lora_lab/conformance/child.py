@@ -34,6 +34,7 @@ or a hang is seen by the parent as a closed pipe or a silent one.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import time
@@ -152,6 +153,10 @@ class Server:
             members = [m for m in FORMAT_MEMBERS if callable(getattr(fmt, m, None))]
             self.functions.update({f"NF4_FORMAT.{m}": getattr(fmt, m) for m in members})
             described = {"name": str(getattr(fmt, "name", type(fmt).__name__)), "members": members}
+        oracle = getattr(loaded.obj, "ORACLE", None) if settings["target"] == "lora_lab.conformance.stack_oracle" else None
+        self.functions.update({f"ORACLE.{name}": fn for name, fn in (oracle or {}).items()})  # the suite's own oracles
+        for module in settings.get("preload", ()):
+            importlib.import_module(module)
         self.target = NeutralTarget(self)
         declarations = {name: wire.encode(loaded.declaration(name)) for name in DECLARATIONS}
         return {"provides": provided, "origin": {op: origin_of(loaded.op(op)) for op in provided},

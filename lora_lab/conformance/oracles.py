@@ -66,30 +66,31 @@ def peft_module() -> ModuleType:
     return importlib.import_module("peft")
 
 
-STACK_TARGET = "lora_lab.targets.peft_bnb"  # peft's LoRA on a bitsandbytes Linear4bit, bitsandbytes' own NF4
+STACK_MODULE = "lora_lab.conformance.stack_oracle"
 _STACK: dict = {}
 
 
-def stack():
-    """peft + bitsandbytes as they come, in a process of their own: ``lora_lab.targets.peft_bnb`` as a target
-    (``isolation.RemoteTarget``), an oracle for the checks marked ``stack``.
+def stack(preload: tuple[str, ...] = ()):
+    """The oracles that need peft, bitsandbytes or transformers (``stack_oracle``), in a process of their own
+    (``isolation.RemoteTarget``), for the checks that name what they need in ``Check.stack``.
 
-    Importing peft (and transformers, which it imports) takes 5-7 s on 2 cores. Started early
-    (``start_stack``), that process imports it on the core the suite and the target's process leave idle while
-    they take turns, so the suite itself never imports peft for these checks. Started once, it serves every
-    check until ``close_stack``.
+    Importing peft takes 5-7 s on 2 cores, transformers about 3 s. Started early (``start_stack``), that process
+    imports ``preload`` on the core the suite and the target's process leave idle while they take turns, so the
+    suite itself never imports them for these checks. Started once, it serves every check until ``close_stack``.
     """
     from lora_lab.conformance.isolation import RemoteTarget
 
     if "target" not in _STACK:
-        _STACK["target"] = RemoteTarget(STACK_TARGET, name="peft + bitsandbytes (the oracle)", wait=False)
+        _STACK["target"] = RemoteTarget(STACK_MODULE, name="peft, bitsandbytes and transformers (the oracles)",
+                                        wait=False, preload=preload)
     return _STACK["target"]
 
 
 def start_stack(checks) -> None:
-    """Start ``stack()``'s process now, without waiting, when one of ``checks`` will need it."""
-    if any(check.stack for check in checks):
-        stack()
+    """Start ``stack()``'s process now, without waiting, importing what ``checks`` will need there."""
+    preload = tuple(dict.fromkeys(module for check in checks for module in check.stack))
+    if preload:
+        stack(preload)
 
 
 def close_stack() -> None:

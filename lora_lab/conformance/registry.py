@@ -51,7 +51,8 @@ class Check:
     func: Callable[[Any], None] = field(repr=False, compare=False)
     level: str = ""  # SEMANTIC or INTERCHANGE for the NF4 and layer checks: which conformance a failure is a failure of
     timed: bool = False  # held to TIME_BUDGET (below): the realistic-size checks, where fixed per-call costs are small
-    stack: bool = False  # its oracle is peft + bitsandbytes in a process of their own (oracles.stack), started early
+    # its oracle runs in a process of its own (oracles.stack), started early, which imports these modules first
+    stack: tuple[str, ...] = ()
 
 
 CHECKS: list[Check] = []
@@ -75,7 +76,7 @@ def over_budget(target_seconds: float, reference_seconds: float) -> str | None:
 
 
 def check(name: str, *, requires: tuple[str, ...], points: int, exercise: str, hint: str, level: str = "",
-          timed: bool = False, stack: bool = False):
+          timed: bool = False, stack: tuple[str, ...] = ()):
     """Register a property. Its docstring's first line becomes the description."""
 
     def register(func: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -88,7 +89,7 @@ def check(name: str, *, requires: tuple[str, ...], points: int, exercise: str, h
             raise ValueError(f"check {name!r} has level {level!r}; expected one of {sorted(LEVEL_PREFIX)}")
         description = (func.__doc__ or name).strip().splitlines()[0]
         CHECKS.append(Check(name, tuple(requires), points, description, LEVEL_PREFIX[level] + hint, exercise, func, level,
-                            timed, stack))
+                            timed, tuple(stack)))
         return func
 
     return register

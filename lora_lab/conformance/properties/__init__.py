@@ -5,9 +5,9 @@ when it is imported; ``all_checks`` imports them all and lists the checks in
 exercise order (NF4 first, training last), and within an exercise in the order
 of ``TOPICS``: what the op computes first, then how it compares with the real
 stack, what it refuses, what it keeps in memory, and its realistic-size case.
-A check whose oracle runs in a process of its own (``Check.stack``: peft and
-bitsandbytes, ``oracles.stack``) comes last in its exercise: that process imports
-peft while the others run.
+A check whose oracle runs in a process of its own (``Check.stack``: peft,
+bitsandbytes or transformers, ``oracles.stack``) comes last in its exercise: that
+process imports them while the others run.
 """
 
 from __future__ import annotations
@@ -48,4 +48,4 @@ def all_checks() -> list[Check]:
     """Every registered check, in the order of the exercises that teach them (NF4 first, training last)."""
     order = {id(c): i for i, c in enumerate(CHECKS)}
     # checks no exercise teaches come last; within an exercise, by topic, then as each module lists them
-    return sorted(CHECKS, key=lambda c: (not c.exercise, c.exercise, c.stack, _topic(c), order[id(c)]))
+    return sorted(CHECKS, key=lambda c: (not c.exercise, c.exercise, bool(c.stack), _topic(c), order[id(c)]))

@@ -24,7 +24,6 @@ from lora_lab.conformance.contract import refill_tail
 from lora_lab.conformance.profiles import NO_SHRINK, examples
 from lora_lab.conformance.registry import CheckFailed, check
 from lora_lab.data import collate, generate_products
-from lora_lab.model import tiny_llama
 
 U32 = UNIT_ROUNDOFF[torch.float32]
 
@@ -128,26 +127,27 @@ def matches_shift_and_mask(target) -> None:
     requires=("next_token_loss",),
     points=6,
     exercise="04",
+    stack=("transformers.models.llama.modeling_llama",),
     hint="transformers takes labels aligned with input_ids and does the offsetting itself: "
     "model(input_ids, labels=labels).loss is what your loss must reproduce from the same logits and labels.",
 )
 def matches_transformers(target) -> None:
     """Equals LlamaForCausalLM's own loss (labels=...) on price prompts and on fully labelled listings."""
+    from lora_lab.conformance.oracles import stack
     from lora_lab.data import collate_listings
 
-    model = tiny_llama(seed=0)
+    transformers_loss = stack().op("ORACLE.transformers_loss")  # tiny_llama(0) and its loss, in their own process
 
     @settings(max_examples=examples(8), phases=NO_SHRINK)
     @given(st.integers(0, 2**31 - 1), st.integers(1, 4), st.booleans())
     def prop(seed, batch_size, price_only):
         products = generate_products(batch_size, seed=seed)
         batch = collate(products) if price_only else collate_listings(products)
-        with torch.no_grad():
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        got = _scalar_loss(call_guarded(target.op("next_token_loss"), out.logits, batch["labels"], name="next_token_loss"),
+        logits, loss = transformers_loss(0, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        got = _scalar_loss(call_guarded(target.op("next_token_loss"), logits, batch["labels"], name="next_token_loss"),
                            "next_token_loss")
         what = f"loss on {batch_size} {'price prompts' if price_only else 'listings'} vs transformers' loss"
-        assert_close(got, out.loss, _loss_allowance(out.logits, float(out.loss)), what)
+        assert_close(got, loss, _loss_allowance(logits, float(loss)), what)
 
     prop()
 

@@ -3,7 +3,8 @@
 An interchange check: bitsandbytes holds the same NF4 bytes as the target (a target with its own format is
 converted by that format), and the output and gradients must agree with peft + bitsandbytes within twice the
 derived fp32 bound, since both sides round. The drawn problems are ``properties.qlora``'s. peft and bitsandbytes
-run in a process of their own (``oracles.stack``: ``lora_lab.targets.peft_bnb``, every number from their code).
+run in a process of their own (``oracles.stack``: ``lora_lab.targets.peft_bnb``'s qlora_linear, every number from
+their code).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lora_lab.conformance.registry import INTERCHANGE, CheckFailed, check
     points=6,
     exercise="03",
     level=INTERCHANGE,
-    stack=True,
+    stack=("lora_lab.targets.peft_bnb",),
     hint="The real stack is peft's LoRA on a bitsandbytes Linear4bit: base output plus lora_B(lora_A(x)) * scaling, "
     "with the weight dequantized exactly as bitsandbytes does.",
 )
