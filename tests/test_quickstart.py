@@ -35,8 +35,9 @@ def torch_install(command: str) -> str:
 def test_the_quickstart_installs_the_cpu_torch_wheel_explicitly_and_ci_runs_the_same():
     commands = quickstart_commands()
     assert len(commands) == 2 and commands[0].endswith("lora-lab demo")
-    assert commands[1].endswith("pytest --hypothesis-profile=ci")
+    assert commands[1].endswith("pytest --hypothesis-profile=ci -n 2")
     ci = (ROOT / ".ci" / "run").read_text()
+    assert "\npytest --hypothesis-profile=ci -n 2\n" in ci, ".ci/run must run the README's test command"
     for command in commands:
         install = torch_install(command)
         assert f"--index-url {CPU_INDEX}" in install, f"{install!r} lets PyPI's CUDA build in"
