@@ -130,6 +130,7 @@ class Server:
 
         torch.set_num_threads(int(settings["threads"]))
         from lora_lab.conformance import wire
+        from lora_lab.conformance.oracles import STACK_MODULE
         from lora_lab.conformance.origin import origin_of
         from lora_lab.conformance.registry import OPERATIONS
         from lora_lab.conformance.runner import Target
@@ -153,7 +154,7 @@ class Server:
             members = [m for m in FORMAT_MEMBERS if callable(getattr(fmt, m, None))]
             self.functions.update({f"NF4_FORMAT.{m}": getattr(fmt, m) for m in members})
             described = {"name": str(getattr(fmt, "name", type(fmt).__name__)), "members": members}
-        oracle = getattr(loaded.obj, "ORACLE", None) if settings["target"] == "lora_lab.conformance.stack_oracle" else None
+        oracle = getattr(loaded.obj, "ORACLE", None) if settings["target"] == STACK_MODULE else None
         self.functions.update({f"ORACLE.{name}": fn for name, fn in (oracle or {}).items()})  # the suite's own oracles
         for module in settings.get("preload", ()):
             importlib.import_module(module)
@@ -239,7 +240,6 @@ class Server:
         return self.counter
 
     def backward(self, graph: int, grad_outputs) -> list:
-
         from lora_lab.conformance import wire
 
         if graph not in self.graphs:

@@ -208,9 +208,10 @@ def grade(
     elif first and _find_file(folder, first[0]):
         processes.prestart_learner(_find_file(folder, first[0]), folder, chain)
     exercises = [e for e in first if selected_checks(e, checks)]
-    from lora_lab.conformance.oracles import close_stack, start_stack
+    from lora_lab.conformance.oracles import start_stack
 
-    start_stack([g.check for e in exercises for g in selected_checks(e, checks)])  # peft imports there meanwhile
+    # the oracles' libraries import there meanwhile; the process serves every later grade too (run closes it)
+    start_stack([g.check for e in exercises for g in selected_checks(e, checks)])
     width = max((len(g.check.name) for e in exercises for g in selected_checks(e, checks)), default=20)
     reports = []
     from lora_lab.conformance.profiles import command_profile
@@ -229,7 +230,6 @@ def grade(
                 reports.append(report)
     finally:
         processes.close()
-        close_stack()
     return reports
 
 
@@ -336,6 +336,14 @@ def to_json(reports: list[ExerciseReport], profile: str, seed: int | None = None
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    finally:  # the oracles' process (oracles.stack) served every grade of the command, --watch's re-grades too
+        if "lora_lab.conformance.oracles" in sys.modules:
+            sys.modules["lora_lab.conformance.oracles"].close_stack()
+
+
+def _run(args: argparse.Namespace) -> int:
     prepare_for_targets()  # before torch is imported: this process and the target's take turns
     try:
         command_threads()  # a bad $LORA_LAB_THREADS is a usage error, before any process starts

@@ -285,7 +285,8 @@ class RemoteTarget:
         timed check (``reference_clock``). Speed itself is ``lora-lab bench``'s."""
         if self.timed and op in TIMED_OPS and self.sampled.get(op, 0) < SAMPLES:
             taken = reference_seconds(op, args, kwargs)
-            seconds.extend([] if taken is None else [taken])
+            if taken is not None:
+                seconds.append(taken)
 
     def hold_to_budget(self, op: str, args: tuple, kwargs: dict, seconds: float, reference: float) -> None:
         """Add a call timed beside the reference to ``timing`` (reported); over ``registry.TIME_BUDGET``, fail now."""

@@ -23,13 +23,10 @@ import sys
 import torch
 
 # torchao, where it is installed (the compat extra), is imported by peft and transformers only to offer LoRA on its
-# own tensor types: a second of this process's start-up that none of these oracles uses.
+# own tensor types: a second of this process's start-up that none of these oracles uses. (This module is imported
+# only in that process; the suite's own would lose torchao for its torchao targets.)
 if "torchao" not in sys.modules:
     sys.modules["torchao"] = None  # import torchao raises ImportError, and find_spec says it is not there
-
-PEFT_BNB = "lora_lab.targets.peft_bnb"
-TRANSFORMERS_LLAMA = "transformers.models.llama.modeling_llama"
-
 
 def qlora_linear(x, weight, lora_A, lora_B, scaling: float, bias=None) -> torch.Tensor:
     """peft's LoRA on a bitsandbytes Linear4bit (``lora_lab.targets.peft_bnb.qlora_linear``)."""

@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     target = None
     try:
         target = RemoteTarget(args.target, wait=False)  # it imports the target while this process imports the suite
-        start_stack(_select(args.only))  # and peft in its own process, for the checks whose oracle it is
+        start_stack(_select(args.only))  # and the oracles' libraries in their own process, for the checks that use them
         target.wait()
     except ValueError as exc:
         if target is not None:

@@ -3,10 +3,10 @@
 Everything is encoded to a tree of Python primitives (None, bool, int, float,
 str, bytes, lists) before it is pickled, and the parent unpickles with an
 ``Unpickler`` that refuses every class: a hostile child cannot make the parent
-run code by sending a crafted pickle. Tensors travel as their bytes (a copy,
-never shared memory, so nothing the child does later can change a tensor the
-parent holds), beside the pickle rather than inside it; an NF4 weight travels as its fields; a model stays in the child
-and crosses as a handle number. Anything else a target returns (a library's own
+run code by sending a crafted pickle. Tensors travel as their bytes beside the
+pickle (a copy, never shared memory, so nothing the child does later can change
+a tensor the parent holds); an NF4 weight travels as its fields; a model stays
+in the child and crosses as a handle number. Anything else a target returns (a library's own
 quantized type, a tensor subclass, a custom object) stays in the child too: the
 parent gets an ``ObjectRef`` naming its type, and handing that back in a later
 call gives the target its own object again.
@@ -251,8 +251,8 @@ def send(stream, message: Any) -> None:
 
 
 def receive(stream) -> Any:
-    """One framed message, or EOFError when the other side has gone. Each tensor's bytes are read into a buffer
-    of their own (the only copy on this side), and only primitives are unpickled (``_PrimitivesOnly``)."""
+    """One framed message, or EOFError when the other side has gone. Each tensor's bytes are read straight from the
+    pipe into a buffer of their own, and only primitives are unpickled (``_PrimitivesOnly``)."""
     length, count = struct.unpack("<QI", _read_exactly(stream, 12))
     if count > MAX_BUFFERS:
         raise ValueError(f"a message of {count} buffers is not the protocol")

@@ -153,7 +153,7 @@ def _bnb_oracle(dense_linear, dtype: torch.dtype, pair, scaling: float):
     from lora_lab.nf4 import NF4Tensor
 
     packed, state = bitsandbytes().functional.quantize_4bit(dense_linear.weight.detach(), blocksize=64, quant_type="nf4",
-                                                    compress_statistics=True)
+                                                            compress_statistics=True)
     weight = NF4Tensor.from_bnb(packed, state)
     if pair is None:
         layer = bnb_linear4bit(weight, dense_linear.bias, compute_dtype=dtype)
