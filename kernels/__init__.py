@@ -14,9 +14,43 @@ this package sets ``TRITON_INTERPRET=1`` (unless you set it) before Triton is
 imported, see ``common.py``.
 """
 
-# Python run from the repository root can also import this folder as a top-level `kernels`, the name of Hugging
-# Face's package that transformers and bitsandbytes probe for. Under that name it stays empty and harmless.
-if __name__ == "lora_lab.kernels":
+import sys
+from importlib.machinery import PathFinder
+from importlib.util import module_from_spec
+from pathlib import Path
+
+
+def _import_hugging_face_kernels() -> None:
+    """Stand aside for Hugging Face's ``kernels`` package when this folder is imported under that name.
+
+    Python run from the repository root (``python -c``, ``python -m``, a REPL, a notebook) has the root on
+    ``sys.path`` first, so ``import kernels`` finds this folder before site-packages. transformers 5 imports Hugging
+    Face's ``kernels`` (``from kernels import CUDAProperties``), so a folder that merely stayed empty under that name
+    broke ``import peft``. Instead this module loads the real package from the rest of ``sys.path`` and puts it in
+    ``sys.modules["kernels"]``, which is what the ``import`` statement returns.
+    """
+    our_root = Path(__file__).resolve().parent.parent
+    elsewhere = [entry for entry in sys.path if Path(entry or ".").resolve() != our_root]
+    spec = PathFinder.find_spec("kernels", elsewhere)
+    if spec is None or spec.loader is None:
+        del sys.modules["kernels"]
+        raise ModuleNotFoundError(
+            "No module named 'kernels' (Hugging Face's package is not installed; the folder kernels/ in "
+            f"{our_root} is lora_lab's Triton kernels: import it as lora_lab.kernels)",
+            name="kernels",
+        )
+    hugging_face_kernels = module_from_spec(spec)
+    sys.modules["kernels"] = hugging_face_kernels
+    try:
+        spec.loader.exec_module(hugging_face_kernels)
+    except BaseException:
+        sys.modules.pop("kernels", None)
+        raise
+
+
+if __name__ == "kernels":
+    _import_hugging_face_kernels()
+else:
     from lora_lab.kernels.common import INTERPRETING
     from lora_lab.kernels.fused_qlora_linear import fused_qlora_linear
     from lora_lab.kernels.nf4_dequantize import nf4_dequantize
