@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import logging
 import os
 import sys
 import types
@@ -57,6 +58,45 @@ def _interpret_triton_without_a_gpu() -> None:
 
 
 _interpret_triton_without_a_gpu()
+
+
+# Warnings the stack logs on import that read like failures but change nothing lora_lab computes: (logger, the start
+# of the message). bitsandbytes on an AVX512-BF16 CPU tries to fetch a faster gemm_4bit from the Hugging Face Hub and
+# falls back to its own kernel; torchao's wheel carries CUDA extensions a CPU cannot load; torchao registers an Enum
+# with torch's pytree in a way torch 2.13 calls deprecated.
+KNOWN_LIBRARY_NOISE = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+    ("torchao", "Failed to load "),
+    ("torch.utils._pytree", "%s is an Enum subclass and is now natively supported"),
+)
+
+
+class _DropKnownNoise(logging.Filter):
+    """Drops one logger's records whose (unformatted) message starts with a known prefix; every other record passes."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def _quiet_known_library_noise() -> None:
+    """Keep the stack's harmless import-time warnings out of lora_lab's output (LORA_LAB_LIBRARY_NOISE=1 shows them).
+
+    A filter on each named logger, set before the library is imported, drops only those messages: a new warning
+    from the same library still prints.
+    """
+    if os.environ.get("LORA_LAB_LIBRARY_NOISE") == "1":
+        return
+    for name, prefix in KNOWN_LIBRARY_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownNoise) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropKnownNoise(prefix))
+
+
+_quiet_known_library_noise()
 
 
 # Modules that moved when each part got its own folder (0.2): the old paths keep working for this release.
