@@ -8,6 +8,7 @@ therefore names PyTorch's CPU index, and CI runs the same two installs.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -43,7 +44,59 @@ def test_the_quickstart_installs_the_cpu_torch_wheel_explicitly_and_ci_runs_the_
         assert f"--index-url {CPU_INDEX}" in install, f"{install!r} lets PyPI's CUDA build in"
         pinned = re.search(r"torch==(\S+)", install).group(1)
         assert f"torch=={pinned} --index-url {CPU_INDEX}" in ci, ".ci/run must install torch as the README does"
-        assert 'pip install -e ".[dev]"' in command and 'pip install -q -e ".[dev]"' in ci
+    demo_install, test_install = (command.split(" && ")[-2] for command in commands)
+    assert demo_install == 'pip install -c constraints.txt -e ".[dev]"'
+    assert test_install == 'pip install -c constraints.txt -e ".[dev,compat]"', "the tests need the compat targets"
+    assert 'python -m pip install -q -c constraints.txt -e ".[dev,compat]"' in ci, ".ci/run must install as the README does"
+
+
+def test_the_recorded_versions_satisfy_the_project_and_pin_the_readmes_torch():
+    """constraints.txt pins every dependency (and extra) the project declares, within what pyproject.toml accepts."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        tomllib = pytest.importorskip("tomli")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    drift = load_drift()
+    pins = drift.parse_pins((ROOT / "constraints.txt").read_text())
+    requirements = [Requirement(d) for d in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    requirements += [Requirement(d) for d in project["optional-dependencies"]["compat"]]
+    for requirement in requirements:
+        name = drift.canonical(requirement.name)
+        assert name in pins, f"constraints.txt does not record {requirement.name}"
+        assert requirement.specifier.contains(pins[name]), f"constraints.txt's {name}=={pins[name]} breaks {requirement}"
+    pinned = re.search(r"torch==(\S+)", torch_install(quickstart_commands()[0])).group(1)
+    assert pins["torch"] == pinned
+
+
+def load_drift():
+    spec = importlib.util.spec_from_file_location("drift", ROOT / ".ci" / "drift.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_drift_names_each_change_and_reads_pytests_failures(tmp_path):
+    drift = load_drift()
+    recorded = drift.parse_pins("# comment\ntransformers==5.24.0\nPyYAML==6.0.4\ntorch==2.13.0+cpu\nold-thing==1.0\n")
+    assert recorded == {"transformers": "5.24.0", "pyyaml": "6.0.4", "torch": "2.13.0", "old-thing": "1.0"}
+    newest = {"transformers": "5.25.0", "pyyaml": "6.0.4", "torch": "2.13.0", "kernels": "0.19.1"}
+    changes = drift.version_changes(recorded, newest)
+    assert changes == [("kernels", None, "0.19.1"), ("old-thing", "1.0", None), ("transformers", "5.24.0", "5.25.0")]
+    assert [drift.describe_change(*change) for change in changes] == [
+        "kernels: new, 0.19.1", "old-thing: 1.0, no longer installed", "transformers: 5.24.0 -> 5.25.0"]
+    assert drift.parse_pins(drift.format_constraints(newest)) == newest
+    with pytest.raises(ValueError, match="expected name==version"):
+        drift.parse_pins("transformers>=5\n")
+    report = tmp_path / "junit.xml"
+    report.write_text(
+        '<testsuites><testsuite>'
+        '<testcase classname="tests.test_quickstart" name="test_a"/>'
+        '<testcase classname="tests.test_quickstart" name="test_b[x]"><failure message="boom"/></testcase>'
+        '<testcase classname="tests.test_quickstart.TestGroup" name="test_c"><error message="bang"/></testcase>'
+        '</testsuite></testsuites>'
+    )
+    assert drift.failed_tests(report) == ["tests/test_quickstart.py::test_b[x]", "tests/test_quickstart.py::TestGroup::test_c"]
 
 
 def test_the_pinned_torch_satisfies_the_project_requirement():
