@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_lab.cli.arguments import number, output_folder_problem, whole_number
 from lora_lab.cli.threads import add_threads_argument, apply_threads
 
 if TYPE_CHECKING:
@@ -32,19 +33,22 @@ HELD_OUT = 256  # prompts never trained on, to measure the fine-tuning honestly
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps after the walk-through (default: 40)")
+    parser.add_argument("--steps", type=whole_number(0), default=40,
+                        help="fine-tuning steps after the walk-through (default: 40)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the products, the adapters and the batches (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for loss.png (default: runs/demo)")
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank (default: 8)")
-    parser.add_argument("--alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha/r (default: 16)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate for the adapters (default: 2e-3)")
+    parser.add_argument("--r", type=whole_number(1), default=8, help="LoRA rank (default: 8)")
+    parser.add_argument("--alpha", type=number(0, open_low=True), default=16,
+                        help="LoRA alpha; the update is scaled by alpha/r (default: 16)")
+    parser.add_argument("--lr", type=number(0, open_low=True), default=2e-3,
+                        help="AdamW learning rate for the adapters (default: 2e-3)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the loss chart")
     parser.add_argument(
         "--backend", choices=("reference", "triton"), default="reference",
         help="QLoRA layer: the readable PyTorch reference, or the fused Triton kernels (needs a CUDA GPU)",
     )
     parser.add_argument(
-        "--pretrain-steps", type=int, default=None,
+        "--pretrain-steps", type=whole_number(0), default=None,
         help="pre-training steps for the base model (default: lora_lab.train.PRETRAIN_STEPS; each value is cached "
         "separately under $LORA_LAB_CACHE or ~/.cache/lora_lab)",
     )
@@ -203,21 +207,10 @@ def plot(losses: list[float], held_out_losses: dict[int, float], path: Path, tit
     plt.close(figure)
 
 
-def bad_flag(args: argparse.Namespace) -> str | None:
-    """What is wrong with the first out-of-range flag, or None; checked before torch is imported, so it answers at once."""
-    bounds = (("--steps", args.steps, ">= 0", args.steps >= 0), ("--r", args.r, ">= 1", args.r >= 1),
-              ("--alpha", args.alpha, "> 0", args.alpha > 0), ("--lr", args.lr, "> 0", args.lr > 0),
-              ("--pretrain-steps", args.pretrain_steps, ">= 0", (args.pretrain_steps or 0) >= 0))
-    for flag, value, expected, ok in bounds:
-        if not ok:
-            return f"expected {flag} {expected}, got {value:g}"
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
-    problem = bad_flag(args)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+    problem = None if args.no_plot else output_folder_problem("--out", args.out, "to write loss.png into")
+    if problem:  # before the minute of work whose chart it would lose
+        print(f"lora-lab demo: {problem}", file=sys.stderr)
         return 2
     import torch
 
@@ -227,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     from lora_lab.train import PRETRAIN_STEPS, pretrained_tiny_llama
 
     if args.backend == "triton" and not torch.cuda.is_available():
-        print("error: --backend triton runs fused Triton kernels and needs a CUDA GPU; use --backend reference on a CPU",
+        print("lora-lab demo: --backend triton runs fused Triton kernels and needs a CUDA GPU; use --backend reference on a CPU",
               file=sys.stderr)
         return 2
     apply_threads(args.threads)

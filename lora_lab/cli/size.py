@@ -22,25 +22,34 @@ import math
 import sys
 from dataclasses import dataclass
 
+from lora_lab.cli.arguments import whole_number
+
 KEPT_IN_BF16 = ("lm_head",)  # linear layers QLoRA leaves unquantized
 # Spelt out (tests check them against lora_lab.model) so that `lora-lab --help` need not import torch.
 PRESET_NAMES = ("llama-3.1-8b", "llama-3.2-1b", "tiny")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Past these a step's memory is a meaningless number: no single step holds more prompts, and no preset reads
+# longer prompts than Llama 3.1's context length.
+MAX_BATCH = 4096
+MAX_SEQUENCE = 131072
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", default="llama-3.1-8b", help=f"model shape: {', '.join(PRESET_NAMES)} (default: llama-3.1-8b)"
     )
-    parser.add_argument("--r", type=int, default=32, help="LoRA rank (default: 32)")
+    parser.add_argument("--r", type=whole_number(1), default=32,
+                        help="LoRA rank, at most the smaller side of the smallest targeted layer (default: 32)")
     parser.add_argument("--alpha", type=float, default=64, help="LoRA alpha; the update is scaled by alpha/r (default: 64)")
     parser.add_argument(
         "--targets", default=",".join(DEFAULT_TARGETS),
         help=f"comma-separated linear layers that get adapters (default: {','.join(DEFAULT_TARGETS)})",
     )
     parser.add_argument("--blocksize", type=int, default=64, help="NF4 block size (default: 64)")
-    parser.add_argument("--batch", type=int, default=16, help="prompts per training step, for its memory (default: 16)")
-    parser.add_argument("--sequence", type=int, default=512, help="tokens per prompt, for its memory (default: 512)")
+    parser.add_argument("--batch", type=whole_number(1, MAX_BATCH), default=16,
+                        help="prompts per training step, for its memory (default: 16)")
+    parser.add_argument("--sequence", type=whole_number(2, MAX_SEQUENCE, "Llama 3.1's context length"), default=512,
+                        help="tokens per prompt, for its memory (default: 512)")
 
 
 def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = False) -> int:
@@ -103,6 +112,13 @@ def size_report(preset: str, r: int = 32, alpha: float = 64, targets=DEFAULT_TAR
 
     linears = [(name.rsplit(".", 1)[-1], m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     adapted = [m for short, m in linears if short in targets]
+    # A rank above a layer's smaller side adds parameters but no expressive power: B @ A is full rank already.
+    narrowest_name, narrowest = min(((short, m) for short, m in linears if short in targets),
+                                    key=lambda item: min(item[1].in_features, item[1].out_features))
+    most = min(narrowest.in_features, narrowest.out_features)
+    if r > most:
+        raise ValueError(f"expected the rank r from 1 to {most}, the smaller side of {narrowest_name} "
+                         f"({narrowest.out_features} x {narrowest.in_features}) in {preset}; got {r}")
     quantized = [m.weight.numel() for short, m in linears if short not in KEPT_IN_BF16]
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     rest_bf16 = 2 * (total - sum(quantized))
@@ -159,10 +175,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = size_report(args.preset, args.r, args.alpha, targets, args.blocksize)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.batch < 1 or args.sequence < 2:
-        print(f"error: expected --batch >= 1 and --sequence >= 2, got {args.batch} and {args.sequence}", file=sys.stderr)
+        print(f"lora-lab size: {exc}", file=sys.stderr)
         return 2
     from lora_lab.cli.step_memory import format_step_memory, step_memory
     from lora_lab.model import ModelPreset
