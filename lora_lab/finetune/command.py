@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+from lora_lab.cli.arguments import number, output_folder_problem, whole_number
 from lora_lab.cli.threads import add_threads_argument, apply_threads
 from lora_lab.finetune import schedule
 from lora_lab.finetune.base_model import build_model
@@ -50,21 +51,27 @@ COURSE = dict(r=32, alpha=64.0, targets="q_proj,k_proj,v_proj,o_proj", dropout=0
               warmup_ratio=0.03)
 RESUMABLE = ("steps", "out", "backend")  # settings --resume may change; the rest must match the run being resumed
 EVALUATIONS = 5  # held-out evaluations during training, besides before and after
+# Each of a run's EVALUATIONS + 2 evaluations prices every held-out prompt: 100,000 of them kept a run at its last
+# step for minutes. A data file's held-out rows are bounded by its own rows too (load_examples).
+MAX_EVAL_SIZE = 2000
+OUT_PURPOSE = "to write adapter/, loss.png, prices.png, metrics.json and resume.pt into"
+POSITIVE, SHARE = number(0, open_low=True), number(0, 1, open_high=True)
+EVAL_SIZE = whole_number(1, MAX_EVAL_SIZE, "each evaluation prices every held-out prompt")
 
 OPTIONS = (  # (flag, argparse keywords); defaults are None so that explicit flags can be told from the preset's
     ("--model", dict(metavar="tiny|PATH", help="'tiny' (the cached pre-trained tiny Llama) or a local Hugging Face Llama "
                      "directory with its tokenizer (default: tiny)")),
     ("--data", dict(metavar="builtin|FILE", help="'builtin' (synthetic products) or a JSONL file of {\"text\", \"price\"} rows")),
-    ("--steps", dict(type=int, help="optimizer steps (default: 200)")),
-    ("--batch-size", dict(type=int, help="examples per micro-batch, split across --nproc processes (default: 16)")),
-    ("--grad-accum", dict(type=int, help="micro-batches per optimizer step (default: 1)")),
-    ("--r", dict(type=int, help="LoRA rank (default: 8)")),
-    ("--alpha", dict(type=float, help="LoRA alpha; the update is scaled by alpha/r (default: 16)")),
-    ("--dropout", dict(type=float, help="dropout on the adapters' input (default: 0)")),
+    ("--steps", dict(type=whole_number(1), help="optimizer steps (default: 200)")),
+    ("--batch-size", dict(type=whole_number(1), help="examples per micro-batch, split across --nproc processes (default: 16)")),
+    ("--grad-accum", dict(type=whole_number(1), help="micro-batches per optimizer step (default: 1)")),
+    ("--r", dict(type=whole_number(1), help="LoRA rank (default: 8)")),
+    ("--alpha", dict(type=POSITIVE, help="LoRA alpha; the update is scaled by alpha/r (default: 16)")),
+    ("--dropout", dict(type=SHARE, help="dropout on the adapters' input (default: 0)")),
     ("--targets", dict(help="comma-separated linear layers to adapt (default: q_proj,k_proj,v_proj,o_proj)")),
-    ("--lr", dict(type=float, help="peak AdamW learning rate (default: 2e-3)")),
+    ("--lr", dict(type=POSITIVE, help="peak AdamW learning rate (default: 2e-3)")),
     ("--scheduler", dict(choices=("cosine", "constant", "linear"), help="learning-rate decay after warmup (default: cosine)")),
-    ("--warmup-ratio", dict(type=float, help="share of the steps spent warming the learning rate up (default: 0.03)")),
+    ("--warmup-ratio", dict(type=SHARE, help="share of the steps spent warming the learning rate up (default: 0.03)")),
     ("--backend", dict(choices=("reference", "triton"), help="QLoRA layer implementation; triton needs a CUDA GPU")),
     ("--bf16", dict(action="store_true", default=None, help="the base model in bf16 and the quantized layers computing in "
                     "bf16 (bnb_4bit_compute_dtype); the adapters and AdamW stay fp32")),
@@ -72,13 +79,13 @@ OPTIONS = (  # (flag, argparse keywords); defaults are None so that explicit fla
                                       "instead of keeping its activations (less memory, about a third more compute)")),
     ("--out", dict(help="output folder (default: runs/train)")),
     ("--seed", dict(type=int, help="seed for the adapters, the data order and the split (default: 0)")),
-    ("--eval-size", dict(type=int, help="held-out prompts for the price evaluation (default: 200)")),
+    ("--eval-size", dict(type=EVAL_SIZE, help="held-out prompts for the price evaluation (default: 200)")),
     ("--preset", dict(choices=("course",), help="course: r=32, alpha=64, q/k/v/o, dropout 0.1, lr 1e-4, cosine, warmup 3%%")),
-    ("--pretrain-steps", dict(type=int, help="--model tiny only: pre-training steps of the cached base model")),
+    ("--pretrain-steps", dict(type=whole_number(0), help="--model tiny only: pre-training steps of the cached base model")),
     ("--strict", dict(action="store_true", help="refuse a data file with any bad row (exit 2) instead of skipping them")),
     ("--overwrite", dict(action="store_true", help="write into a non-empty --out folder")),
     ("--resume", dict(metavar="DIR", help="continue the run saved in DIR (its settings; --steps may extend it)")),
-    ("--nproc", dict(type=int, help="data-parallel processes: re-launches itself under torchrun (default: 1)")),
+    ("--nproc", dict(type=whole_number(1), help="data-parallel processes: re-launches itself under torchrun (default: 1)")),
 )
 
 
@@ -109,16 +116,7 @@ def resolve_settings(args: argparse.Namespace, saved: dict | None = None) -> dic
             raise UsageError(f"--resume keeps the run's settings; drop {listed}")
         settings = {**saved, **{k: v for k, v in explicit.items() if k in RESUMABLE}}
         return settings if "out" in explicit else {**settings, "out": args.resume}
-    settings = {**DEFAULTS, **(COURSE if args.preset == "course" else {}), **explicit}
-    checks = [("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("r", 1), ("eval_size", 1)]
-    for key, least in checks:
-        if settings[key] < least:
-            raise UsageError(f"expected --{key.replace('_', '-')} >= {least}, got {settings[key]}")
-    if (settings["pretrain_steps"] or 0) < 0:
-        raise UsageError(f"expected --pretrain-steps >= 0, got {settings['pretrain_steps']}")
-    if not (settings["lr"] > 0 and settings["alpha"] > 0 and 0 <= settings["dropout"] < 1 and 0 <= settings["warmup_ratio"] < 1):
-        raise UsageError("expected --lr > 0, --alpha > 0, --dropout in [0, 1) and --warmup-ratio in [0, 1)")
-    return settings
+    return {**DEFAULTS, **(COURSE if args.preset == "course" else {}), **explicit}  # (argparse checked each flag's range)
 
 
 # ---------------------------------------------------------------------------- one step, the schedule, the evaluation
@@ -307,8 +305,11 @@ def relaunch(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     in_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if args.nproc is not None and args.nproc < 1:
-        print(f"error: expected --nproc >= 1, got {args.nproc}", file=sys.stderr)
+    # --out, else the --resume'd folder, else the default: checked before any work, and before --nproc's workers start
+    flag, out = ("--resume", args.resume) if args.out is None and args.resume else ("--out", args.out or DEFAULTS["out"])
+    problem = output_folder_problem(flag, out, OUT_PURPOSE)
+    if problem:
+        print(f"lora-lab train: {problem}", file=sys.stderr)
         return 2
     if (args.nproc or 1) > 1 and not in_torchrun:
         return relaunch(args)
@@ -320,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
             ctx = setup()
         return train(args, ctx)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"lora-lab train: {error}", file=sys.stderr)
         return 2
     finally:
         if ctx is not None:

@@ -40,7 +40,9 @@ def test_size_command_prints_the_figures(capsys):
     [
         (["--preset", "llama-9b"], "unknown preset 'llama-9b'; expected one of llama-3.1-8b, llama-3.2-1b, tiny"),
         (["--targets", "q_proj,qkv"], "unknown target module(s) qkv; the linear layers are named down_proj"),
-        (["--r", "0"], "positive integer"),
+        (["--r", "1000000000"], "expected the rank r from 1 to 1024, the smaller side of k_proj (1024 x 4096) in llama-3.1-8b; "
+                                "got 1000000000"),
+        (["--preset", "tiny", "--r", "33", "--targets", "q_proj,k_proj"], "expected the rank r from 1 to 32"),
     ],
 )
 def test_size_command_explains_bad_input(capsys, argv, message):

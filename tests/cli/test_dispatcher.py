@@ -28,10 +28,10 @@ sys.exit(status)
         ([], 2, "usage: lora-lab [-h] COMMAND"),
         (["demo", "--help"], 0, "usage: lora-lab demo"),
         (["demo", "--stepz"], 2, "usage: lora-lab demo"),
-        (["demo", "--steps", "-1"], 2, "error: expected --steps >= 0, got -1"),
+        (["demo", "--steps", "-1"], 2, "lora-lab demo: error: argument --steps: expected a whole number >= 0, got '-1'"),
         (["demo", "--threads", "many"], 2, "usage: lora-lab demo"),
         (["train", "--stepz"], 2, "usage: lora-lab train"),
-        (["train", "--steps", "0"], 2, "error: expected --steps >= 1, got 0"),
+        (["train", "--steps", "0"], 2, "lora-lab train: error: argument --steps: expected a whole number >= 1, got '0'"),
         (["verify", "--only", "nf4.", "lora_lab", "extra"], 2, "usage: lora-lab verify"),
         (["grade", "--only", "99"], 2, "usage: lora-lab grade"),
     ],
@@ -48,9 +48,12 @@ def test_help_and_usage_errors_answer_without_importing_torch(argv, status, usag
 
 
 def test_demo_names_the_flag_that_is_out_of_range(capsys):
-    assert main(["demo", "--lr", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--lr", "0"])
+    assert exit_info.value.code == 2
     captured = capsys.readouterr()
-    assert captured.err.strip() == "error: expected --lr > 0, got 0" and not captured.out
+    assert captured.err.splitlines()[-1] == "lora-lab demo: error: argument --lr: expected a number > 0, got '0'"
+    assert not captured.out
 
 
 def test_size_errors_go_to_stderr(capsys):
