@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_lab.cli.arguments import output_file_problem
 from lora_lab.conformance.child_process import TargetCrashed, TargetImportError, TargetTimedOut, prepare_for_targets
 from lora_lab.conformance.learner import MISSING, NOT_YOURS, explain, how_to_start, not_yours_reason
 from lora_lab.conformance.profiles import command_threads
@@ -344,6 +345,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    problem = output_file_problem("--json", args.json, "to write the grades into") if args.json else None
+    if problem:  # before the grading, whose Score line it would otherwise end in a traceback
+        print(f"lora-lab grade: {problem}", file=sys.stderr)
+        return 2
     prepare_for_targets()  # before torch is imported: this process and the target's take turns
     try:
         command_threads()  # a bad $LORA_LAB_THREADS is a usage error, before any process starts

@@ -48,7 +48,8 @@ import sys
 import time
 from pathlib import Path
 
-from lora_lab.conformance.child_process import prepare_for_targets
+from lora_lab.cli.arguments import output_file_problem
+from lora_lab.conformance.child_process import TargetImportError, prepare_for_targets
 from lora_lab.conformance.runner import (
     ERROR,
     FAILED,
@@ -204,7 +205,23 @@ def json_report(target, profile: str, results: list[Result], seed: int | None = 
     }
 
 
+def import_failure(spec: str, exc: TargetImportError) -> str:
+    """The one line that says the target did not import: what it raised while importing, or the suite's own words.
+
+    The suite's own refusals (no such module, no such attribute) come back with no frame of the target's in their
+    traceback, and already name the module; anything else was raised by the target's code as it was imported.
+    """
+    kind = exc.info.get("type", type(exc).__name__)
+    if exc.info.get("traceback", "").strip() == f"{kind}: {exc}":
+        return str(exc)
+    return f"error while importing {spec.partition(':')[0]}: {kind}: {exc}"
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = output_file_problem("--json", args.json, "to write the results into") if args.json and not args.list else None
+    if problem:  # before the checks, which take minutes, and whose report it would lose
+        print(f"lora-lab verify: {problem}", file=sys.stderr)
+        return 2
     prepare_for_targets()  # before torch is imported: this process and the target's take turns
     from lora_lab.conformance.profiles import command_profile
 
@@ -225,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
         if target is not None:
             target.close()
         close_stack()
-        print(f"lora-lab verify: {exc}", file=sys.stderr)
+        print(f"lora-lab verify: {import_failure(args.target, exc) if isinstance(exc, TargetImportError) else exc}",
+              file=sys.stderr)
         return 2
     if not any(target.provides(op) for op in OPERATIONS):
         target.close()
