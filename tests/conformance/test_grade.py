@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -321,3 +322,35 @@ def test_the_readme_grading_example_shows_the_checks_real_descriptions_and_hints
     assert rows and len(hints) == len(rows)
     for row, hint in zip(rows, hints):
         assert CHECKS[row[1]].hint == hint, f"README's hint for {row[1]} is not the check's"
+
+
+README_LOSS_MISTAKE = '''
+"""The README's example: a loss that forgets the shift and refuses nothing."""
+import torch
+import torch.nn.functional as F
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    logits = logits.float()
+    mask = labels != ignore_index
+    return F.cross_entropy(logits[mask], labels[mask])
+'''
+
+
+def test_the_readme_grading_example_is_what_grade_prints_for_its_mistake(tmp_path):
+    """The printed table in "Reading the table" is the grader's real output for the mistake it describes, but for
+    the seconds column (rows, statuses, points, details, hints and the total all kept true)."""
+    readme = (EXERCISES_DIR.parent / "README.md").read_text()
+    example = readme.split("### Reading the table", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    write_exercise(tmp_path, "ex04_loss", README_LOSS_MISTAKE)
+    _, table = run_grade(tmp_path, ["04"])
+
+    def without_seconds(text: str) -> list[str]:
+        lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+        lines = [line.replace(str(tmp_path) + "/", "exercises/") for line in lines]
+        return [re.sub(r"\s+\d+\.\ds  ", "  ", line) for line in lines]
+
+    printed = without_seconds(table)
+    start = next(i for i, line in enumerate(printed) if line.startswith("04  "))
+    end = next(i for i, line in enumerate(printed) if line.endswith("for exercise 04"))
+    assert printed[start : end + 1] == without_seconds(example)

@@ -1,6 +1,7 @@
 """`lora-lab verify` and the pytest plugin: the suite's two doors for library authors."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,17 @@ def test_a_scored_run_prints_and_records_its_seed(tmp_path, capsys):
     assert main(["verify", "lora_lab", "--only", "nf4.rejects", "--profile", "scored", "--json", str(report)]) == 0
     seed = json.loads(report.read_text())["seed"]
     assert f"inputs drawn from seed {seed}" in capsys.readouterr().out
+
+
+def test_the_readmes_mutant_example_is_what_verify_prints(monkeypatch, capsys):
+    """The README shows verify's output on a mutant; it stays true but for the time columns."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    command = "$ PYTHONPATH=tests/mutants lora-lab verify qlora_scaling_ignored --only qlora.forward\n"
+    example = readme.split(command, 1)[1].split("```", 1)[0]
+    monkeypatch.syspath_prepend(str(MUTANTS))
+    assert main(["verify", "qlora_scaling_ignored", "--only", "qlora.forward"]) == 1
+
+    def without_times(text: str) -> list[str]:
+        return [" ".join(word for word in line.split() if not re.fullmatch(r"\d+\.\d+[sx]", word)) for line in text.splitlines()]
+
+    assert without_times(capsys.readouterr().out) == without_times(example)
