@@ -30,7 +30,7 @@ def _module_name(path: Path) -> str:
 
 
 def _modules() -> dict[str, Path]:
-    files = [*(ROOT / "lora_lab").rglob("*.py"), *(ROOT / "kernels").glob("*.py")]
+    files = [*(ROOT / "lora_lab").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]
     return {_module_name(path): path for path in files}
 
 
