@@ -140,7 +140,9 @@ class NF4Tensor:
         if not self.double_quant:
             return self.absmax.float()
         codes = self.absmax_code.to(self.device).index_select(0, self.absmax.int())
-        scales = self.absmax_scale.repeat_interleave(ABSMAX_BLOCKSIZE)[: self.absmax.numel()]
+        scales = self.absmax_scale
+        if scales.numel() > 1:  # each scale serves a group of 256 blocks; a single one simply broadcasts
+            scales = scales.repeat_interleave(ABSMAX_BLOCKSIZE)[: codes.numel()]
         return codes.mul_(scales).add_(self.absmax_offset)  # code * scale + offset, rounded as bitsandbytes does
 
     def dequantize(self) -> torch.Tensor:
@@ -385,24 +387,31 @@ def _byte_levels(device: torch.device) -> torch.Tensor:
     return levels.view(torch.int64).reshape(256).to(device)
 
 
+def _scaled_levels(q: NF4Tensor, absmax: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Elements ``start:stop`` (whole blocks) of ``q`` in fp32: each byte's two levels by one look-up in
+    ``_byte_levels``, then each block scaled by its absmax in place."""
+    levels = _byte_levels(q.device).index_select(0, q.packed[start // 2 : (stop + 1) // 2].int()).view(torch.float32)
+    levels, full = levels[: stop - start], (stop - start) - (stop - start) % q.blocksize
+    levels[:full].view(-1, q.blocksize).mul_(absmax[start // q.blocksize : (start + full) // q.blocksize, None])
+    if full < stop - start:  # the short last block
+        levels[full:].mul_(absmax[-1])
+    return levels
+
+
 def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
     """Back to a dense tensor of ``q.shape`` and ``q.dtype``, equal to bitsandbytes' ``dequantize_4bit``.
 
     The numbers are ``dequantize_nf4_by_definition``'s: ``NF4_CODE[code] * absmax``
-    in fp32, rounded once to ``q.dtype``. They are computed a chunk of whole
-    blocks at a time (``_chunks``): each byte's two levels by one look-up in
-    ``_byte_levels``, then each block scaled by its absmax in place.
+    in fp32, rounded once to ``q.dtype``. ``_scaled_levels`` computes them a chunk
+    of whole blocks at a time (``_chunks``); a weight of one chunk, such as every
+    layer of the tiny model, needs no separate output buffer.
     """
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"expected an NF4Tensor, got {type(q).__name__}")
-    n, blocksize = q.numel, q.blocksize
-    absmax, byte_levels = q.absmax_fp32(), _byte_levels(q.device)
-    values = torch.empty(n, dtype=q.dtype, device=q.device)
-    for start, stop in _chunks(n, blocksize, q.device):
-        levels = byte_levels.index_select(0, q.packed[start // 2 : (stop + 1) // 2].int()).view(torch.float32)
-        levels, full = levels[: stop - start], (stop - start) - (stop - start) % blocksize
-        levels[:full].view(-1, blocksize).mul_(absmax[start // blocksize : (start + full) // blocksize, None])
-        if full < stop - start:  # the short last block
-            levels[full:].mul_(absmax[-1])
-        values[start:stop] = levels  # rounds fp32 to q.dtype, once
+    absmax, chunks = q.absmax_fp32(), _chunks(q.numel, q.blocksize, q.device)
+    if len(chunks) == 1:
+        return _scaled_levels(q, absmax, 0, q.numel).to(q.dtype).view(q.shape)
+    values = torch.empty(q.numel, dtype=q.dtype, device=q.device)
+    for start, stop in chunks:
+        values[start:stop] = _scaled_levels(q, absmax, start, stop)  # rounds fp32 to q.dtype, once
     return values.view(q.shape)
