@@ -123,12 +123,18 @@ def test_size_bounds_the_rank_by_the_smallest_targeted_layer(capsys):
     assert main(["size", "--r", "1024", "--targets", "k_proj"]) == 0  # the bound itself is a rank
 
 
-def test_verify_says_which_module_raised_while_importing(tmp_path, monkeypatch, capsys):
-    (tmp_path / "first_hour_raises_at_import.py").write_text('raise ValueError("boom")\n')
+@pytest.mark.parametrize(
+    "source, what",
+    [('raise ValueError("boom")\n', "ValueError: boom"),
+     ("import os\nos._exit(3)\n", "the target's process died during importing the target: exit status 3")],
+)
+def test_verify_says_which_module_failed_while_importing(tmp_path, monkeypatch, capsys, source, what):
+    """It once printed only "boom" (and a traceback for a target whose import ends its process)."""
+    (tmp_path / "first_hour_fails_at_import.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["verify", "first_hour_raises_at_import"]) == 2
+    assert main(["verify", "first_hour_fails_at_import"]) == 2
     captured = capsys.readouterr()
-    assert captured.err.strip() == "lora-lab verify: error while importing first_hour_raises_at_import: ValueError: boom"
+    assert captured.err.strip() == f"lora-lab verify: error while importing first_hour_fails_at_import: {what}"
     assert not captured.out
 
 
