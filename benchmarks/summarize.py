@@ -17,6 +17,14 @@ from pathlib import Path
 
 from lora_lab.bench.timing import validate_results
 
+TITLES = {
+    ("model", "step"): "Training step of the tiny model",
+    ("model", "step-vocab-128k"): "Training step with Llama 3's 128,256-token vocabulary",
+    ("storage", "quantize"): "NF4 quantize of one weight (blocksize 64, double quant)",
+    ("storage", "dequantize"): "NF4 dequantize of one weight (blocksize 64, double quant)",
+}
+FIRST_COLUMN = {"model": "tokens", "storage": "elements"}
+
 
 def _cell(record: dict | None, fastest: float | None) -> str:
     if record is None:
@@ -44,9 +52,8 @@ def markdown(results: dict) -> str:
         groups.setdefault(panel, {}).setdefault(case, {})[r["impl"]] = r
     for (scope, op), cases in groups.items():
         impls = list(dict.fromkeys(impl for by_impl in cases.values() for impl in by_impl))
-        title = "Training step of the tiny model" if scope == "model" else f"Layer {op}"
-        lines += [f"**{title}** (median ms, lower is better)", ""]
-        lines.append(f"| {'tokens' if scope == 'model' else 'M'} | K→N | r | dtype | " + " | ".join(impls) + " |")
+        lines += [f"**{TITLES.get((scope, op), f'Layer {op}')}** (median ms, lower is better)", ""]
+        lines.append(f"| {FIRST_COLUMN.get(scope, 'M')} | K→N | r | dtype | " + " | ".join(impls) + " |")
         lines.append("|---:|---|---:|---|" + "---:|" * len(impls))
         for (M, K, N, r, dtype), by_impl in cases.items():
             correct = [x["ms"] for x in by_impl.values() if x.get("correct", True)]

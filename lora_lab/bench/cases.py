@@ -15,7 +15,6 @@ import torch
 
 from lora_lab.nf4 import NF4Tensor
 
-OPS = ("forward", "backward", "step")  # step = forward + backward, timed together
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -15,11 +15,28 @@ import torch
 
 from lora_lab.bench.timing import Record
 
-BASELINE = "bnb+peft"  # the "vs bnb+peft" column: how many times faster than what people use today
+BASELINE = "bnb+peft"  # the "vs baseline" column: how many times faster than what people use today
+STORAGE_BASELINE = "bitsandbytes"  # NF4 quantize and dequantize have no peft part
 
 
 def _group_key(record: Record) -> tuple:
     return (record.scope, record.op, record.M, record.K, record.N, record.r, record.dtype)
+
+
+def _baseline_of(scope: str) -> str:
+    return STORAGE_BASELINE if scope == "storage" else BASELINE
+
+
+def _baseline_ms(records: list[Record]) -> dict[tuple, float]:
+    return {_group_key(r): r.ms for r in records if r.impl == _baseline_of(r.scope) and r.correct}
+
+
+def _storage_line(record: Record) -> str:
+    moved = record.gbps * 1e9 * record.ms * 1e-3
+    line = f"NF4 {record.op} of a {record.N} x {record.K} fp32 weight (blocksize 64, double quant): {moved / 1e6:.4g} MB moved"
+    if record.floor_ms is not None:
+        line += f", floor {record.floor_ms:.4g} ms at the copy bandwidth (memory-bound)"
+    return line
 
 
 def _case_line(record: Record, roofline: dict | None) -> str:
@@ -37,9 +54,9 @@ def _case_line(record: Record, roofline: dict | None) -> str:
 
 def format_table(records: list[Record], roofline: dict | None = None) -> str:
     """One row per implementation, cases separated by their cost line; WRONG results show no speed at all."""
-    baseline = {_group_key(r): r.ms for r in records if r.impl == BASELINE and r.correct}
+    baseline = _baseline_ms(records)
     header = (
-        f"{'impl':<16}{'ms':>10}{'TFLOP/s':>10}{'GB/s':>10}{'%floor':>8}{'peak MB':>10}{'max rel err':>13}{'vs ' + BASELINE:>13}"
+        f"{'impl':<16}{'ms':>10}{'TFLOP/s':>10}{'GB/s':>10}{'%floor':>8}{'peak MB':>10}{'max rel err':>13}{'vs baseline':>13}"
     )
     lines = [header, "-" * len(header)]
     previous = None
@@ -50,6 +67,8 @@ def format_table(records: list[Record], roofline: dict | None = None) -> str:
                 lines.append("")
             if record.scope == "model":
                 lines.append(f"training step of the tiny model: {record.M} tokens, hidden {record.K}, r={record.r}, fp32")
+            elif record.scope == "storage":
+                lines.append(_storage_line(record))
             else:
                 lines.append(_case_line(record, roofline))
         previous = key
@@ -64,24 +83,49 @@ def format_table(records: list[Record], roofline: dict | None = None) -> str:
         lines.append(
             f"{head}{record.ms:>10.4g}{record.tflops:>10.4g}{gbps:>10}{floor:>8}{record.peak_mem_mb:>10.1f}{error:>13}{ratio:>13}"
         )
+    lines.append(f"vs baseline: {BASELINE}'s time over this one's ({STORAGE_BASELINE}' alone for NF4 storage)")
     return "\n".join(lines)
 
 
 def summary_lines(records: list[Record]) -> list[str]:
-    """Geometric-mean speed of each implementation relative to bnb+peft, per op (correct results only)."""
-    baseline = {_group_key(r): r.ms for r in records if r.impl == BASELINE and r.correct}
-    ratios: dict[tuple[str, str, str], list[float]] = {}
+    """Geometric-mean speed of each layer implementation relative to bnb+peft, per op (correct results only)."""
+    baseline = _baseline_ms(records)
+    ratios: dict[tuple[str, str], list[float]] = {}
     for record in records:
         key = _group_key(record)
-        if record.impl != BASELINE and record.correct and key in baseline:
-            ratios.setdefault((record.scope, record.op, record.impl), []).append(baseline[key] / record.ms)
+        if record.scope == "layer" and record.impl != BASELINE and record.correct and key in baseline:
+            ratios.setdefault((record.op, record.impl), []).append(baseline[key] / record.ms)
     lines = []
-    for (scope, op, impl), values in sorted(ratios.items()):
+    for (op, impl), values in sorted(ratios.items()):
         mean = torch.tensor(values, dtype=torch.float64).log().mean().exp().item()
-        what = f"{op} of the tiny model" if scope == "model" else f"layer {op}"
+        what = f"layer {op}"
         verdict = "faster than" if mean >= 1 else "slower than"
         lines.append(f"  {what:<22} {impl:<15} {mean:5.2f}x the speed of {BASELINE} ({verdict}; {len(values)} case(s))")
     return lines
+
+
+def baseline_lines(records: list[Record]) -> list[str]:
+    """The reference's time over bitsandbytes' / peft's, side by side: NF4 quantize, dequantize and the tiny model's
+    step (below 1: faster). Dequantize is also set against its memory-bound floors: the bytes it moves at the copy
+    bandwidth, and the measured time to write a fresh output of its size."""
+    by = {(r.scope, r.op, r.impl): r for r in records if r.correct and r.scope in ("storage", "model")}
+    rows = [("quantize 4096 x 4096", ("storage", "quantize"), "bitsandbytes'"),
+            ("dequantize 4096 x 4096", ("storage", "dequantize"), "bitsandbytes'"),
+            ("tiny-model QLoRA step", ("model", "step"), "peft + bitsandbytes'")]
+    lines = []
+    for what, (scope, op), whose in rows:
+        ours, theirs = by.get((scope, op, "reference")), by.get((scope, op, _baseline_of(scope)))
+        if ours is None or theirs is None:
+            continue
+        line = f"  {what:<24}{ours.ms / theirs.ms:6.2f}x {whose} time ({ours.ms:.3g} ms against {theirs.ms:.3g} ms)"
+        if op == "dequantize":
+            fresh = by.get((scope, op, "fresh output"))
+            if ours.floor_ms is not None:
+                line += f"; {ours.ms / ours.floor_ms:.3g}x its memory-bound estimate ({ours.floor_ms:.3g} ms at copy bandwidth)"
+            if fresh is not None:
+                line += f", {ours.ms / fresh.ms:.3g}x writing a fresh output of its size ({fresh.ms:.3g} ms)"
+        lines.append(line)
+    return ["reference against bitsandbytes and peft (median of interleaved runs; below 1x is faster):", *lines] if lines else []
 
 
 def plot(records: list[Record], path: str) -> None:
@@ -141,11 +185,11 @@ def device_name(device: torch.device) -> str:
     return f"CPU {model}"
 
 
-def default_json_path(device: str, date: str) -> Path:
-    """runs/bench/<date>-<device>.json: under runs/, not among the repository's files (results to publish are
-    copied into benchmarks/results/ on purpose)."""
+def default_json_path(device: str, date: str, tag: str = "") -> Path:
+    """runs/bench/<date>-<device>[-<tag>].json: under runs/, not among the repository's files (results to publish are
+    copied into benchmarks/results/ on purpose); ``tag`` names a selection ("partial", "quick")."""
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:48]
-    return Path("runs") / "bench" / f"{date}-{slug}.json"
+    return Path("runs") / "bench" / f"{date}-{slug}{'-' + tag if tag else ''}.json"
 
 
 def write_json(results: dict, path: Path) -> None:

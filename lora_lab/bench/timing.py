@@ -39,8 +39,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lora_lab.bench.cases import OPS, Case, Impl, Inputs, draw_inputs, dtype_name
+from lora_lab.bench.cases import Case, Impl, Inputs, draw_inputs, dtype_name
 from lora_lab.bench.correctness import float64_expected, judge, poison_allocator
+from lora_lab.bench.names import MODEL_OPS, OPS, STORAGE_OPS
 from lora_lab.nf4 import NF4Tensor
 
 # Bound now, before any implementation is imported: replacing these later does not change our clock.
@@ -199,7 +200,7 @@ class Record:
     gbps: float
     peak_mem_mb: float
     max_rel_err: float | None
-    scope: str = "layer"  # "layer": one QLoRA linear; "model": a training step of the tiny model
+    scope: str = "layer"  # "layer": one QLoRA linear; "model": a training step of the tiny model; "storage": NF4
     correct: bool = True
     err_vs_bound: float | None = None  # worst error over its tolerance; <= 1 is correct
     floor_ms: float | None = None  # roofline floor of this case
@@ -211,6 +212,7 @@ class Record:
         return asdict(self)
 
 
+OPS_OF_SCOPE = {"layer": OPS, "model": MODEL_OPS, "storage": STORAGE_OPS}
 RECORD_KEYS = ("op", "M", "N", "K", "r", "dtype", "impl", "ms", "tflops", "gbps", "peak_mem_mb", "max_rel_err")
 
 
@@ -351,8 +353,12 @@ def validate_results(results: dict) -> list[str]:
         for key in RECORD_KEYS:
             if key not in record:
                 problems.append(f"record {i} lacks {key!r}")
-        if record.get("op") not in OPS:
-            problems.append(f"record {i}: op must be one of {OPS}, got {record.get('op')!r}")
+        scope = record.get("scope", "layer")
+        ops = OPS_OF_SCOPE.get(scope)
+        if ops is None:
+            problems.append(f"record {i}: scope must be one of {tuple(OPS_OF_SCOPE)}, got {scope!r}")
+        elif record.get("op") not in ops:
+            problems.append(f"record {i}: op of a {scope} record must be one of {ops}, got {record.get('op')!r}")
         for key in ("M", "N", "K", "r"):
             if not isinstance(record.get(key), int):
                 problems.append(f"record {i}: {key} must be an int")

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lab.bench import command as bench
+from lora_lab.bench import command
+from lora_lab.bench import runner as bench
 from lora_lab.bench.cases import Bound, Case, Impl
 from lora_lab.bench.timing import PerfCounterTimer, Settings, measure_case, validate_results
 from lora_lab.cli import main
@@ -87,8 +88,14 @@ def test_cpu_bench_runs_end_to_end_and_writes_the_documented_schema(tmp_path, ca
     assert set(model) == {"reference", "bnb+peft"} and all(r["correct"] for r in model.values())
     assert all(r["correct"] and r["max_rel_err"] < 1e-5 for r in results["records"])
     assert chart.stat().st_size > 0
+    storage = {(r["op"], r["impl"]): r for r in results["records"] if r["scope"] == "storage"}
+    assert set(storage) == {("quantize", "reference"), ("quantize", "bitsandbytes"), ("dequantize", "reference"),
+                            ("dequantize", "bitsandbytes"), ("dequantize", "fresh output")}
     out = capsys.readouterr().out
-    assert "kernel timings need a GPU" in out and "vs bnb+peft" in out
+    assert "kernel timings need a GPU" in out and "vs baseline" in out
+    for row in ("quantize 4096 x 4096", "dequantize 4096 x 4096", "tiny-model QLoRA step"):  # the three ratios
+        assert row in out
+    assert "memory-bound estimate" in out and "peft + bitsandbytes' time" in out
     summarize = _load_script("benchmarks/summarize.py")
     assert summarize.main([str(path)]) == 0
     assert "| M | K→N | r | dtype | reference | bnb+peft | dense |" in capsys.readouterr().out
@@ -154,7 +161,8 @@ def test_a_crashing_implementation_is_a_failure_not_a_hole():
 
 def test_the_cli_exits_1_and_says_wrong(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(bench.IMPLS, "scaling_ignored", _functional(scaling_ignored))
-    argv = ["bench", *TINY, "--no-model", "--ops", "forward", "--impls", "reference,scaling_ignored"]
+    monkeypatch.setattr(command, "IMPL_NAMES", (*command.IMPL_NAMES, "scaling_ignored"))
+    argv = ["bench", *TINY, "--no-model", "--no-nf4", "--ops", "forward", "--impls", "reference,scaling_ignored"]
     assert main([*argv, "--json", str(tmp_path / "r.json")]) == 1
     out = capsys.readouterr().out
     assert "WRONG: scaling_ignored" in out
@@ -172,7 +180,7 @@ def test_cost_model_counts_the_step_as_forward_plus_backward():
 
 def test_schema_validation_names_what_is_missing():
     problems = validate_results({"device": "x", "date": "2026-01-01", "torch": "2", "triton": "3", "records": [{"op": "fwd"}]})
-    assert any("lacks 'ms'" in p for p in problems) and any("op must be one of" in p for p in problems)
+    assert any("lacks 'ms'" in p for p in problems) and any("op of a layer record must be one of" in p for p in problems)
 
 
 class _FakeEvent:
@@ -221,9 +229,11 @@ def test_a_cpu_run_prints_no_profiler_lines_and_writes_under_runs(tmp_path):
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "lora_lab.cli", "bench", *TINY, "--ops", "forward", "--impls", "reference", "--no-model"]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    argv = [sys.executable, "-m", "lora_lab.cli", "bench", *TINY, "--ops", "forward", "--impls", "reference", "--no-model",
+            "--no-nf4"]
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "profiler_start" not in done.stderr and "USDT" not in done.stderr
     (written,) = (tmp_path / "runs" / "bench").glob("*.json")  # not benchmarks/results/ in whatever folder it ran from
+    assert written.name.endswith("-partial.json")  # a selection: the day's full results file stays as it was
     assert f"results: {written.relative_to(tmp_path)}" in done.stdout
