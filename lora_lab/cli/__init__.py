@@ -13,11 +13,15 @@ command answer at once, without importing torch.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import importlib
 import importlib.util
 import os
+import signal
 import sys
+import threading
+import time
 
 # (command, module that implements it, one-line help)
 COMMANDS = (
@@ -67,20 +71,12 @@ def command_parser(name: str, module) -> argparse.ArgumentParser:
 # collections walking every object that torch, hypothesis and the suite made, only to free memory that the process
 # returns anyway.
 EXIT_AT_ONCE = ("grade", "verify")
+RESEND_DELAY_S = 0.05  # a lost Ctrl-C is sent again this long after (_resending_lost_interrupts)
 
 
 def console() -> None:
-    """The ``lora-lab`` program: ``main``, then exit (at once after ``EXIT_AT_ONCE``'s commands).
-
-    Ctrl-C ends any command with one line and status 130 (128 + SIGINT, what a shell reports for it), never a
-    traceback: each command closes the processes it started in ``finally`` blocks as the KeyboardInterrupt passes.
-    """
-    try:
-        code = main()
-    except KeyboardInterrupt:
-        named = sys.argv[1:2] and sys.argv[1] in {name for name, _, _ in COMMANDS}
-        print(f"\nlora-lab{' ' + sys.argv[1] if named else ''}: interrupted", file=sys.stderr)
-        code = 130
+    """The ``lora-lab`` program: ``main``, then exit (at once after ``EXIT_AT_ONCE``'s commands)."""
+    code = main()
     if sys.argv[1:2] and sys.argv[1] in EXIT_AT_ONCE:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -88,12 +84,49 @@ def console() -> None:
     sys.exit(code)
 
 
+def _resending_lost_interrupts(previous):
+    """A ``sys.unraisablehook`` that sends a lost Ctrl-C again, and leaves everything else to ``previous``.
+
+    A KeyboardInterrupt raised inside a garbage collector's callback (hypothesis keeps one, and the checks collect
+    often) cannot propagate: Python prints it as "Exception ignored" and goes on, so the command ran to its end.
+    Sent again a moment later, once the callback has returned, to the main thread (a real signal, so that it also
+    ends a wait for a child's reply), it ends the command like any Ctrl-C. The sending thread is started with
+    ``_thread``: ``threading``'s start waits for it, and a signal handled in that wait, inside this hook, would be
+    lost as well.
+    """
+
+    def hook(unraisable) -> None:
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            _thread.start_new_thread(_interrupt_soon, (threading.main_thread().ident,))
+        else:
+            previous(unraisable)
+
+    return hook
+
+
+def _interrupt_soon(thread_id: int) -> None:
+    time.sleep(RESEND_DELAY_S)
+    signal.pthread_kill(thread_id, signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status.
+
+    Ctrl-C ends any command with one line and status 130 (128 + SIGINT, what a shell reports for it), never a
+    traceback: each command closes the processes it started in ``finally`` blocks as the KeyboardInterrupt passes.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     modules = {name: module_name for name, module_name, _ in _available_commands()}
     if argv and argv[0] in modules:
-        module = importlib.import_module(modules[argv[0]])
-        return int(module.run(command_parser(argv[0], module).parse_args(argv[1:])) or 0)
+        previous_hook, sys.unraisablehook = sys.unraisablehook, _resending_lost_interrupts(sys.unraisablehook)
+        try:
+            module = importlib.import_module(modules[argv[0]])
+            return int(module.run(command_parser(argv[0], module).parse_args(argv[1:])) or 0)
+        except KeyboardInterrupt:
+            print(f"\nlora-lab {argv[0]}: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            sys.unraisablehook = previous_hook
     parser = build_parser()
     parser.parse_args(argv)  # --help exits 0; an unknown command or option exits 2 with the top-level usage
     parser.print_help(sys.stderr)  # no command given

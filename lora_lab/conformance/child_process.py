@@ -16,6 +16,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import types
 from typing import Any
 
@@ -123,9 +124,15 @@ def _fork_server():
         context.set_forkserver_preload(["torch", CHILD_MODULE])
         previous = os.environ.get("OMP_WAIT_POLICY")
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        # Ctrl-C is the suite's to answer (it closes its processes): the server starts ignoring it, so that it prints
+        # no KeyboardInterrupt traceback from its torch import, and so do its forks. Only the main thread may do this.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
         try:
             forkserver.ensure_running()
         finally:
+            if in_main_thread:
+                signal.signal(signal.SIGINT, sigint)
             if previous is None:
                 del os.environ["OMP_WAIT_POLICY"]
             else:

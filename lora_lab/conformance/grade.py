@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_lab import cli
 from lora_lab.cli.arguments import output_file_problem
 from lora_lab.conformance.child_process import TargetCrashed, TargetImportError, TargetTimedOut, prepare_for_targets
 from lora_lab.conformance.learner import MISSING, NOT_YOURS, explain, how_to_start, not_yours_reason
@@ -388,12 +389,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``lora-lab grade`` without the rest of the CLI: what ``python exercises/exNN_*.py`` calls."""
-    parser = argparse.ArgumentParser(
-        prog="lora-lab grade", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``lora-lab grade`` alone, what ``python exercises/exNN_*.py`` calls: the same usage errors and Ctrl-C's one line."""
+    return cli.main(["grade", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

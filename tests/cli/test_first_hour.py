@@ -173,3 +173,33 @@ def test_ctrl_c_ends_verify_without_a_traceback_from_any_process(tmp_path):
     done = _interrupt(["verify", "lora_lab"], "PASS", {})
     assert done.returncode == 130
     assert done.stderr.splitlines()[-1] == "lora-lab verify: interrupted" and "Traceback" not in done.stderr
+
+
+LOST_IN_GC = """
+import gc, sys, time
+from lora_lab.cli import _resending_lost_interrupts
+
+fired = []
+
+def callback(phase, info):
+    if not fired:
+        fired.append(phase)
+        raise KeyboardInterrupt  # as a Ctrl-C that arrives while a garbage collector's callback runs
+
+sys.unraisablehook = _resending_lost_interrupts(sys.unraisablehook)
+gc.callbacks.append(callback)
+try:
+    gc.collect()  # Python reports the KeyboardInterrupt as unraisable and goes on
+    gc.callbacks.remove(callback)
+    time.sleep(10)
+except KeyboardInterrupt:
+    print("interrupted after", fired)
+"""
+
+
+def test_a_ctrl_c_lost_in_a_garbage_collector_callback_is_sent_again():
+    """Such a Ctrl-C once printed "Exception ignored ... KeyboardInterrupt", and verify then ran to its end."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", LOST_IN_GC], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "interrupted after ['start']" and not done.stderr
+    assert time.perf_counter() - started < 8
