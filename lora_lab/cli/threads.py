@@ -14,17 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from lora_lab.cli.arguments import whole_number
+
 ENV = "LORA_LAB_THREADS"
-
-
-def _threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of threads >= 0 (0: torch's default), got {text!r}")
-    return value
+_threads = whole_number(0, why="0: torch's default")  # parses --threads and $LORA_LAB_THREADS alike
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,8 @@ from lora_lab itself rather than written (``from lora_lab.nf4 import *``) is
 secret seed that the output records; the default ``ci`` profile is reproducible.
 
 Exit status: 0 whenever grading ran, whatever the score (grading is feedback,
-not a gate); 2 for a usage error (no exercises folder, an unknown exercise).
+not a gate); 2 for a usage error (no exercises folder, an unknown exercise, a
+--json path that cannot be written); 130 on Ctrl-C.
 With --solutions, 1 unless the reference scores full marks (that would be a
 bug in lora_lab, not yours).
 

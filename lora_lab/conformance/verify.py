@@ -12,7 +12,9 @@ at the other checks' small sizes fixed per-call costs dominate. Calls that ran
 Triton's interpreter are not timed; lora-lab bench measures speed.
 
 Exit status: 0 when every provided operation passes, 1 otherwise, 2 when the
-target provides none of the operations (a mistyped module must not pass).
+target provides none of the operations (a mistyped module must not pass) or
+does not import, and for a --json path that cannot be written (refused before
+any check runs); 130 on Ctrl-C.
 
 What a pass means. The target is imported and run only in a child process (a
 fork of a clean server process, never of this one); the inputs, the oracles,
