@@ -22,7 +22,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from lora_lab.cli.arguments import whole_number
+from lora_lab.cli.arguments import number, whole_number
 
 KEPT_IN_BF16 = ("lm_head",)  # linear layers QLoRA leaves unquantized
 # Spelt out (tests check them against lora_lab.model) so that `lora-lab --help` need not import torch.
@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--r", type=whole_number(1), default=32,
                         help="LoRA rank, at most the smaller side of the smallest targeted layer (default: 32)")
-    parser.add_argument("--alpha", type=float, default=64, help="LoRA alpha; the update is scaled by alpha/r (default: 64)")
+    parser.add_argument("--alpha", type=number(0, open_low=True), default=64,
+                        help="LoRA alpha; the update is scaled by alpha/r (default: 64)")
     parser.add_argument(
         "--targets", default=",".join(DEFAULT_TARGETS),
         help=f"comma-separated linear layers that get adapters (default: {','.join(DEFAULT_TARGETS)})",
@@ -113,11 +114,11 @@ def size_report(preset: str, r: int = 32, alpha: float = 64, targets=DEFAULT_TAR
     linears = [(name.rsplit(".", 1)[-1], m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     adapted = [m for short, m in linears if short in targets]
     # A rank above a layer's smaller side adds parameters but no expressive power: B @ A is full rank already.
-    narrowest_name, narrowest = min(((short, m) for short, m in linears if short in targets),
-                                    key=lambda item: min(item[1].in_features, item[1].out_features))
+    narrowest = min(adapted, key=lambda m: min(m.in_features, m.out_features))
     most = min(narrowest.in_features, narrowest.out_features)
     if r > most:
-        raise ValueError(f"expected the rank r from 1 to {most}, the smaller side of {narrowest_name} "
+        name = next(short for short, m in linears if m is narrowest)
+        raise ValueError(f"expected the rank r from 1 to {most}, the smaller side of {name} "
                          f"({narrowest.out_features} x {narrowest.in_features}) in {preset}; got {r}")
     quantized = [m.weight.numel() for short, m in linears if short not in KEPT_IN_BF16]
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
