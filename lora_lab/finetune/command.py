@@ -56,7 +56,7 @@ EVALUATIONS = 5  # held-out evaluations during training, besides before and afte
 MAX_EVAL_SIZE = 2000
 OUT_PURPOSE = "to write adapter/, loss.png, prices.png, metrics.json and resume.pt into"
 POSITIVE, SHARE = number(0, open_low=True), number(0, 1, open_high=True)
-EVAL_SIZE = whole_number(1, MAX_EVAL_SIZE, "each evaluation prices every held-out prompt")
+EVAL_SIZE = whole_number(1, MAX_EVAL_SIZE, f"each of a run's {EVALUATIONS + 2} evaluations prices them all")
 
 OPTIONS = (  # (flag, argparse keywords); defaults are None so that explicit flags can be told from the preset's
     ("--model", dict(metavar="tiny|PATH", help="'tiny' (the cached pre-trained tiny Llama) or a local Hugging Face Llama "

@@ -95,8 +95,8 @@ def test_no_plot_needs_no_out_folder():
         (["train", "--dropout", "1.5"], "argument --dropout: expected a number in [0, 1), got '1.5'"),
         (["train", "--warmup-ratio", "2"], "argument --warmup-ratio: expected a number in [0, 1), got '2'"),
         (["train", "--alpha", "nan"], "argument --alpha: expected a number > 0, got 'nan'"),
-        (["train", "--eval-size", "100000"], "argument --eval-size: expected a whole number from 1 to 2000 (each evaluation "
-                                             "prices every held-out prompt), got '100000'"),
+        (["train", "--eval-size", "100000"], "argument --eval-size: expected a whole number from 1 to 2000 (each of a run's 7 "
+                                             "evaluations prices them all), got '100000'"),
         (["train", "--nproc", "0"], "argument --nproc: expected a whole number >= 1, got '0'"),
         (["demo", "--lr", "-1"], "argument --lr: expected a number > 0, got '-1'"),
         (["demo", "--r", "0"], "argument --r: expected a whole number >= 1, got '0'"),
