@@ -105,7 +105,7 @@ import sys
 
 from hypothesis import settings
 
-import lora_lab.conformance.profiles  # noqa: F401
+import lora_lab.conformance.judge.profiles  # noqa: F401
 from lora_lab.conformance.core import PASSED, Target, all_checks, run_check
 
 settings.load_profile("ci")

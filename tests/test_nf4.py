@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.strategies import nf4_weights as weights
+from lora_lab.conformance.judge.strategies import nf4_weights as weights
 from lora_lab.nf4 import NF4_CODE, NF4Tensor, dequantize_nf4, dynamic_map, quantize_nf4
 
 

@@ -5,7 +5,7 @@ import textwrap
 
 from test_grade import MISTAKES, run_grade, write_exercise
 
-from lora_lab.conformance.grade import grade, watch_exercise
+from lora_lab.conformance.grading.grade import grade, watch_exercise
 from lora_lab.conformance.runner import FAILED, PASSED
 
 OWN_DOUBLE_QUANT = '''

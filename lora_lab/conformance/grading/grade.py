@@ -43,9 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_lab.cli.arguments import output_file_problem
-from lora_lab.conformance.child_process import TargetCrashed, TargetImportError, TargetTimedOut, prepare_for_targets
-from lora_lab.conformance.learner import MISSING, NOT_YOURS, explain, how_to_start, not_yours_reason
-from lora_lab.conformance.profiles import command_threads
+from lora_lab.conformance.errors import TargetCrashed, TargetImportError, TargetTimedOut
+from lora_lab.conformance.grading.feedback import MISSING, NOT_YOURS, explain, how_to_start, not_yours_reason
+from lora_lab.conformance.isolation.process import prepare_for_targets
+from lora_lab.conformance.judge.profiles import command_threads
 from lora_lab.conformance.runner import (
     ERROR,
     FAILED,
@@ -149,11 +150,11 @@ def grade_exercise(
     The file (or the solution) is imported and run only in an isolated process (``processes``, an
     ``isolation.Processes``, started here if None).
     With ``chain`` the file's imports of the reference's earlier pieces are rebound to the learner's own
-    (``learner.chain_to_learner``, in that process); ``report.chained`` says what each name now calls. ``checks``:
+    (``learner_files.chain_to_learner``, in that process); ``report.chained`` says what each name now calls. ``checks``:
     only the checks whose names start with one of these prefixes (``--check``).
     """
     own = processes is None
-    from lora_lab.conformance.isolation import Processes  # imports torch: not at import time (`grade -h` stays fast)
+    from lora_lab.conformance.grading.processes import Processes  # imports torch: not at import time (`grade -h` stays fast)
 
     processes = processes or Processes()
     target, unusable = None, None  # unusable: (status, detail) for every row when the file cannot be graded
@@ -200,7 +201,7 @@ def grade(
 ) -> list[ExerciseReport]:
     """Grade the exercises in ``folder`` (or the reference solutions when None), printing tables to ``stream``."""
     folder = folder.resolve() if folder is not None else None
-    from lora_lab.conformance.isolation import Processes
+    from lora_lab.conformance.grading.processes import Processes
 
     processes = Processes()  # started first: the targets import in their processes while this one imports the suite
     first = [e for e in EXERCISES if not only or e.id in only]
@@ -209,13 +210,13 @@ def grade(
     elif first and _find_file(folder, first[0]):
         processes.prestart_learner(_find_file(folder, first[0]), folder, chain)
     exercises = [e for e in first if selected_checks(e, checks)]
-    from lora_lab.conformance.oracles import start_stack
+    from lora_lab.conformance.isolation.stack import start_stack
 
     # the oracles' libraries import there meanwhile; the process serves every later grade too (run closes it)
     start_stack([g.check for e in exercises for g in selected_checks(e, checks)])
     width = max((len(g.check.name) for e in exercises for g in selected_checks(e, checks)), default=20)
     reports = []
-    from lora_lab.conformance.profiles import command_profile
+    from lora_lab.conformance.judge.profiles import command_profile
 
     try:
         with command_profile(profile, seed):
@@ -309,7 +310,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def watch_exercise(folder: Path, exercise_id: str, profile: str, chain: bool, stream=sys.stdout, **loop) -> int:
     """``--watch``: grade exercise ``exercise_id`` again each time a file in ``folder`` changes (see ``watch.py``)."""
-    from lora_lab.conformance.watch import watch
+    from lora_lab.conformance.grading.watch import watch
 
     exercise = next(e for e in EXERCISES if e.id == exercise_id)
     width = max(len(g.check.name) for g in graded_checks(exercise))
@@ -325,7 +326,7 @@ def to_json(reports: list[ExerciseReport], profile: str, seed: int | None = None
                 "seconds": round(row.seconds, 3)}
 
     def sha256(source: str) -> str | None:
-        from lora_lab.conformance.origin import sha256_of
+        from lora_lab.conformance.isolation.origin import sha256_of
 
         return sha256_of([Path(source)]) if Path(source).is_file() else None
 
@@ -339,9 +340,9 @@ def to_json(reports: list[ExerciseReport], profile: str, seed: int | None = None
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    finally:  # the oracles' process (oracles.stack) served every grade of the command, --watch's re-grades too
-        if "lora_lab.conformance.oracles" in sys.modules:
-            sys.modules["lora_lab.conformance.oracles"].close_stack()
+    finally:  # the oracles' process (isolation.stack) served every grade of the command, --watch's re-grades too
+        if "lora_lab.conformance.isolation.stack" in sys.modules:
+            sys.modules["lora_lab.conformance.isolation.stack"].close_stack()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -369,7 +370,7 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         return watch_exercise(folder, args.only[0], args.profile, args.chain)
     what = "the reference solutions" if folder is None else _display(folder)
-    from lora_lab.conformance.profiles import draw_seed
+    from lora_lab.conformance.judge.profiles import draw_seed
 
     seed = args.seed if args.seed is not None else draw_seed() if args.profile == "scored" else None
     shown = f", seed {seed}" if seed is not None else ""
