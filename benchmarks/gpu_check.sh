@@ -187,7 +187,7 @@ for path in auto fused dense; do
     start_step "conformance_$path" 220 env LORA_LAB_AUTOTUNE=0 LORA_LAB_KERNEL_PATH=$path "$PY" "$SITE/gpu_conformance.py" \
         "$OUT/conformance_$path.json"
 done
-start_step compile_check 200 "$PY" -m lora_lab.kernels.compile_check --subset ci --json "$OUT/compile_check.json"
+start_step compile_check 200 "$PY" -m lora_lab.kernels.compile.compile_check --subset ci --json "$OUT/compile_check.json"
 
 # compute-sanitizer: in the CUDA toolkit, and refused by some runtimes (gVisor: "Device not supported"); probe it first.
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2> /dev/null | head -n 1)

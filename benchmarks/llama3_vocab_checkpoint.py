@@ -33,7 +33,7 @@ def save_checkpoint(path: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     from lora_lab.data import BOS, BOS_ID, EOS, PAD, UNK, get_tokenizer
-    from lora_lab.train import pretrained_tiny_llama
+    from lora_lab.finetune.base_model import pretrained_tiny_llama
 
     model, _, _ = pretrained_tiny_llama(0, progress=True)
     model.resize_token_embeddings(LLAMA3_VOCAB)

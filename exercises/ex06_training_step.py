@@ -81,7 +81,11 @@ Try it yourself (after filling in the stubs)::
 Grading: ``lora-lab grade --only 06`` (or ``python exercises/ex06_training_step.py``).
 
 The reference solutions are lora_lab/model.py (``apply_qlora``) and
-lora_lab/train.py (``training_step`` and its four step functions). Try first!
+lora_lab/train.py (the four step functions and ``training_step``). Try first!
+Its ``training_step`` takes one optional shortcut, flagged where it happens:
+step 1 as ``forward_labelled``, logits only at the positions whose next token
+is labelled (one per price prompt), the only rows the loss reads; the loss and
+the gradients are the same. Your full-logits step passes every check.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def _interpreting() -> bool:
 
 INTERPRETING: bool = _interpreting()
 # LORA_LAB_COMPILE_ONLY=1 (with TRITON_INTERPRET=0) defines the kernels compiled, for a GPU this machine need not have:
-# they can be compiled for a named target (``python -m lora_lab.kernels.compile_check``) but not launched.
+# they can be compiled for a named target (``python -m lora_lab.kernels.compile.compile_check``) but not launched.
 COMPILE_ONLY: bool = os.environ.get("LORA_LAB_COMPILE_ONLY", "0") == "1"
 if COMPILE_ONLY and INTERPRETING:
     raise ImportError(

@@ -158,3 +158,48 @@ def qlora_grad_input(
         DOT_DTYPE=dot_dtype(grad_y.dtype), DOT_PRECISION=dot_precision(grad_y.dtype), **LAUNCH_OPTIONS,
     )
     return grad_x, dyb
+
+
+if __name__ == "__main__":
+    # As in Triton's tutorials: check against the reference's autograd, then (on a GPU) TFLOP/s against cuBLAS.
+    #   python kernels/qlora_backward.py
+    from lora_lab.lora import qlora_linear
+    from lora_lab.nf4 import dequantize_nf4, quantize_nf4
+
+    device, dtype = ("cpu", torch.float32) if INTERPRETING else ("cuda", torch.bfloat16)
+    torch.manual_seed(0)
+    weight = quantize_nf4(torch.randn(300, 256) * 0.02, 64, double_quant=True).to(device)
+    x = torch.randn(100, 256, device=device, dtype=dtype, requires_grad=True)
+    lora_A = torch.randn(16, 256, device=device, dtype=dtype) / 16
+    lora_B = torch.randn(300, 16, device=device, dtype=dtype) / 4
+    grad_y = torch.randn(100, 300, device=device, dtype=dtype)
+    qlora_linear(x, weight, lora_A, lora_B, 2.0).backward(grad_y)
+    for what, dense in (("NF4 decoded in registers", None), ("W_DENSE", dequantize_nf4(weight).to(dtype))):
+        grad_x, _ = qlora_grad_input(grad_y, weight, lora_A, lora_B, 2.0, dense)
+        print(f"max |kernel dX - reference dX| = {(grad_x - x.grad).abs().max().item():.3g} ({dtype}, {what})")
+
+    @triton.testing.perf_report(
+        triton.testing.Benchmark(
+            x_names=["M"], x_vals=[128, 512, 1024, 4096, 8192], line_arg="provider", line_vals=["nf4", "dense", "cublas"],
+            line_names=["NF4 tiles (Triton)", "W_DENSE (Triton)", "dense bf16 (cuBLAS)"], ylabel="TFLOP/s",
+            plot_name="qlora-grad-input-4096x4096-r16", args={},
+        )
+    )
+    def benchmark(M: int, provider: str) -> float:
+        K = N = 4096
+        r = 16
+        weight = quantize_nf4(torch.randn(N, K, device="cuda") * 0.02, 64, double_quant=True)
+        dense = dequantize_nf4(weight).to(torch.bfloat16)  # decoded once, outside the timing
+        grad_y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        lora_A = torch.randn(r, K, device="cuda", dtype=torch.bfloat16) / 64
+        lora_B = torch.randn(N, r, device="cuda", dtype=torch.bfloat16)
+        if provider == "cublas":
+            run = lambda: torch.addmm(grad_y @ dense, grad_y @ lora_B, lora_A, alpha=2.0)  # noqa: E731
+        else:
+            run = lambda: qlora_grad_input(grad_y, weight, lora_A, lora_B, 2.0, dense if provider == "dense" else None)  # noqa: E731
+        return 2 * M * (N * K + r * (K + N)) / triton.testing.do_bench(run) * 1e-9
+
+    if INTERPRETING:
+        print("TFLOP/s need a GPU: under Triton's interpreter the kernel runs on the CPU")
+    else:
+        benchmark.run(print_data=True)

@@ -180,3 +180,48 @@ def qlora_forward(
         INTERPRET=INTERPRETING, DOT_DTYPE=dot_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **LAUNCH_OPTIONS,
     )
     return y, xa
+
+
+if __name__ == "__main__":
+    # As in Triton's tutorials: check against the reference, then (on a GPU) TFLOP/s against cuBLAS on a dense weight.
+    #   python kernels/qlora_forward.py
+    from lora_lab.lora import qlora_linear
+    from lora_lab.nf4 import dequantize_nf4, quantize_nf4
+
+    device, dtype = ("cpu", torch.float32) if INTERPRETING else ("cuda", torch.bfloat16)
+    torch.manual_seed(0)
+    weight = quantize_nf4(torch.randn(300, 256) * 0.02, 64, double_quant=True).to(device)
+    x = torch.randn(100, 256, device=device, dtype=dtype)
+    lora_A = torch.randn(16, 256, device=device, dtype=dtype) / 16
+    lora_B = torch.randn(300, 16, device=device, dtype=dtype) / 4
+    bias = torch.randn(300, device=device, dtype=dtype)
+    expected = qlora_linear(x, weight, lora_A, lora_B, 2.0, bias)
+    for what, dense in (("NF4 decoded in registers", None), ("W_DENSE", dequantize_nf4(weight).to(dtype))):
+        y, _ = qlora_forward(x, weight, lora_A, lora_B, 2.0, bias, dense)
+        print(f"max |kernel - reference| = {(y - expected).abs().max().item():.3g} ({dtype}, {what})")
+
+    @triton.testing.perf_report(
+        triton.testing.Benchmark(
+            x_names=["M"], x_vals=[128, 512, 1024, 4096, 8192], line_arg="provider", line_vals=["nf4", "dense", "cublas"],
+            line_names=["NF4 tiles (Triton)", "W_DENSE (Triton)", "dense bf16 (cuBLAS)"], ylabel="TFLOP/s",
+            plot_name="qlora-forward-kernel-4096x4096-r16", args={},
+        )
+    )
+    def benchmark(M: int, provider: str) -> float:
+        K = N = 4096
+        r = 16
+        weight = quantize_nf4(torch.randn(N, K, device="cuda") * 0.02, 64, double_quant=True)
+        dense = dequantize_nf4(weight).to(torch.bfloat16)  # decoded once, outside the timing
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        lora_A = torch.randn(r, K, device="cuda", dtype=torch.bfloat16) / 64
+        lora_B = torch.randn(N, r, device="cuda", dtype=torch.bfloat16)
+        if provider == "cublas":
+            run = lambda: torch.addmm(x @ dense.t(), x @ lora_A.t(), lora_B.t(), alpha=2.0)  # noqa: E731
+        else:
+            run = lambda: qlora_forward(x, weight, lora_A, lora_B, 2.0, None, dense if provider == "dense" else None)  # noqa: E731
+        return 2 * M * (N * K + r * (K + N)) / triton.testing.do_bench(run) * 1e-9
+
+    if INTERPRETING:
+        print("TFLOP/s need a GPU: under Triton's interpreter the kernel runs on the CPU")
+    else:
+        benchmark.run(print_data=True)

@@ -139,3 +139,52 @@ def qlora_small_m_forward(
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype), xa
+
+
+if __name__ == "__main__":
+    # As in Triton's tutorials: check against the reference, then (on a GPU) the GB/s at which each way reads its W.
+    #   python kernels/qlora_small_m.py
+    from lora_lab.kernels.qlora_forward import qlora_forward
+
+    from lora_lab.lora import qlora_linear
+    from lora_lab.nf4 import dequantize_nf4, quantize_nf4
+
+    device, dtype = ("cpu", torch.float32) if INTERPRETING else ("cuda", torch.bfloat16)
+    torch.manual_seed(0)
+    weight = quantize_nf4(torch.randn(300, 256) * 0.02, 64, double_quant=True).to(device)
+    lora_A = torch.randn(16, 256, device=device, dtype=dtype) / 16
+    lora_B = torch.randn(300, 16, device=device, dtype=dtype) / 4
+    bias = torch.randn(300, device=device, dtype=dtype)
+    for rows in (1, 5, SMALL_M):
+        x = torch.randn(rows, 256, device=device, dtype=dtype)
+        y, _ = qlora_small_m_forward(x, weight, lora_A, lora_B, 2.0, bias)
+        difference = y - qlora_linear(x, weight, lora_A, lora_B, 2.0, bias)
+        print(f"max |split-K - reference| = {difference.abs().max().item():.3g} ({dtype}, M = {rows})")
+
+    @triton.testing.perf_report(
+        triton.testing.Benchmark(
+            x_names=["M"], x_vals=[1, 4, 16], line_arg="provider", line_vals=["split_k", "fused", "cublas"],
+            line_names=["NF4 split-K (Triton)", "NF4 output tiles only (qlora_forward)", "dense bf16 (cuBLAS)"],
+            ylabel="GB/s of W read", plot_name="qlora-small-m-14336x4096-r16", args={},
+        )
+    )
+    def benchmark(M: int, provider: str) -> float:
+        """Decoding is bound by reading W: each way's bytes of W (NF4: about half a byte a weight; dense: two) per second."""
+        N, K, r = 14336, 4096, 16  # Llama-3.1-8B's up_proj
+        weight = quantize_nf4(torch.randn(N, K, device="cuda") * 0.02, 64, double_quant=True)
+        dense = dequantize_nf4(weight).to(torch.bfloat16)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        lora_A = torch.randn(r, K, device="cuda", dtype=torch.bfloat16) / 64
+        lora_B = torch.randn(N, r, device="cuda", dtype=torch.bfloat16)
+        runs = {
+            "split_k": lambda: qlora_small_m_forward(x, weight, lora_A, lora_B, 2.0, None),
+            "fused": lambda: qlora_forward(x, weight, lora_A, lora_B, 2.0, None),
+            "cublas": lambda: torch.addmm(x @ dense.t(), x @ lora_A.t(), lora_B.t(), alpha=2.0),
+        }
+        read = N * K * 2 if provider == "cublas" else weight.nbytes
+        return read / triton.testing.do_bench(runs[provider]) * 1e-6
+
+    if INTERPRETING:
+        print("GB/s need a GPU: under Triton's interpreter the kernel runs on the CPU")
+    else:
+        benchmark.run(print_data=True)

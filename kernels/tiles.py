@@ -2,7 +2,7 @@
 
 Every shape offered on a GPU compiles without a register spill and within the
 shared memory of sm_90a (H100/H200) and sm_80 (A100), forward and dX, decoding
-NF4 and reading a dense W: ``python -m lora_lab.kernels.compile_check`` checks it,
+NF4 and reading a dense W: ``python -m lora_lab.kernels.compile.compile_check`` checks it,
 and CI runs its representative subset.
 """
 
@@ -25,7 +25,7 @@ def matmul_configs() -> list[triton.Config]:
     weight's blocksize cannot use. The first valid config is the default without
     autotuning. Every one compiles without a spill and within shared memory on
     sm_90a and sm_80, forward and dX, with Triton 3.6 and 3.9 (``python -m
-    lora_lab.kernels.compile_check``): on the NF4 path 4-warp tiles 128 wide,
+    lora_lab.kernels.compile.compile_check``): on the NF4 path 4-warp tiles 128 wide,
     16-row tiles, a 4-warp 64x128x128 and (Triton 3.6, sm_90a) 32x128x64 spilled,
     so they are not offered.
     """

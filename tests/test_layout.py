@@ -6,6 +6,8 @@
   every part builds on, so it can build on no part. The one exception is the QLoRA layer's
   ``backend="triton"``, which reaches ``lora_lab.kernels`` lazily.
 - ``lora_lab.kernels`` imports only ``nf4``, the shared operand rules and itself (DESIGN.md).
+- Each kernel file in ``kernels/`` ends as Triton's tutorials do: a ``__main__`` block that checks the kernel
+  against the torch reference and has a ``perf_report``; compile-only tooling sits in ``kernels/compile/``.
 - The conformance suite's rooms import only from the rooms below them (``lora_lab/conformance/__init__.py``):
   registry and errors, judge, isolation, properties, the runner, the front ends.
 - No module is over about 400 lines.
@@ -19,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TEXTBOOK = {f"lora_lab.{name}" for name in ("nf4", "lora", "operands", "model", "data", "loss", "optim", "train")} | {"lora_lab"}
 MAX_LINES = 400
+KERNEL_HELPERS = {"__init__.py", "common.py", "tiles.py"}  # shared by the kernel files, not kernels themselves
 
 
 def _module_name(path: Path) -> str:
@@ -32,7 +35,7 @@ def _module_name(path: Path) -> str:
 
 
 def _modules() -> dict[str, Path]:
-    files = [*(ROOT / "lora_lab").rglob("*.py"), *(ROOT / "kernels").glob("*.py")]
+    files = [*(ROOT / "lora_lab").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]
     return {_module_name(path): path for path in files}
 
 
@@ -153,6 +156,16 @@ def test_the_room_check_finds_an_upward_import():
     graph = {f"{CONFORMANCE}.judge.memory": {f"{CONFORMANCE}.isolation.wire", f"{CONFORMANCE}.registry"},
              f"{CONFORMANCE}.isolation.wire": {f"{CONFORMANCE}.judge.memory"}}
     assert _upward_imports(graph) == [f"{CONFORMANCE}.judge.memory (judge) imports {CONFORMANCE}.isolation.wire (isolation)"]
+def test_each_kernel_file_ends_with_its_check_and_perf_report():
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        if path.name in KERNEL_HELPERS:
+            continue
+        last = ast.parse(path.read_text()).body[-1]
+        assert _is_main_block(last), f"kernels/{path.name} does not end with an if __name__ == '__main__': block"
+        block = ast.unparse(last)
+        assert "from lora_lab.lora import" in block or "from lora_lab.nf4 import" in block, (
+            f"kernels/{path.name}'s __main__ block does not check the kernel against lora_lab's torch reference")
+        assert "perf_report" in block, f"kernels/{path.name}'s __main__ block has no triton.testing.perf_report"
 
 
 def test_no_module_is_over_400_lines():

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from lora_lab.data import VOCAB_SIZE, collate, generate_products
+from lora_lab.finetune.base_model import pretrained_tiny_llama
 from lora_lab.lora import NF4Linear, QLoRALinear
 from lora_lab.model import PRESETS, ModelPreset, apply_qlora, linear_names, tiny_llama, trainable_summary
 from lora_lab.optim import AdamW, adamw_step
-from lora_lab.train import compute_loss, forward, pretrained_tiny_llama, training_step
+from lora_lab.train import compute_loss, forward, training_step
 
 
 def test_presets_have_the_real_models_shapes():

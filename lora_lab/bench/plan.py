@@ -19,7 +19,7 @@ and 4096 for prefill and training) the table gives:
   program issued at 4 warp-instructions per cycle per SM. A decode that costs
   more issue time than the bytes take to arrive makes the kernel issue-bound.
 
-The resources and SASS come from ``lora_lab.kernels.compile_check`` (sm_90a for
+The resources and SASS come from ``lora_lab.kernels.compile.compile_check`` (sm_90a for
 H100/H200, sm_80 for A100), compiled here without a GPU. On a GPU, ``--plan``
 also times the layer forward (CUDA events, L2 flushed between runs) and adds the
 measured time and its fraction of ideal.
@@ -98,7 +98,7 @@ def compiled_kernels() -> list[dict]:
         env = dict(os.environ, TRITON_INTERPRET="0", LORA_LAB_COMPILE_ONLY="1", LORA_LAB_AUTOTUNE="1")
         if torch.cuda.is_available():
             env.pop("LORA_LAB_COMPILE_ONLY")
-        done = subprocess.run([sys.executable, "-m", "lora_lab.kernels.compile_check", "--subset", "ci", "--sass",
+        done = subprocess.run([sys.executable, "-m", "lora_lab.kernels.compile.compile_check", "--subset", "ci", "--sass",
                                "--json", out], capture_output=True, text=True, env=env)
         if not os.path.exists(out):
             raise RuntimeError(f"the compile check failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")

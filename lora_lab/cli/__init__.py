@@ -70,8 +70,17 @@ EXIT_AT_ONCE = ("grade", "verify")
 
 
 def console() -> None:
-    """The ``lora-lab`` program: ``main``, then exit (at once after ``EXIT_AT_ONCE``'s commands)."""
-    code = main()
+    """The ``lora-lab`` program: ``main``, then exit (at once after ``EXIT_AT_ONCE``'s commands).
+
+    Ctrl-C ends any command with one line and status 130 (128 + SIGINT, what a shell reports for it), never a
+    traceback: each command closes the processes it started in ``finally`` blocks as the KeyboardInterrupt passes.
+    """
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        named = sys.argv[1:2] and sys.argv[1] in {name for name, _, _ in COMMANDS}
+        print(f"\nlora-lab{' ' + sys.argv[1] if named else ''}: interrupted", file=sys.stderr)
+        code = 130
     if sys.argv[1:2] and sys.argv[1] in EXIT_AT_ONCE:
         sys.stdout.flush()
         sys.stderr.flush()

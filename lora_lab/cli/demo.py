@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--pretrain-steps", type=whole_number(0), default=None,
-        help="pre-training steps for the base model (default: lora_lab.train.PRETRAIN_STEPS; each value is cached "
+        help="pre-training steps for the base model (default: lora_lab.finetune.base_model.PRETRAIN_STEPS; each value is cached "
         "separately under $LORA_LAB_CACHE or ~/.cache/lora_lab)",
     )
     add_threads_argument(parser)
@@ -75,7 +75,8 @@ def evaluate(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     import torch
 
     from lora_lab.data import FIRST_NUMBER_ID, LARGEST_SINGLE_TOKEN_NUMBER
-    from lora_lab.train import compute_loss, forward
+    from lora_lab.train import compute_loss
+    from lora_lab.train import forward_labelled as forward  # the rows the loss reads: one per price
 
     with torch.no_grad():
         logits = forward(model, batch)  # one row per price token: the positions after "Price is $"
@@ -91,7 +92,7 @@ def evaluate(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def step_forward(model, batch, product, tokenizer) -> torch.Tensor:
     from lora_lab.data import prompt
-    from lora_lab.train import forward
+    from lora_lab.train import forward_labelled as forward  # the rows the loss reads: one per price
 
     section("1. FORWARD", "the model reads the prompt and scores every possible next token")
     print(indent(prompt(product.description)) + "   <- the model predicts the token that comes here\n")
@@ -140,7 +141,8 @@ def step_optimize(model, optimizer, batch) -> None:
     import torch
 
     from lora_lab.lora import QLoRALinear
-    from lora_lab.train import compute_loss, forward, optimize
+    from lora_lab.train import compute_loss, optimize
+    from lora_lab.train import forward_labelled as forward  # the rows the loss reads: one per price
 
     section("4. OPTIMIZE", "one AdamW step on the adapters (lora_lab.optim.AdamW), then the gradients are cleared")
     adapters = [m for m in model.modules() if isinstance(m, QLoRALinear)]
@@ -215,9 +217,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lora_lab.data import collate, generate_products, get_tokenizer
+    from lora_lab.finetune.base_model import PRETRAIN_STEPS, pretrained_tiny_llama
     from lora_lab.model import apply_qlora, trainable_summary
     from lora_lab.optim import AdamW
-    from lora_lab.train import PRETRAIN_STEPS, pretrained_tiny_llama
 
     if args.backend == "triton" and not torch.cuda.is_available():
         print("lora-lab demo: --backend triton runs fused Triton kernels and needs a CUDA GPU; use --backend reference on a CPU",

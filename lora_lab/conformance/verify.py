@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 from lora_lab.cli.arguments import output_file_problem
-from lora_lab.conformance.errors import TargetImportError
+from lora_lab.conformance.errors import TargetCrashed, TargetImportError, TargetTimedOut
 from lora_lab.conformance.isolation.process import prepare_for_targets
 from lora_lab.conformance.runner import (
     ERROR,
@@ -206,16 +206,21 @@ def json_report(target, profile: str, results: list[Result], seed: int | None = 
     }
 
 
-def import_failure(spec: str, exc: TargetImportError) -> str:
-    """The one line that says the target did not import: what it raised while importing, or the suite's own words.
+def import_failure(spec: str, exc: BaseException) -> str:
+    """The one line that says why the target was not checked: what it raised or did while importing, or the suite's words.
 
-    The suite's own refusals (no such module, no such attribute) come back with no frame of the target's in their
-    traceback, and already name the module; anything else was raised by the target's code as it was imported.
+    The suite's own refusals (no such module, no such attribute, no such check) come back with no frame of the
+    target's in their traceback, and already name what is wrong; anything else was the target's code, importing.
     """
+    module = spec.partition(":")[0]
+    if isinstance(exc, (TargetCrashed, TargetTimedOut)):  # its process died or hung while importing it
+        return f"error while importing {module}: {exc}"
+    if not isinstance(exc, TargetImportError):
+        return str(exc)
     kind = exc.info.get("type", type(exc).__name__)
     if exc.info.get("traceback", "").strip() == f"{kind}: {exc}":
         return str(exc)
-    return f"error while importing {spec.partition(':')[0]}: {kind}: {exc}"
+    return f"error while importing {module}: {kind}: {exc}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,12 +244,11 @@ def run(args: argparse.Namespace) -> int:
         target = RemoteTarget(args.target, wait=False)  # it imports the target while this process imports the suite
         start_stack(_select(args.only))  # and the oracles' libraries in their own process, for the checks that use them
         target.wait()
-    except ValueError as exc:
+    except (ValueError, TargetCrashed, TargetTimedOut) as exc:
         if target is not None:
             target.close()
         close_stack()
-        print(f"lora-lab verify: {import_failure(args.target, exc) if isinstance(exc, TargetImportError) else exc}",
-              file=sys.stderr)
+        print(f"lora-lab verify: {import_failure(args.target, exc)}", file=sys.stderr)
         return 2
     if not any(target.provides(op) for op in OPERATIONS):
         target.close()

@@ -141,7 +141,7 @@ def distributed_training_step(
     batch in one process is exactly ``training_step``. ``before_update`` runs just
     before the optimizer step (``lora-lab train`` uses it to make Ctrl-C wait for it).
     """
-    from lora_lab.train import backward, compute_loss, forward, optimize
+    from lora_lab.train import backward, compute_loss, forward_labelled, optimize
 
     micro_batches = [batches] if isinstance(batches, dict) else list(batches)
     if world_size is None:
@@ -154,7 +154,7 @@ def distributed_training_step(
     for i, batch in enumerate(micro_batches):
         accumulate_only = i < len(micro_batches) - 1 and hasattr(model, "no_sync")
         with model.no_sync() if accumulate_only else contextlib.nullcontext():
-            loss = compute_loss(forward(model, batch), batch["labels"])
+            loss = compute_loss(forward_labelled(model, batch), batch["labels"])
             weight = world_size * counts[i] / total
             backward(loss if weight == 1 else loss * weight.to(loss.dtype))
         loss_sum += loss.detach().double() * counts[i]
@@ -213,10 +213,10 @@ UNIT_ROUNDOFF_FP32 = 2.0**-24
 
 def _single_process_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
     """The reference: the four steps on the whole batch in one process; returns (loss, gradients)."""
-    from lora_lab.train import backward, compute_loss, forward, optimize
+    from lora_lab.train import backward, compute_loss, forward_labelled, optimize
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, eps=EPS)
-    loss = compute_loss(forward(model, batch), batch["labels"])
+    loss = compute_loss(forward_labelled(model, batch), batch["labels"])
     backward(loss)
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimize(optimizer)

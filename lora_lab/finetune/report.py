@@ -27,7 +27,7 @@ def evaluate(model, examples: list[tuple[list[int], int, float]], codec: PromptC
     import torch
     import torch.distributed as dist
 
-    from lora_lab.train import forward
+    from lora_lab.train import forward_labelled
 
     world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
     mine = examples[rank::world]
@@ -38,7 +38,7 @@ def evaluate(model, examples: list[tuple[list[int], int, float]], codec: PromptC
         for start in range(0, len(mine), EVAL_BATCH):
             rows = mine[start : start + EVAL_BATCH]
             batch = {k: v.to(device) for k, v in collate([(ids, n) for ids, n, _ in rows], codec.pad_id).items()}
-            logits = forward(model, batch)  # (answer tokens, vocab): the rows of each prompt's answer, prompt by prompt
+            logits = forward_labelled(model, batch)  # (answer tokens, vocab): the rows of each prompt's answer, prompt by prompt
             targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
             scores = logits.float().log_softmax(-1)
             loss_sum -= float(scores.gather(-1, targets[:, None]).sum())

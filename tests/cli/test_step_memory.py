@@ -11,7 +11,7 @@ import torch
 
 from lora_lab.cli.step_memory import step_memory
 from lora_lab.model import DEFAULT_TARGETS, PRESETS, apply_qlora, tiny_llama
-from lora_lab.train import forward
+from lora_lab.train import forward_labelled
 
 
 def _saved_bytes(model, batch: int, sequence: int) -> int:
@@ -26,7 +26,7 @@ def _saved_bytes(model, batch: int, sequence: int) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        forward(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+        forward_labelled(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return sum(storages.values())
 
 

@@ -1,9 +1,9 @@
 """The kernels compiled for real GPUs (sm_90a, sm_80) on any machine: no compile error, no spill, shared memory that fits.
 
-CI has no GPU, so these tests run ``python -m lora_lab.kernels.compile_check``
+CI has no GPU, so these tests run ``python -m lora_lab.kernels.compile.compile_check``
 in a child process (Triton's interpreter, which this test process uses, cannot
 compile). CI compiles the representative subset; the full sweep is
-``python -m lora_lab.kernels.compile_check`` (every config the pruning keeps,
+``python -m lora_lab.kernels.compile.compile_check`` (every config the pruning keeps,
 fp16 and bf16, blocksizes 64 and 128, both targets).
 """
 
@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from lora_lab.kernels.sass import k_loop_mix, parse_ptxas_log
+from lora_lab.kernels.compile.sass import k_loop_mix, parse_ptxas_log
 
 KERNELS = (
     "qlora_forward_kernel", "qlora_grad_input_kernel", "qlora_forward_kernel[dense]", "qlora_grad_input_kernel[dense]",
@@ -30,7 +30,7 @@ def compile_check(tmp_path, *args: str, python: str = sys.executable) -> tuple[i
     """Run the compile check in a child process; its exit status, its printed table and its JSON results."""
     out = tmp_path / "results.json"
     env = dict(os.environ, TRITON_INTERPRET="0", LORA_LAB_COMPILE_ONLY="1", LORA_LAB_AUTOTUNE="1")
-    done = subprocess.run([python, "-m", "lora_lab.kernels.compile_check", *args, "--json", str(out)],
+    done = subprocess.run([python, "-m", "lora_lab.kernels.compile.compile_check", *args, "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     results = json.loads(out.read_text()) if out.exists() else []
     return done.returncode, done.stdout + done.stderr, results

@@ -287,19 +287,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--path", metavar="DIR", default="exercises", help="the exercises folder (default: ./exercises)")
     parser.add_argument("--json", metavar="FILE", help="also write the grades as JSON to FILE")
-    parser.add_argument(
-        "--solutions", action="store_true",
-        help="grade the reference solutions (lora_lab for 01-06, lora_lab.kernels for 07-08) instead of your files",
-    )
+    parser.add_argument("--solutions", action="store_true", help="grade the reference solutions (lora_lab for 01-06, "
+                        "lora_lab.kernels for 07-08) instead of your files")
     parser.add_argument(
         "--chain", action="store_true",
         help="grade each exercise with your own earlier pieces (your ex01's quantize_nf4 in 02, ...) where it imports "
         "the reference's",
     )
-    parser.add_argument(
-        "--watch", action="store_true",
-        help="with --only NN: grade, then grade again each time the file changes, showing only what changed",
-    )
+    parser.add_argument("--watch", action="store_true",
+                        help="with --only NN: grade, then grade again each time the file changes, showing only what changed")
     parser.add_argument(
         "--profile", choices=("ci", "dev", "thorough", "scored"), default="ci",
         help="hypothesis profile: ci (derandomized, default), dev (2x examples, random), thorough (10x), "
@@ -346,9 +342,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    problem = output_file_problem("--json", args.json, "to write the grades into") if args.json else None
-    if problem:  # before the grading, whose Score line it would otherwise end in a traceback
-        print(f"lora-lab grade: {problem}", file=sys.stderr)
+    if args.json and (problem := output_file_problem("--json", args.json, "to write the grades into")):
+        print(f"lora-lab grade: {problem}", file=sys.stderr)  # before the grading: it would end in a traceback, no Score
         return 2
     prepare_for_targets()  # before torch is imported: this process and the target's take turns
     try:

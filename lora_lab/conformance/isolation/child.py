@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import signal
 import sys
 import time
 from collections import OrderedDict
@@ -305,6 +306,9 @@ def main(argv: list[str]) -> int:
     inbox = os.fdopen(int(argv[1]), "rb", buffering=0)
     outbox = os.fdopen(int(argv[2]), "wb", buffering=0)
     os.dup2(2, 1)  # the target's prints go to stderr, never into the report on stdout
+    # Ctrl-C reaches every process of the terminal's group: it is the suite's to answer (it closes this process),
+    # not a KeyboardInterrupt traceback of this one's under the command's "interrupted".
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     server = Server()
     while True:
         try:
@@ -317,6 +321,8 @@ def main(argv: list[str]) -> int:
             reply = ["raised", server.describe(exc)]
         try:
             wire.send(outbox, reply)
+        except BrokenPipeError:  # the suite closed this process (Ctrl-C, or it is done): no one is left to answer
+            return 0
         except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be encoded
             wire.send(outbox, ["raised", server.describe(exc)])
 

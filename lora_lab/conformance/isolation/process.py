@@ -213,9 +213,7 @@ class Child:
 
     def _send(self, message: list, what: str) -> None:
         try:
-            from lora_lab.conformance.isolation import (
-                wire,
-            )  # imports torch: not at import time (`lora-lab grade -h` stays fast)
+            from lora_lab.conformance.isolation import wire  # imports torch: not at import time (`lora-lab grade -h` fast)
 
             wire.send(self.outbox, message)
         except (BrokenPipeError, OSError) as exc:

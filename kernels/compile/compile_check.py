@@ -1,8 +1,8 @@
 """Compile every kernel for a GPU this machine need not have, and check what ptxas reports.
 
-    python -m lora_lab.kernels.compile_check                 # the full sweep (every kept config, both targets)
-    python -m lora_lab.kernels.compile_check --subset ci     # the representative subset CI runs
-    python -m lora_lab.kernels.compile_check --json out.json --sass
+    python -m lora_lab.kernels.compile.compile_check              # the full sweep (every kept config, both targets)
+    python -m lora_lab.kernels.compile.compile_check --subset ci  # the representative subset CI runs
+    python -m lora_lab.kernels.compile.compile_check --json out.json --sass
 
 Why
 ---
@@ -206,7 +206,7 @@ class CompileResult:
 def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> CompileResult:
     """Compile ``launch`` with ``config`` for ``arch`` through Triton's own binder, as ``kernel[grid](...)`` would."""
     import triton
-    from lora_lab.kernels.sass import mma_kind, parse_ptxas_log, run_ptxas
+    from lora_lab.kernels.compile.sass import mma_kind, parse_ptxas_log, run_ptxas
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -248,7 +248,7 @@ def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> Com
         if "BLOCK_N" in tile:
             result.weights_per_trip = tile["BLOCK_N"] * tile["BLOCK_K"]
         if sass:
-            from lora_lab.kernels.sass import disassemble, k_loop_mix
+            from lora_lab.kernels.compile.sass import disassemble, k_loop_mix
 
             mix = k_loop_mix(disassemble(compiled.asm["cubin"]))
             if mix is not None:
@@ -323,13 +323,14 @@ HEADER = (f"{'kernel':<32} {'config (MxNxK)':<20} {'dtype':<9} {'bs':>4} {'arch'
 def _reexec_compiled(argv: list[str]) -> int:
     """Run this module again in a child whose kernels are defined compiled (the interpreter cannot compile)."""
     env = dict(os.environ, TRITON_INTERPRET="0", LORA_LAB_COMPILE_ONLY="1", LORA_LAB_AUTOTUNE="1")
-    return subprocess.call([sys.executable, "-m", "lora_lab.kernels.compile_check", *argv], env=env)
+    return subprocess.call([sys.executable, "-m", "lora_lab.kernels.compile.compile_check", *argv], env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print one row per compile; exit 1 if any compile errs, spills or needs more shared memory than the GPU has."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m lora_lab.kernels.compile_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lora_lab.kernels.compile.compile_check",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--subset", choices=("all", "ci"), default="all", help="ci: the representative subset CI runs")
     parser.add_argument("--arch", action="append", choices=tuple(ARCHS), help="a target (repeatable; default both)")
     parser.add_argument("--kernel", action="append", help="only kernels matching this name or 'pattern*' (repeatable)")

@@ -1,0 +1,6 @@
+"""Compiling the kernels for a GPU this machine need not have: tooling beside the kernels, not a kernel.
+
+- ``compile_check.py``: every kernel compiled for sm_90a and sm_80 with the arguments its launcher passes, and
+  ptxas's verdict (``python -m lora_lab.kernels.compile.compile_check``).
+- ``sass.py``: reading a cubin: ptxas's resource report and the instruction mix of the K loop.
+"""
