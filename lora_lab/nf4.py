@@ -273,7 +273,7 @@ def nearest_nf4_code(normalized: torch.Tensor) -> torch.Tensor:
     so its index is the number of midpoints below the value. A value exactly on a
     midpoint takes the lower level, as bitsandbytes does (``bucketize``'s
     ``right=False``). ``quantize_nf4`` uses ``_nearest_nf4_code_by_bits``, which
-    gives the same indices about five times faster on the CPU.
+    gives the same indices about ten times faster on the CPU (0.4 ms against 5 ms for 2^18 values).
     """
     return torch.bucketize(normalized, _nf4_midpoints().to(normalized.device))
 
@@ -317,7 +317,7 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     return (codes[0::2] << 4) | codes[1::2]
 
 
-CPU_CHUNK = 2**16  # elements per chunk on the CPU: 256 KB of fp32 per temporary, so they stay in the L2 cache
+CPU_CHUNK = 2**18  # elements per chunk on the CPU: 1 MB of fp32 per temporary, fastest of 2^16..2^18 on 1 MB of L2
 
 
 def _chunks(numel: int, blocksize: int, device: torch.device) -> list[tuple[int, int]]:
@@ -326,7 +326,7 @@ def _chunks(numel: int, blocksize: int, device: torch.device) -> list[tuple[int,
     Why chunks: on the CPU, each temporary of a whole 4096 x 4096 weight is a
     fresh 64 MB that the OS must map in page by page (about 25 ms on one core,
     more than the arithmetic), and that then streams through memory. A chunk's
-    temporaries stay in the cache and are reused. A GPU takes the weight in one piece.
+    temporaries stay in the caches and are reused. A GPU takes the weight in one piece.
     """
     step = max(CPU_CHUNK, blocksize) if device.type == "cpu" else numel
     return [(start, min(start + step, numel)) for start in range(0, numel, step)]
@@ -387,15 +387,19 @@ def _byte_levels(device: torch.device) -> torch.Tensor:
     return levels.view(torch.int64).reshape(256).to(device)
 
 
-def _scaled_levels(q: NF4Tensor, absmax: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Elements ``start:stop`` (whole blocks) of ``q`` in fp32: each byte's two levels by one look-up in
-    ``_byte_levels``, then each block scaled by its absmax in place."""
-    levels = _byte_levels(q.device).index_select(0, q.packed[start // 2 : (stop + 1) // 2].int()).view(torch.float32)
-    levels, full = levels[: stop - start], (stop - start) - (stop - start) % q.blocksize
-    levels[:full].view(-1, q.blocksize).mul_(absmax[start // q.blocksize : (start + full) // q.blocksize, None])
+def _scaled_levels(q: NF4Tensor, absmax: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
+    """Elements ``start:stop`` (whole blocks) of ``q`` in fp32, written to the front of ``out``.
+
+    Each byte's two levels come by one look-up in ``_byte_levels``, written
+    straight into ``out`` viewed as 8-byte words; then each block is scaled by
+    its absmax in place. (An odd last byte writes one level past ``stop``.)
+    """
+    pairs = out[: 2 * ((stop - start + 1) // 2)].view(torch.int64)
+    torch.index_select(_byte_levels(q.device), 0, q.packed[start // 2 : (stop + 1) // 2].int(), out=pairs)
+    full = (stop - start) - (stop - start) % q.blocksize
+    out[:full].view(-1, q.blocksize).mul_(absmax[start // q.blocksize : (start + full) // q.blocksize, None])
     if full < stop - start:  # the short last block
-        levels[full:].mul_(absmax[-1])
-    return levels
+        out[full : stop - start].mul_(absmax[-1])
 
 
 def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
@@ -403,15 +407,20 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
 
     The numbers are ``dequantize_nf4_by_definition``'s: ``NF4_CODE[code] * absmax``
     in fp32, rounded once to ``q.dtype``. ``_scaled_levels`` computes them a chunk
-    of whole blocks at a time (``_chunks``); a weight of one chunk, such as every
-    layer of the tiny model, needs no separate output buffer.
+    of whole blocks at a time (``_chunks``): for an fp32 weight in the output
+    itself, for fp16/bf16 in an fp32 chunk that is then rounded into the output.
     """
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"expected an NF4Tensor, got {type(q).__name__}")
     absmax, chunks = q.absmax_fp32(), _chunks(q.numel, q.blocksize, q.device)
-    if len(chunks) == 1:
-        return _scaled_levels(q, absmax, 0, q.numel).to(q.dtype).view(q.shape)
+    if q.dtype == torch.float32:
+        values = torch.empty(2 * q.packed.numel(), device=q.device)  # room for the odd last byte's second level
+        for start, stop in chunks:
+            _scaled_levels(q, absmax, start, stop, values[start:])
+        return values[: q.numel].view(q.shape)
     values = torch.empty(q.numel, dtype=q.dtype, device=q.device)
+    scratch = torch.empty(2 * ((chunks[0][1] + 1) // 2), device=q.device)
     for start, stop in chunks:
-        values[start:stop] = _scaled_levels(q, absmax, start, stop)  # rounds fp32 to q.dtype, once
+        _scaled_levels(q, absmax, start, stop, scratch)
+        values[start:stop] = scratch[: stop - start]  # rounds fp32 to q.dtype, once
     return values.view(q.shape)

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from lora_lab.conformance.judge.strategies import nf4_weights as weights
 from lora_lab.nf4 import (
+    CPU_CHUNK,
     NF4_CODE,
     NF4Tensor,
     _nearest_nf4_code_by_bits,
@@ -106,14 +107,17 @@ def test_dequantize_equals_its_definition_bit_for_bit(drawn, double_quant):
     assert torch.equal(fast.view(bits), slow.view(bits))
 
 
-@pytest.mark.parametrize("numel", [2**16 * 3 + 4096 + 33, 2**17 + 1])
+@pytest.mark.parametrize("extra", [4096 + 33, 1])
 @pytest.mark.parametrize("blocksize", [64, 4096])
-def test_chunked_quantize_is_bitsandbytes_own_across_chunk_edges(numel, blocksize):
-    """Weights larger than one CPU chunk, with a short last block and an odd numel, against bitsandbytes itself."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_quantize_is_bitsandbytes_own_across_chunk_edges(extra, blocksize, dtype):
+    """Weights over two CPU chunks, with a short last block and an odd numel, against bitsandbytes itself."""
     import bitsandbytes.functional as F
 
+    numel = 2 * CPU_CHUNK + extra
     weight = torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 0.02
     weight[blocksize : 2 * blocksize] = 0  # an all-zero full block
+    weight = weight.to(dtype)
     ours = quantize_nf4(weight, blocksize, double_quant=True)
     packed, state = F.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
     assert torch.equal(ours.packed, packed.reshape(-1)) and torch.equal(ours.absmax, state.absmax)
