@@ -27,6 +27,7 @@ START_TIMEOUT = 300.0  # importing torch, bitsandbytes and the target on a busy 
 SPAWN_ENV = "LORA_LAB_SPAWN"  # "1": start each target's process as a fresh interpreter (seconds), not a fork of the server
 _SERVER: list = []  # the forkserver context, once started
 CHILD_MODULE = "lora_lab.conformance.isolation.child"  # the target's side, named (as python -m names it), never imported here
+STACK_MODULE = "lora_lab.conformance.isolation.stack_oracle"  # the suite's oracle process serves this module (stack.py)
 
 
 def prepare_for_targets() -> None:

@@ -6,9 +6,9 @@ No target runs there: it serves ``stack_oracle.py``'s functions through the same
 
 from __future__ import annotations
 
+from lora_lab.conformance.isolation.process import STACK_MODULE
 from lora_lab.conformance.isolation.proxy import RemoteTarget
 
-STACK_MODULE = "lora_lab.conformance.isolation.stack_oracle"
 _STACK: dict = {}
 
 
