@@ -105,8 +105,9 @@ import sys
 
 from hypothesis import settings
 
-import lora_lab.conformance.profiles  # noqa: F401
-from lora_lab.conformance.core import PASSED, Target, all_checks, run_check
+import lora_lab.conformance.judge.profiles  # noqa: F401
+from lora_lab.conformance.isolation.target import Target
+from lora_lab.conformance.runner import PASSED, all_checks, run_check
 
 settings.load_profile("ci")
 target = Target.load("lora_lab_cuda_target")

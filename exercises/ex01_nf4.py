@@ -140,6 +140,6 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
 if __name__ == "__main__":  # python exercises/ex01_nf4.py grades this file alone
     import os
 
-    from lora_lab.conformance.grade import main
+    from lora_lab.conformance.grading.command import main
 
     raise SystemExit(main(["--only", "01", "--path", os.path.dirname(os.path.abspath(__file__))]))

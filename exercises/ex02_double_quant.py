@@ -97,6 +97,6 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 if __name__ == "__main__":  # python exercises/ex02_double_quant.py grades this file alone
     import os
 
-    from lora_lab.conformance.grade import main
+    from lora_lab.conformance.grading.command import main
 
     raise SystemExit(main(["--only", "02", "--path", os.path.dirname(os.path.abspath(__file__))]))

@@ -79,6 +79,6 @@ def qlora_linear(
 if __name__ == "__main__":  # python exercises/ex03_qlora_linear.py grades this file alone
     import os
 
-    from lora_lab.conformance.grade import main
+    from lora_lab.conformance.grading.command import main
 
     raise SystemExit(main(["--only", "03", "--path", os.path.dirname(os.path.abspath(__file__))]))

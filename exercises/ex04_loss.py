@@ -68,6 +68,6 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
 if __name__ == "__main__":  # python exercises/ex04_loss.py grades this file alone
     import os
 
-    from lora_lab.conformance.grade import main
+    from lora_lab.conformance.grading.command import main
 
     raise SystemExit(main(["--only", "04", "--path", os.path.dirname(os.path.abspath(__file__))]))

@@ -71,6 +71,6 @@ def adamw_step(
 if __name__ == "__main__":  # python exercises/ex05_adamw.py grades this file alone
     import os
 
-    from lora_lab.conformance.grade import main
+    from lora_lab.conformance.grading.command import main
 
     raise SystemExit(main(["--only", "05", "--path", os.path.dirname(os.path.abspath(__file__))]))

@@ -147,6 +147,6 @@ def training_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: t
 if __name__ == "__main__":  # python exercises/ex06_training_step.py grades this file alone
     import os
 
-    from lora_lab.conformance.grade import main
+    from lora_lab.conformance.grading.command import main
 
     raise SystemExit(main(["--only", "06", "--path", os.path.dirname(os.path.abspath(__file__))]))

@@ -93,6 +93,6 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
 
 
 if __name__ == "__main__":  # python exercises/ex07_triton_dequant.py grades this file alone
-    from lora_lab.conformance.grade import main
+    from lora_lab.conformance.grading.command import main
 
     raise SystemExit(main(["--only", "07", "--path", os.path.dirname(os.path.abspath(__file__))]))

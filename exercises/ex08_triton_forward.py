@@ -157,6 +157,6 @@ def qlora_linear(
 
 
 if __name__ == "__main__":  # python exercises/ex08_triton_forward.py grades this file alone
-    from lora_lab.conformance.grade import main
+    from lora_lab.conformance.grading.command import main
 
     raise SystemExit(main(["--only", "08", "--path", os.path.dirname(os.path.abspath(__file__))]))

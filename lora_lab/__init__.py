@@ -15,13 +15,9 @@ so ``lora_lab`` itself is a conformance target (``lora-lab verify lora_lab``).
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
 import logging
 import os
 import sys
-import types
-import warnings
 
 __version__ = "0.2.0"
 
@@ -97,49 +93,6 @@ def _quiet_known_library_noise() -> None:
 
 
 _quiet_known_library_noise()
-
-
-# Modules that moved when each part got its own folder (0.2): the old paths keep working for this release.
-MOVED_MODULES = {
-    "lora_lab.adapters": "lora_lab.finetune.adapters",
-    "lora_lab.checkpoint": "lora_lab.finetune.checkpoint",
-    "lora_lab.distributed": "lora_lab.finetune.distributed",
-    "lora_lab.finetune_data": "lora_lab.finetune.data_files",
-    "lora_lab.run_report": "lora_lab.finetune.report",
-    "lora_lab.training_run": "lora_lab.finetune.command",
-    "lora_lab.demo": "lora_lab.cli.demo",
-    "lora_lab.size": "lora_lab.cli.size",
-    "lora_lab.benchmarking": "lora_lab.bench.timing",
-    "lora_lab.bench_cases": "lora_lab.bench.cases",
-    "lora_lab.bench_correctness": "lora_lab.bench.correctness",
-    "lora_lab.bench_impls": "lora_lab.bench.impls",
-    "lora_lab.bench_model": "lora_lab.bench.model_step",
-    "lora_lab.bench_report": "lora_lab.bench.report",
-    "lora_lab.conformance.core": "lora_lab.conformance.runner",
-    "lora_lab.conformance.checks_nf4": "lora_lab.conformance.properties.nf4",
-    "lora_lab.conformance.checks_qlora": "lora_lab.conformance.properties.qlora",
-    "lora_lab.conformance.checks_loss_adamw": "lora_lab.conformance.properties.loss",
-    "lora_lab.conformance.checks_training": "lora_lab.conformance.properties.training",
-}
-
-
-class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Import an old module path as the module that now lives elsewhere (one object, not a copy), with a warning."""
-
-    def find_spec(self, name, path=None, target=None):
-        return importlib.util.spec_from_loader(name, self) if name in MOVED_MODULES else None
-
-    def create_module(self, spec):
-        return types.ModuleType(spec.name)  # a placeholder: exec_module puts the real module in its place
-
-    def exec_module(self, module) -> None:
-        new = MOVED_MODULES[module.__name__]
-        warnings.warn(f"{module.__name__} moved to {new}; import it from there", DeprecationWarning, stacklevel=2)
-        sys.modules[module.__name__] = importlib.import_module(new)  # the import system returns what sys.modules holds
-
-
-if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
-    sys.meta_path.append(_MovedModuleFinder())
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""Test configuration: hypothesis profiles come from lora_lab.conformance.profiles.
+"""Test configuration: hypothesis profiles come from lora_lab.conformance.judge.profiles.
 
 Choose one with ``--hypothesis-profile=ci|dev|thorough`` (the README's test
 command uses ``ci``: derandomized, no deadline); the default here is ``dev``.
@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-import lora_lab.conformance.profiles  # noqa: F401  (registers the profiles)
+import lora_lab.conformance.judge.profiles  # noqa: F401  (registers the profiles)
 
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 pytest_plugins = ["pytester"]

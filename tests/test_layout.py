@@ -8,6 +8,8 @@
 - ``lora_lab.kernels`` imports only ``nf4``, the shared operand rules and itself (DESIGN.md).
 - Each kernel file in ``kernels/`` ends as Triton's tutorials do: a ``__main__`` block that checks the kernel
   against the torch reference and has a ``perf_report``; compile-only tooling sits in ``kernels/compile/``.
+- The conformance suite's rooms import only from the rooms below them (``lora_lab/conformance/__init__.py``):
+  registry and errors, judge, isolation, properties, the runner, the front ends.
 - No module is over about 400 lines.
 """
 
@@ -113,6 +115,47 @@ def test_the_kernels_import_only_nf4_and_the_operand_rules():
             assert not outside, f"{name} imports {sorted(outside)}; lora_lab.kernels imports only nf4 and operands"
 
 
+CONFORMANCE = "lora_lab.conformance"
+ROOMS = (  # bottom first: a module may import from its own room and the rooms before it
+    ("registry and errors", ("registry", "errors")),
+    ("judge", ("judge",)),
+    ("isolation", ("isolation",)),
+    ("properties", ("properties",)),
+    ("runner", ("runner",)),
+    ("front ends", ("verify", "plugin", "matrix", "grading")),
+)
+
+
+def _room(module: str) -> int | None:
+    """The index in ROOMS of a conformance module's room; None outside the suite or for the package itself."""
+    if not module.startswith(CONFORMANCE + "."):
+        return None
+    first = module.removeprefix(CONFORMANCE + ".").split(".")[0]
+    return next(i for i, (_, names) in enumerate(ROOMS) if first in names)
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{module} ({ROOMS[_room(module)][0]}) imports {target} ({ROOMS[_room(target)][0]})"
+            for module, targets in sorted(graph.items()) if _room(module) is not None
+            for target in sorted(targets) if _room(target) is not None and _room(target) > _room(module)]
+
+
+def test_every_conformance_module_lives_in_a_room():
+    for name in _modules():
+        if name.startswith(CONFORMANCE + "."):
+            assert _room(name) is not None, f"{name} is in none of the suite's rooms: {[room for room, _ in ROOMS]}"
+
+
+def test_no_import_in_the_conformance_suite_runs_back_up():
+    upward = _upward_imports(_graph())
+    assert not upward, "imports that run from a lower room of the suite to a higher one:\n" + "\n".join(upward)
+
+
+def test_the_room_check_finds_an_upward_import():
+    """Test the test: the judge reaching into isolation is found, the reverse is not."""
+    graph = {f"{CONFORMANCE}.judge.memory": {f"{CONFORMANCE}.isolation.wire", f"{CONFORMANCE}.registry"},
+             f"{CONFORMANCE}.isolation.wire": {f"{CONFORMANCE}.judge.memory"}}
+    assert _upward_imports(graph) == [f"{CONFORMANCE}.judge.memory (judge) imports {CONFORMANCE}.isolation.wire (isolation)"]
 def test_each_kernel_file_ends_with_its_check_and_perf_report():
     for path in sorted((ROOT / "kernels").glob("*.py")):
         if path.name in KERNEL_HELPERS:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lora_lab.conformance.oracles import bnb_linear4bit
+from lora_lab.conformance.judge.oracles import bnb_linear4bit
 from lora_lab.lora import NF4Linear, QLoRALinear, lora_scaling, qlora_linear
 from lora_lab.nf4 import dequantize_nf4
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.strategies import nf4_weights as weights
+from lora_lab.conformance.judge.strategies import nf4_weights as weights
 from lora_lab.nf4 import (
     CPU_CHUNK,
     NF4_CODE,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_lab.bench.cases import Case, Inputs
-from lora_lab.conformance.compare import product_bound
+from lora_lab.conformance.judge.compare import product_bound
 from lora_lab.nf4 import NF4Tensor, dequantize_nf4
 
 Expected = dict[str, tuple[torch.Tensor, torch.Tensor]]  # output name -> (float64 value, elementwise error bound)

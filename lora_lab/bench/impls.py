@@ -82,7 +82,7 @@ def _setup_bnb_peft(weight: NF4Tensor, scaling: float, dtype: torch.dtype):
     """One peft layer per case; each trial copies its adapters in (untimed) and clears their gradients."""
     import peft
 
-    from lora_lab.conformance.oracles import bnb_linear4bit
+    from lora_lab.conformance.judge.oracles import bnb_linear4bit
 
     holder = nn.Module()
     holder.proj = bnb_linear4bit(weight, None, compute_dtype=dtype)

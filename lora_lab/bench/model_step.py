@@ -27,7 +27,7 @@ def tiny_model_pair(r: int = 8, alpha: float = 16, seed: int = 0):
     """
     import peft
 
-    from lora_lab.conformance.oracles import bnb_linear4bit
+    from lora_lab.conformance.judge.oracles import bnb_linear4bit
     from lora_lab.lora import NF4Linear, QLoRALinear
     from lora_lab.model import DEFAULT_TARGETS, apply_qlora, tiny_llama
 

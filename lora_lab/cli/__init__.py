@@ -29,7 +29,7 @@ COMMANDS = (
     ("size", "lora_lab.cli.size", "adapter and base-weight sizes for a model preset, from its config alone"),
     ("train", "lora_lab.finetune.command", "fine-tune with a progress bar, a loss chart and saved adapter files"),
     ("verify", "lora_lab.conformance.verify", "run the conformance suite on your implementation"),
-    ("grade", "lora_lab.conformance.grade", "score the exercises in exercises/"),
+    ("grade", "lora_lab.conformance.grading.command", "score the exercises in exercises/"),
     ("bench", "lora_lab.bench.command", "correctness and speed of the QLoRA layer and kernels against baselines"),
 )
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 
-import lora_lab.conformance.profiles  # noqa: F401  (registers ci / dev / thorough)
+import lora_lab.conformance.judge.profiles  # noqa: F401  (registers ci / dev / thorough)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -37,7 +37,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("lora_lab_impl"):  # only then: every pytest run in an environment with lora_lab loads this
-        from lora_lab.conformance.child_process import prepare_for_targets
+        from lora_lab.conformance.isolation.process import prepare_for_targets
 
         prepare_for_targets()  # pytest and the targets' processes take turns: idle threads sleep, the fork server starts
 
@@ -52,7 +52,7 @@ class ConformanceItem(pytest.Item):
         self.target_name, self.check = target_name, check
 
     def runtest(self) -> None:
-        from lora_lab.conformance.profiles import command_profile
+        from lora_lab.conformance.judge.profiles import command_profile
         from lora_lab.conformance.runner import NOT_PROVIDED, PASSED, run_check
 
         # The profile named by --hypothesis-profile, else ``ci`` as in ``lora-lab verify``: hypothesis' own
@@ -102,7 +102,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     targets = config.getoption("lora_lab_impl")
     if not targets:
         return
-    from lora_lab.conformance.isolation import RemoteTarget
+    from lora_lab.conformance.isolation.proxy import RemoteTarget
     from lora_lab.conformance.runner import all_checks
 
     only = config.getoption("lora_lab_only")

@@ -20,7 +20,7 @@ OPERATIONS = (
     "adamw_step",
     "apply_qlora",
     "training_step",
-    "NF4_FORMAT",  # not a function: a library's own weight format (lora_lab.conformance.formats)
+    "NF4_FORMAT",  # not a function: a library's own weight format (lora_lab.conformance.judge.formats)
 )
 
 PASSED, FAILED, ERROR, NOT_PROVIDED, NOT_ATTEMPTED = "passed", "failed", "error", "not provided", "not attempted"
@@ -36,10 +36,6 @@ LEVEL_PREFIX = {  # what a hint says first, so that a failure names its level
 }
 
 
-class CheckFailed(AssertionError):
-    """A property does not hold; the message says what was expected and what came out."""
-
-
 @dataclass(frozen=True)
 class Check:
     name: str  # e.g. "nf4.bytes_match_bitsandbytes"
@@ -51,7 +47,7 @@ class Check:
     func: Callable[[Any], None] = field(repr=False, compare=False)
     level: str = ""  # SEMANTIC or INTERCHANGE for the NF4 and layer checks: which conformance a failure is a failure of
     timed: bool = False  # held to TIME_BUDGET (below): the realistic-size checks, where fixed per-call costs are small
-    # its oracle runs in a process of its own (oracles.stack), started early, which imports these modules first
+    # its oracle runs in a process of its own (isolation.stack), started early, which imports these modules first
     stack: tuple[str, ...] = ()
 
 

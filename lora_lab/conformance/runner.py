@@ -8,13 +8,10 @@ the others.
 
 from __future__ import annotations
 
-import importlib
-import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
-from lora_lab.conformance.capabilities import NotSupported
+from lora_lab.conformance.errors import CheckFailed, NotSupported, raised_by_a_library, user_traceback
+from lora_lab.conformance.isolation.target import Target
 from lora_lab.conformance.registry import (
     ERROR,
     FAILED,
@@ -24,7 +21,6 @@ from lora_lab.conformance.registry import (
     OPERATIONS,
     PASSED,
     Check,
-    CheckFailed,
     over_budget,
 )
 
@@ -48,92 +44,11 @@ __all__ = [
 ]
 
 
-@dataclass
-class Target:
-    """An implementation under test: a module, or ``module:attribute``, or any object."""
-
-    name: str
-    obj: Any
-    probed: Any = None  # what formats.capabilities found the target's format supports, once probed
-
-    @classmethod
-    def load(cls, spec: str | Any) -> Target:
-        if not isinstance(spec, str):
-            return cls(getattr(spec, "__name__", type(spec).__name__), spec)
-        module_name, _, attribute = spec.partition(":")
-        try:
-            obj = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            raise ValueError(
-                f"cannot import {module_name!r} ({exc}); expected an importable module, "
-                "such as 'my_package.qlora' or 'my_package.qlora:impl'"
-            ) from exc
-        for part in filter(None, attribute.split(".")):
-            if not hasattr(obj, part):
-                raise ValueError(f"{module_name!r} has no attribute {part!r} (from target {spec!r})")
-            obj = getattr(obj, part)
-        return cls(spec, obj)
-
-    def provides(self, operation: str) -> bool:
-        try:
-            if operation == "NF4_FORMAT":  # an object, not a function
-                return getattr(self.obj, operation, None) is not None
-            return callable(getattr(self.obj, operation, None))
-        except ImportError:  # a lazily exported name whose module is missing
-            return False
-
-    def op(self, operation: str, watch_memory: bool = False) -> Callable:
-        """The operation itself (in this process the bounds properties guard and watch it themselves)."""
-        return getattr(self.obj, operation)
-
-    def measured(self, operation: str, min_numel: int, *args):
-        """``op(*args)`` with what it keeps for backward measured (``memory.measure``): ``(result, saved, alive)``,
-        the saved and still-alive tensors of ``min_numel`` elements or more."""
-        from lora_lab.conformance.memory import measure
-
-        with measure(lambda n: n >= min_numel) as record:
-            result = self.op(operation)(*args)
-        return result, record.saved, record.alive()
-
-    def model(self, seed: int, **kwargs):
-        """``tiny_llama(seed)`` through the target's ``apply_qlora``, as a ``ModelHandle`` (what the properties see)."""
-        from lora_lab.conformance.model_protocol import ModelHandle
-
-        return ModelHandle.build(self, seed, **kwargs)
-
-    def declaration(self, name: str) -> Any:
-        """A plain-data declaration of the target's module (``CAPABILITIES``, ``SELF_COMPARISONS``, ``LIBRARIES``)."""
-        return getattr(self.obj, name, None)
-
-    def nf4_format(self) -> Any:
-        """The target's own ``NF4_FORMAT`` (``formats.py``), or None."""
-        return getattr(self.obj, "NF4_FORMAT", None)
-
-    @property
-    def origin(self) -> dict[str, dict]:
-        """For each operation provided: its module and file, and whether it is lora_lab's own code (``origin.py``)."""
-        from lora_lab.conformance.origin import origin_of
-
-        return {op: origin_of(getattr(self.obj, op)) for op in OPERATIONS if self.provides(op)}
-
-    seconds = 0.0  # time inside the target's calls: measured only for an isolated target
-    sampled = None  # per check, set by run_check: calls timed against the reference (isolated targets only)
-    timing = (0.0, 0.0)
-    interpreted = 0
-    timed = False
-
-    def reset(self) -> None:
-        """Nothing to restart in this process (an isolated target starts a fresh one)."""
-
-    def close(self) -> None:
-        """Nothing to stop in this process."""
-
-
 def load_target(spec: str, isolated: bool = True):
     """The target named ``spec``: in its own process (the default, for any target) or, for trusted code, in this one."""
     if not isolated:
         return Target.load(spec)
-    from lora_lab.conformance.isolation import RemoteTarget
+    from lora_lab.conformance.isolation.proxy import RemoteTarget
 
     return RemoteTarget(spec)
 
@@ -169,17 +84,6 @@ def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def _user_traceback(exc: BaseException) -> str:
-    """The traceback lines that are not lora_lab's or hypothesis' own: the implementation's."""
-    frames = [
-        f
-        for f in traceback.extract_tb(exc.__traceback__)
-        if "/lora_lab/conformance/" not in f.filename and "/hypothesis/" not in f.filename
-    ]
-    lines = traceback.format_list(frames[-4:])
-    return "".join(lines) + f"{type(exc).__name__}: {exc}"
-
-
 def run_check(check: Check, target: Target) -> Result:
     """Run one check on one target; never raises. After an error an isolated target gets a fresh process."""
     try:
@@ -188,7 +92,7 @@ def run_check(check: Check, target: Target) -> Result:
         return Result(check, ERROR, f"the target's process could not be restarted: {exc}")
     if missing:
         return Result(check, NOT_PROVIDED, f"target has no {', '.join(missing)}")
-    from lora_lab.conformance import contract  # imports torch: not at import time, so `lora-lab verify -h` stays fast
+    from lora_lab.conformance.judge import contract  # imports torch: not at import time, so `lora-lab verify -h` stays fast
 
     contract.WATCH.clear()  # outputs of an earlier check are not this check's to judge
     target.seconds, target.sampled, target.timing, target.interpreted = 0.0, {}, [0.0, 0.0], 0
@@ -206,8 +110,7 @@ def run_check(check: Check, target: Target) -> Result:
 
 
 def _run(check: Check, target: Target) -> Result:
-    from lora_lab.conformance.child_process import RemoteError, TargetCrashed, TargetTimedOut
-    from lora_lab.conformance.learner import StubReached
+    from lora_lab.conformance.errors import RemoteError, StubReached, TargetCrashed, TargetTimedOut
 
     try:
         note = check.func(target)  # a check may return a note for the report (what each bad input did, say)
@@ -215,7 +118,7 @@ def _run(check: Check, target: Target) -> Result:
         if isinstance(exc, KeyboardInterrupt):
             raise
         leaves = _leaf_exceptions(exc)
-        if any(isinstance(e, StubReached) or isinstance(e, NotImplementedError) and not _raised_by_a_library(e)
+        if any(isinstance(e, StubReached) or isinstance(e, NotImplementedError) and not raised_by_a_library(e)
                for e in leaves):
             return Result(check, NOT_ATTEMPTED, "raises NotImplementedError (still a stub)")
         unsupported = [e for e in leaves if isinstance(e, NotSupported)]
@@ -231,7 +134,7 @@ def _run(check: Check, target: Target) -> Result:
         where = f"on the drawn input {drawn}\n" if drawn else ""
         if isinstance(first, RemoteError):
             return Result(check, ERROR, where + (first.info.get("traceback") or f"{type(first).__name__}: {first}"))
-        return Result(check, ERROR, where + _user_traceback(first))
+        return Result(check, ERROR, where + user_traceback(first))
     return Result(check, PASSED, _self_comparison(check, target) or (note if isinstance(note, str) else ""))
 
 
@@ -240,14 +143,6 @@ def _self_comparison(check: Check, target: Target) -> str:
     declared = target.declaration("SELF_COMPARISONS")
     reason = declared.get(check.name) if isinstance(declared, dict) else None
     return f"self-comparison: the oracle is the library itself ({reason}); this pass shows determinism only" if reason else ""
-
-
-def _raised_by_a_library(exc: BaseException) -> bool:
-    """True when the innermost frame is an installed package's (torch or torchao lacking an op): an error, not a stub."""
-    if isinstance(getattr(exc, "info", None), dict):  # raised in the target's process, which looked at its frames
-        return bool(exc.info.get("library"))
-    frames = traceback.extract_tb(exc.__traceback__)
-    return bool(frames) and any(folder in frames[-1].filename for folder in ("site-packages", "dist-packages"))
 
 
 def _drawn_input(exc: BaseException, limit: int = 600) -> str:

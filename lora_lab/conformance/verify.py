@@ -51,7 +51,8 @@ import time
 from pathlib import Path
 
 from lora_lab.cli.arguments import output_file_problem
-from lora_lab.conformance.child_process import TargetCrashed, TargetImportError, TargetTimedOut, prepare_for_targets
+from lora_lab.conformance.errors import TargetCrashed, TargetImportError, TargetTimedOut
+from lora_lab.conformance.isolation.process import prepare_for_targets
 from lora_lab.conformance.runner import (
     ERROR,
     FAILED,
@@ -161,7 +162,7 @@ def group(check) -> str:
 
 def provenance(spec: str) -> dict:
     """The target's module path and the sha256 of its source files, found without executing any package's code."""
-    from lora_lab.conformance.origin import sha256_of, source_files
+    from lora_lab.conformance.isolation.origin import sha256_of, source_files
 
     files = source_files(spec.partition(":")[0])
     return {"module_path": str(files[0].parent if len(files) > 1 else files[0]) if files else None,
@@ -172,7 +173,7 @@ def json_report(target, profile: str, results: list[Result], seed: int | None = 
     """The results with what a compatibility matrix needs: library versions, format, capabilities, a count per group."""
     from importlib import metadata
 
-    from lora_lab.conformance.formats import capabilities, has_own_format, weight_format
+    from lora_lab.conformance.judge.formats import capabilities, has_own_format, weight_format
 
     target_spec = target.name
     versions = {}
@@ -230,15 +231,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"lora-lab verify: {problem}", file=sys.stderr)
         return 2
     prepare_for_targets()  # before torch is imported: this process and the target's take turns
-    from lora_lab.conformance.profiles import command_profile
+    from lora_lab.conformance.judge.profiles import command_profile
 
     if args.list:
         for c in all_checks():
             print(f"{c.name:<40} requires {'+'.join(c.requires):<28} {c.description}")
         return 0
-    from lora_lab.conformance.isolation import RemoteTarget
-    from lora_lab.conformance.oracles import close_stack, start_stack
-    from lora_lab.conformance.profiles import draw_seed
+    from lora_lab.conformance.isolation.proxy import RemoteTarget
+    from lora_lab.conformance.isolation.stack import close_stack, start_stack
+    from lora_lab.conformance.judge.profiles import draw_seed
 
     target = None
     try:

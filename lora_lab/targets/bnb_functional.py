@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from lora_lab.conformance.oracles import bitsandbytes_eager
 from lora_lab.nf4 import NF4Tensor
+from lora_lab.targets.libraries import bitsandbytes_eager
 
 LIBRARIES = ("bitsandbytes",)
 SELF_COMPARISONS = {  # checks whose oracle is bitsandbytes itself: a pass shows determinism only

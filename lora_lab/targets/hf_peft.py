@@ -3,7 +3,7 @@
 ``lora-lab verify lora_lab.targets.hf_peft --only qlora.apply training.`` runs the
 training checks on the stack most people fine-tune with, with no wrapper of ours
 around the model: the checks read the ``PeftModel`` through the behavioural model
-protocol (``lora_lab.conformance.model_protocol``).
+protocol (``lora_lab.conformance.judge.model_protocol``).
 
 Every line that is not a direct call of transformers, bitsandbytes or peft:
 

@@ -3,7 +3,7 @@
 ``lora-lab verify lora_lab.targets.peft_bnb`` shows what the suite says of the
 canonical stack, spoken through ``NF4Tensor``. Every number it returns comes from
 peft's or bitsandbytes' own code, never from the suite's oracles
-(``lora_lab.conformance.oracles``), and bad input meets their own checks, not ours.
+(``lora_lab.conformance.judge.oracles``), and bad input meets their own checks, not ours.
 
 Every line that is not a direct call of bitsandbytes or peft:
 
@@ -19,7 +19,7 @@ Every line that is not a direct call of bitsandbytes or peft:
   A, B and bias (in x's dtype) through ``torch.func.functional_call``, and keeps
   the caller's RNG (``fork_rng``: peft draws the initial adapters it replaces);
 - bitsandbytes and peft are imported with the module, bitsandbytes as the oracles import it
-  (``oracles.bitsandbytes``: its functions eager, never wrapped for ``torch.compile``), and every
+  (``targets.libraries.bitsandbytes``: its functions eager, never wrapped for ``torch.compile``), and every
   bitsandbytes call runs under ``torch.compiler.set_stance("force_eager")`` (bitsandbytes compiles
   its CPU dequantizer; recompiling per drawn shape costs minutes).
 
@@ -36,10 +36,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_lab.conformance.oracles import bitsandbytes, bitsandbytes_eager, peft_module
 from lora_lab.nf4 import NF4Tensor
+from lora_lab.targets.libraries import bitsandbytes, bitsandbytes_eager, peft_module
 
-# At import, as a library is: a process serving this target (the suite's own oracle among them, oracles.stack)
+# At import, as a library is: a process serving this target (the suite's own oracle among them, isolation.stack)
 # spends its start-up on them rather than its first call.
 bnb = bitsandbytes()
 peft = peft_module()

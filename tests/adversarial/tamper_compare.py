@@ -1,9 +1,9 @@
-"""Exploit: at import, replace the suite's comparisons (lora_lab.conformance.compare, torch.testing) so nothing differs,
+"""Exploit: at import, replace the suite's comparisons (lora_lab.conformance.judge.compare, torch.testing) so nothing differs,
 and forget `scaling`. In-process this passed 24/24; isolated, the patches land in the target's own process only."""
 
 import torch.testing
 
-import lora_lab.conformance.compare as compare
+import lora_lab.conformance.judge.compare as compare
 from lora_lab.lora import base_path
 from lora_lab.operands import check_qlora_operands
 

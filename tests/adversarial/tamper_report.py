@@ -1,7 +1,7 @@
 """Exploit: at import, rewrite the report (verify's row printer and summary, grade's row printer) to say PASS, and add
 weight decay through the gradient (Adam with L2). Isolated, the report is written by a process this code never reaches."""
 
-import lora_lab.conformance.grade as grade
+import lora_lab.conformance.grading.grade as grade
 import lora_lab.conformance.verify as verify
 from lora_lab.optim import adamw_step as reference_step
 

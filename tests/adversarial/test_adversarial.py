@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from lora_lab.cli import main
-from lora_lab.conformance.grade import EXERCISES
+from lora_lab.conformance.grading.exercises import EXERCISES
 from lora_lab.conformance.runner import all_checks
 
 HERE = Path(__file__).parent

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from lora_lab.conformance.bounds import OutOfBounds, guarded, guards_changed, watch_memory
+from lora_lab.conformance.judge.bounds import OutOfBounds, guarded, guards_changed, watch_memory
 from lora_lab.nf4 import quantize_nf4
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the watch works under Triton's interpreter (CPU)")

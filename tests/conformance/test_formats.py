@@ -9,8 +9,9 @@ import types
 
 import torch
 
-from lora_lab.conformance.formats import capabilities, unpack_codes
-from lora_lab.conformance.runner import ERROR, NOT_SUPPORTED, PASSED, Target, all_checks, run_check
+from lora_lab.conformance.isolation.target import Target
+from lora_lab.conformance.judge.formats import capabilities, unpack_codes
+from lora_lab.conformance.runner import ERROR, NOT_SUPPORTED, PASSED, all_checks, run_check
 from lora_lab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 CHECKS = {c.name: c for c in all_checks()}

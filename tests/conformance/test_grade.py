@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lab.conformance.grade import EXERCISES, NOT_YOURS, ExerciseReport, grade, graded_checks, main, next_step
+from lora_lab.conformance.grading.command import main
+from lora_lab.conformance.grading.exercises import EXERCISES, graded_checks
+from lora_lab.conformance.grading.feedback import NOT_YOURS
+from lora_lab.conformance.grading.grade import ExerciseReport, grade, next_step
 from lora_lab.conformance.runner import ERROR, FAILED, NOT_ATTEMPTED, PASSED, all_checks
 
 if not torch.cuda.is_available():  # as lora_lab.kernels does, but before any test imports triton (bitsandbytes does)

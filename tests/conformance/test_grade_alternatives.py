@@ -8,7 +8,8 @@ alternative here is a way a careful learner could well write it.
 import pytest
 from test_grade import CHECKS, run_grade, write_exercise
 
-from lora_lab.conformance.grade import EXERCISES, NOT_YOURS
+from lora_lab.conformance.grading.exercises import EXERCISES
+from lora_lab.conformance.grading.feedback import NOT_YOURS
 from lora_lab.conformance.runner import FAILED, PASSED
 
 ALTERNATIVES = {

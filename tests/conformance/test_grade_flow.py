@@ -5,7 +5,8 @@ import textwrap
 
 from test_grade import MISTAKES, run_grade, write_exercise
 
-from lora_lab.conformance.grade import grade, watch_exercise
+from lora_lab.conformance.grading.command import watch_exercise
+from lora_lab.conformance.grading.grade import grade
 from lora_lab.conformance.runner import FAILED, PASSED
 
 OWN_DOUBLE_QUANT = '''

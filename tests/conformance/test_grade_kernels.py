@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lab.conformance.runner import FAILED, PASSED, Target, all_checks, run_check
+from lora_lab.conformance.isolation.target import Target
+from lora_lab.conformance.runner import FAILED, PASSED, all_checks, run_check
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="learners' kernels are graded under Triton's interpreter")
 os.environ.setdefault("TRITON_INTERPRET", "1")

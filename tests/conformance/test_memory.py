@@ -4,7 +4,7 @@ import gc
 
 import torch
 
-from lora_lab.conformance.memory import measure
+from lora_lab.conformance.judge.memory import measure
 
 
 class _Cycle:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lora_lab.conformance.model_protocol import (
+from lora_lab.conformance.judge.model_protocol import (
     adapters,
     canonical_name,
     dense_linear_names,

@@ -12,7 +12,8 @@ import pytest
 import torch
 from hypothesis import Phase, settings
 
-from lora_lab.conformance.runner import ERROR, FAILED, Target, all_checks, run_check
+from lora_lab.conformance.isolation.target import Target
+from lora_lab.conformance.runner import ERROR, FAILED, all_checks, run_check
 
 MUTANTS = sorted(p for p in (Path(__file__).parents[1] / "mutants").glob("*.py") if p.stem != "__init__")
 CHECKS = {c.name: c for c in all_checks()}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lora_lab.conformance.profiles import THREADS_ENV, command_profile, command_threads
+from lora_lab.conformance.judge.profiles import THREADS_ENV, command_profile, command_threads
 
 
 @pytest.fixture

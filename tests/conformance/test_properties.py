@@ -15,7 +15,8 @@ import torch
 from hypothesis import Phase, settings
 from lora_lab.kernels.common import INTERPRETING
 
-from lora_lab.conformance.runner import FAILED, NOT_SUPPORTED, OPERATIONS, PASSED, Target, all_checks, run_check
+from lora_lab.conformance.isolation.target import Target
+from lora_lab.conformance.runner import FAILED, NOT_SUPPORTED, OPERATIONS, PASSED, all_checks, run_check
 
 PROVIDES = {
     "lora_lab": set(OPERATIONS) - {"NF4_FORMAT"},  # lora_lab speaks the interchange type, NF4Tensor
@@ -32,7 +33,7 @@ AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def _avx512_bf16() -> bool:
-    from lora_lab.conformance.oracles import bitsandbytes
+    from lora_lab.targets.libraries import bitsandbytes
 
     return bool(bitsandbytes().functional.has_avx512bf16())
 

@@ -7,8 +7,8 @@ only ties show, while every test stayed green; these tests keep each claim hones
 import bitsandbytes.functional as bnb_functional
 import torch
 
+from lora_lab.conformance.judge.strategies import WITNESS_ABSMAX, WITNESS_VALUE, nf4_midpoints, nf4_witnesses
 from lora_lab.conformance.properties.double_quant import every_grid_point_weight
-from lora_lab.conformance.strategies import WITNESS_ABSMAX, WITNESS_VALUE, nf4_midpoints, nf4_witnesses
 from lora_lab.nf4 import NF4_CODE, dynamic_map
 
 

@@ -14,7 +14,7 @@ import struct
 import pytest
 import torch
 
-from lora_lab.conformance import wire
+from lora_lab.conformance.isolation import wire
 
 
 def _frame(data: bytes, sizes: list[int], buffers: list[bytes] = ()) -> io.BytesIO:

@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from lora_lab.conformance.model_protocol import model_logits
+from lora_lab.conformance.judge.model_protocol import model_logits
 from lora_lab.finetune.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, qlora_layers, save_adapter
 from lora_lab.lora import NF4Linear
 from lora_lab.model import apply_qlora, tiny_llama
@@ -56,7 +56,7 @@ def _dense_twin(qmodel):
 
 def _bnb_twin(qmodel):
     """A transformers model whose linear layers (lm_head aside) are bitsandbytes Linear4bit holding qmodel's NF4 bytes."""
-    from lora_lab.conformance.oracles import bnb_linear4bit
+    from lora_lab.conformance.judge.oracles import bnb_linear4bit
 
     model = tiny_llama(0)
     for name, layer in _nf4_layers(qmodel).items():

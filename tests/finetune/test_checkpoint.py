@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from lora_lab.conformance.model_protocol import model_logits
+from lora_lab.conformance.judge.model_protocol import model_logits
 from lora_lab.finetune.adapters import qlora_layers
 from lora_lab.finetune.checkpoint import checkpoint_files, load_llama, load_tokenizer, read_nf4
 from lora_lab.lora import NF4Linear

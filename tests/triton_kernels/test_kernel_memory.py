@@ -3,7 +3,7 @@
 The conformance check ``memory.qlora_linear_keeps_no_dense_weight`` holds every
 target to what it *keeps* for backward; the reference may still dequantize W
 into a temporary during each pass. The point of fusing is that no N x K buffer
-exists at all: the kernels decode NF4 tile by tile. ``lora_lab.conformance.memory``
+exists at all: the kernels decode NF4 tile by tile. ``lora_lab.conformance.judge.memory``
 sees every tensor a torch op creates; with M < min(N, K) rows, one of N x K
 elements or more can only be a weight. (Inside a kernel only tiles exist, and the
 instrument cannot see them; a dense W would be made by the host code around the
@@ -16,7 +16,7 @@ import pytest
 import torch
 from lora_lab.kernels import fused_qlora_linear
 
-from lora_lab.conformance.memory import measure
+from lora_lab.conformance.judge.memory import measure
 from lora_lab.lora import qlora_linear
 from lora_lab.nf4 import quantize_nf4
 

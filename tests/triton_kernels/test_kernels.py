@@ -27,8 +27,8 @@ from lora_lab.kernels.qlora_backward import qlora_grad_input_kernel
 from lora_lab.kernels.qlora_forward import qlora_forward_kernel
 from lora_lab.kernels.qlora_small_m import SMALL_M, split_k_for
 
-from lora_lab.conformance.compare import assert_close, assert_equal, product_bound, seeded_generator
-from lora_lab.conformance.profiles import examples
+from lora_lab.conformance.judge.compare import assert_close, assert_equal, product_bound, seeded_generator
+from lora_lab.conformance.judge.profiles import examples
 from lora_lab.lora import QLoRALinear, qlora_linear
 from lora_lab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 

@@ -6,7 +6,7 @@ exercise order (NF4 first, training last), and within an exercise in the order
 of ``TOPICS``: what the op computes first, then how it compares with the real
 stack, what it refuses, what it keeps in memory, and its realistic-size case.
 A check whose oracle runs in a process of its own (``Check.stack``: peft,
-bitsandbytes or transformers, ``oracles.stack``) comes last in its exercise: that
+bitsandbytes or transformers, ``isolation.stack``) comes last in its exercise: that
 process imports them while the others run.
 """
 

@@ -11,10 +11,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.compare import UNIT_ROUNDOFF, assert_close, assert_equal, seeded_generator
-from lora_lab.conformance.contract import DETERMINISTIC, keeps_global_state
-from lora_lab.conformance.profiles import examples
-from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.conformance.errors import CheckFailed
+from lora_lab.conformance.judge.compare import UNIT_ROUNDOFF, assert_close, assert_equal, seeded_generator
+from lora_lab.conformance.judge.contract import DETERMINISTIC, keeps_global_state
+from lora_lab.conformance.judge.profiles import examples
+from lora_lab.conformance.registry import check
 
 
 @st.composite

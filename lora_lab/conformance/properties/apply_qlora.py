@@ -13,9 +13,10 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.capabilities import supported
-from lora_lab.conformance.compare import assert_close, assert_equal, seeded_generator
-from lora_lab.conformance.model_protocol import (
+from lora_lab.conformance.errors import CheckFailed
+from lora_lab.conformance.judge.capabilities import supported
+from lora_lab.conformance.judge.compare import assert_close, assert_equal, seeded_generator
+from lora_lab.conformance.judge.model_protocol import (
     ATTENTION,
     DENSE_HEAD,
     EVERY_LINEAR,
@@ -27,8 +28,8 @@ from lora_lab.conformance.model_protocol import (
     model_logits,
     module_at,
 )
-from lora_lab.conformance.profiles import NO_SHRINK, examples
-from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.conformance.judge.profiles import NO_SHRINK, examples
+from lora_lab.conformance.registry import check
 from lora_lab.data import collate, generate_products
 from lora_lab.model import tiny_llama
 

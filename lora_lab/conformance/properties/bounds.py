@@ -17,12 +17,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.bounds import OutOfBounds, guarded, guards_changed, watch_memory
-from lora_lab.conformance.capabilities import NotSupported
-from lora_lab.conformance.compare import seeded_generator
-from lora_lab.conformance.formats import has_own_format
-from lora_lab.conformance.profiles import NO_SHRINK, examples
-from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.conformance.errors import CheckFailed, NotSupported
+from lora_lab.conformance.judge.bounds import OutOfBounds, guarded, guards_changed, watch_memory
+from lora_lab.conformance.judge.compare import seeded_generator
+from lora_lab.conformance.judge.formats import has_own_format
+from lora_lab.conformance.judge.profiles import NO_SHRINK, examples
+from lora_lab.conformance.registry import check
 from lora_lab.nf4 import NF4Tensor, quantize_nf4
 
 BOUNDS_HINT = (

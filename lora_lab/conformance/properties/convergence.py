@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from lora_lab.conformance.compare import assert_equal
-from lora_lab.conformance.contract import keeps_global_state
+from lora_lab.conformance.errors import CheckFailed
+from lora_lab.conformance.judge.compare import assert_equal
+from lora_lab.conformance.judge.contract import keeps_global_state
 from lora_lab.conformance.properties.training import TRAINING_HINT, _as_loss, _assert_loss, _optimizer, _twins
-from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.conformance.registry import check
 from lora_lab.data import collate, generate_products
 
 CONVERGENCE_STEPS, CONVERGENCE_BATCHES, CONVERGENCE_LR = 32, 4, 1e-2

@@ -14,14 +14,15 @@ import functools
 import torch
 from hypothesis import given, settings
 
-from lora_lab.conformance.compare import assert_equal, call_guarded, seeded_generator
-from lora_lab.conformance.formats import has_own_format, interchange_capabilities, to_interchange
-from lora_lab.conformance.oracles import bitsandbytes
-from lora_lab.conformance.profiles import examples
+from lora_lab.conformance.errors import CheckFailed
+from lora_lab.conformance.judge.compare import assert_equal, call_guarded, seeded_generator
+from lora_lab.conformance.judge.formats import has_own_format, interchange_capabilities, to_interchange
+from lora_lab.conformance.judge.profiles import examples
+from lora_lab.conformance.judge.strategies import double_quant_weights, grid_boundary_values
 from lora_lab.conformance.properties.nf4 import check_fields
-from lora_lab.conformance.registry import INTERCHANGE, CheckFailed, check
-from lora_lab.conformance.strategies import double_quant_weights, grid_boundary_values
+from lora_lab.conformance.registry import INTERCHANGE, check
 from lora_lab.nf4 import ABSMAX_BLOCKSIZE
+from lora_lab.targets.libraries import bitsandbytes
 
 
 def _bnb_double_quantize(weight: torch.Tensor, blocksize: int):

@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.compare import (
+from lora_lab.conformance.errors import CheckFailed
+from lora_lab.conformance.judge.compare import (
     UNIT_ROUNDOFF,
     add_outliers,
     assert_close,
@@ -20,9 +21,9 @@ from lora_lab.conformance.compare import (
     call_guarded,
     seeded_generator,
 )
-from lora_lab.conformance.contract import refill_tail
-from lora_lab.conformance.profiles import NO_SHRINK, examples
-from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.conformance.judge.contract import refill_tail
+from lora_lab.conformance.judge.profiles import NO_SHRINK, examples
+from lora_lab.conformance.registry import check
 from lora_lab.data import collate, generate_products
 
 U32 = UNIT_ROUNDOFF[torch.float32]
@@ -133,7 +134,7 @@ def matches_shift_and_mask(target) -> None:
 )
 def matches_transformers(target) -> None:
     """Equals LlamaForCausalLM's own loss (labels=...) on price prompts and on fully labelled listings."""
-    from lora_lab.conformance.oracles import stack
+    from lora_lab.conformance.isolation.stack import stack
     from lora_lab.data import collate_listings
 
     transformers_loss = stack().op("ORACLE.transformers_loss")  # tiny_llama(0) and its loss, in their own process

@@ -1,7 +1,7 @@
 """Memory as a property (exercises 03 and 06): no dense base weight and no fp32 copy of a half-precision activation
 is kept between forward and backward.
 
-Measured, not read from the code (``lora_lab.conformance.memory``): what autograd
+Measured, not read from the code (``lora_lab.conformance.judge.memory``): what autograd
 saves, and which tensors the forward made that are still alive when it returns.
 
 - A layer: with M < min(N, K) rows, any tensor of N x K elements or more is a
@@ -19,13 +19,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.capabilities import NotSupported
-from lora_lab.conformance.compare import seeded_generator
-from lora_lab.conformance.formats import has_own_format
-from lora_lab.conformance.memory import HALF, Seen, seen_from_wire
-from lora_lab.conformance.profiles import NO_SHRINK, examples
+from lora_lab.conformance.errors import CheckFailed, NotSupported
+from lora_lab.conformance.judge.compare import seeded_generator
+from lora_lab.conformance.judge.formats import has_own_format
+from lora_lab.conformance.judge.memory import HALF, Seen, seen_from_wire
+from lora_lab.conformance.judge.profiles import NO_SHRINK, examples
 from lora_lab.conformance.properties.qlora import Problem
-from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.conformance.registry import check
 from lora_lab.data import collate, generate_products
 from lora_lab.nf4 import quantize_nf4
 

@@ -15,10 +15,10 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.capabilities import NotSupported
-from lora_lab.conformance.compare import assert_equal, assert_rejects, call_guarded, seeded_generator
-from lora_lab.conformance.contract import refill_tail
-from lora_lab.conformance.formats import (
+from lora_lab.conformance.errors import CheckFailed, NotSupported
+from lora_lab.conformance.judge.compare import assert_equal, assert_rejects, call_guarded, seeded_generator
+from lora_lab.conformance.judge.contract import refill_tail
+from lora_lab.conformance.judge.formats import (
     Capabilities,
     capabilities,
     from_interchange,
@@ -26,11 +26,12 @@ from lora_lab.conformance.formats import (
     interchange_capabilities,
     to_interchange,
 )
-from lora_lab.conformance.oracles import bitsandbytes, bnb_dequantize
-from lora_lab.conformance.profiles import examples
-from lora_lab.conformance.registry import INTERCHANGE, CheckFailed, check
-from lora_lab.conformance.strategies import nf4_weights, nf4_witnesses
+from lora_lab.conformance.judge.oracles import bnb_dequantize
+from lora_lab.conformance.judge.profiles import examples
+from lora_lab.conformance.judge.strategies import nf4_weights, nf4_witnesses
+from lora_lab.conformance.registry import INTERCHANGE, check
 from lora_lab.nf4 import NF4_CODE, NF4Tensor, quantize_nf4, unpack_codes
+from lora_lab.targets.libraries import bitsandbytes
 
 
 def _bnb_quantize(weight: torch.Tensor, blocksize: int, double_quant: bool):

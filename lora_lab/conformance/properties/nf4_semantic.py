@@ -2,7 +2,7 @@
 
 A library need not store bitsandbytes' bytes to implement NF4 correctly. These
 checks hold a weight to the definition of NF4 alone, through the target's
-quantize and dequantize (its own format's, see ``lora_lab.conformance.formats``):
+quantize and dequantize (its own format's, see ``lora_lab.conformance.judge.formats``):
 
 - a round trip lands each element on the level nearest to it over its block's
   absmax (a tie within rounding may go either way), times that absmax;
@@ -22,11 +22,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.compare import UNIT_ROUNDOFF, assert_close, call_guarded
-from lora_lab.conformance.formats import capabilities, weight_format
-from lora_lab.conformance.profiles import examples
+from lora_lab.conformance.errors import CheckFailed
+from lora_lab.conformance.judge.compare import UNIT_ROUNDOFF, assert_close, call_guarded
+from lora_lab.conformance.judge.formats import capabilities, weight_format
+from lora_lab.conformance.judge.profiles import examples
 from lora_lab.conformance.properties.nf4 import supported_weights, with_witnesses
-from lora_lab.conformance.registry import SEMANTIC, CheckFailed, check
+from lora_lab.conformance.registry import SEMANTIC, check
 from lora_lab.nf4 import NF4_CODE
 
 NF4_LEVELS = NF4_CODE.double()  # the standard levels: bitsandbytes' fp32 table, the QLoRA paper's values

@@ -20,19 +20,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.call_probes import backward
-from lora_lab.conformance.capabilities import NotSupported
-from lora_lab.conformance.compare import (
-    add_outliers,
-    assert_close,
-    call_guarded,
-    product_bound,
-    seeded_generator,
-)
-from lora_lab.conformance.contract import refill_tail
-from lora_lab.conformance.formats import NF4TENSOR_QUANTIZER, Quantizer, quantizer_for
-from lora_lab.conformance.profiles import examples
-from lora_lab.conformance.registry import SEMANTIC, CheckFailed, check
+from lora_lab.conformance.errors import CheckFailed, NotSupported
+from lora_lab.conformance.judge.autograd import backward
+from lora_lab.conformance.judge.compare import add_outliers, assert_close, call_guarded, product_bound, seeded_generator
+from lora_lab.conformance.judge.contract import refill_tail
+from lora_lab.conformance.judge.formats import NF4TENSOR_QUANTIZER, Quantizer, quantizer_for
+from lora_lab.conformance.judge.profiles import examples
+from lora_lab.conformance.registry import SEMANTIC, check
 from lora_lab.nf4 import dequantize_nf4
 
 TALL_M = 5 * 64 + 7  # past several 64-row tiles, and not a multiple of any tile: a dropped partial tile shows

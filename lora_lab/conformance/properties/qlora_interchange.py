@@ -3,7 +3,7 @@
 An interchange check: bitsandbytes holds the same NF4 bytes as the target (a target with its own format is
 converted by that format), and the output and gradients must agree with peft + bitsandbytes within twice the
 derived fp32 bound, since both sides round. The drawn problems are ``properties.qlora``'s. peft and bitsandbytes
-run in a process of their own (``oracles.stack``: ``lora_lab.targets.peft_bnb``'s qlora_linear, every number from
+run in a process of their own (``isolation.stack``: ``lora_lab.targets.peft_bnb``'s qlora_linear, every number from
 their code).
 """
 
@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 
-from lora_lab.conformance.call_probes import backward
-from lora_lab.conformance.compare import assert_close, product_bound, seeded_generator
-from lora_lab.conformance.formats import has_own_format, quantizer_for, to_interchange
-from lora_lab.conformance.profiles import examples
+from lora_lab.conformance.errors import CheckFailed
+from lora_lab.conformance.judge.autograd import backward
+from lora_lab.conformance.judge.compare import assert_close, product_bound, seeded_generator
+from lora_lab.conformance.judge.formats import has_own_format, quantizer_for, to_interchange
+from lora_lab.conformance.judge.profiles import examples
 from lora_lab.conformance.properties.qlora import call_qlora, describe_problem, gradient_bounds, magnitudes, problems
-from lora_lab.conformance.registry import INTERCHANGE, CheckFailed, check
+from lora_lab.conformance.registry import INTERCHANGE, check
 
 
 @check(
@@ -32,7 +33,7 @@ from lora_lab.conformance.registry import INTERCHANGE, CheckFailed, check
 )
 def matches_peft_bitsandbytes(target) -> None:
     """In fp32, output and the gradients of x, A, B equal peft's LoRA on a bitsandbytes Linear4bit with the same weights."""
-    from lora_lab.conformance.oracles import stack
+    from lora_lab.conformance.isolation.stack import stack
 
     peft_qlora_linear = stack().op("qlora_linear")
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from lora_lab.conformance.compare import assert_rejects, describe_mismatch, product_bound, seeded_generator
-from lora_lab.conformance.formats import has_own_format, quantizer_for
+from lora_lab.conformance.errors import CheckFailed
+from lora_lab.conformance.judge.compare import assert_rejects, describe_mismatch, product_bound, seeded_generator
+from lora_lab.conformance.judge.formats import has_own_format, quantizer_for
 from lora_lab.conformance.properties.qlora import Problem, float64_reference, magnitudes
-from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.conformance.registry import check
 from lora_lab.nf4 import quantize_nf4
 
 

@@ -17,14 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from lora_lab.conformance.compare import assert_equal, call_guarded, seeded_generator
-from lora_lab.conformance.contract import owned_copy
-from lora_lab.conformance.formats import from_interchange, has_own_format, interchange_capabilities, to_interchange
-from lora_lab.conformance.oracles import bitsandbytes, bitsandbytes_eager, bnb_dequantize
+from lora_lab.conformance.judge.compare import assert_equal, call_guarded, seeded_generator
+from lora_lab.conformance.judge.contract import owned_copy
+from lora_lab.conformance.judge.formats import from_interchange, has_own_format, interchange_capabilities, to_interchange
+from lora_lab.conformance.judge.oracles import bnb_dequantize
 from lora_lab.conformance.properties.nf4 import check_fields
 from lora_lab.conformance.properties.qlora import check_forward, check_gradients, fixed_problem
 from lora_lab.conformance.registry import INTERCHANGE, check
 from lora_lab.nf4 import NF4Tensor
+from lora_lab.targets.libraries import bitsandbytes, bitsandbytes_eager
 
 HIDDEN, KV_WIDTH = 4096, 1024  # Llama 3.1 8B: q_proj/o_proj are 4096 x 4096, k_proj/v_proj 1024 x 4096
 # A weight of 4160 x 4096 = 17,039,360 elements: 2^24 + 262,144, so the last 4,096 blocks lie past float32's exact integers.

@@ -21,11 +21,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.call_probes import backward
-from lora_lab.conformance.compare import assert_close, seeded_generator
-from lora_lab.conformance.model_protocol import MODEL_RTOL, Adapter
-from lora_lab.conformance.profiles import NO_SHRINK, examples
-from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.conformance.errors import CheckFailed
+from lora_lab.conformance.judge.autograd import backward
+from lora_lab.conformance.judge.compare import assert_close, seeded_generator
+from lora_lab.conformance.judge.model_protocol import MODEL_RTOL, Adapter
+from lora_lab.conformance.judge.profiles import NO_SHRINK, examples
+from lora_lab.conformance.registry import check
 from lora_lab.data import collate, collate_listings, generate_products
 from lora_lab.model import tiny_llama
 
@@ -148,9 +149,10 @@ def gradient_checkpointing(target) -> None:
 def _bnb_oracle(dense_linear, dtype: torch.dtype, pair, scaling: float):
     """The layer as bitsandbytes + peft make it: ``Linear4bit(compute_dtype=dtype)`` (bitsandbytes' own quantization),
     with peft's LoRA holding ``pair``'s values when the layer is adapted; and its NF4 weight."""
-    from lora_lab.conformance.oracles import bitsandbytes, bnb_linear4bit, peft_bnb_layer
+    from lora_lab.conformance.judge.oracles import bnb_linear4bit, peft_bnb_layer
     from lora_lab.conformance.properties.qlora import Problem
     from lora_lab.nf4 import NF4Tensor
+    from lora_lab.targets.libraries import bitsandbytes
 
     packed, state = bitsandbytes().functional.quantize_4bit(dense_linear.weight.detach(), blocksize=64, quant_type="nf4",
                                                             compress_statistics=True)
@@ -168,7 +170,7 @@ def _bnb_oracle(dense_linear, dtype: torch.dtype, pair, scaling: float):
 
 def _layer_bounds(x, weight, pair, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """2 x the product bound of the layer's output in ``dtype``: both sides round, each within one bound."""
-    from lora_lab.conformance.compare import product_bound
+    from lora_lab.conformance.judge.compare import product_bound
     from lora_lab.nf4 import dequantize_nf4
 
     ax = x.detach().double().abs().reshape(-1, x.shape[-1])
@@ -183,7 +185,7 @@ def _layer_bounds(x, weight, pair, scaling: float, dtype: torch.dtype) -> torch.
 
 def _input_grad_bounds(grad_out, weight, pair, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """2 x the product bound of dX = dY W + s (dY B) A, summed over N then r, in ``dtype``."""
-    from lora_lab.conformance.compare import product_bound
+    from lora_lab.conformance.judge.compare import product_bound
     from lora_lab.nf4 import dequantize_nf4
 
     g = grad_out.double().abs().reshape(-1, grad_out.shape[-1])
@@ -243,7 +245,7 @@ def apply_compute_dtype_matches_bitsandbytes(target) -> None:
             assert_close(x_grad, x_oracle.grad, _input_grad_bounds(grad_out, weight, pairs.get(name), alpha / r, dtype),
                          f"gradient of x through {where} vs bitsandbytes Linear4bit + peft")
 
-    from lora_lab.conformance.oracles import bitsandbytes_eager
+    from lora_lab.targets.libraries import bitsandbytes_eager
 
     with bitsandbytes_eager():
         prop()

@@ -15,16 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_lab.conformance.compare import assert_close, assert_equal
-from lora_lab.conformance.model_protocol import (
-    ATTENTION,
-    MODEL_RTOL,
-    U32,
-    adapters,
-    dense_linear_names,
-)
-from lora_lab.conformance.profiles import NO_SHRINK, examples
-from lora_lab.conformance.registry import CheckFailed, check
+from lora_lab.conformance.errors import CheckFailed
+from lora_lab.conformance.judge.compare import assert_close, assert_equal
+from lora_lab.conformance.judge.model_protocol import ATTENTION, MODEL_RTOL, U32, adapters, dense_linear_names
+from lora_lab.conformance.judge.profiles import NO_SHRINK, examples
+from lora_lab.conformance.registry import check
 from lora_lab.data import VOCAB_SIZE, collate, generate_products
 from lora_lab.model import tiny_llama
 
@@ -246,8 +241,9 @@ def _canonical_stack(seed: int, targets: tuple[str, ...], r: int, alpha: float, 
     adapters (A given, B = 0) on the targets."""
     import warnings
 
-    from lora_lab.conformance.oracles import bitsandbytes, bnb_linear4bit, peft_module
+    from lora_lab.conformance.judge.oracles import bnb_linear4bit
     from lora_lab.nf4 import NF4Tensor
+    from lora_lab.targets.libraries import bitsandbytes, peft_module
 
     model = tiny_llama(seed)
     for name in dense_linear_names(model):  # as load_in_4bit: every linear but lm_head in NF4; peft adapts only the targets
@@ -294,7 +290,7 @@ def matches_peft_bitsandbytes(target) -> None:
             canonical_optimizer.zero_grad()
             _assert_loss(got, loss.item(), f"loss at step {step} vs peft + bitsandbytes (r={r}, alpha={alpha})")
 
-    from lora_lab.conformance.oracles import bitsandbytes_eager
+    from lora_lab.targets.libraries import bitsandbytes_eager
 
     with bitsandbytes_eager():
         prop()

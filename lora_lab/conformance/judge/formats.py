@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 
-from lora_lab.conformance.capabilities import NotSupported, declared
-from lora_lab.nf4 import NF4_CODE, NF4Tensor, dequantize_nf4, quantize_nf4
+from lora_lab.conformance.errors import NotSupported
+from lora_lab.conformance.judge.capabilities import declared
+from lora_lab.nf4 import FLOAT_DTYPES, NF4_CODE, VALID_BLOCKSIZES, NF4Tensor, dequantize_nf4, quantize_nf4
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCKSIZES, DTYPES = VALID_BLOCKSIZES, FLOAT_DTYPES  # what the NF4 contract covers (lora_lab.nf4)
 
 
 def unpack_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ SAMPLES = 3  # calls per op and check timed against the reference
 def reference_seconds(op: str, args: tuple, kwargs: dict) -> float | None:
     """Seconds lora_lab's own ``op`` takes on copies of ``args`` and ``kwargs``; None where it rejects them."""
     import lora_lab
-    from lora_lab.conformance.contract import owned_copy
+    from lora_lab.conformance.judge.contract import owned_copy
 
     copies_args, copies_kwargs = owned_copy(args), owned_copy(kwargs)
     start = time.perf_counter()

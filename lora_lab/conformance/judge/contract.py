@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from lora_lab.conformance.registry import CheckFailed
+from lora_lab.conformance.errors import CheckFailed
 
 # The determinism each operation promises: the same inputs (same values, fresh storage) twice give these results.
 DETERMINISTIC = {

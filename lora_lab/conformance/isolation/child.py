@@ -1,8 +1,8 @@
 """The target's own process: it imports the target and calls it, and nothing else.
 
-``child_process.Child`` starts it as a fork of a clean server process (a fresh
-interpreter that imported only torch and this module, ``child_process._fork_server``;
-with ``LORA_LAB_SPAWN=1``, as ``python -m lora_lab.conformance.child READ_FD WRITE_FD``),
+``process.Child`` starts it as a fork of a clean server process (a fresh
+interpreter that imported only torch and this module, ``process._fork_server``;
+with ``LORA_LAB_SPAWN=1``, as ``python -m lora_lab.conformance.isolation.child READ_FD WRITE_FD``),
 never as a fork of the suite's process, so it inherits none of the suite's objects,
 and talks to it over two pipes.
 The child's stdout goes to stderr, so a target's prints reach the terminal but
@@ -39,22 +39,38 @@ import os
 import signal
 import sys
 import time
-import traceback
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from lora_lab.conformance.call_probes import (
+import torch
+
+from lora_lab.conformance.errors import CheckFailed, StubReached, raised_by_a_library, user_traceback
+from lora_lab.conformance.isolation import wire
+from lora_lab.conformance.isolation.learner_files import (
+    as_stub,
+    chain_to_learner,
+    learner_traceback,
+    load_learner_module,
+    raised_in,
+)
+from lora_lab.conformance.isolation.origin import origin_of
+from lora_lab.conformance.isolation.probes import (
     Entered,
     Measured,
     StateWatch,
     Watched,
-    backward,
     guard_inputs,
     interpreted_launches,
     invoke,
     same_values,
 )
+from lora_lab.conformance.isolation.process import STACK_MODULE
+from lora_lab.conformance.isolation.target import Target
+from lora_lab.conformance.isolation.wire import ObjectStore
+from lora_lab.conformance.judge.autograd import backward
+from lora_lab.conformance.registry import OPERATIONS
+from lora_lab.nf4 import NF4Tensor
 
 KEPT_GRAPHS = 16  # forward graphs awaiting their backward; the oldest is dropped first
 DECLARATIONS = ("CAPABILITIES", "SELF_COMPARISONS", "LIBRARIES")  # plain data a target module may declare
@@ -63,12 +79,6 @@ FORMAT_MEMBERS = ("quantize", "dequantize", "codes", "levels", "absmax", "to_nf4
 
 def _builtin_bases(exc: BaseException) -> list[str]:
     return [c.__name__ for c in type(exc).__mro__ if c.__module__ == "builtins"]
-
-
-def _target_traceback(exc: BaseException) -> str:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "/lora_lab/conformance/" not in f.filename and "/hypothesis/" not in f.filename]
-    return "".join(traceback.format_list(frames[-4:])) + f"{type(exc).__name__}: {exc}"
 
 
 class Server:
@@ -80,21 +90,15 @@ class Server:
         self.learner_folder: Path | None = None
         self.graphs: OrderedDict[int, tuple[list, list]] = OrderedDict()
         self.models: dict[int, Any] = {}
-        from lora_lab.conformance.wire import ObjectStore
-
         self.objects = ObjectStore()  # what the target returned that cannot cross (a library's own quantized weight)
         self.counter = 0
         self.previous: tuple[str | None, list] = (None, [])  # the last call's outputs, and copies of their values
 
     def describe(self, exc: BaseException) -> dict:
-        from lora_lab.conformance.learner import StubReached, learner_traceback, raised_in
-        from lora_lab.conformance.registry import CheckFailed
-        from lora_lab.conformance.runner import _raised_by_a_library
-
         cause = exc.__cause__ if isinstance(exc, StubReached) and exc.__cause__ is not None else exc
         info = {"bases": _builtin_bases(cause), "type": type(cause).__name__, "message": str(cause),
-                "traceback": _target_traceback(cause), "stub": isinstance(exc, StubReached),
-                "check_failed": isinstance(cause, CheckFailed), "library": _raised_by_a_library(cause),
+                "traceback": user_traceback(cause), "stub": isinstance(exc, StubReached),
+                "check_failed": isinstance(cause, CheckFailed), "library": raised_by_a_library(cause),
                 "in_learner_file": False}
         if self.learner_folder is not None:
             info["traceback"] = learner_traceback(cause, self.learner_folder)
@@ -127,19 +131,9 @@ class Server:
         if "environ" in settings:  # the suite's environment now, not the fork server's from when it started
             os.environ.clear()
             os.environ.update(settings["environ"])
-        import torch
-
         torch.set_num_threads(int(settings["threads"]))
-        from lora_lab.conformance import wire
-        from lora_lab.conformance.oracles import STACK_MODULE
-        from lora_lab.conformance.origin import origin_of
-        from lora_lab.conformance.registry import OPERATIONS
-        from lora_lab.conformance.runner import Target
-
         chained: list[str] = []
         if settings.get("learner_folder"):
-            from lora_lab.conformance.learner import chain_to_learner, load_learner_module
-
             self.learner_folder = Path(settings["learner_folder"])
             sys.path.insert(0, str(self.learner_folder))
             module = load_learner_module(Path(settings["target"]))
@@ -171,17 +165,10 @@ class Server:
         except NotImplementedError as exc:
             if self.learner_folder is None:
                 raise
-            from lora_lab.conformance.learner import as_stub
-
             raise as_stub(exc, self.learner_folder)  # noqa: B904 - the stub keeps its NotImplementedError as __cause__
 
     def call(self, op: str, args, kwargs, grad_flags: list, grad_enabled: bool, measure_min: int | None = None,
              watch: bool = False) -> list:
-        import torch
-
-        from lora_lab.conformance import wire
-        from lora_lab.nf4 import NF4Tensor
-
         tensors: list = []
         args = wire.decode(args, NF4Tensor, tensors, self.objects)
         kwargs = wire.decode(kwargs, NF4Tensor, tensors, self.objects)
@@ -241,8 +228,6 @@ class Server:
         return self.counter
 
     def backward(self, graph: int, grad_outputs) -> list:
-        from lora_lab.conformance import wire
-
         if graph not in self.graphs:
             raise RuntimeError(f"graph {graph} was dropped (more than {KEPT_GRAPHS} forward calls awaited backward)")
         outputs, leaves, watched = self.graphs.pop(graph)
@@ -260,17 +245,13 @@ class Server:
         return [[wire.encode(leaf.grad) for leaf in leaves], problems]
 
     def model_new(self, seed: int, kwargs) -> int:
-        from lora_lab.conformance import wire
-        from lora_lab.conformance.model_protocol import ModelHandle
+        from lora_lab.conformance.judge.model_protocol import ModelHandle
         self.counter += 1  # the target's libraries as they come (bitsandbytes compiles its dequantizer): no eager stance
         self.models[self.counter] = ModelHandle.build(self.target, int(seed), **wire.decode(kwargs))
         return self.counter
 
     def model_call(self, handle: int, method: str, args) -> list:
-        from lora_lab.conformance import wire
-        from lora_lab.conformance.model_protocol import ModelHandle
-        from lora_lab.nf4 import NF4Tensor
-
+        from lora_lab.conformance.judge.model_protocol import ModelHandle
         if method not in ModelHandle.METHODS:
             raise ValueError(f"ModelHandle has no remote method {method!r}")
         start = time.perf_counter()
@@ -288,14 +269,10 @@ class NeutralTarget:
         return operation in self.server.functions
 
     def op(self, operation: str):
-        import torch
-
         if operation != "training_step":  # apply_qlora draws the adapters' initial values: it uses the RNG, seeded for it
             return lambda *args, **kwargs: self.server.run_op(operation, args, kwargs, torch.is_grad_enabled())
 
         def watched(*args, **kwargs):  # watched on the call's own thread, as each op call is
-            from lora_lab.conformance.registry import CheckFailed
-
             state = StateWatch()
             result = self.server.run_op(operation, args, kwargs, torch.is_grad_enabled(), Entered(state))
             if state.changes:
@@ -308,8 +285,6 @@ class NeutralTarget:
 
 
 def main(argv: list[str]) -> int:
-    from lora_lab.conformance import wire
-
     inbox = os.fdopen(int(argv[1]), "rb", buffering=0)
     outbox = os.fdopen(int(argv[2]), "wb", buffering=0)
     os.dup2(2, 1)  # the target's prints go to stderr, never into the report on stdout

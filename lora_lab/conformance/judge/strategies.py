@@ -30,11 +30,10 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from lora_lab.conformance.compare import add_outliers, seeded_generator
-from lora_lab.nf4 import ABSMAX_BLOCKSIZE, NF4_CODE, dynamic_map
+from lora_lab.conformance.judge.compare import add_outliers, seeded_generator
+from lora_lab.nf4 import ABSMAX_BLOCKSIZE, FLOAT_DTYPES, NF4_CODE, VALID_BLOCKSIZES, dynamic_map
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCKSIZES, DTYPES = VALID_BLOCKSIZES, FLOAT_DTYPES  # what the NF4 contract covers (lora_lab.nf4)
 WITNESS_ABSMAX, WITNESS_VALUE = 0.49308836, -0.06800267  # x * (1/a) and x / a fall on two sides of an NF4 midpoint
 
 RANDOM, MIDPOINTS, MULTIPLY_VS_DIVIDE, ALL_EQUAL, OUTLIER, ZERO = (

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-
-class NotSupported(Exception):
-    """Raised by a check when the target supports none of what the check needs; the message is the reason."""
+from lora_lab.conformance.errors import NotSupported
 
 
 def declared(target, key: str) -> tuple[tuple, str] | None:

@@ -1,6 +1,6 @@
 """The target's process seen from the suite: starting it, one request and its reply, and what can go wrong.
 
-``Child`` starts ``python -m lora_lab.conformance.child`` (a fresh interpreter,
+``Child`` starts ``python -m lora_lab.conformance.isolation.child`` (a fresh interpreter,
 never a fork) with two pipes, sends one request at a time and waits for its
 reply under a time limit. What the target raised comes back as an exception of
 the same builtin kind (``remote_exception``: a ValueError stays a ValueError, so
@@ -10,7 +10,6 @@ that is not the protocol ends the check (``TargetCrashed``, ``TargetTimedOut``).
 
 from __future__ import annotations
 
-import builtins
 import os
 import select
 import signal
@@ -20,13 +19,16 @@ import threading
 import types
 from typing import Any
 
+from lora_lab.conformance.errors import TargetCrashed, TargetTimedOut, remote_exception
+
 CALL_TIMEOUT_ENV = "LORA_LAB_CALL_TIMEOUT"  # seconds one call to the target may take (default 300)
 START_TIMEOUT = 300.0  # importing torch, bitsandbytes and the target on a busy machine
 
 
 SPAWN_ENV = "LORA_LAB_SPAWN"  # "1": start each target's process as a fresh interpreter (seconds), not a fork of the server
 _SERVER: list = []  # the forkserver context, once started
-CHILD_MODULE = "lora_lab.conformance.child"  # the target's side, named (as python -m names it), never imported here
+CHILD_MODULE = "lora_lab.conformance.isolation.child"  # the target's side, named (as python -m names it), never imported here
+STACK_MODULE = "lora_lab.conformance.isolation.stack_oracle"  # the suite's oracle process serves this module (stack.py)
 
 
 def prepare_for_targets() -> None:
@@ -48,52 +50,6 @@ def _forking() -> bool:
     return os.environ.get(SPAWN_ENV) != "1" and hasattr(os, "fork")
 
 
-class TargetCrashed(BaseException):
-    """The target's process died during a call. A BaseException, so that hypothesis does not retry it."""
-
-
-class TargetTimedOut(BaseException):
-    """A call to the target ran past its time limit; its process was killed."""
-
-
-class TargetImportError(ValueError):
-    """The target (or a learner's file) did not import in its process; ``info`` holds its traceback."""
-
-    def __init__(self, message: str, info: dict) -> None:
-        super().__init__(message)
-        self.info = info
-
-
-class RemoteError(Exception):
-    """An exception raised by the target in its process. Subclasses also derive from the builtin it derived from."""
-
-    info: dict = {}
-
-
-_ERROR_CLASSES: dict[str, type] = {}
-
-
-def remote_exception(info: dict) -> BaseException:
-    """An exception the properties can catch as they would in-process: a ValueError stays a ValueError."""
-    from lora_lab.conformance.learner import StubReached
-
-    if info.get("stub"):
-        exc: BaseException = StubReached(info.get("message", ""))
-    elif info.get("check_failed"):  # a property's own verdict, reached in the target's process (a model handle's)
-        from lora_lab.conformance.registry import CheckFailed
-
-        exc = CheckFailed(info.get("message", ""))
-    else:
-        base = next((getattr(builtins, n) for n in info.get("bases", ()) if isinstance(getattr(builtins, n, None), type)
-                     and issubclass(getattr(builtins, n), Exception) and n != "Exception"), None)
-        key = base.__name__ if base else "Exception"
-        if key not in _ERROR_CLASSES:
-            _ERROR_CLASSES[key] = type(key, (base, RemoteError) if base else (RemoteError,), {"__module__": "target"})
-        exc = _ERROR_CLASSES[key](info.get("message", ""))
-    exc.info = info
-    return exc
-
-
 def _signal_name(returncode: int | None) -> str:
     if returncode is None:
         return "still running"
@@ -110,7 +66,7 @@ def _fork_server():
     """multiprocessing's forkserver, started once per suite process with torch and the child loop imported.
 
     Each target's process is a fork of that server: a fresh interpreter that imported
-    only torch and ``lora_lab.conformance.child``, never the suite's own process, so
+    only torch and ``lora_lab.conformance.isolation.child``, never the suite's own process, so
     it inherits none of the suite's objects. It starts in milliseconds where a new
     interpreter takes seconds to import torch (a learner's file with errors in many
     checks restarts its process after each one). The server's OpenMP threads wait
@@ -191,7 +147,7 @@ class _Fd:
 
 
 class _Spawned:
-    """A target's process started as a fresh interpreter (``python -m lora_lab.conformance.child``)."""
+    """A target's process started as a fresh interpreter (``python -m lora_lab.conformance.isolation.child``)."""
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self.process = subprocess.Popen(
@@ -221,7 +177,7 @@ def _widen_pipe(fd: int) -> None:
 
 
 class Child:
-    """One child process running ``lora_lab.conformance.child``, and its two pipes."""
+    """One child process running ``lora_lab.conformance.isolation.child``, and its two pipes."""
 
     def __init__(self, init: dict, call_timeout: float | None = None) -> None:
         self.init = init
@@ -265,7 +221,7 @@ class Child:
 
     def _send(self, message: list, what: str) -> None:
         try:
-            from lora_lab.conformance import wire  # imports torch: not at import time (`lora-lab grade -h` stays fast)
+            from lora_lab.conformance.isolation import wire  # imports torch: not at import time (`lora-lab grade -h` fast)
 
             wire.send(self.outbox, message)
         except (BrokenPipeError, OSError) as exc:
@@ -278,7 +234,7 @@ class Child:
                 self.close()
                 raise TargetTimedOut(f"the target did not answer {what} within {timeout:.0f} s; its process was killed "
                                      f"(set {CALL_TIMEOUT_ENV} to allow more)")
-            from lora_lab.conformance import wire
+            from lora_lab.conformance.isolation import wire
 
             reply = wire.receive(self.inbox)
         except (EOFError, BrokenPipeError, OSError) as exc:

@@ -120,9 +120,15 @@ def seen_to_wire(seen: list[Seen]) -> list[list]:
 
 
 def seen_from_wire(items: list[list]) -> list[Seen]:
-    from lora_lab.conformance.wire import DTYPES
+    """``seen_to_wire``'s lists read back; a dtype is accepted only as the name of one of torch's dtypes."""
+    return [Seen(str(where), tuple(int(d) for d in shape), _dtype_named(dtype)) for where, shape, dtype in items]
 
-    return [Seen(str(where), tuple(int(d) for d in shape), DTYPES[dtype]) for where, shape, dtype in items]
+
+def _dtype_named(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"expected the name of a torch dtype, got {name!r}")
+    return dtype
 
 
 HALF = (torch.float16, torch.bfloat16)

@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from lora_lab.conformance import contract
-from lora_lab.conformance.registry import CheckFailed
+from lora_lab.conformance.errors import CheckFailed
+from lora_lab.conformance.judge import contract
 
 # Unit roundoff of each storage dtype (half the distance from 1.0 to the next number).
 UNIT_ROUNDOFF = {

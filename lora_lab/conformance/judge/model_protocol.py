@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora_lab.conformance.call_probes import backward
-from lora_lab.conformance.compare import UNIT_ROUNDOFF
+from lora_lab.conformance.judge.autograd import backward
+from lora_lab.conformance.judge.compare import UNIT_ROUNDOFF
 from lora_lab.model import tiny_llama
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -316,7 +316,7 @@ class ModelHandle:
         """
         logits = model_logits(self.model, batch)
         parameters = adapter_parameters(self.model)
-        # the gradient of sum(logits * grad_logits): bit for bit the vector-Jacobian product (call_probes.backward)
+        # the gradient of sum(logits * grad_logits): bit for bit the vector-Jacobian product (autograd.backward)
         grads = torch.autograd.grad((logits * grad_logits.to(logits.dtype)).sum(), list(parameters.values()))
         return {name: g.detach().clone() for name, g in zip(parameters, grads)}
 
@@ -333,7 +333,7 @@ class ModelHandle:
                       ) -> tuple[torch.Tensor, list[torch.dtype], torch.Tensor | None]:
         """One layer's output for ``x`` (with grad, as in training), the dtypes of the tensors of x's size it made, and
         the gradient of x for ``grad_out`` (None when none reaches x)."""
-        from lora_lab.conformance.memory import measure
+        from lora_lab.conformance.judge.memory import measure
 
         x = x.detach().clone().requires_grad_()
         with measure(lambda n: n == x.numel()) as record:
@@ -345,7 +345,7 @@ class ModelHandle:
 
     def kept_for_backward(self, batch: dict[str, torch.Tensor]) -> dict:
         """What one forward pass on ``batch`` keeps for backward (``memory.model_kept_for_backward``), measured here."""
-        from lora_lab.conformance.memory import model_kept_for_backward
+        from lora_lab.conformance.judge.memory import model_kept_for_backward
 
         return model_kept_for_backward(self.model, tiny_llama(self.seed), batch, lambda: model_logits(self.model, batch),
                                        quantized_layer_names(self.model), module_at)

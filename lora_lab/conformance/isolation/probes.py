@@ -12,7 +12,6 @@
   does in-process.
 - ``interpreted_launches`` counts the kernels Triton's interpreter has run: a
   call that ran one is not held to the time budget (``registry.TIME_BUDGET``).
-- ``backward`` is ``torch.autograd.backward`` with given gradients, for both processes.
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ class Measured:
     """``memory.measure`` for tensors of ``min_numel`` elements or more, as a context entered on the call's thread."""
 
     def __init__(self, min_numel: int) -> None:
-        from lora_lab.conformance.memory import measure
+        from lora_lab.conformance.judge.memory import measure
 
         self.context = measure(lambda n: n >= min_numel)
         self.record = None
@@ -76,7 +75,7 @@ class Measured:
 
     def summary(self) -> list:
         """``[saved, alive]``: what autograd packed for backward, and the op outputs still alive after the call."""
-        from lora_lab.conformance.memory import seen_to_wire
+        from lora_lab.conformance.judge.memory import seen_to_wire
 
         return [seen_to_wire(self.record.saved), seen_to_wire(self.record.alive())]
 
@@ -85,7 +84,7 @@ class Watched:
     """``bounds.watch_memory`` as a context entered on the call's thread (the watch's state is per thread)."""
 
     def __enter__(self):
-        from lora_lab.conformance.bounds import watch_memory
+        from lora_lab.conformance.judge.bounds import watch_memory
 
         self.context = watch_memory()
         self.log = self.context.__enter__()
@@ -96,7 +95,7 @@ class Watched:
 
     def problems(self, tensors: list) -> list[str]:
         """The first stray access the watch stopped, and every input whose guard region was written."""
-        from lora_lab.conformance.bounds import guards_changed
+        from lora_lab.conformance.judge.bounds import guards_changed
 
         found = [self.log.accesses[0].describe()] if self.log.accesses else []
         for index, tensor in enumerate(tensors):
@@ -110,7 +109,7 @@ def guard_inputs(args, kwargs, tensors: list):
     """Every input tensor (an NF4 weight's fields too) replaced by a copy inside guard regions, layout kept."""
     import dataclasses
 
-    from lora_lab.conformance.bounds import guarded
+    from lora_lab.conformance.judge.bounds import guarded
 
     def guard(t):
         if t.is_contiguous():
@@ -139,13 +138,13 @@ class StateWatch:
     mode are per thread): ``changes`` names what the call left changed."""
 
     def __enter__(self):
-        from lora_lab.conformance.contract import global_state
+        from lora_lab.conformance.judge.contract import global_state
 
         self.before, self.changes = global_state(), []
         return self
 
     def __exit__(self, *exc_info):
-        from lora_lab.conformance.contract import global_state, state_changes
+        from lora_lab.conformance.judge.contract import global_state, state_changes
 
         self.changes = state_changes(self.before, global_state())
         return False
@@ -202,14 +201,3 @@ def interpreted_launches() -> int:
     return _LAUNCHES[0]
 
 
-def backward(outputs: list, grads: list) -> None:
-    """``torch.autograd.backward(outputs, grads)``, taken as the gradient of sum(output * grad): the same gradients
-    bit for bit, since each output's node receives 1 * grad, exactly grad. torch's own first backward with given
-    gradients in a process imports sympy (0.5-0.8 s on 2 cores), once in the suite's and once in every target's."""
-    total = 0
-    for output, grad in zip(outputs, grads):
-        if output.shape != grad.shape:
-            raise RuntimeError(f"Mismatch in shape: a gradient of shape {tuple(grad.shape)} for an output of shape "
-                               f"{tuple(output.shape)}")
-        total = total + (output * grad.to(output.dtype)).sum()
-    total.backward()

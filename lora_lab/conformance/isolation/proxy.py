@@ -1,6 +1,6 @@
 """The target in its own process: the trusted side (inputs, oracles, comparisons, report) never imports it.
 
-A ``RemoteTarget`` looks like a ``runner.Target`` to the properties: ``provides(op)``,
+A ``RemoteTarget`` looks like a ``target.Target`` to the properties: ``provides(op)``,
 ``op(name)`` returning a callable, and ``model(seed, **kwargs)`` returning a model
 handle. Behind it one warm child process (``child.py``, a fork of a clean server,
 never of the suite's process) imports the target and answers requests over a pipe. Tensors cross as
@@ -21,14 +21,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_lab.conformance import wire
-from lora_lab.conformance.child_process import START_TIMEOUT, Child, RemoteError, TargetCrashed, TargetImportError
-from lora_lab.conformance.reference_clock import SAMPLES, TIMED_OPS, reference_seconds
+from lora_lab.conformance.errors import RemoteError, TargetCrashed, TargetImportError
+from lora_lab.conformance.isolation import wire
+from lora_lab.conformance.isolation.process import START_TIMEOUT, Child
+from lora_lab.conformance.isolation.reference_clock import SAMPLES, TIMED_OPS, reference_seconds
 
 
 def _describe_call(op: str, args: tuple, kwargs: dict) -> str:
@@ -81,7 +81,7 @@ class _Call:
         elif reference:
             self.target.hold_to_budget(self.op, self.args, self.kwargs, float(seconds), reference[0])
         if problems:
-            from lora_lab.conformance.registry import CheckFailed
+            from lora_lab.conformance.errors import CheckFailed
 
             raise CheckFailed(f"{self.what}: " + "; ".join(str(p) for p in problems))
         with torch.no_grad():  # in-place semantics: what the target changed in its copy, the caller sees changed
@@ -100,7 +100,7 @@ class _Call:
         reply, problems = self.target.request(["backward", self.graph, wire.encode(list(grads))],
                                               f"the backward of {self.what}")
         if problems:
-            from lora_lab.conformance.registry import CheckFailed
+            from lora_lab.conformance.errors import CheckFailed
 
             raise CheckFailed(f"the backward of {self.what}: " + "; ".join(str(p) for p in problems))
         got = [wire.decode(g) for g in reply]
@@ -165,7 +165,7 @@ class RemoteModel:
         self._target, self._handle, self._generation = target, handle, target.generation
 
     def __getattr__(self, method: str):
-        from lora_lab.conformance.model_protocol import ModelHandle
+        from lora_lab.conformance.judge.model_protocol import ModelHandle
 
         if method not in ModelHandle.METHODS:
             raise AttributeError(f"a model handle has no method {method!r}; it offers {', '.join(ModelHandle.METHODS)}")
@@ -201,16 +201,16 @@ class RemoteFormat:
 
 
 class RemoteTarget:
-    """An implementation under test that runs in its own process; what the properties see is ``runner.Target``'s API."""
+    """An implementation under test that runs in its own process; what the properties see is ``target.Target``'s API."""
 
     def __init__(self, spec: str, learner_folder: str | None = None, call_timeout: float | None = None,
                  name: str | None = None, chain: bool = False, wait: bool = True, preload: tuple[str, ...] = ()) -> None:
         """``wait=False``: the process starts importing the target at once and the caller goes on with its own work
         (importing the suite); the first use of ``hello`` (or ``wait()``) takes its reply. ``preload``: modules the
-        process imports after the target, before it answers (the suite's oracle process, ``oracles.stack``)."""
+        process imports after the target, before it answers (the suite's oracle process, ``isolation.stack``)."""
         self.name = name or spec
         self.spec = spec
-        from lora_lab.conformance.profiles import command_threads
+        from lora_lab.conformance.judge.profiles import command_threads
 
         # the checks' thread count (profiles.command_threads: one, unless $LORA_LAB_THREADS says otherwise)
         init = {"sys_path": list(sys.path), "threads": command_threads() or torch.get_num_threads(), "target": spec,
@@ -293,7 +293,8 @@ class RemoteTarget:
         self.sampled[op] = self.sampled.get(op, 0) + 1
         self.timing[0] += seconds
         self.timing[1] += reference
-        from lora_lab.conformance.registry import CheckFailed, over_budget
+        from lora_lab.conformance.errors import CheckFailed
+        from lora_lab.conformance.registry import over_budget
 
         over = over_budget(*self.timing)
         if over:  # already over: no need to wait for the check's other calls
@@ -333,8 +334,8 @@ class RemoteTarget:
         return RemoteOp(self, operation, watch=watch_memory)
 
     def measured(self, operation: str, min_numel: int, *args):
-        """As ``runner.Target.measured``: the measurement is taken in the target's process, around the call."""
-        from lora_lab.conformance.memory import seen_from_wire
+        """As ``target.Target.measured``: the measurement is taken in the target's process, around the call."""
+        from lora_lab.conformance.judge.memory import seen_from_wire
 
         op = RemoteOp(self, operation, measure_min=min_numel)
         result = op(*args)
@@ -348,48 +349,3 @@ class RemoteTarget:
         return RemoteModel(self, int(handle))
 
 
-class Processes:
-    """The isolated processes of one grading run: one warm process for the learner's files, one per reference solution.
-
-    The learner's files are loaded one after another into the same process (so one exercise can import another,
-    and grading pays one start-up); after a crash, a hang or an error a fresh one takes over.
-    """
-
-    def __init__(self) -> None:
-        self.learner: RemoteTarget | None = None
-        self.prestarted = False  # the learner's process was started on the first file and has not graded it yet
-        self.solutions: dict[str, RemoteTarget] = {}
-
-    def prestart_solutions(self, modules: list[str]) -> None:
-        """Start each solution's process now, without waiting: they import while the grader imports the suite."""
-        for module in dict.fromkeys(modules):
-            if module not in self.solutions:
-                self.solutions[module] = RemoteTarget(module, wait=False)
-
-    def prestart_learner(self, path: Path, folder: Path, chain: bool = False) -> None:
-        """Start the learner's process on its first file now, without waiting (``learner_file`` then takes it)."""
-        self.learner = RemoteTarget(str(path), learner_folder=str(folder), chain=chain, wait=False)
-        self.prestarted = True
-
-    def solution(self, module: str) -> RemoteTarget:
-        if module not in self.solutions:
-            self.solutions[module] = RemoteTarget(module)
-        target = self.solutions[module]
-        target.wait()
-        return target
-
-    def learner_file(self, path: Path, folder: Path, chain: bool = False) -> RemoteTarget:
-        if self.learner is None:
-            self.learner = RemoteTarget(str(path), learner_folder=str(folder), chain=chain)
-        elif self.prestarted and self.learner.spec == str(path):
-            self.prestarted = False
-            self.learner.wait()
-        else:
-            self.learner.retarget(str(path), str(folder), chain=chain)
-        self.prestarted = False
-        return self.learner
-
-    def close(self) -> None:
-        for target in [self.learner, *self.solutions.values()]:
-            if target is not None:
-                target.close()

@@ -1,4 +1,4 @@
-"""The oracles that need peft, bitsandbytes or transformers, served from a process of their own (``oracles.stack``).
+"""The oracles that need peft, bitsandbytes or transformers, served from a process of their own (``isolation.stack``).
 
 Importing peft (and transformers, which it imports) takes 5-7 s on 2 cores, transformers alone about 3 s: in the
 suite's own process that is time a learner waits for. This module is loaded as a target by a process of its own,

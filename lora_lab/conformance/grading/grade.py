@@ -1,0 +1,215 @@
+"""Grading: each exercise's checks run on the learner's file (or its reference solution), one table per exercise.
+
+A row per check (status, points, seconds; for a failure what went wrong and the check's hint), the exercise's score,
+and what to do next (``next_step``). The command around it is ``command.py``; the exercise table ``exercises.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_lab.conformance.errors import TargetCrashed, TargetImportError, TargetTimedOut
+from lora_lab.conformance.grading.exercises import EXERCISES, Exercise, GradedCheck, selected_checks
+from lora_lab.conformance.grading.feedback import MISSING, NOT_YOURS, explain, not_yours_reason
+from lora_lab.conformance.runner import (
+    ERROR,
+    FAILED,
+    NOT_ATTEMPTED,
+    NOT_PROVIDED,
+    PASSED,
+    run_check,
+)
+
+STATUS_WORDS = {PASSED: "passed", FAILED: "failed", ERROR: "error", NOT_ATTEMPTED: "not attempted", NOT_PROVIDED: MISSING,
+                NOT_YOURS: NOT_YOURS}
+
+
+@dataclass
+class Row:
+    graded: GradedCheck
+    status: str
+    detail: str
+    seconds: float
+
+    @property
+    def score(self) -> int:
+        return self.graded.points if self.status == PASSED else 0
+
+
+@dataclass
+class ExerciseReport:
+    exercise: Exercise
+    source: str  # the file graded, or the module with --solutions
+    rows: list[Row] = field(default_factory=list)
+    chained: list[str] = field(default_factory=list)  # with --chain: what the file's reference imports now call
+
+    @property
+    def score(self) -> int:
+        return sum(r.score for r in self.rows)
+
+    @property
+    def total(self) -> int:
+        return sum(r.graded.points for r in self.rows)
+
+
+def _find_file(folder: Path, exercise: Exercise) -> Path | None:
+    path = folder / f"{exercise.stem}.py"
+    return path if path.is_file() else None
+
+
+def grade_exercise(
+    exercise: Exercise, folder: Path | None, on_row: Callable[[Row], None] = lambda row: None,
+    processes=None, chain: bool = False, checks: list[str] | None = None,
+) -> ExerciseReport:
+    """Run the exercise's checks on the learner's file in ``folder``, or on its reference solution when ``folder`` is None.
+
+    The file (or the solution) is imported and run only in an isolated process (``processes``, an
+    ``isolation.Processes``, started here if None).
+    With ``chain`` the file's imports of the reference's earlier pieces are rebound to the learner's own
+    (``learner_files.chain_to_learner``, in that process); ``report.chained`` says what each name now calls. ``checks``:
+    only the checks whose names start with one of these prefixes (``--check``).
+    """
+    own = processes is None
+    from lora_lab.conformance.grading.processes import Processes  # imports torch: not at import time (`grade -h` stays fast)
+
+    processes = processes or Processes()
+    target, unusable = None, None  # unusable: (status, detail) for every row when the file cannot be graded
+    try:
+        if folder is None:
+            report, target = ExerciseReport(exercise, exercise.solution), processes.solution(exercise.solution)
+        else:
+            path = _find_file(folder, exercise)
+            report = ExerciseReport(exercise, str(path or folder / f"{exercise.stem}.py"))
+            if path is None:
+                unusable = (MISSING, "")  # the header already says the file is missing
+            else:
+                try:
+                    target = processes.learner_file(path, folder, chain)
+                    report.chained = list(target.hello.get("chained", []))
+                except TargetImportError as exc:  # a syntax or import error is the learner's, shown as such
+                    unusable = (ERROR, "the file does not import:\n" + exc.info.get("traceback", str(exc)))
+                except (TargetCrashed, TargetTimedOut) as exc:
+                    unusable = (ERROR, f"the file does not import: {exc}")
+        # after --chain: a rebound name is the learner's own
+        borrowed = {} if folder is None or target is None else {
+            op: origin for op, origin in target.origin.items() if origin["lora_lab"]}
+        for graded in selected_checks(exercise, checks):
+            start = time.perf_counter()
+            not_yours = not_yours_reason(graded.check.requires, borrowed, exercise.stem)
+            if unusable:
+                status, detail = unusable
+            elif not_yours:
+                status, detail = NOT_YOURS, not_yours
+            else:
+                target.last_error = None
+                status, detail = explain(run_check(graded.check, target), target.last_error)
+            report.rows.append(Row(graded, status, detail, time.perf_counter() - start))
+            on_row(report.rows[-1])
+    finally:
+        if own:
+            processes.close()
+    return report
+
+
+def grade(
+    folder: Path | None, only: list[str] | None = None, profile: str = "ci", stream=sys.stdout, chain: bool = False,
+    seed: int | None = None, checks: list[str] | None = None,
+) -> list[ExerciseReport]:
+    """Grade the exercises in ``folder`` (or the reference solutions when None), printing tables to ``stream``."""
+    folder = folder.resolve() if folder is not None else None
+    from lora_lab.conformance.grading.processes import Processes
+
+    processes = Processes()  # started first: the targets import in their processes while this one imports the suite
+    first = [e for e in EXERCISES if not only or e.id in only]
+    if folder is None:
+        processes.prestart_solutions([e.solution for e in first])
+    elif first and _find_file(folder, first[0]):
+        processes.prestart_learner(_find_file(folder, first[0]), folder, chain)
+    exercises = [e for e in first if selected_checks(e, checks)]
+    from lora_lab.conformance.isolation.stack import start_stack
+
+    # the oracles' libraries import there meanwhile; the process serves every later grade too (run closes it)
+    start_stack([g.check for e in exercises for g in selected_checks(e, checks)])
+    width = max((len(g.check.name) for e in exercises for g in selected_checks(e, checks)), default=20)
+    reports = []
+    from lora_lab.conformance.judge.profiles import command_profile
+
+    try:
+        with command_profile(profile, seed):
+            for exercise in exercises:
+                source = exercise.solution if folder is None else _find_file(folder, exercise) or (
+                    f"no {exercise.stem}.py in {shown_path(folder)}: copy it from the lora_lab repository's exercises/")
+                print(f"\n{exercise.id}  {exercise.title}  [{shown_path(source)}]", file=stream, flush=True)
+                report = grade_exercise(exercise, folder, lambda row: print(format_row(row, width), file=stream, flush=True),
+                                        processes, chain, checks)
+                if report.chained:
+                    print(f"  with --chain: {'; '.join(report.chained)}", file=stream)
+                print(f"  {'':{14 + width}} {report.score:>3}/{report.total:<3} for exercise {exercise.id}", file=stream)
+                reports.append(report)
+    finally:
+        processes.close()
+    return reports
+
+
+def shown_path(source: Path | str) -> str:
+    if isinstance(source, Path):
+        with contextlib.suppress(ValueError):
+            return str(source.resolve().relative_to(Path.cwd()))
+    return str(source)
+
+
+def format_row(row: Row, width: int) -> str:
+    """One table row; below it, for a failure or error, what went wrong and the check's hint."""
+    points = f"{row.score:>3}/{row.graded.points:<3}"
+    line = f"  {STATUS_WORDS.get(row.status, row.status):<14}{row.graded.check.name:<{width}} {points} {row.seconds:5.1f}s"
+    if row.status == PASSED:
+        return line
+    if row.status in (NOT_ATTEMPTED, MISSING):
+        return f"{line}  {row.detail.splitlines()[0] if row.detail else ''}".rstrip()
+    indent = " " * 17  # failed or error: the property, what went wrong, and the hint
+    detail = "\n".join(indent + text for text in row.detail.splitlines()[:12])
+    return f"{line}  {row.graded.check.description}\n{detail}\n{indent}hint: {row.graded.check.hint}"
+
+
+def next_step(reports: list[ExerciseReport], folder: Path) -> str | None:
+    """What a learner does next: work on the first exercise without full marks, and grade just that one."""
+    for report in reports:
+        if report.score == report.total:
+            continue
+        exercise = report.exercise
+        command = f"lora-lab grade --only {exercise.id}"
+        if folder != Path("exercises").resolve():
+            command += f" --path {shown_path(folder)}"
+        if all(row.status == MISSING for row in report.rows):
+            return f"Next: exercise {exercise.id}: put {exercise.stem}.py back into {shown_path(folder)}, then run: {command}"
+        wrong = any(row.status in (FAILED, ERROR) for row in report.rows)
+        action = "fix what the details and hints above point at" if wrong else "replace a `raise NotImplementedError`"
+        return (
+            f"Next: exercise {exercise.id}, {exercise.title}. Read the top of {shown_path(Path(report.source))}, "
+            f"{action}, then run: {command}"
+        )
+    return None
+
+
+def to_json(reports: list[ExerciseReport], profile: str, seed: int | None = None) -> dict:
+    def check_json(row: Row) -> dict:
+        return {"check": row.graded.check.name, "points": row.score, "max_points": row.graded.points,
+                "status": STATUS_WORDS.get(row.status, row.status), "detail": row.detail, "hint": row.graded.check.hint,
+                "seconds": round(row.seconds, 3)}
+
+    def sha256(source: str) -> str | None:
+        from lora_lab.conformance.isolation.origin import sha256_of
+
+        return sha256_of([Path(source)]) if Path(source).is_file() else None
+
+    exercises = [{"id": r.exercise.id, "title": r.exercise.title, "source": r.source, "sha256": sha256(r.source),
+                  "score": r.score, "total": r.total, "chained": r.chained, "checks": [check_json(row) for row in r.rows]}
+                 for r in reports]
+    return {"profile": profile, "seed": seed, "isolated": True, "score": sum(r.score for r in reports),
+            "total": sum(r.total for r in reports), "exercises": exercises}
+
