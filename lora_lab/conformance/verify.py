@@ -37,7 +37,7 @@ sha256 of its source files, so a published result names the code it came from.
 
 examples:
   lora-lab verify lora_lab                        # the reference passes every check
-  lora-lab verify lora_lab.targets.peft_bnb       # so does peft + bitsandbytes
+  lora-lab verify lora_lab.targets.peft_bnb       # peft + bitsandbytes as they are: 3 findings, exit 1
   lora-lab verify my_package.qlora --only nf4. --json runs/report.json
   lora-lab verify my_package.qlora --only nf4.,qlora.forward   # or: --only nf4. --only qlora.forward
 """
