@@ -69,3 +69,30 @@ def test_watch_shows_the_whole_table_first_then_only_what_changed(tmp_path):
     assert "changed since the last run (19 -> 3/19)" in second
     assert all(name in second for name in caught) and "loss.rejects_bad_input" not in second, second
     assert "no check changed: 3/19" in third
+
+
+def test_an_error_row_ending_one_exercise_leaves_the_next_exercises_scores_intact(tmp_path):
+    """After an error row the target's process is restarted without waiting; the next exercise's file once read that
+    restart's reply (the previous file's) as its own, and every later exercise was graded as defining nothing."""
+    write_exercise(tmp_path, "ex03_qlora_linear", '''
+        def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None):
+            raise RuntimeError("every call fails, so the exercise's last row is an error")
+        ''')
+    write_exercise(tmp_path, "ex04_loss", '''
+        import torch
+        import torch.nn.functional as F
+
+
+        def next_token_loss(logits, labels, ignore_index=-100):
+            if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+                raise ValueError(f"expected logits (batch, seq, vocab) and labels (batch, seq), got {tuple(logits.shape)}"
+                                 f" and {tuple(labels.shape)}")
+            targets = labels[:, 1:]
+            if not (targets != ignore_index).any():
+                raise ValueError("no labelled token follows a position: nothing to predict")
+            scores = logits[:, :-1].float()
+            return F.cross_entropy(scores.reshape(-1, scores.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+        ''')
+    (errors, loss), table = run_grade(tmp_path, ["03", "04"])
+    assert errors.rows[-1].status == "error", table
+    assert loss.score == loss.total, table

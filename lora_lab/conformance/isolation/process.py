@@ -10,6 +10,7 @@ that is not the protocol ends the check (``TargetCrashed``, ``TargetTimedOut``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -19,7 +20,7 @@ import threading
 import types
 from typing import Any
 
-from lora_lab.conformance.errors import TargetCrashed, TargetTimedOut, remote_exception
+from lora_lab.conformance.errors import StubReached, TargetCrashed, TargetTimedOut, remote_exception
 
 CALL_TIMEOUT_ENV = "LORA_LAB_CALL_TIMEOUT"  # seconds one call to the target may take (default 300)
 START_TIMEOUT = 300.0  # importing torch, bitsandbytes and the target on a busy machine
@@ -183,6 +184,7 @@ class Child:
         self.init = init
         self.call_timeout = call_timeout if call_timeout is not None else float(os.environ.get(CALL_TIMEOUT_ENV, "300"))
         self.process: _Forked | _Spawned | None = None
+        self.owed = 0  # replies the process still owes: each message sent gets exactly one, in order
 
     def launch(self) -> None:
         """Start the process and send it the target to import, without waiting: it imports while the caller works."""
@@ -195,6 +197,7 @@ class Child:
         os.close(from_child_w)
         self.outbox = os.fdopen(to_child_w, "wb", buffering=0)
         self.inbox = os.fdopen(from_child_r, "rb", buffering=0)
+        self.owed = 0
         # The target sees the suite's environment as it is now (a fork of the server would see the server's).
         self._send(["init", {**self.init, "environ": dict(os.environ)}], "importing the target")
 
@@ -209,10 +212,21 @@ class Child:
     def request(self, message: list, what: str, timeout: float | None = None, meanwhile=None) -> Any:
         """Send one request and wait for its reply; a crash, a hang or a malformed reply ends the check.
         ``meanwhile()``, when given, runs between the two, while the child works."""
+        self._settle(what)
         self._send(message, what)
         if meanwhile is not None:
             meanwhile()
         return self._receive(what, self.call_timeout if timeout is None else timeout)
+
+    def _settle(self, what: str) -> None:
+        """Read and drop the replies still owed to earlier messages, so that a request reads its own reply.
+
+        A restart sends its init without waiting (``launch``); when the next thing asked of the process is another
+        init (the grader's next exercise file), that restart's reply comes first: read as the new file's answer, it
+        graded every later exercise as defining nothing."""
+        while self.owed:
+            with contextlib.suppress(Exception, StubReached):  # what the target raised answering it is no one's now
+                self._receive(f"an earlier request (before {what})", START_TIMEOUT)
 
     def _crashed(self, what: str) -> TargetCrashed:
         code = self.process.wait(10) if self.process else None
@@ -226,6 +240,7 @@ class Child:
             wire.send(self.outbox, message)
         except (BrokenPipeError, OSError) as exc:
             raise self._crashed(what) from exc
+        self.owed += 1
 
     def _receive(self, what: str, timeout: float) -> Any:
         try:
@@ -237,6 +252,7 @@ class Child:
             from lora_lab.conformance.isolation import wire
 
             reply = wire.receive(self.inbox)
+            self.owed -= 1
         except (EOFError, BrokenPipeError, OSError) as exc:
             raise self._crashed(what) from exc
         except Exception as exc:  # noqa: BLE001 - a reply that is not our protocol
