@@ -25,6 +25,7 @@ examples:
   lora-lab grade                         # every exercise in ./exercises
   lora-lab grade --only 03               # one exercise (or: python exercises/ex03_qlora_linear.py)
   lora-lab grade --only 01 02 --json runs/grade.json
+  lora-lab grade --gradescope /autograder/results/results.json   # in a course's Gradescope autograder
   lora-lab grade --solutions             # the reference solutions (lora_lab, lora_lab.kernels): full marks
   lora-lab grade --chain                 # 02, 03 and 06 use your own earlier pieces, not the reference's
   lora-lab grade --watch --only 03       # grade again on every save, showing only what changed (Ctrl-C ends)
@@ -42,7 +43,7 @@ from lora_lab import cli
 from lora_lab.cli.arguments import output_file_problem
 from lora_lab.conformance.grading.exercises import EXERCISES, graded_checks, selected_checks
 from lora_lab.conformance.grading.feedback import how_to_start
-from lora_lab.conformance.grading.grade import format_row, grade, next_step, shown_path, to_json
+from lora_lab.conformance.grading.grade import format_row, grade, next_step, shown_path, to_gradescope, to_json
 from lora_lab.conformance.isolation.process import prepare_for_targets
 from lora_lab.conformance.judge.profiles import command_threads
 
@@ -59,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--path", metavar="DIR", default="exercises", help="the exercises folder (default: ./exercises)")
     parser.add_argument("--json", metavar="FILE", help="also write the grades as JSON to FILE")
+    parser.add_argument("--gradescope", metavar="FILE", help="also write the grades as Gradescope's autograder "
+                        "results.json (a test per check: name, score, max_score, output) to FILE")
     parser.add_argument("--solutions", action="store_true", help="grade the reference solutions (lora_lab for 01-06, "
                         "lora_lab.kernels for 07-08) instead of your files")
     parser.add_argument(
@@ -74,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "scored (ci's examples from a fresh secret seed, recorded in the output: what a course grades with)",
     )
     parser.add_argument("--seed", type=int, default=None, help="draw every check's inputs from this seed")
+
+
+def write_json(path: str, content: dict) -> None:
+    """Write grades as JSON (``--json``, ``--gradescope``, pytest's ``--lora-lab-gradescope``), making its folders."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(content, handle, indent=2)
 
 
 def watch_exercise(folder: Path, exercise_id: str, profile: str, chain: bool, stream=sys.stdout, **loop) -> int:
@@ -96,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.json and (problem := output_file_problem("--json", args.json, "to write the grades into")):
-        print(f"lora-lab grade: {problem}", file=sys.stderr)  # before the grading: it would end in a traceback, no Score
-        return 2
+    for option, path in (("--json", args.json), ("--gradescope", args.gradescope)):
+        if path and (problem := output_file_problem(option, path, "to write the grades into")):
+            print(f"lora-lab grade: {problem}", file=sys.stderr)  # before the grading: it would end in a traceback, no Score
+            return 2
     prepare_for_targets()  # before torch is imported: this process and the target's take turns
     try:
         command_threads()  # a bad $LORA_LAB_THREADS is a usage error, before any process starts
@@ -130,10 +141,11 @@ def _run(args: argparse.Namespace) -> int:
     reports = grade(folder, args.only, args.profile, chain=args.chain, seed=seed, checks=args.check)
     score, total = sum(r.score for r in reports), sum(r.total for r in reports)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as handle:
-            json.dump(to_json(reports, args.profile, seed), handle, indent=2)
+        write_json(args.json, to_json(reports, args.profile, seed))
         print(f"\nwrote {args.json}")
+    if args.gradescope:
+        write_json(args.gradescope, to_gradescope(reports))
+        print(f"\nwrote {args.gradescope}")
     advice = next_step(reports, folder) if folder is not None else None
     if advice:
         print("\n" + advice)

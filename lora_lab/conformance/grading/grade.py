@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lora_lab.conformance.errors import TargetCrashed, TargetImportError, TargetTimedOut
 from lora_lab.conformance.grading.exercises import EXERCISES, Exercise, GradedCheck, selected_checks
@@ -62,6 +63,59 @@ def _find_file(folder: Path, exercise: Exercise) -> Path | None:
     return path if path.is_file() else None
 
 
+@dataclass
+class LoadedExercise:
+    """An exercise's file (or reference solution) loaded in its isolated process, ready to be graded check by check.
+
+    ``grade_exercise`` grades all of an exercise's checks on one load; pytest's front end (``pytest_grader``) one check
+    per item, on the same load, so both run the same checks on the same module state.
+    """
+
+    report: ExerciseReport
+    target: Any = None  # the isolated target (``proxy.RemoteTarget``); None when the file cannot be graded
+    unusable: tuple[str, str] | None = None  # (status, detail) for every row when the file cannot be graded
+    borrowed: dict = field(default_factory=dict)  # operation -> origin, for the functions that are lora_lab's own
+
+
+def load_exercise(exercise: Exercise, folder: Path | None, processes, chain: bool = False) -> LoadedExercise:
+    """Load the learner's file in ``folder`` (the reference solution when None) into its process in ``processes``.
+
+    With ``chain`` the file's imports of the reference's earlier pieces are rebound to the learner's own
+    (``learner_files.chain_to_learner``, in that process); ``report.chained`` says what each name now calls.
+    """
+    if folder is None:
+        return LoadedExercise(ExerciseReport(exercise, exercise.solution), processes.solution(exercise.solution))
+    path = _find_file(folder, exercise)
+    loaded = LoadedExercise(ExerciseReport(exercise, str(path or folder / f"{exercise.stem}.py")))
+    if path is None:
+        loaded.unusable = (MISSING, "")  # the header already says the file is missing
+        return loaded
+    try:
+        loaded.target = processes.learner_file(path, folder, chain)
+        loaded.report.chained = list(loaded.target.hello.get("chained", []))
+    except TargetImportError as exc:  # a syntax or import error is the learner's, shown as such
+        loaded.unusable = (ERROR, "the file does not import:\n" + exc.info.get("traceback", str(exc)))
+    except (TargetCrashed, TargetTimedOut) as exc:
+        loaded.unusable = (ERROR, f"the file does not import: {exc}")
+    else:  # after --chain: a rebound name is the learner's own
+        loaded.borrowed = {op: origin for op, origin in loaded.target.origin.items() if origin["lora_lab"]}
+    return loaded
+
+
+def grade_check(loaded: LoadedExercise, graded: GradedCheck) -> Row:
+    """One row: ``graded``'s check run on the loaded file through the suite (``run_check``), with the grader's status."""
+    start = time.perf_counter()
+    not_yours = not_yours_reason(graded.check.requires, loaded.borrowed, loaded.report.exercise.stem)
+    if loaded.unusable:
+        status, detail = loaded.unusable
+    elif not_yours:
+        status, detail = NOT_YOURS, not_yours
+    else:
+        loaded.target.last_error = None
+        status, detail = explain(run_check(graded.check, loaded.target), loaded.target.last_error)
+    return Row(graded, status, detail, time.perf_counter() - start)
+
+
 def grade_exercise(
     exercise: Exercise, folder: Path | None, on_row: Callable[[Row], None] = lambda row: None,
     processes=None, chain: bool = False, checks: list[str] | None = None,
@@ -69,51 +123,22 @@ def grade_exercise(
     """Run the exercise's checks on the learner's file in ``folder``, or on its reference solution when ``folder`` is None.
 
     The file (or the solution) is imported and run only in an isolated process (``processes``, an
-    ``isolation.Processes``, started here if None).
-    With ``chain`` the file's imports of the reference's earlier pieces are rebound to the learner's own
-    (``learner_files.chain_to_learner``, in that process); ``report.chained`` says what each name now calls. ``checks``:
-    only the checks whose names start with one of these prefixes (``--check``).
+    ``isolation.Processes``, started here if None); ``chain`` as in ``load_exercise``. ``checks``: only the checks
+    whose names start with one of these prefixes (``--check``).
     """
     own = processes is None
     from lora_lab.conformance.grading.processes import Processes  # imports torch: not at import time (`grade -h` stays fast)
 
     processes = processes or Processes()
-    target, unusable = None, None  # unusable: (status, detail) for every row when the file cannot be graded
     try:
-        if folder is None:
-            report, target = ExerciseReport(exercise, exercise.solution), processes.solution(exercise.solution)
-        else:
-            path = _find_file(folder, exercise)
-            report = ExerciseReport(exercise, str(path or folder / f"{exercise.stem}.py"))
-            if path is None:
-                unusable = (MISSING, "")  # the header already says the file is missing
-            else:
-                try:
-                    target = processes.learner_file(path, folder, chain)
-                    report.chained = list(target.hello.get("chained", []))
-                except TargetImportError as exc:  # a syntax or import error is the learner's, shown as such
-                    unusable = (ERROR, "the file does not import:\n" + exc.info.get("traceback", str(exc)))
-                except (TargetCrashed, TargetTimedOut) as exc:
-                    unusable = (ERROR, f"the file does not import: {exc}")
-        # after --chain: a rebound name is the learner's own
-        borrowed = {} if folder is None or target is None else {
-            op: origin for op, origin in target.origin.items() if origin["lora_lab"]}
+        loaded = load_exercise(exercise, folder, processes, chain)
         for graded in selected_checks(exercise, checks):
-            start = time.perf_counter()
-            not_yours = not_yours_reason(graded.check.requires, borrowed, exercise.stem)
-            if unusable:
-                status, detail = unusable
-            elif not_yours:
-                status, detail = NOT_YOURS, not_yours
-            else:
-                target.last_error = None
-                status, detail = explain(run_check(graded.check, target), target.last_error)
-            report.rows.append(Row(graded, status, detail, time.perf_counter() - start))
-            on_row(report.rows[-1])
+            loaded.report.rows.append(grade_check(loaded, graded))
+            on_row(loaded.report.rows[-1])
     finally:
         if own:
             processes.close()
-    return report
+    return loaded.report
 
 
 def grade(
@@ -176,15 +201,21 @@ def format_row(row: Row, width: int) -> str:
     return f"{line}  {row.graded.check.description}\n{detail}\n{indent}hint: {row.graded.check.hint}"
 
 
-def next_step(reports: list[ExerciseReport], folder: Path) -> str | None:
-    """What a learner does next: work on the first exercise without full marks, and grade just that one."""
+def next_step(reports: list[ExerciseReport], folder: Path, rerun: Callable[[Exercise], str] | None = None) -> str | None:
+    """What a learner does next: work on the first exercise without full marks, and grade just that one.
+
+    ``rerun(exercise)`` is the command that grades just that one, in the front end's words (pytest's: its file).
+    """
     for report in reports:
         if report.score == report.total:
             continue
         exercise = report.exercise
-        command = f"lora-lab grade --only {exercise.id}"
-        if folder != Path("exercises").resolve():
-            command += f" --path {shown_path(folder)}"
+        if rerun is not None:
+            command = rerun(exercise)
+        else:
+            command = f"lora-lab grade --only {exercise.id}"
+            if folder != Path("exercises").resolve():
+                command += f" --path {shown_path(folder)}"
         if all(row.status == MISSING for row in report.rows):
             return f"Next: exercise {exercise.id}: put {exercise.stem}.py back into {shown_path(folder)}, then run: {command}"
         wrong = any(row.status in (FAILED, ERROR) for row in report.rows)
@@ -213,3 +244,17 @@ def to_json(reports: list[ExerciseReport], profile: str, seed: int | None = None
     return {"profile": profile, "seed": seed, "isolated": True, "score": sum(r.score for r in reports),
             "total": sum(r.total for r in reports), "exercises": exercises}
 
+
+
+def to_gradescope(reports: list[ExerciseReport]) -> dict:
+    """The grades as Gradescope's autograder ``results.json``: a test per check (name, score, max_score, output).
+
+    A course runs the kit in its own autograding container and copies this to /autograder/results/results.json;
+    ``output`` is the row the learner would see (what went wrong and the hint), ``status`` passed or failed.
+    """
+    tests = [{"name": f"{r.exercise.id} {row.graded.check.name}", "score": row.score, "max_score": row.graded.points,
+              "status": "passed" if row.status == PASSED else "failed",
+              "output": format_row(row, len(row.graded.check.name)).strip()}
+             for r in reports for row in r.rows]
+    score, total = sum(r.score for r in reports), sum(r.total for r in reports)
+    return {"score": score, "output": f"Score: {score}/{total}", "tests": tests}
