@@ -12,8 +12,10 @@ at the other checks' small sizes fixed per-call costs dominate. Calls that ran
 Triton's interpreter are not timed; lora-lab bench measures speed.
 
 Exit status: 0 when every provided operation passes, 1 otherwise, 2 when the
-target provides none of the operations (a mistyped module must not pass) or
-does not import, and for a --json path that cannot be written (refused before
+target provides none of the operations (a mistyped module must not pass), when
+every check of a provided operation was "not supported" (a declaration alone
+is not a pass; the operation and the target's CAPABILITIES are named), or when
+it does not import, and for a --json path that cannot be written (refused before
 any check runs); 130 on Ctrl-C.
 
 What a pass means. The target is imported and run only in a child process (a
@@ -51,7 +53,7 @@ import time
 from pathlib import Path
 
 from lora_lab.cli.arguments import output_file_problem
-from lora_lab.conformance.errors import TargetCrashed, TargetImportError, TargetTimedOut
+from lora_lab.conformance.errors import CheckFailed, NotSupported, TargetCrashed, TargetImportError, TargetTimedOut
 from lora_lab.conformance.isolation.process import prepare_for_targets
 from lora_lab.conformance.runner import (
     ERROR,
@@ -151,6 +153,23 @@ def summary(results: list[Result]) -> str:
     return ", ".join(parts)
 
 
+def unsupported_operations(target, results: list[Result]) -> list[str]:
+    """Why an operation that ran checks has nothing to stand on: one line for each whose every check was not supported.
+
+    A target that declares (or is probed to support) nothing a check can draw would otherwise pass with
+    "0 passed, 20 not supported"; the line names the operation, the target's declarations and the first reason.
+    """
+    declarations = target.declaration("CAPABILITIES")
+    declared = f"CAPABILITIES = {declarations!r}" if declarations else "no CAPABILITIES declared"
+    lines = []
+    for op in OPERATIONS:
+        ran = [r for r in results if op in r.check.requires and r.status != NOT_PROVIDED]
+        if ran and all(r.status == NOT_SUPPORTED for r in ran):
+            lines.append(f"{op}: all {len(ran)} of its checks were not supported, so nothing of it was verified "
+                         f"({declared}; {ran[0].check.name}: {ran[0].detail})")
+    return lines
+
+
 def group(check) -> str:
     """Where a check counts in the compatibility matrix: its conformance level, training, bad input, or its topic."""
     if check.level:
@@ -173,7 +192,7 @@ def json_report(target, profile: str, results: list[Result], seed: int | None = 
     """The results with what a compatibility matrix needs: library versions, format, capabilities, a count per group."""
     from importlib import metadata
 
-    from lora_lab.conformance.judge.formats import capabilities, has_own_format, weight_format
+    from lora_lab.conformance.judge.formats import has_own_format, weight_format
 
     target_spec = target.name
     versions = {}
@@ -197,7 +216,7 @@ def json_report(target, profile: str, results: list[Result], seed: int | None = 
         "seed": seed,
         "libraries": versions,
         "format": weight_format(target).name if own else "NF4Tensor (the interchange type)" if layer_level else "-",
-        "capabilities": capabilities(target).report() if own else "all (the NF4Tensor contract)",
+        "capabilities": _capabilities_report(target) if own else "all (the NF4Tensor contract)",
         "summary": summary,
         "results": [
             {"check": r.check.name, "group": group(r.check), "requires": list(r.check.requires), "status": r.status,
@@ -206,6 +225,16 @@ def json_report(target, profile: str, results: list[Result], seed: int | None = 
             for r in results
         ],
     }
+
+
+def _capabilities_report(target) -> dict | str:
+    """What the target's own format supports, or why it has nothing to report (QLoRA's own case declared away, say)."""
+    from lora_lab.conformance.judge.formats import capabilities
+
+    try:
+        return capabilities(target).report()
+    except (CheckFailed, NotSupported) as exc:
+        return str(exc)
 
 
 def import_failure(spec: str, exc: BaseException) -> str:
@@ -278,4 +307,8 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
         print(f"wrote {args.json}")
-    return 1 if failures else 0
+    unverified = unsupported_operations(target, results)
+    for line in unverified:
+        print(f"lora-lab verify: {line}; a verdict needs at least QLoRA's own case (NF4, blocksize 64, bf16) checked",
+              file=sys.stderr)
+    return 2 if unverified else 1 if failures else 0

@@ -7,11 +7,14 @@ reported as what they are.
 
 import types
 
+import pytest
 import torch
 
+from lora_lab.conformance.errors import CheckFailed
 from lora_lab.conformance.isolation.target import Target
+from lora_lab.conformance.judge.capabilities import declared, supported
 from lora_lab.conformance.judge.formats import capabilities, unpack_codes
-from lora_lab.conformance.runner import ERROR, NOT_SUPPORTED, PASSED, all_checks, run_check
+from lora_lab.conformance.runner import ERROR, FAILED, NOT_SUPPORTED, PASSED, all_checks, run_check
 from lora_lab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 CHECKS = {c.name: c for c in all_checks()}
@@ -121,3 +124,37 @@ def test_bad_input_that_returns_a_result_fails_and_lists_every_case():
     result = run_check(CHECKS["nf4.rejects_bad_input"], Target("accepts_nan", module))
     assert result.status == "failed" and "accepted 7 of 7 bad inputs" in result.detail
     assert "a weight holding NaN: returned a NaN result instead of raising" in result.detail
+
+
+def test_a_format_probed_without_qlora_own_case_fails_instead_of_not_supported():
+    """A library that cannot quantize blocks of 64 cannot run QLoRA: every check that draws from it fails, saying so."""
+    target = low_nibble_target()
+    quantize = target.obj.NF4_FORMAT.quantize
+
+    def refuses_64(weight, blocksize=64, double_quant=False):
+        if blocksize == 64:
+            raise ValueError("blocks of 64 are not implemented")
+        return quantize(weight, blocksize, double_quant)
+
+    target.obj.NF4_FORMAT.quantize = target.obj.quantize_nf4 = refuses_64
+    with pytest.raises(CheckFailed, match="supports blocksizes .*ValueError: blocks of 64 are not implemented.*QLoRA's own case"):
+        capabilities(target)
+    result = run_check(CHECKS["nf4.round_trip_is_nearest_level"], target)
+    assert result.status == FAILED and "QLoRA's own case" in result.detail
+
+
+def test_capabilities_count_for_nothing_on_a_target_that_speaks_nf4tensor():
+    """Declaring away the blocksize it gets wrong must not turn an NF4Tensor target's failure into "not supported"."""
+    module = types.ModuleType("wrong_at_128")
+
+    def wrong_at_128(weight, blocksize=64, double_quant=False):
+        q = quantize_nf4(weight, blocksize, double_quant)
+        return NF4Tensor(q.packed ^ 1, q.absmax, q.blocksize, q.shape, q.dtype, q.double_quant, q.absmax_code,
+                         q.absmax_scale, q.absmax_offset) if blocksize == 128 else q
+
+    module.quantize_nf4, module.dequantize_nf4 = wrong_at_128, dequantize_nf4
+    module.CAPABILITIES = {"blocksizes": ((32, 64, 256, 512, 1024, 2048, 4096), "128 is not tuned yet")}
+    target = Target("wrong_at_128", module)
+    assert declared(target, "blocksizes") is None and supported(target, "blocksizes", (64, 128)) == [64, 128]
+    result = run_check(CHECKS["nf4.bytes_match_bitsandbytes"], target)
+    assert result.status == FAILED and "blocksize=128" in result.detail.replace(" ", ""), result.detail

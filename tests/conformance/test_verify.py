@@ -143,3 +143,19 @@ def test_the_readmes_mutant_example_is_what_verify_prints(monkeypatch, capsys):
         return [" ".join(word for word in line.split() if not re.fullmatch(r"\d+\.\d+[sx]", word)) for line in text.splitlines()]
 
     assert without_times(capsys.readouterr().out) == without_times(example)
+
+
+def test_an_operation_whose_every_check_is_not_supported_is_exit_2_naming_it_and_its_declarations(tmp_path, monkeypatch,
+                                                                                                    capsys):
+    """A format that declares no double-quant setting supported left every check "not supported" and exited 0."""
+    (tmp_path / "supports_no_statistics.py").write_text(
+        "from declares_nothing_supported import NF4_FORMAT, dequantize_nf4, quantize_nf4  # noqa: F401\n"
+        "CAPABILITIES = {'double_quant': ((), 'no statistics at all')}\n")
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "adversarial"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["verify", "supports_no_statistics", "--only", "nf4."]) == 2
+    captured = capsys.readouterr()
+    assert "0 passed, 0 failed" in captured.out
+    for op in ("quantize_nf4", "dequantize_nf4"):
+        assert f"lora-lab verify: {op}: all " in captured.err
+    assert "'double_quant': ((), 'no statistics at all')" in captured.err

@@ -26,7 +26,8 @@ What a format supports is declared in the target's ``CAPABILITIES`` (see
 ``capabilities.py``) or probed here, once per target, by quantizing a small
 weight for each blocksize, dtype, double-quant setting and a numel that is not a
 multiple of the blocksize. What fails is recorded with the library's own reason,
-and the checks draw only from what is supported.
+and the checks draw only from what is supported, which must hold QLoRA's own
+case (blocksize 64, bf16): a format without it fails, it is not "not supported".
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 
 from lora_lab.conformance.errors import NotSupported
-from lora_lab.conformance.judge.capabilities import declared
+from lora_lab.conformance.judge.capabilities import declared, require_qlora_case
 from lora_lab.nf4 import FLOAT_DTYPES, NF4_CODE, VALID_BLOCKSIZES, NF4Tensor, dequantize_nf4, quantize_nf4
 
 BLOCKSIZES, DTYPES = VALID_BLOCKSIZES, FLOAT_DTYPES  # what the NF4 contract covers (lora_lab.nf4)
@@ -191,9 +192,11 @@ def _declared_or_probed(target, fmt) -> Capabilities:
                     label=lambda key, d: f"{key} {dtype_name(d)}")
     ragged = values("ragged", (True,), lambda _: _probe(fmt, feature("ragged", True), sample(b + 1), b, dq, missing), feature)
     backward = values("backward", (True,), lambda _: True, feature)  # not probed: the gradient check finds out
-    for name, found in (("double_quant", double_quant), ("blocksizes", blocksizes), ("dtypes", dtypes)):
-        if not found:
-            raise NotSupported(f"the format supports no {name}: {'; '.join(missing.values())}")
+    # What was declared is held to QLoRA's own case by declared(); what was probed is held to it here.
+    require_qlora_case("blocksizes", blocksizes, missing.get("blocksizes 64", "probed"), how="supports")
+    require_qlora_case("dtypes", dtypes, missing.get("dtypes bfloat16", "probed"), how="supports")
+    if not double_quant:
+        raise NotSupported(f"the format supports no double_quant: {'; '.join(missing.values())}")
     return Capabilities(blocksizes, dtypes, double_quant, bool(ragged), bool(backward), missing)
 
 
