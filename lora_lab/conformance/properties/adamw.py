@@ -106,9 +106,9 @@ def adamw_matches_torch(target) -> None:
                 )
                 allowed_p += 8 * u * (ref.abs() + hparams["lr"] * update)
                 try:
-                    assert_close(exp_avg, state["exp_avg"], 8 * u * step * (state["exp_avg"].abs() + grad.abs()),
+                    assert_close(exp_avg, state["exp_avg"], 8 * u * step * (state["exp_avg"].abs() + grad_before.abs()),
                                  f"exp_avg, in place ({where})")
-                    assert_close(exp_avg_sq, state["exp_avg_sq"], 8 * u * step * (state["exp_avg_sq"] + grad.square()),
+                    assert_close(exp_avg_sq, state["exp_avg_sq"], 8 * u * step * (state["exp_avg_sq"] + grad_before.square()),
                                  f"exp_avg_sq, in place ({where})")
                     assert_close(param, ref.detach(), allowed_p, f"param, in place ({where})")
                 except CheckFailed as failure:
@@ -127,7 +127,10 @@ def adamw_matches_torch(target) -> None:
     "refuse step < 1 with a ValueError before 1 - beta ** step becomes 0.",
 )
 def adamw_first_step(target) -> None:
-    """Step 1 (no weight decay) moves each element by exactly lr * g / (|g| + eps); step 0 or -1 is a ValueError."""
+    """Step 1 (no weight decay) moves each element by exactly lr * g / (|g| + eps); step 0 or -1 is a ValueError.
+
+    The expectation is computed before the call, from the gradient as given, and the gradient must come back unchanged.
+    """
     for bad in (0, -1):
         param = torch.ones(3)
         try:
@@ -146,8 +149,11 @@ def adamw_first_step(target) -> None:
     def prop(problem):
         start, grads, hparams, _ = problem
         param, grad = start.clone(), grads[1]
-        target.op("adamw_step")(param, grad, torch.zeros_like(param), torch.zeros_like(param), 1, **hparams, weight_decay=0.0)
+        # Read before the call: an expectation computed afterwards from a grad the target zeroed says "do not move".
         expected = start.double() - hparams["lr"] * grad.double() / (grad.double().abs() + hparams["eps"])
+        grad_before = grad.clone()
+        target.op("adamw_step")(param, grad, torch.zeros_like(param), torch.zeros_like(param), 1, **hparams, weight_decay=0.0)
+        assert_equal(grad, grad_before, f"grad after the first adamw_step ({hparams}); the gradient must not be modified")
         u = UNIT_ROUNDOFF[start.dtype]
         assert_close(param, expected, 8 * u * (start.abs() + hparams["lr"]), f"param after the first step ({hparams})")
 

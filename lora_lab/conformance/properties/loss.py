@@ -22,7 +22,7 @@ from lora_lab.conformance.judge.compare import (
     seeded_generator,
 )
 from lora_lab.conformance.judge.contract import refill_tail
-from lora_lab.conformance.judge.profiles import NO_SHRINK, examples
+from lora_lab.conformance.judge.profiles import NO_SHRINK, examples, run_seed
 from lora_lab.conformance.registry import check
 from lora_lab.data import collate, generate_products
 
@@ -86,41 +86,62 @@ def _float64_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_in
     "Half-precision logits lose too much in a log-sum-exp over the vocabulary.",
 )
 def matches_shift_and_mask(target) -> None:
-    """Loss and its gradient equal a float64 shift-and-mask cross-entropy, for any padding, mask and dtype.
+    """Loss and its gradient equal a float64 shift-and-mask cross-entropy, for any padding, mask, dtype and length.
 
     Draws ``loss_problems``: batch 1-4, length 2-24, vocabulary 2-300, fp32/fp16/bf16 logits, ignore_index -100 or
-    -1, random masks and right padding.
+    -1, random masks and right padding; then ``long_loss_problem``: sequences of 1,090 to 2,048 positions (a loss
+    that stops after a few hundred positions passes every short one), from the run's seed.
     """
 
     @settings(max_examples=examples(25))
     @given(loss_problems())
     def prop(problem):
-        logits, labels, ignore_index = problem
-        expected, expected_grad = _float64_loss_and_grad(logits, labels, ignore_index)
-        logits = logits.clone().requires_grad_(True)
-        loss = _scalar_loss(
-            call_guarded(target.op("next_token_loss"), logits, labels, ignore_index=ignore_index, name="next_token_loss",
-                         deterministic=True),
-            "next_token_loss",
-        )
-        where = f"logits {tuple(logits.shape)} {logits.dtype}, {int((labels[:, 1:] != ignore_index).sum())} labels"
-        assert_close(loss, expected, _loss_allowance(logits, float(expected)), f"loss ({where})")
-        loss.backward()
-        if logits.grad is None:
-            raise CheckFailed("the loss is not differentiable: logits.grad is None after loss.backward()")
-        n = int((labels[:, 1:] != ignore_index).sum())
-        info = torch.finfo(logits.dtype)  # the gradient is rounded to the logits' dtype, subnormal spacing included
-        allowed = 4 * UNIT_ROUNDOFF[logits.dtype] * expected_grad.abs() + 16 * U32 * (expected_grad.abs() + 1 / n)
-        allowed = allowed + info.smallest_normal * info.eps
-        assert_close(logits.grad, expected_grad, allowed, f"d loss / d logits ({where})")
-        fresh = logits.detach()  # the same storage and prefix, a new tail: a cached loss is stale here
-        refill_tail([fresh], seeded_generator(n))
-        expected, _ = _float64_loss_and_grad(fresh, labels, ignore_index)
-        loss = _scalar_loss(call_guarded(target.op("next_token_loss"), fresh, labels, ignore_index=ignore_index,
-                                         name="next_token_loss"), "next_token_loss")
-        assert_close(loss, expected, _loss_allowance(fresh, float(expected)), f"loss, logits refilled in place ({where})")
+        _check_against_float64(target, *problem)
 
     prop()
+    _check_against_float64(target, *long_loss_problem())
+
+
+def long_loss_problem() -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One batch of sequences of 1,090 to 2,048 positions at a small vocabulary (64), drawn from the run's seed:
+    half the labels masked, at most 64 positions of right padding, so labels past position 1,024 always count."""
+    g = seeded_generator(run_seed("loss: long sequence"))
+    batch, length = int(torch.randint(1, 3, (1,), generator=g)), int(torch.randint(1090, 2049, (1,), generator=g))
+    dtype = (torch.float32, torch.bfloat16, torch.float16)[int(torch.randint(0, 3, (1,), generator=g))]
+    logits = (torch.randn(batch, length, 64, generator=g) * 2).to(dtype)
+    labels = torch.randint(0, 64, (batch, length), generator=g)
+    labels[torch.rand(batch, length, generator=g) < 0.5] = -100
+    for row in range(batch):
+        labels[row, length - int(torch.randint(0, 65, (1,), generator=g)) :] = -100
+    labels[:, 1025] = 0  # a label past position 1,024 in every row, whatever the mask drew (padding starts past 1,025)
+    return logits, labels, -100
+
+
+def _check_against_float64(target, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
+    """The target's loss and gradient on (logits, labels) against float64, then on logits refilled in place."""
+    expected, expected_grad = _float64_loss_and_grad(logits, labels, ignore_index)
+    logits = logits.clone().requires_grad_(True)
+    loss = _scalar_loss(
+        call_guarded(target.op("next_token_loss"), logits, labels, ignore_index=ignore_index, name="next_token_loss",
+                     deterministic=True),
+        "next_token_loss",
+    )
+    where = f"logits {tuple(logits.shape)} {logits.dtype}, {int((labels[:, 1:] != ignore_index).sum())} labels"
+    assert_close(loss, expected, _loss_allowance(logits, float(expected)), f"loss ({where})")
+    loss.backward()
+    if logits.grad is None:
+        raise CheckFailed("the loss is not differentiable: logits.grad is None after loss.backward()")
+    n = int((labels[:, 1:] != ignore_index).sum())
+    info = torch.finfo(logits.dtype)  # the gradient is rounded to the logits' dtype, subnormal spacing included
+    allowed = 4 * UNIT_ROUNDOFF[logits.dtype] * expected_grad.abs() + 16 * U32 * (expected_grad.abs() + 1 / n)
+    allowed = allowed + info.smallest_normal * info.eps
+    assert_close(logits.grad, expected_grad, allowed, f"d loss / d logits ({where})")
+    fresh = logits.detach()  # the same storage and prefix, a new tail: a cached loss is stale here
+    refill_tail([fresh], seeded_generator(n))
+    expected, _ = _float64_loss_and_grad(fresh, labels, ignore_index)
+    loss = _scalar_loss(call_guarded(target.op("next_token_loss"), fresh, labels, ignore_index=ignore_index,
+                                     name="next_token_loss"), "next_token_loss")
+    assert_close(loss, expected, _loss_allowance(fresh, float(expected)), f"loss, logits refilled in place ({where})")
 
 
 @check(
