@@ -118,7 +118,9 @@ def test_memorised_table_passes_ci_but_not_a_scored_run(monkeypatch, capsys, tmp
     monkeypatch.setenv("LORA_LAB_TABLE", str(tmp_path / "table.pt"))
     check = ["--only", "qlora.forward_matches_float64"]
     monkeypatch.setenv("LORA_LAB_TABLE_RECORD", "1")
+    monkeypatch.setenv("LORA_LAB_SANDBOX", "off")  # recorded before any verification: a sandboxed target writes nothing
     assert main(["verify", "memorised_ci_table", *check]) == 0
+    monkeypatch.delenv("LORA_LAB_SANDBOX")
     monkeypatch.setenv("LORA_LAB_TABLE_RECORD", "0")
     assert main(["verify", "memorised_ci_table", *check]) == 0, "replaying the table passes the public profile"
     assert main(["verify", "memorised_ci_table", *check, "--profile", "scored"]) == 1

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from lora_lab.conformance.errors import CheckFailed, StubReached, raised_by_a_library, user_traceback
-from lora_lab.conformance.isolation import wire
+from lora_lab.conformance.isolation import sandbox, wire
 from lora_lab.conformance.isolation.learner_files import (
     as_stub,
     chain_to_learner,
@@ -84,7 +84,9 @@ def _builtin_bases(exc: BaseException) -> list[str]:
 class Server:
     """The child's side: the target, its kept autograd graphs and its models."""
 
-    def __init__(self) -> None:
+    def __init__(self, sandboxed: dict | None = None, refused: Exception | None = None) -> None:
+        self.sandboxed = sandboxed or {}  # what sandbox.enter entered; its report goes back with every init
+        self.refused = refused  # --sandbox require on a machine without every layer: no target is imported
         self.target = None
         self.functions: dict[str, Any] = {}  # the target's own function for each operation it provides
         self.learner_folder: Path | None = None
@@ -127,10 +129,13 @@ class Server:
         self.graphs.clear()
         self.models.clear()
         self.objects.clear()
+        if self.refused is not None:
+            raise self.refused
         sys.path[:] = settings["sys_path"]
         if "environ" in settings:  # the suite's environment now, not the fork server's from when it started
             os.environ.clear()
             os.environ.update(settings["environ"])
+        os.environ.update(sandbox.private_environment(self.sandboxed))  # caches and temporary files: its own folder
         torch.set_num_threads(int(settings["threads"]))
         chained: list[str] = []
         if settings.get("learner_folder"):
@@ -156,7 +161,7 @@ class Server:
         self.target = NeutralTarget(self)
         declarations = {name: wire.encode(loaded.declaration(name)) for name in DECLARATIONS}
         return {"provides": provided, "origin": {op: origin_of(loaded.op(op)) for op in provided},
-                "declarations": declarations, "nf4_format": described, "chained": chained}
+                "declarations": declarations, "nf4_format": described, "chained": chained, "sandbox": self.sandboxed}
 
     def run_op(self, op: str, args, kwargs, grad_enabled: bool, context=None, timing: list | None = None):
         """The target's own function for ``op``, called on a neutral thread; a learner's stub ends the check."""
@@ -285,13 +290,19 @@ class NeutralTarget:
 
 
 def main(argv: list[str]) -> int:
-    inbox = os.fdopen(int(argv[1]), "rb", buffering=0)
-    outbox = os.fdopen(int(argv[2]), "wb", buffering=0)
+    """``serve IN OUT [SANDBOX]``: answer the suite's requests on two pipes, inside the sandbox (``sandbox.py``)."""
+    pipes = (int(argv[1]), int(argv[2]))
+    try:  # before anything of the target is imported; only the sandboxed process returns
+        entered, refused = sandbox.enter(argv[3] if len(argv) > 3 else sandbox.mode(), keep_fds=pipes), None
+    except sandbox.SandboxUnavailable as exc:
+        entered, refused = {}, exc  # the reply to the first request (the target's init) says so
+    inbox = os.fdopen(pipes[0], "rb", buffering=0)
+    outbox = os.fdopen(pipes[1], "wb", buffering=0)
     os.dup2(2, 1)  # the target's prints go to stderr, never into the report on stdout
     # Ctrl-C reaches every process of the terminal's group: it is the suite's to answer (it closes this process),
     # not a KeyboardInterrupt traceback of this one's under the command's "interrupted".
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    server = Server()
+    server = Server(entered, refused)
     while True:
         try:
             message = wire.receive(inbox)
@@ -310,6 +321,9 @@ def main(argv: list[str]) -> int:
 
 
 
+
+# The fork server imports this module before it forks any target: from then on no target may trace it.
+sandbox.make_undumpable()
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))

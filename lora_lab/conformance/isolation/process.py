@@ -21,6 +21,8 @@ import types
 from typing import Any
 
 from lora_lab.conformance.errors import StubReached, TargetCrashed, TargetTimedOut, remote_exception
+from lora_lab.conformance.isolation.sandbox import make_undumpable
+from lora_lab.conformance.isolation.sandbox import mode as sandbox_mode
 
 CALL_TIMEOUT_ENV = "LORA_LAB_CALL_TIMEOUT"  # seconds one call to the target may take (default 300)
 START_TIMEOUT = 300.0  # importing torch, bitsandbytes and the target on a busy machine
@@ -43,6 +45,7 @@ def prepare_for_targets() -> None:
     """
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    make_undumpable()  # no sandboxed target may trace this process or open its memory (sandbox.py)
     if _forking():
         _fork_server()
 
@@ -101,10 +104,10 @@ def _fork_server():
 class _Forked:
     """A target's process forked by the server (``_fork_server``), speaking over the two pipe ends it is given."""
 
-    def __init__(self, read_fd: int, write_fd: int) -> None:
+    def __init__(self, read_fd: int, write_fd: int, sandbox: str) -> None:
         context = _fork_server()
-        self.process = context.Process(target=_serve, args=(CHILD_MODULE, _Fd(read_fd), _Fd(write_fd)), daemon=True,
-                                       name="target")
+        self.process = context.Process(target=_serve, args=(CHILD_MODULE, _Fd(read_fd), _Fd(write_fd), sandbox),
+                                       daemon=True, name="target")
         # multiprocessing would have the fork import the suite's __main__ again (a script, pytest, a notebook):
         # nothing of the suite's may run there, so the fork is started as if there were no main module.
         main = sys.modules["__main__"]
@@ -125,11 +128,11 @@ class _Forked:
         return self.process.exitcode
 
 
-def _serve(module: str, inbox: _Fd, outbox: _Fd) -> None:
+def _serve(module: str, inbox: _Fd, outbox: _Fd, sandbox: str) -> None:
     """In the fork: run the child's loop on the two pipe ends, as ``python -m`` runs it in a fresh interpreter."""
     import importlib
 
-    sys.exit(importlib.import_module(module).main(["serve", str(inbox.fd), str(outbox.fd)]))
+    sys.exit(importlib.import_module(module).main(["serve", str(inbox.fd), str(outbox.fd), sandbox]))
 
 
 class _Fd:
@@ -150,9 +153,9 @@ class _Fd:
 class _Spawned:
     """A target's process started as a fresh interpreter (``python -m lora_lab.conformance.isolation.child``)."""
 
-    def __init__(self, read_fd: int, write_fd: int) -> None:
+    def __init__(self, read_fd: int, write_fd: int, sandbox: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", CHILD_MODULE, str(read_fd), str(write_fd)],
+            [sys.executable, "-m", CHILD_MODULE, str(read_fd), str(write_fd), sandbox],
             pass_fds=(read_fd, write_fd), stdin=subprocess.DEVNULL, close_fds=True,
             env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},  # see prepare_for_targets
         )
@@ -180,8 +183,11 @@ def _widen_pipe(fd: int) -> None:
 class Child:
     """One child process running ``lora_lab.conformance.isolation.child``, and its two pipes."""
 
-    def __init__(self, init: dict, call_timeout: float | None = None) -> None:
+    def __init__(self, init: dict, call_timeout: float | None = None, sandboxed: bool = True) -> None:
+        """``sandboxed``: the target's process enters the sandbox of this command's mode (``sandbox.py``); only the
+        suite's own oracle process, which never runs a target, is started without one."""
         self.init = init
+        self.sandbox = sandbox_mode() if sandboxed else "off"
         self.call_timeout = call_timeout if call_timeout is not None else float(os.environ.get(CALL_TIMEOUT_ENV, "300"))
         self.process: _Forked | _Spawned | None = None
         self.owed = 0  # replies the process still owes: each message sent gets exactly one, in order
@@ -192,7 +198,8 @@ class Child:
         from_child_r, from_child_w = os.pipe()
         for fd in (to_child_w, from_child_w):
             _widen_pipe(fd)
-        self.process = _Forked(to_child_r, from_child_w) if _forking() else _Spawned(to_child_r, from_child_w)
+        started = _Forked if _forking() else _Spawned
+        self.process = started(to_child_r, from_child_w, self.sandbox)
         os.close(to_child_r)
         os.close(from_child_w)
         self.outbox = os.fdopen(to_child_w, "wb", buffering=0)

@@ -204,7 +204,8 @@ class RemoteTarget:
     """An implementation under test that runs in its own process; what the properties see is ``target.Target``'s API."""
 
     def __init__(self, spec: str, learner_folder: str | None = None, call_timeout: float | None = None,
-                 name: str | None = None, chain: bool = False, wait: bool = True, preload: tuple[str, ...] = ()) -> None:
+                 name: str | None = None, chain: bool = False, wait: bool = True, preload: tuple[str, ...] = (),
+                 sandboxed: bool = True) -> None:
         """``wait=False``: the process starts importing the target at once and the caller goes on with its own work
         (importing the suite); the first use of ``hello`` (or ``wait()``) takes its reply. ``preload``: modules the
         process imports after the target, before it answers (the suite's oracle process, ``isolation.stack``)."""
@@ -215,7 +216,7 @@ class RemoteTarget:
         # the checks' thread count (profiles.command_threads: one, unless $LORA_LAB_THREADS says otherwise)
         init = {"sys_path": list(sys.path), "threads": command_threads() or torch.get_num_threads(), "target": spec,
                 "learner_folder": learner_folder, "chain": chain, "preload": list(preload)}
-        self.child = Child(init, call_timeout)
+        self.child = Child(init, call_timeout, sandboxed)
         self.seconds = 0.0  # time spent inside the target's calls, as its process measured it
         self.sampled: dict[str, int] = {}  # calls per op whose time was compared with the reference's, this check
         self.timing = [0.0, 0.0]  # on those calls: the target's seconds, lora_lab's reference's seconds

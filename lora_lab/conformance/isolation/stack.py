@@ -22,7 +22,8 @@ def stack(preload: tuple[str, ...] = ()):
     """
     if "target" not in _STACK:
         _STACK["target"] = RemoteTarget(STACK_MODULE, name="peft, bitsandbytes and transformers (the oracles)",
-                                        wait=False, preload=preload)
+                                        wait=False, preload=preload,
+                                        sandboxed=False)  # the suite's own code: no target runs there
     return _STACK["target"]
 
 
