@@ -30,27 +30,12 @@ from dataclasses import dataclass
 import torch
 
 # The 16 NF4 levels, exactly as bitsandbytes stores them (float32).
-NF4_CODE = torch.tensor(
-    [
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ],
-    dtype=torch.float32,
-)
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)
 
 ABSMAX_BLOCKSIZE = 256  # blocks of absmax values that share one fp32 scale (double quant)
 VALID_BLOCKSIZES = tuple(2**p for p in range(5, 13))  # 32 ... 4096, as bitsandbytes accepts
@@ -151,35 +136,21 @@ class NF4Tensor:
     def to(self, device: torch.device | str) -> NF4Tensor:
         """A copy of this weight on ``device`` (the codes themselves do not change)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return NF4Tensor(
-            move(self.packed), move(self.absmax), self.blocksize, self.shape, self.dtype,
-            self.double_quant, move(self.absmax_code), move(self.absmax_scale), self.absmax_offset,
-        )
+        return NF4Tensor(move(self.packed), move(self.absmax), self.blocksize, self.shape, self.dtype,
+                         self.double_quant, move(self.absmax_code), move(self.absmax_scale), self.absmax_offset)
 
     def to_bnb(self):
         """``(packed, QuantState)`` that ``bitsandbytes.functional.dequantize_4bit`` accepts."""
         from bitsandbytes.functional import QuantState
 
-        code = NF4_CODE.to(self.device)
-        if self.double_quant:
-            nested = QuantState(
-                absmax=self.absmax_scale,
-                code=self.absmax_code.to(self.device),
-                blocksize=ABSMAX_BLOCKSIZE,
-                dtype=torch.float32,
-            )
-            state = QuantState(
-                absmax=self.absmax, shape=self.shape, dtype=self.dtype, blocksize=self.blocksize,
-                code=code, quant_type="nf4",
-                offset=torch.tensor(self.absmax_offset, dtype=torch.float32, device=self.device),
-                state2=nested,
-            )
-        else:
-            state = QuantState(
-                absmax=self.absmax, shape=self.shape, dtype=self.dtype, blocksize=self.blocksize,
-                code=code, quant_type="nf4",
-            )
-        return self.packed.reshape(-1, 1), state
+        common = dict(absmax=self.absmax, shape=self.shape, dtype=self.dtype, blocksize=self.blocksize,
+                      code=NF4_CODE.to(self.device), quant_type="nf4")
+        if not self.double_quant:
+            return self.packed.reshape(-1, 1), QuantState(**common)
+        nested = QuantState(absmax=self.absmax_scale, code=self.absmax_code.to(self.device), blocksize=ABSMAX_BLOCKSIZE,
+                            dtype=torch.float32)
+        offset = torch.tensor(self.absmax_offset, dtype=torch.float32, device=self.device)
+        return self.packed.reshape(-1, 1), QuantState(**common, offset=offset, state2=nested)
 
     @classmethod
     def from_bnb(cls, packed: torch.Tensor, quant_state) -> NF4Tensor:
@@ -189,17 +160,12 @@ class NF4Tensor:
         packed = packed.reshape(-1)
         if packed.dtype != torch.uint8:
             packed = packed.view(torch.uint8)
+        shape = torch.Size(quant_state.shape)
         if quant_state.nested:
             nested = quant_state.state2
-            return cls(
-                packed, quant_state.absmax, quant_state.blocksize, torch.Size(quant_state.shape),
-                quant_state.dtype, True, nested.code.float(), nested.absmax.float(),
-                float(quant_state.offset),
-            )
-        return cls(
-            packed, quant_state.absmax.float(), quant_state.blocksize,
-            torch.Size(quant_state.shape), quant_state.dtype,
-        )
+            return cls(packed, quant_state.absmax, quant_state.blocksize, shape, quant_state.dtype, True,
+                       nested.code.float(), nested.absmax.float(), float(quant_state.offset))
+        return cls(packed, quant_state.absmax.float(), quant_state.blocksize, shape, quant_state.dtype)
 
 
 def check_weight(weight: torch.Tensor, blocksize: int) -> None:
@@ -281,15 +247,13 @@ def nearest_nf4_code(normalized: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _code_by_top_bits(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tables for ``_nearest_nf4_code_by_bits``: over the 65,536 values of a float32's top 16 bits, the code of the
-    cell's smallest value and the midpoint above it (+inf above the last).
+    """For each of the 65,536 top-16-bit patterns of a float32: the code of the cell's smallest value, and the midpoint
+    above that code (+inf above the last). A cell is indexed by its bits as a signed 16-bit number plus 32,768.
 
-    The floats that share their top 16 bits (sign, exponent, 7 bits of mantissa)
-    form a cell of consecutive values less than 1% wide, and no cell within
-    [-1, 1] holds two of the 15 midpoints (``tests/test_nf4.py`` checks every
-    cell). So for ``x`` in a cell, ``nearest_nf4_code(x)`` is the cell's lowest
-    code, plus one if ``x`` lies above the one midpoint that may split the cell.
-    Cells are indexed by the top bits as a signed 16-bit number plus 32,768.
+    The floats sharing their top 16 bits (sign, exponent, 7 mantissa bits) are a
+    run of consecutive values under 1% wide, and no such cell in [-1, 1] holds two
+    midpoints (``tests/test_nf4.py`` checks each). So ``nearest_nf4_code(x)`` is
+    its cell's lowest code, plus one if ``x`` lies above the midpoint after it.
     """
     top = torch.arange(-(2**15), 2**15, dtype=torch.int32) * 2**16
     ends = torch.stack([top.view(torch.float32), (top + (2**16 - 1)).view(torch.float32)])
@@ -329,11 +293,10 @@ def _in_one_piece(numel: int, device: torch.device) -> bool:
 def _chunks(numel: int, device: torch.device) -> list[tuple[int, int]]:
     """``(start, stop)`` ranges of whole blocks that cover ``numel`` elements: ``CPU_CHUNK`` at a time on the CPU.
 
-    Why chunks: on the CPU, each temporary of a whole 4096 x 4096 weight is a
-    fresh 64 MB that the OS must map in page by page (about 25 ms on one core,
-    more than the arithmetic), and that then streams through memory. A chunk's
-    temporaries stay in the caches and are reused. 2^18 was the fastest of
-    2^16, 2^17 and 2^18 for both quantize and dequantize on a 2-core AMD EPYC.
+    Why: on the CPU each temporary of a whole 4096 x 4096 weight is a fresh 64 MB
+    that the OS maps in page by page (about 25 ms on one core, more than the
+    arithmetic); a chunk's temporaries stay in the caches and are reused. 2^18
+    was the fastest of 2^16..2^18 for quantize and dequantize on a 2-core AMD EPYC.
     """
     step = numel if _in_one_piece(numel, device) else CPU_CHUNK
     return [(start, min(start + step, numel)) for start in range(0, numel, step)]
@@ -358,9 +321,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if not double_quant:
         return NF4Tensor(packed, absmax, blocksize, weight.shape, weight.dtype)
     absmax_codes, absmax_code, scales, offset = quantize_absmax(absmax)
-    return NF4Tensor(
-        packed, absmax_codes, blocksize, weight.shape, weight.dtype, True, absmax_code, scales, offset
-    )
+    return NF4Tensor(packed, absmax_codes, blocksize, weight.shape, weight.dtype, True, absmax_code, scales, offset)
 
 
 def unpack_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
@@ -396,13 +357,9 @@ def _byte_levels(device: torch.device) -> torch.Tensor:
 
 def _scaled_levels(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """The first ``numel`` elements (whole blocks) that ``packed`` holds, in fp32, by a look-up and a scaling.
-
-    Each byte's two levels come by one look-up in ``_byte_levels``, as one
-    8-byte word (into ``out``, fp32 of length ``2 * len(packed)``, when given);
-    then each block is scaled by its absmax in place. Returns all
-    ``2 * len(packed)`` values: an odd last byte brings one past ``numel``.
-    """
+    """The first ``numel`` elements (whole blocks) that ``packed`` holds, in fp32: each byte's two levels by one look-up
+    in ``_byte_levels`` (one 8-byte word, into ``out`` when given), then each block scaled by its absmax in place.
+    Returns all ``2 * len(packed)`` values: an odd last byte brings one past ``numel``."""
     words = None if out is None else out.view(torch.int64)
     levels = torch.index_select(_byte_levels(packed.device), 0, packed.int(), out=words).view(torch.float32)
     full = numel - numel % blocksize
