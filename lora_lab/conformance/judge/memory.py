@@ -14,7 +14,14 @@ so only a measurement catches it. Two instruments, used together:
   which also catches a tensor kept as a ``ctx`` attribute or in a cache, where no
   hook looks.
 
-Both see torch operations only. A Triton kernel's tiles live in registers (or,
+A third instrument needs neither: a census of every tensor alive in the target's
+process (``storages_alive``, the garbage collector's view), taken before
+``apply_qlora`` and again after it or after a forward. What is new, is not
+reachable from the model, and has a base weight's element count is a dense copy
+kept somewhere else (a module-level dict, a cache), whether or not the other two
+instruments were on when it was made.
+
+The first two see torch operations only. A Triton kernel's tiles live in registers (or,
 under ``TRITON_INTERPRET=1``, in small numpy arrays) and never appear: what
 they do show is every buffer the host code around a kernel allocates, which is
 where a dense weight would be made.
@@ -24,12 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from lora_lab.conformance.errors import CheckFailed
 
 
 @dataclass(frozen=True)
@@ -173,3 +184,77 @@ def model_kept_for_backward(model, dense, batch, forward, quantized: list[str], 
     copies = [s for s in record.saved if s.dtype == torch.float32 and s.numel in activation_sizes.get(s.where, ())]
     logits.float().sum().backward()
     return {"layers": len(shapes), "kept": seen_to_wire(kept), "copies": seen_to_wire(copies)}
+
+
+def storages_alive(collect: bool = True) -> dict[int, tuple[Seen, weakref.ref]]:
+    """Every tensor storage the garbage collector can see in this process, each once: ``{data_ptr: (a tensor on it,
+    a weak reference to that tensor)}``, keyed as ``reachable_storages`` keys what a model reaches. A tensor that a
+    module-level dict or a cache keeps is here, however far it is from any model.
+
+    ``collect`` first frees what only a reference cycle keeps (0.3 s with torch and transformers loaded): needed for
+    the census after, not for the one before, whose entries count only while their weak reference is alive (a
+    storage freed since may have lent its address to a new tensor). ``type(obj)`` rather than ``isinstance``: an
+    object may answer ``__class__`` with anything. A tensor with no storage of its own (a wrapper subclass) is
+    skipped; the tensors it wraps are found themselves.
+    """
+    if collect:
+        gc.collect()
+    alive = {}
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.Tensor):
+            continue
+        try:
+            storage = obj.untyped_storage()
+            key = storage.data_ptr()
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue
+        if obj.device.type != "meta" and storage.nbytes() and key not in alive:
+            seen = Seen("alive in the target's process, reached from no model", tuple(obj.shape), obj.dtype)
+            alive[key] = (seen, weakref.ref(obj))
+    return alive
+
+
+def stray_weights(before: dict[int, tuple[Seen, weakref.ref]], reachable: set[int], sizes: set[int]) -> list[Seen]:
+    """Tensors alive now that were not alive ``before`` and are not ``reachable`` (from the model), with one of a base
+    weight's element counts (``sizes``): dense copies of a weight kept outside the model."""
+    existed = lambda key: key in before and before[key][1]() is not None  # noqa: E731
+    return [seen for key, (seen, _) in storages_alive().items()
+            if not existed(key) and key not in reachable and seen.dtype.is_floating_point and seen.numel in sizes]
+
+
+def reachable_storages(obj, storages: dict[int, int], skip: Callable[[str], bool] = lambda name: False,
+                       seen: set[int] | None = None) -> None:
+    """Add the storages of every tensor reachable from ``obj``'s attributes (modules, containers, plain objects) to
+    ``storages`` (``{data_ptr: nbytes}``), leaving out a module's parameters, buffers and submodules ``skip`` names."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (type, types.ModuleType, types.FunctionType, types.MethodType, str, bytes)):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type != "meta" and obj.untyped_storage().nbytes():
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        children = list(getattr(obj, "__dict__", {}).values())  # bitsandbytes' Params4bit keeps its quant_state here
+    elif isinstance(obj, nn.Module):
+        children = [v for k, v in vars(obj).items() if k not in ("_parameters", "_buffers", "_modules")]
+        for group in ("_parameters", "_buffers", "_modules"):
+            children += [v for k, v in getattr(obj, group).items() if not skip(k)]
+    elif isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = list(obj)
+    else:
+        children = list(getattr(obj, "__dict__", {}).values())
+    for child in children:
+        reachable_storages(child, storages, skip, seen)
+
+
+def assert_no_stray_weights(model, when: str) -> None:
+    """CheckFailed when the target's process holds a dense copy of a base weight that ``model`` (a handle built with
+    ``census=True``) does not reach: memory spent all the same, which a census of the model alone never sees."""
+    stray = seen_from_wire(model.stray_weights())
+    if stray:
+        listed = ", ".join(str(s) for s in stray[:3]) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
+        raise CheckFailed(f"{when} the target's process holds {len(stray)} tensor(s) with a linear layer's weight size "
+                          f"that the model does not reach: {listed}; a dense copy of a base weight kept outside the model "
+                          "(a module-level dict, a cache) is memory QLoRA must not spend, wherever it is kept")

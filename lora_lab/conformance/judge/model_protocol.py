@@ -36,6 +36,7 @@ from torch import nn
 
 from lora_lab.conformance.judge.autograd import backward
 from lora_lab.conformance.judge.compare import UNIT_ROUNDOFF
+from lora_lab.conformance.judge.memory import reachable_storages
 from lora_lab.model import tiny_llama
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -169,32 +170,6 @@ def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _reachable_storages(obj, storages: dict[int, int], seen: set[int], skip_adapters: bool) -> None:
-    """Add the storages of every tensor reachable from ``obj``'s attributes (modules, containers, plain objects)."""
-    import types
-
-    if id(obj) in seen or isinstance(obj, (type, types.ModuleType, types.FunctionType, types.MethodType, str, bytes)):
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        if obj.device.type != "meta" and obj.untyped_storage().nbytes():
-            storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        children = list(getattr(obj, "__dict__", {}).values())  # bitsandbytes' Params4bit keeps its quant_state here
-    elif isinstance(obj, nn.Module):
-        children = [v for k, v in vars(obj).items() if k not in ("_parameters", "_buffers", "_modules")]
-        for group in ("_parameters", "_buffers", "_modules"):
-            children += [v for k, v in getattr(obj, group).items() if not (skip_adapters and is_adapter_name(k))]
-    elif isinstance(obj, dict):
-        children = list(obj.values())
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        children = list(obj)
-    else:
-        children = list(getattr(obj, "__dict__", {}).values())
-    for child in children:
-        _reachable_storages(child, storages, seen, skip_adapters)
-
-
 def quantized_layer_bytes(model: nn.Module) -> dict[str, int]:
     """Canonical name of each quantized layer -> bytes of the tensor storage it holds, adapters left out.
 
@@ -205,7 +180,7 @@ def quantized_layer_bytes(model: nn.Module) -> dict[str, int]:
     census = {}
     for name in quantized_layer_names(model):
         storages: dict[int, int] = {}
-        _reachable_storages(module_at(model, name), storages, set(), skip_adapters=True)
+        reachable_storages(module_at(model, name), storages, skip=is_adapter_name)
         census[name] = sum(storages.values())
     return census
 
@@ -214,7 +189,7 @@ def held_bytes(model: nn.Module) -> int:
     """Bytes of every tensor storage reachable from the model, adapters left out, each storage once: the whole census
     (a dense copy hidden anywhere in the model, not only in a layer, shows here)."""
     storages: dict[int, int] = {}
-    _reachable_storages(model, storages, set(), skip_adapters=True)
+    reachable_storages(model, storages, skip=is_adapter_name)
     return sum(storages.values())
 
 
@@ -230,22 +205,30 @@ class ModelHandle:
     METHODS = ("adapters", "set_adapters", "parameters", "frozen_state", "dense_linear_names", "quantized_layer_names",
                "layer_kinds", "train", "logits", "backward_loss", "adapter_gradients", "enable_checkpointing",
                "make_optimizer", "training_step", "recorded_step", "kept_for_backward", "layer_forward",
-               "quantized_layer_bytes", "held_bytes", "modes")
+               "quantized_layer_bytes", "held_bytes", "modes", "stray_weights")
 
     def __init__(self, target, model: nn.Module) -> None:
         self.target, self.model, self.optimizer, self.seed = target, model, None, None
+        self.census: tuple[dict, set[int]] | None = None  # what was alive before the build, the linear weights' sizes
 
     @classmethod
-    def build(cls, target, seed: int, checkpointing: str | None = None, dtype: str | None = None, **kwargs) -> ModelHandle:
+    def build(cls, target, seed: int, checkpointing: str | None = None, dtype: str | None = None, census: bool = False,
+              **kwargs) -> ModelHandle:
         """``tiny_llama(seed)`` (in ``dtype``, e.g. "bfloat16") through the target's apply_qlora; ``checkpointing``
-        ("reentrant" or "non-reentrant") turns on Hugging Face gradient checkpointing before apply_qlora sees the model."""
+        ("reentrant" or "non-reentrant") turns on Hugging Face gradient checkpointing before apply_qlora sees the model;
+        ``census`` notes every tensor alive before, for ``stray_weights`` (a full garbage collection: only on request)."""
+        from lora_lab.conformance.judge.memory import storages_alive
+
+        before = storages_alive(collect=False) if census else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             dense = tiny_llama(seed) if dtype is None else tiny_llama(seed).to(getattr(torch, dtype))
+            sizes = {m.weight.numel() for m in dense.modules() if isinstance(m, nn.Linear)}
             if checkpointing is not None:
                 enable_checkpointing(dense, checkpointing == "reentrant")
             handle = cls(target, apply_target(target, dense, **kwargs))
         handle.seed = seed
+        handle.census = None if before is None else (before, sizes)
         return handle
 
     def adapters(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -280,6 +263,18 @@ class ModelHandle:
 
     def held_bytes(self) -> int:
         return held_bytes(self.model)
+
+    def stray_weights(self) -> list[list]:
+        """Tensors with a linear layer's weight size alive in this process, made since the build, that the model does
+        not reach (``memory.stray_weights``): a dense copy kept in a module-level dict or a cache. Needs ``census``."""
+        from lora_lab.conformance.judge.memory import seen_to_wire, stray_weights
+
+        if self.census is None:
+            raise RuntimeError("stray_weights needs the model built with census=True")
+        before, sizes = self.census
+        reachable: dict[int, int] = {}
+        reachable_storages(self, reachable)  # the model, and the handle's optimizer state
+        return seen_to_wire(stray_weights(before, set(reachable), sizes))
 
     def layer_kinds(self, names: list[str]) -> dict[str, dict]:
         """For each canonical name: the layer's class, whether it is an ``nn.Linear``, and its weight's type and storage."""

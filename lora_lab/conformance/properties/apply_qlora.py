@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from lora_lab.conformance.errors import CheckFailed
 from lora_lab.conformance.judge.capabilities import supported
 from lora_lab.conformance.judge.compare import assert_close, assert_equal, seeded_generator
+from lora_lab.conformance.judge.memory import assert_no_stray_weights
 from lora_lab.conformance.judge.model_protocol import (
     ATTENTION,
     DENSE_HEAD,
@@ -226,10 +227,11 @@ def nf4_budget(numel: int, blocksize: int = 64) -> int:
     "the fly in forward.",
 )
 def apply_holds_only_nf4(target) -> None:
-    """A census of every tensor each quantized layer holds: no more than NF4 takes, so no hidden dense copy."""
+    """A census of every tensor each quantized layer, the model and the target's process hold: no hidden dense copy."""
     dense = tiny_llama(0)
     for double_quant in (True, False):
-        model = target.model(0, target_modules=ATTENTION, blocksize=64, double_quant=double_quant)
+        model = target.model(0, target_modules=ATTENTION, blocksize=64, double_quant=double_quant, census=True)
+        assert_no_stray_weights(model, "after apply_qlora")
         census = model.quantized_layer_bytes()
         if not census:
             raise CheckFailed("found no quantized layer after apply_qlora, so there is nothing whose memory to count")

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from lora_lab.conformance.errors import CheckFailed, NotSupported
 from lora_lab.conformance.judge.compare import seeded_generator
 from lora_lab.conformance.judge.formats import has_own_format
-from lora_lab.conformance.judge.memory import HALF, Seen, seen_from_wire
+from lora_lab.conformance.judge.memory import HALF, Seen, assert_no_stray_weights, seen_from_wire
 from lora_lab.conformance.judge.profiles import NO_SHRINK, examples
 from lora_lab.conformance.properties.qlora import Problem
 from lora_lab.conformance.registry import check
@@ -104,14 +104,19 @@ def qlora_linear_keeps_no_dense_weight(target) -> None:
     hint=MEMORY_HINT + " In a bf16 model, the adapters' fp32 parameters are cast to bf16 for the matmul, not x to fp32.",
 )
 def model_keeps_no_dense_weight(target) -> None:
-    """A bf16 QLoRA model's forward keeps no quantized layer's N x K weight densely, and no fp32 copy of a layer's bf16 input."""
+    """A bf16 QLoRA model's forward keeps no quantized layer's N x K weight densely, and no fp32 copy of a layer's bf16 input.
+
+    Measured twice: what the forward saves and leaves alive under the instruments, then, after a forward with none on,
+    every tensor alive in the target's process that the model does not reach (a copy kept only while unmeasured).
+    """
 
     @settings(max_examples=examples(1), phases=NO_SHRINK)  # what is kept depends on the code, not the seed's values
     @given(st.integers(0, 1000))
     def prop(seed):
-        model = target.model(seed, dtype="bfloat16")
+        model = target.model(seed, dtype="bfloat16", census=True)
         model.train()
-        found = model.kept_for_backward(collate(generate_products(3, seed=seed)))  # 3 rows: no power-of-two activation
+        batch = collate(generate_products(3, seed=seed))
+        found = model.kept_for_backward(batch)  # 3 rows: no power-of-two activation
         if not found["layers"]:
             raise CheckFailed("found no quantized layer after apply_qlora, so nothing to measure")
         kept, copies = seen_from_wire(found["kept"]), seen_from_wire(found["copies"])
@@ -121,5 +126,7 @@ def model_keeps_no_dense_weight(target) -> None:
         if copies:
             raise CheckFailed(f"in a bf16 model, the quantized layers keep {len(copies)} fp32 copies of their bf16 activations "
                               f"for backward: {_listed(copies)}; each doubles that activation's memory")
+        model.logits(batch)  # a forward with no instrument on: what is kept only while nothing measures shows now
+        assert_no_stray_weights(model, "after a forward")
 
     prop()
