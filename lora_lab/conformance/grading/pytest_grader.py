@@ -40,9 +40,8 @@ from lora_lab.conformance.grading.grade import (
 )
 from lora_lab.conformance.registry import PASSED
 
-__all__ = [  # the hooks exercises/conftest.py takes in
-    "pytest_addoption", "pytest_configure", "pytest_report_header", "pytest_collect_file", "pytest_collection_finish",
-    "pytest_sessionfinish", "pytest_terminal_summary", "pytest_unconfigure",
+__all__ = [  # the hooks exercises/conftest.py takes in; pytest_configure registers the rest (``Grading``)
+    "pytest_addoption", "pytest_configure", "pytest_collect_file", "pytest_runtest_makereport",
 ]
 
 BY_STEM = {exercise.stem: exercise for exercise in EXERCISES}
@@ -60,22 +59,51 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 class Grading:
-    """The session's grading: one ``Processes`` for every item, the current exercise's load, and the rows so far."""
+    """The session's grading, a plugin: one ``Processes`` for every item, the current exercise's load, the table.
+
+    The rows reach the table through the test reports (``pytest_runtest_logreport``), so that under pytest-xdist the
+    controller, whose workers grade, still prints the table and the Score line.
+    """
 
     def __init__(self, config: pytest.Config) -> None:
         from lora_lab.conformance.judge.profiles import draw_seed
 
+        self.config = config
         self.solutions = config.getoption("lora_lab_solutions")
         self.chain = config.getoption("lora_lab_chain")
         self.profile = config.getoption("hypothesis_profile", default=None) or "ci"
         seed = config.getoption("hypothesis_seed", default=None)
         self.seed = int(seed) if seed is not None else draw_seed() if self.profile == "scored" else None
-        self.processes = None  # started when the first items are known, not for --collect-only
+        self.processes = None  # started when the items are known, and never for --collect-only
         self.loaded: LoadedExercise | None = None  # the exercise whose file the learner's process holds now
         self.reports: dict[str, ExerciseReport] = {}  # by exercise id
+        self.worker = hasattr(config, "workerinput")  # an xdist worker grades; its controller shows the table
 
-    def start(self, items: list[CheckItem]) -> None:
+    def grade(self, item: CheckItem) -> tuple[Row, LoadedExercise]:
+        """The item's row: its check run by the grader on the exercise's file (loaded once for its checks in a row)."""
+        from lora_lab.conformance.judge.profiles import command_profile
+
+        folder = None if self.solutions else item.path.parent
+        source = item.exercise.solution if self.solutions else str(item.path)
+        loaded = self.loaded
+        if loaded is None or loaded.report.exercise != item.exercise or loaded.report.source != source:
+            loaded = self.loaded = load_exercise(item.exercise, folder, self.processes, self.chain)
+        with command_profile(self.profile, self.seed):
+            return grade_check(loaded, item.graded), loaded
+
+    def ordered_reports(self) -> list[ExerciseReport]:
+        return [self.reports[e.id] for e in EXERCISES if e.id in self.reports]
+
+    def pytest_report_header(self) -> str:
+        what = "the reference solutions" if self.solutions else "your exercise files"
+        seed = f", seed {self.seed}" if self.seed is not None else ""
+        return f"lora-lab grade: {what}, hypothesis profile {self.profile}{seed}{', --chain' if self.chain else ''}"
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
         """Start the processes now, without waiting, as ``grade()`` does: they import while pytest runs on."""
+        items = [item for item in session.items if isinstance(item, CheckItem)]
+        if not items or self.config.option.collectonly:
+            return
         from lora_lab.conformance.grading.processes import Processes
         from lora_lab.conformance.isolation.stack import start_stack
 
@@ -86,32 +114,59 @@ class Grading:
             self.processes.prestart_learner(items[0].path, items[0].path.parent, self.chain)
         start_stack([item.graded.check for item in items])
 
-    def grade(self, item: CheckItem) -> Row:
-        """The item's row: its check run by the grader on the exercise's file (loaded once for its checks in a row)."""
-        from lora_lab.conformance.judge.profiles import command_profile
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        row = getattr(report, "lora_lab_row", None)  # CheckItem.row, set by pytest_runtest_makereport below
+        if row is None or self.worker:
+            return
+        exercise = next(e for e in EXERCISES if e.id == row["exercise"])
+        graded = next(g for g in graded_checks(exercise) if g.check.name == row["check"])
+        table = self.reports.setdefault(exercise.id, ExerciseReport(exercise, row["source"]))
+        table.chained = row["chained"]
+        table.rows.append(Row(graded, row["status"], row["detail"], row["seconds"]))
 
-        folder = None if self.solutions else item.path.parent
-        loaded = self.loaded
-        if loaded is None or loaded.report.exercise != item.exercise or loaded.report.source != self._source(item):
-            loaded = self.loaded = load_exercise(item.exercise, folder, self.processes, self.chain)
-        with command_profile(self.profile, self.seed):
-            row = grade_check(loaded, item.graded)
-        report = self.reports.setdefault(item.exercise.id, ExerciseReport(item.exercise, loaded.report.source))
-        report.chained = loaded.report.chained
-        report.rows.append(row)
-        return row
-
-    def _source(self, item: CheckItem) -> str:
-        return item.exercise.solution if self.solutions else str(item.path)
-
-    def close(self) -> None:
+    def pytest_sessionfinish(self) -> None:
         if self.processes is not None:
             self.processes.close()
         if "lora_lab.conformance.isolation.stack" in sys.modules:  # the oracles' process served every item
             sys.modules["lora_lab.conformance.isolation.stack"].close_stack()
+        path = self.config.getoption("lora_lab_gradescope")
+        if path and self.reports:
+            from lora_lab.conformance.grading.command import write_json
 
-    def ordered_reports(self) -> list[ExerciseReport]:
-        return [self.reports[e.id] for e in EXERCISES if e.id in self.reports]
+            write_json(path, to_gradescope(self.ordered_reports()))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        """The grader's points table (one line a row: the details are in the failures above), and what to do next."""
+        reports = self.ordered_reports()
+        if not reports:
+            return
+        width = max(len(row.graded.check.name) for report in reports for row in report.rows)
+        write = terminalreporter.write_line
+        terminalreporter.section("lora-lab grade")
+        for report in reports:
+            source = report.source if self.solutions else shown_path(Path(report.source))
+            write(f"{report.exercise.id}  {report.exercise.title}  [{source}]")
+            for row in report.rows:
+                write(format_row(row, width).splitlines()[0])
+            if report.chained:
+                write(f"  with --lora-lab-chain: {'; '.join(report.chained)}")
+            write(f"  {'':{14 + width}} {report.score:>3}/{report.total:<3} for exercise {report.exercise.id}\n")
+        if not self.solutions:
+            folder = Path(reports[0].source).parent
+            advice = next_step(reports, folder, lambda exercise: f"pytest {shown_path(folder / f'{exercise.stem}.py')}")
+            if advice:
+                write(advice)
+        path = self.config.getoption("lora_lab_gradescope")
+        if path:
+            write(f"wrote {path}")
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_unconfigure(self) -> None:
+        """``Score: X/Y`` after pytest's own last line, so that it ends the output as it ends ``lora-lab grade``'s."""
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        reports = self.ordered_reports()
+        if reporter is not None and reports:
+            reporter.write_line(f"Score: {sum(r.score for r in reports)}/{sum(r.total for r in reports)}")
 
 
 _GRADING = pytest.StashKey[Grading]()
@@ -120,18 +175,13 @@ _GRADING = pytest.StashKey[Grading]()
 def pytest_configure(config: pytest.Config) -> None:
     # The checks hand kernels CPU tensors: Triton exercises run under its interpreter, set before the fork server starts.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    config.stash[_GRADING] = Grading(config)
-    if not config.option.collectonly:  # an IDE's discovery grades nothing
+    grading = config.stash[_GRADING] = Grading(config)
+    config.pluginmanager.register(grading, "lora_lab_grading")
+    xdist_controller = getattr(config.option, "dist", "no") != "no" and not grading.worker  # its workers grade
+    if not config.option.collectonly and not xdist_controller:
         from lora_lab.conformance.isolation.process import prepare_for_targets
 
         prepare_for_targets()  # now, before torch is imported here: the fork server imports it while pytest collects
-
-
-def pytest_report_header(config: pytest.Config) -> str:
-    grading = config.stash[_GRADING]
-    what = "the reference solutions" if grading.solutions else "your exercise files"
-    seed = f", seed {grading.seed}" if grading.seed is not None else ""
-    return f"lora-lab grade: {what}, hypothesis profile {grading.profile}{seed}{', --chain' if grading.chain else ''}"
 
 
 class NotPassed(Exception):
@@ -144,9 +194,12 @@ class CheckItem(pytest.Item):
     def __init__(self, *, exercise: Exercise, graded: GradedCheck, **kwargs) -> None:
         super().__init__(**kwargs)
         self.exercise, self.graded = exercise, graded
+        self.row: dict | None = None  # the graded row as plain data: it travels in the report (to xdist's controller)
 
     def runtest(self) -> None:
-        row = self.config.stash[_GRADING].grade(self)
+        row, loaded = self.config.stash[_GRADING].grade(self)
+        self.row = {"exercise": self.exercise.id, "source": loaded.report.source, "chained": loaded.report.chained,
+                    "check": self.name, "status": row.status, "detail": row.detail, "seconds": row.seconds}
         self.user_properties += [("status", STATUS_WORDS.get(row.status, row.status)), ("points", row.score),
                                  ("max_points", row.graded.points)]  # --junitxml records them
         if row.status != PASSED:
@@ -184,53 +237,9 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     return [*kept, ExerciseFile.from_parent(parent, path=file_path, exercise=exercise)]
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    items = [item for item in session.items if isinstance(item, CheckItem)]
-    if items and not session.config.option.collectonly:
-        session.config.stash[_GRADING].start(items)
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    grading = session.config.stash[_GRADING]
-    grading.close()
-    path = session.config.getoption("lora_lab_gradescope")
-    if path and grading.reports:
-        from lora_lab.conformance.grading.command import write_json
-
-        write_json(path, to_gradescope(grading.ordered_reports()))
-
-
-def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
-    """The grader's points table (one line a row: the details are in the failures above), and what to do next."""
-    grading = config.stash[_GRADING]
-    reports = grading.ordered_reports()
-    if not reports:
-        return
-    width = max(len(row.graded.check.name) for report in reports for row in report.rows)
-    terminalreporter.section("lora-lab grade")
-    for report in reports:
-        source = report.source if grading.solutions else shown_path(Path(report.source))
-        terminalreporter.write_line(f"{report.exercise.id}  {report.exercise.title}  [{source}]")
-        for row in report.rows:
-            terminalreporter.write_line(format_row(row, width).splitlines()[0])
-        if report.chained:
-            terminalreporter.write_line(f"  with --lora-lab-chain: {'; '.join(report.chained)}")
-        terminalreporter.write_line(f"  {'':{14 + width}} {report.score:>3}/{report.total:<3} for exercise "
-                                    f"{report.exercise.id}\n")
-    if not grading.solutions:
-        folder = Path(reports[0].source).parent
-        advice = next_step(reports, folder, lambda exercise: f"pytest {shown_path(folder / f'{exercise.stem}.py')}")
-        if advice:
-            terminalreporter.write_line(advice)
-    path = config.getoption("lora_lab_gradescope")
-    if path:
-        terminalreporter.write_line(f"wrote {path}")
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """``Score: X/Y`` after pytest's own last line, so that it ends the output as it ends ``lora-lab grade``'s."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    reports = config.stash[_GRADING].ordered_reports()
-    if reporter is not None and reports:
-        reporter.write_line(f"Score: {sum(r.score for r in reports)}/{sum(r.total for r in reports)}")
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if call.when == "call" and isinstance(item, CheckItem) and item.row is not None:
+        report.lora_lab_row = item.row  # a plain dict: xdist sends it to the controller with the report
+    return report
