@@ -104,17 +104,22 @@ def test_pytest_and_lora_lab_grade_give_the_same_points_on_the_same_files(tmp_pa
     assert "hint: " in done.stdout and "Traceback" not in done.stdout
 
     rerun = run_pytest("--lf", cwd=folder)  # pytest's cache, in the folder's own root, remembers the failure
-    assert "rerun previous 1 failure" in rerun.stdout and "1 failed in" in rerun.stdout, rerun.stdout
+    summary = rerun.stdout.rstrip().splitlines()[-2]  # pytest's own last line, before Score
+    assert "rerun previous 1 failure" in rerun.stdout and " 1 failed" in summary and "passed" not in summary, rerun.stdout
     assert last_line(rerun) == "Score: 0/10"
 
 
-def test_lora_labs_own_function_is_not_your_code_and_k_selects_checks(tmp_path):
+def test_not_your_code_and_missing_files_fail_and_k_selects_checks(tmp_path):
+    """A folder holding only an ex05 that re-exports lora_lab's adamw_step, graded whole, as ``pytest`` in it does."""
     folder = exercises_folder(tmp_path, {"ex05_adamw": "from lora_lab.optim import adamw_step  # noqa: F401\n"})
-    done = run_pytest("-p", "no:cacheprovider", "-k", "first_step", cwd=folder)
-    assert "1 failed, 1 deselected" in done.stdout, done.stdout + done.stderr
+    done = run_pytest("-p", "no:cacheprovider", "-k", "first_step or ex01_nf4", cwd=folder)
+    assert "collected 45 items / 37 deselected / 8 selected" in done.stdout, done.stdout + done.stderr
+    assert "8 failed, 37 deselected" in done.stdout
     assert "not your code adamw.first_step_moves_by_lr" in done.stdout
     assert "lora_lab's own reference (lora_lab.optim)" in done.stdout
-    assert last_line(done) == "Score: 0/5"
+    assert "missing       nf4.bytes_match_bitsandbytes" in done.stdout  # as in lora-lab grade, 01's points count
+    assert "no ex01_nf4.py in .: copy it from the lora_lab repository's exercises/" in done.stdout
+    assert last_line(done) == "Score: 0/39"
 
 
 def test_the_repository_test_run_does_not_collect_the_exercises():

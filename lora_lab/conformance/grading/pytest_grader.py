@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from lora_lab.conformance.grading.exercises import EXERCISES, Exercise, GradedCheck, graded_checks
+from lora_lab.conformance.grading.feedback import MISSING
 from lora_lab.conformance.grading.grade import (
     STATUS_WORDS,
     ExerciseReport,
@@ -83,8 +84,8 @@ class Grading:
         """The item's row: its check run by the grader on the exercise's file (loaded once for its checks in a row)."""
         from lora_lab.conformance.judge.profiles import command_profile
 
-        folder = None if self.solutions else item.path.parent
-        source = item.exercise.solution if self.solutions else str(item.path)
+        folder = None if self.solutions else item.file.parent
+        source = item.exercise.solution if self.solutions else str(item.file)
         loaded = self.loaded
         if loaded is None or loaded.report.exercise != item.exercise or loaded.report.source != source:
             loaded = self.loaded = load_exercise(item.exercise, folder, self.processes, self.chain)
@@ -108,11 +109,12 @@ class Grading:
         from lora_lab.conformance.isolation.stack import start_stack
 
         self.processes = Processes()
+        present = [item for item in items if self.solutions or item.file.is_file()]
         if self.solutions:
             self.processes.prestart_solutions([item.exercise.solution for item in items])
-        else:
-            self.processes.prestart_learner(items[0].path, items[0].path.parent, self.chain)
-        start_stack([item.graded.check for item in items])
+        elif present:
+            self.processes.prestart_learner(present[0].file, present[0].file.parent, self.chain)
+        start_stack([item.graded.check for item in present])
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         row = getattr(report, "lora_lab_row", None)  # CheckItem.row, set by pytest_runtest_makereport below
@@ -144,7 +146,8 @@ class Grading:
         write = terminalreporter.write_line
         terminalreporter.section("lora-lab grade")
         for report in reports:
-            source = report.source if self.solutions else shown_path(Path(report.source))
+            file = Path(report.source)
+            source = report.source if self.solutions else shown_path(file) if file.is_file() else missing_file_note(file)
             write(f"{report.exercise.id}  {report.exercise.title}  [{source}]")
             for row in report.rows:
                 write(format_row(row, width).splitlines()[0])
@@ -191,9 +194,9 @@ class NotPassed(Exception):
 class CheckItem(pytest.Item):
     """One graded check of one exercise: ``exercises/ex04_loss.py::loss.matches_shift_and_mask``."""
 
-    def __init__(self, *, exercise: Exercise, graded: GradedCheck, **kwargs) -> None:
+    def __init__(self, *, exercise: Exercise, graded: GradedCheck, file: Path, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.exercise, self.graded = exercise, graded
+        self.exercise, self.graded, self.file = exercise, graded, file
         self.row: dict | None = None  # the graded row as plain data: it travels in the report (to xdist's controller)
 
     def runtest(self) -> None:
@@ -207,7 +210,9 @@ class CheckItem(pytest.Item):
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, NotPassed):
-            return format_row(excinfo.value.args[0], len(self.name)).lstrip()
+            row = excinfo.value.args[0]
+            text = format_row(row, len(self.name)).lstrip()
+            return f"{text}  {missing_file_note(self.file)}" if row.status == MISSING and not row.detail else text
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
@@ -215,20 +220,45 @@ class CheckItem(pytest.Item):
 
 
 class ExerciseFile(pytest.File):
-    """An exercise file as a collector of its graded checks; it never imports the file (the grader's process does)."""
+    """An exercise file as a collector of its graded checks; it never imports the file (the grader's process does).
 
-    def __init__(self, *, exercise: Exercise, **kwargs) -> None:
+    ``file`` is the exercise file, there or not; ``path``, where pytest finds this folder's conftest.py, is the
+    file itself when it is there and its folder when it is missing.
+    """
+
+    def __init__(self, *, exercise: Exercise, file: Path | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.exercise = exercise
+        self.exercise, self.file = exercise, file or self.path
 
     def collect(self):
         for graded in graded_checks(self.exercise):
-            yield CheckItem.from_parent(self, name=graded.check.name, exercise=self.exercise, graded=graded)
+            yield CheckItem.from_parent(self, name=graded.check.name, exercise=self.exercise, graded=graded,
+                                        file=self.file)
+
+
+def missing_file_note(file: Path) -> str:
+    """What ``lora-lab grade`` says in place of an exercise file that is not there."""
+    return f"no {file.name} in {shown_path(file.parent)}: copy it from the lora_lab repository's exercises/"
+
+
+def missing_exercises(folder: Path, parent: pytest.Collector) -> list[ExerciseFile]:
+    """The exercises whose files are not in ``folder``, each a collector whose checks are "missing", as in ``lora-lab
+    grade``: their points count in the Score line's total."""
+    collectors = []
+    for exercise in EXERCISES:
+        file = folder / f"{exercise.stem}.py"
+        if not file.exists():
+            nodeid = f"{parent.nodeid}/{file.name}" if parent.nodeid not in ("", ".") else file.name
+            collectors.append(ExerciseFile.from_parent(parent, path=folder, name=file.name, nodeid=nodeid,
+                                                       exercise=exercise, file=file))
+    return collectors
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     collectors = yield
+    if file_path.name == "conftest.py" and parent.session.isinitpath(file_path.parent):  # the whole folder is graded
+        return [*collectors, *missing_exercises(file_path.parent, parent)]
     exercise = BY_STEM.get(file_path.stem) if file_path.suffix == ".py" else None
     if exercise is None:
         return collectors
