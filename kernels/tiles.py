@@ -77,14 +77,15 @@ def autotune_over_nf4_tiles(kernel):
         configs=matmul_configs(),
         key=["M_BUCKET", "N", "K", "NF4_BLOCKSIZE"],
         prune_configs_by={"early_config_prune": keep_tiles_inside_nf4_blocks},
-        **({"do_bench": _nothing_to_compare} if INTERPRETING else {}),
+        **({"do_bench": _nothing_to_compare} if INTERPRETING or not AUTOTUNE else {}),
     )(kernel)
 
 
 def _nothing_to_compare(kernel_call, quantiles=None, **kwargs) -> list[float]:
-    """The interpreter's "benchmark": the pruning keeps one config there, so no time is compared and none is measured.
+    """The "benchmark" when the pruning keeps one config (the interpreter, or ``AUTOTUNE`` off): nothing is timed.
 
-    Triton before 3.8 times even a single pruned config, with the GPU driver (which a CPU machine lacks).
+    Triton before 3.8 times even a single pruned config: with the GPU driver, which a CPU machine lacks, and on a
+    GPU once per specialization, a launch of ~100 ms that the tests and the GPU check's time caps would pay for nothing.
     """
     return [0.0] * (len(quantiles) if quantiles else 1)
 
