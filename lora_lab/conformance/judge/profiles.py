@@ -20,6 +20,7 @@ run. On an idle machine the wall time is the same, but for exercise 01's
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import zlib
 from collections.abc import Iterator
@@ -49,14 +50,21 @@ def run_seed(case: str) -> int:
     Hypothesis' first example is always the simplest one, so a check that draws one expensive case through it would
     get the same case under every seed. These cases come from the run's own seed instead: a scored run's (or
     ``--seed``'s, or pytest's ``--hypothesis-seed``), fixed under a derandomized profile such as ``ci``, fresh under
-    ``dev`` and ``thorough``. ``case`` keeps the cases of one run apart, and shared where checks name the same one.
+    ``dev`` and ``thorough`` (once per process). ``case`` keeps the cases of one run apart, and shared where checks
+    name the same one.
     """
     import hypothesis.core
 
     forced = hypothesis.core.global_force_seed
     if forced is None:
-        forced = 0 if settings.default.derandomize else draw_seed()
+        forced = 0 if settings.default.derandomize else _session_seed()
     return zlib.crc32(f"{forced}:{case}".encode())
+
+
+@functools.cache
+def _session_seed() -> int:
+    """One fresh seed per process for the random profiles, so that checks naming the same case share it."""
+    return draw_seed()
 
 
 # Model-level draws are only seeds and hyperparameters: shrinking them teaches nothing and retrains models for minutes.
