@@ -16,20 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_dispatcher import PROBE  # one command run as `lora-lab` runs it, saying whether torch was imported
 
 from lora_lab.cli import main
 
-# Runs one command the way `lora-lab` does and says whether it imported torch: these answers must not need it.
-PROBE = """
-import sys
-from lora_lab.cli import main
-try:
-    status = main(sys.argv[1:])
-except SystemExit as exit_:
-    status = exit_.code
-print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
-sys.exit(status)
-"""
 UNWRITABLE = "/proc/lora-lab-first-hour"  # nothing can be created in /proc, not even by root
 needs_proc = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux's /proc")
 
