@@ -75,10 +75,12 @@ class Grading:
         self.profile = config.getoption("hypothesis_profile", default=None) or "ci"
         seed = config.getoption("hypothesis_seed", default=None)
         self.seed = int(seed) if seed is not None else draw_seed() if self.profile == "scored" else None
-        self.processes = None  # started when the items are known, and never for --collect-only
+        self.processes = None  # started as the first exercise file is collected (``prestart``), never for --collect-only
         self.loaded: LoadedExercise | None = None  # the exercise whose file the learner's process holds now
         self.reports: dict[str, ExerciseReport] = {}  # by exercise id
         self.worker = hasattr(config, "workerinput")  # an xdist worker grades; its controller shows the table
+        xdist_controller = getattr(config.option, "dist", "no") != "no" and not self.worker
+        self.grades_here = not config.option.collectonly and not xdist_controller  # --collect-only grades nothing
 
     def grade(self, item: CheckItem) -> tuple[Row, LoadedExercise]:
         """The item's row: its check run by the grader on the exercise's file (loaded once for its checks in a row)."""
@@ -100,21 +102,26 @@ class Grading:
         seed = f", seed {self.seed}" if self.seed is not None else ""
         return f"lora-lab grade: {what}, hypothesis profile {self.profile}{seed}{', --chain' if self.chain else ''}"
 
-    def pytest_collection_finish(self, session: pytest.Session) -> None:
-        """Start the processes now, without waiting, as ``grade()`` does: they import while pytest runs on."""
-        items = [item for item in session.items if isinstance(item, CheckItem)]
-        if not items or self.config.option.collectonly:
+    def prestart(self, exercise: Exercise, file: Path) -> None:
+        """Start the process for an exercise file (or its solution) now, without waiting, as ``grade()`` does: the
+        first one found imports it while pytest imports the suite and collects."""
+        if not self.grades_here:
             return
-        from lora_lab.conformance.grading.processes import Processes
-        from lora_lab.conformance.isolation.stack import start_stack
+        from lora_lab.conformance.grading.processes import Processes  # imports torch: not before pytest_configure
 
-        self.processes = Processes()
-        present = [item for item in items if self.solutions or item.file.is_file()]
+        self.processes = self.processes or Processes()
         if self.solutions:
-            self.processes.prestart_solutions([item.exercise.solution for item in items])
-        elif present:
-            self.processes.prestart_learner(present[0].file, present[0].file.parent, self.chain)
-        start_stack([item.graded.check for item in present])
+            self.processes.prestart_solutions([exercise.solution])
+        elif self.processes.learner is None and file.is_file():
+            self.processes.prestart_learner(file, file.parent, self.chain)
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Start the oracles' process (peft, transformers) for the checks about to run, without waiting."""
+        present = [item for item in session.items if isinstance(item, CheckItem) and (self.solutions or item.file.is_file())]
+        if present and self.grades_here:
+            from lora_lab.conformance.isolation.stack import start_stack
+
+            start_stack([item.graded.check for item in present])
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         row = getattr(report, "lora_lab_row", None)  # CheckItem.row, set by pytest_runtest_makereport below
@@ -180,8 +187,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     grading = config.stash[_GRADING] = Grading(config)
     config.pluginmanager.register(grading, "lora_lab_grading")
-    xdist_controller = getattr(config.option, "dist", "no") != "no" and not grading.worker  # its workers grade
-    if not config.option.collectonly and not xdist_controller:
+    if grading.grades_here:
         from lora_lab.conformance.isolation.process import prepare_for_targets
 
         prepare_for_targets()  # now, before torch is imported here: the fork server imports it while pytest collects
@@ -262,6 +268,7 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     exercise = BY_STEM.get(file_path.stem) if file_path.suffix == ".py" else None
     if exercise is None:
         return collectors
+    parent.config.stash[_GRADING].prestart(exercise, file_path)
     # A file named on the command line gets pytest's Module collector, which would import it into this process.
     kept = [collector for collector in collectors if not isinstance(collector, pytest.Module)]
     return [*kept, ExerciseFile.from_parent(parent, path=file_path, exercise=exercise)]
