@@ -86,7 +86,7 @@ def write_json(path: str, content: dict) -> None:
         json.dump(content, handle, indent=2)
 
 
-def watch_exercise(folder: Path, exercise_id: str, profile: str, chain: bool, stream=sys.stdout, **loop) -> int:
+def watch_exercise(folder: Path, exercise_id: str, profile: str, chain: bool, stream=None, **loop) -> int:
     """``--watch``: grade exercise ``exercise_id`` again each time a file in ``folder`` changes (see ``watch.py``)."""
     from lora_lab.conformance.grading.watch import watch
 

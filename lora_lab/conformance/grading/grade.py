@@ -142,10 +142,12 @@ def grade_exercise(
 
 
 def grade(
-    folder: Path | None, only: list[str] | None = None, profile: str = "ci", stream=sys.stdout, chain: bool = False,
+    folder: Path | None, only: list[str] | None = None, profile: str = "ci", stream=None, chain: bool = False,
     seed: int | None = None, checks: list[str] | None = None,
 ) -> list[ExerciseReport]:
-    """Grade the exercises in ``folder`` (or the reference solutions when None), printing tables to ``stream``."""
+    """Grade the exercises in ``folder`` (or the reference solutions when None), printing tables to ``stream``
+    (``sys.stdout`` as it is at the call: pytest's capture replaces it between tests)."""
+    stream = stream if stream is not None else sys.stdout
     folder = folder.resolve() if folder is not None else None
     from lora_lab.conformance.grading.processes import Processes
 

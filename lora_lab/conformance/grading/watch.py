@@ -48,13 +48,15 @@ def changed_rows(before: Any | None, after: Any) -> list:
 
 def watch(
     folder: Path, grade_once: Callable[[TextIO], Any], format_row: Callable[[Any], str], title: str,
-    stream=sys.stdout, runs: int | None = None, poll_seconds: float = 0.5, wait: Callable[[float], None] = time.sleep,
+    stream=None, runs: int | None = None, poll_seconds: float = 0.5, wait: Callable[[float], None] = time.sleep,
 ) -> int:
     """Grade with ``grade_once(stream)`` now and after every change in ``folder``; ``runs`` bounds the gradings (tests).
 
-    ``grade_once`` prints its table to the stream it is given and returns the exercise's report; ``format_row`` is
-    ``grade.format_row`` at the table's width. Returns 0 (grading is feedback); Ctrl-C ends the loop.
+    ``grade_once`` prints its table to the stream it is given (``sys.stdout`` at the call when None) and returns the
+    exercise's report; ``format_row`` is ``grade.format_row`` at the table's width. Returns 0 (grading is feedback);
+    Ctrl-C ends the loop.
     """
+    stream = stream if stream is not None else sys.stdout
     last = None
     fingerprint, done = None, 0
     print(f"lora-lab grade --watch: {title} in {folder} (Ctrl-C ends)", file=stream, flush=True)

@@ -14,15 +14,15 @@ request                                     reply ``["ok", ...]``
 ==========================================  =================================================================
 ``["init", {sys_path, threads, target,``    ``{"provides": [ops], "origin": {op: origin}}``; the target is
 ``learner_folder}]``                        imported here (a learner's file is loaded from its path)
-``["call", op, args, kwargs, grad_flags,``  ``[result, changed_inputs, graph, seconds, problems, measurement,``
+``["call", op, args, kwargs, grad_flags,``  ``[result, changed_inputs, graph, problems, measurement,``
 ``grad_enabled, measure_min, watch]``       ``interpreted]``: the op's result; the inputs it modified
                                             ``[[index, tensor]]``; a graph number when the result needs
-                                            gradients (its leaves are the inputs flagged); the call's own time;
-                                            what the probes found; whether Triton's interpreter ran
+                                            gradients (its leaves are the inputs flagged); what the probes
+                                            found; whether Triton's interpreter ran (the suite times the call)
 ``["backward", graph, grad_outputs]``       ``[gradient of each flagged input, or None]``; frees the graph
 ``["model_new", seed, kwargs]``             a handle number: ``ModelHandle.build`` with the target's
                                             ``apply_qlora`` on ``tiny_llama(seed)``
-``["model", handle, method, args]``         ``[result, seconds]`` of ``ModelHandle.<method>(*args)``
+``["model", handle, method, args]``         the result of ``ModelHandle.<method>(*args)``
 ``["model_free", handle]``                  ``None``
 ==========================================  =================================================================
 
@@ -38,7 +38,6 @@ import importlib
 import os
 import signal
 import sys
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -163,10 +162,10 @@ class Server:
         return {"provides": provided, "origin": {op: origin_of(loaded.op(op)) for op in provided},
                 "declarations": declarations, "nf4_format": described, "chained": chained, "sandbox": self.sandboxed}
 
-    def run_op(self, op: str, args, kwargs, grad_enabled: bool, context=None, timing: list | None = None):
+    def run_op(self, op: str, args, kwargs, grad_enabled: bool, context=None):
         """The target's own function for ``op``, called on a neutral thread; a learner's stub ends the check."""
         try:
-            return invoke(self.functions[op], args, kwargs, grad_enabled, context, timing)
+            return invoke(self.functions[op], args, kwargs, grad_enabled, context)
         except NotImplementedError as exc:
             if self.learner_folder is None:
                 raise
@@ -185,15 +184,13 @@ class Server:
         problems = self._late_writes("before")
         state = StateWatch()
         measured = Measured(measure_min) if measure_min is not None else Watched() if watch else None
-        timing: list[float] = []
         launches = interpreted_launches()
         try:
-            result = self.run_op(op, args, kwargs, bool(grad_enabled), Entered(state, measured), timing)
+            result = self.run_op(op, args, kwargs, bool(grad_enabled), Entered(state, measured))
         except BaseException as exc:
             if not watch or type(exc).__name__ != "OutOfBounds":
                 raise
             result = None  # the stray access was stopped before it happened; the log says where
-        seconds = sum(timing)
         interpreted = interpreted_launches() > launches  # Triton's interpreter ran: the time is Python's, not the kernel's
         measurement = measured.summary() if isinstance(measured, Measured) else None
         if watch:
@@ -214,7 +211,7 @@ class Server:
         graph = None
         if leaves and any(isinstance(t, torch.Tensor) and t.requires_grad for t in outputs):
             graph = self._keep(outputs, leaves, tensors if watch else None)
-        return [encoded, changed, graph, seconds, problems, measurement, interpreted]
+        return [encoded, changed, graph, problems, measurement, interpreted]
 
     def _late_writes(self, when: str) -> list[str]:
         """Outputs of the previous call whose values changed after they were returned (aliasing, a late writer)."""
@@ -259,9 +256,8 @@ class Server:
         from lora_lab.conformance.judge.model_protocol import ModelHandle
         if method not in ModelHandle.METHODS:
             raise ValueError(f"ModelHandle has no remote method {method!r}")
-        start = time.perf_counter()
         result = getattr(self.models[int(handle)], method)(*wire.decode(args, NF4Tensor, None, self.objects))
-        return [wire.encode(result, None, self.objects), time.perf_counter() - start]
+        return wire.encode(result, None, self.objects)
 
 
 class NeutralTarget:

@@ -120,6 +120,9 @@ class _Forked:
     def exit_code(self) -> int | None:
         return self.process.exitcode
 
+    def terminate(self) -> None:
+        self.process.terminate()
+
     def kill(self) -> None:
         self.process.kill()
 
@@ -163,11 +166,17 @@ class _Spawned:
     def exit_code(self) -> int | None:
         return self.process.poll()
 
+    def terminate(self) -> None:
+        self.process.terminate()
+
     def kill(self) -> None:
         self.process.kill()
 
     def wait(self, timeout: float | None) -> int | None:
-        return self.process.wait(timeout=timeout)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
 
 def _widen_pipe(fd: int) -> None:
@@ -216,13 +225,10 @@ class Child:
     def alive(self) -> bool:
         return self.process is not None and self.process.exit_code() is None
 
-    def request(self, message: list, what: str, timeout: float | None = None, meanwhile=None) -> Any:
-        """Send one request and wait for its reply; a crash, a hang or a malformed reply ends the check.
-        ``meanwhile()``, when given, runs between the two, while the child works."""
+    def request(self, message: list, what: str, timeout: float | None = None) -> Any:
+        """Send one request and wait for its reply; a crash, a hang or a malformed reply ends the check."""
         self._settle(what)
         self._send(message, what)
-        if meanwhile is not None:
-            meanwhile()
         return self._receive(what, self.call_timeout if timeout is None else timeout)
 
     def _settle(self, what: str) -> None:
@@ -280,6 +286,10 @@ class Child:
                 except OSError:
                     pass
             if self.process.exit_code() is None:
-                self.process.kill()
+                # SIGTERM first: a sandboxed process's outer half then ends everything in its namespace and exits only
+                # once all of it is gone (sandbox.py), so nothing the target started outlives this call
+                self.process.terminate()
+                if self.process.wait(5) is None:
+                    self.process.kill()
             self.process.wait(None)
             self.process = None

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lora_lab.conformance.errors import RemoteError, TargetCrashed, TargetImportError
 from lora_lab.conformance.isolation import wire
+from lora_lab.conformance.isolation.origin import source_files
 from lora_lab.conformance.isolation.process import START_TIMEOUT, Child
 from lora_lab.conformance.isolation.reference_clock import SAMPLES, TIMED_OPS, reference_seconds
 
@@ -70,16 +71,17 @@ class _Call:
         self.flags = [self.grad_enabled and t.requires_grad for t in self.inputs]
 
     def run(self) -> list[torch.Tensor]:
-        reference: list[float] = []  # the reference's seconds on the same inputs, timed while the target computes
+        reference = self.target.time_reference(self.op, self.args, self.kwargs)  # here, before the target's turn
+        start = time.perf_counter()  # the suite's clock, around the request: the target reports no time of its own
         reply = self.target.request(["call", self.op, *self.encoded, self.flags, self.grad_enabled, self.measure_min,
-                                     self.watch], self.what,
-                                    meanwhile=lambda: self.target.time_reference(self.op, self.args, self.kwargs, reference))
-        encoded, changed, self.graph, seconds, problems, self.measurement, interpreted = reply
-        self.target.seconds += float(seconds)
-        if interpreted:
+                                     self.watch], self.what)
+        seconds = time.perf_counter() - start
+        encoded, changed, self.graph, problems, self.measurement, interpreted = reply
+        self.target.seconds += seconds
+        if interpreted and self.target.uses_triton:  # Triton's interpreter is Python: its time says nothing of a kernel
             self.target.interpreted += 1
-        elif reference:
-            self.target.hold_to_budget(self.op, self.args, self.kwargs, float(seconds), reference[0])
+        elif reference is not None:
+            self.target.hold_to_budget(self.op, self.args, self.kwargs, seconds, reference)
         if problems:
             from lora_lab.conformance.errors import CheckFailed
 
@@ -108,6 +110,14 @@ class _Call:
         if len(got) != wanted:
             raise TargetCrashed(f"the target's process returned {len(got)} gradients for {wanted} inputs")
         return got
+
+
+def _mentions_triton(path: Path) -> bool:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return False
+    return "import triton" in text or "from triton" in text or "lora_lab.kernels" in text
 
 
 def _grad_flags(encoded: Any) -> list[bool]:
@@ -173,9 +183,9 @@ class RemoteModel:
         def forward(*args):
             if self._generation != self._target.generation:
                 raise TargetCrashed(f"the model was lost when the target's process was restarted (before {method})")
-            encoded, seconds = self._target.request(["model", self._handle, method, wire.encode(list(args))],
-                                                    f"model.{method}()")
-            self._target.seconds += float(seconds)
+            start = time.perf_counter()
+            encoded = self._target.request(["model", self._handle, method, wire.encode(list(args))], f"model.{method}()")
+            self._target.seconds += time.perf_counter() - start
             return wire.decode(encoded, _nf4_class())
 
         return forward
@@ -217,7 +227,7 @@ class RemoteTarget:
         init = {"sys_path": list(sys.path), "threads": command_threads() or torch.get_num_threads(), "target": spec,
                 "learner_folder": learner_folder, "chain": chain, "preload": list(preload)}
         self.child = Child(init, call_timeout, sandboxed)
-        self.seconds = 0.0  # time spent inside the target's calls, as its process measured it
+        self.seconds = 0.0  # time spent in the target's calls, by the suite's clock around each request
         self.sampled: dict[str, int] = {}  # calls per op whose time was compared with the reference's, this check
         self.timing = [0.0, 0.0]  # on those calls: the target's seconds, lora_lab's reference's seconds
         self.interpreted = 0  # calls this check that ran Triton's interpreter (not timed against the reference)
@@ -226,6 +236,7 @@ class RemoteTarget:
         self.pending_frees: list[int] = []
         self.last_error: dict | None = None  # what the target raised last (grade explains a row with it)
         self.probed = None  # what formats.capabilities found the target's format supports, once probed
+        self._uses_triton: bool | None = None
         self._hello: dict | None = None
         self.child.launch()
         if wait:
@@ -255,7 +266,7 @@ class RemoteTarget:
         """Load another target into the same warm process (grade's next exercise file); a fresh one if it died."""
         self.name, self.spec = name or spec, spec
         self.child.init.update(target=spec, learner_folder=learner_folder, chain=chain)
-        self.probed = None
+        self.probed, self._uses_triton = None, None
         self.generation += 1
         self.pending_frees.clear()
         if not self.child.alive:
@@ -267,27 +278,36 @@ class RemoteTarget:
             self.child.close()
             raise TargetImportError(str(exc), exc.info) from exc
 
-    def request(self, message: list, what: str, meanwhile: Callable[[], None] | None = None) -> Any:
-        """The child's reply to ``message``; ``meanwhile`` runs here after it is sent, while the child works."""
+    def request(self, message: list, what: str) -> Any:
+        """The child's reply to ``message``."""
         if not self.child.alive:
             self.reset()
         self.wait()  # a process started without waiting answers its init first
         while self.pending_frees:
             self.child.request(["model_free", self.pending_frees.pop()], "freeing a model")
         try:
-            return self.child.request(message, what, meanwhile=meanwhile)
+            return self.child.request(message, what)
         except BaseException as exc:  # a remote exception (a stub's included) carries what the target raised
             if isinstance(getattr(exc, "info", None), dict):
                 self.last_error = exc.info
             raise
 
-    def time_reference(self, op: str, args: tuple, kwargs: dict, seconds: list[float]) -> None:
-        """The reference's time on this call's inputs, appended to ``seconds``, for the first few calls of each op in a
-        timed check (``reference_clock``). Speed itself is ``lora-lab bench``'s."""
+    def time_reference(self, op: str, args: tuple, kwargs: dict) -> float | None:
+        """The reference's time on this call's inputs, for the first few calls of each op in a timed check
+        (``reference_clock``), or None. Speed itself is ``lora-lab bench``'s."""
         if self.timed and op in TIMED_OPS and self.sampled.get(op, 0) < SAMPLES:
-            taken = reference_seconds(op, args, kwargs)
-            if taken is not None:
-                seconds.append(taken)
+            return reference_seconds(op, args, kwargs)
+        return None
+
+    @property
+    def uses_triton(self) -> bool:
+        """Whether the target's own source (read here, in the suite's process) uses Triton: only then does a call that
+        ran Triton's interpreter escape the time budget. A target cannot claim the exemption from its process."""
+        if self._uses_triton is None:
+            folder = self.child.init.get("learner_folder")
+            files = [Path(self.spec)] if folder else source_files(self.spec.partition(":")[0], self.child.init["sys_path"])
+            self._uses_triton = any(_mentions_triton(path) for path in files)
+        return self._uses_triton
 
     def hold_to_budget(self, op: str, args: tuple, kwargs: dict, seconds: float, reference: float) -> None:
         """Add a call timed beside the reference to ``timing`` (reported); over ``registry.TIME_BUDGET``, fail now."""

@@ -1,9 +1,9 @@
 """lora_lab's reference timed on a target's inputs: the yardstick of the time budget (``registry.TIME_BUDGET``).
 
 A timed check (``Check.timed``: the realistic sizes) holds a correct answer to a
-multiple of the reference's time on the same calls. ``isolation._Call.run`` times
-the reference here, in the suite's process, while the target's process computes
-the same call, so on two cores the yardstick costs no wall time.
+multiple of the reference's time on the same calls. ``proxy._Call.run`` times the
+reference here, in the suite's process, just before the target's turn, and the
+target by the suite's clock around its request: neither time comes from the target.
 """
 
 from __future__ import annotations

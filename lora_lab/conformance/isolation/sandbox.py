@@ -154,6 +154,9 @@ def _wait_and_exit_as(child: int, keep_fds: tuple[int, ...]) -> None:
     for fd in keep_fds:
         os.close(fd)  # the pipes are the sandboxed process's alone: the suite sees EOF when it ends
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The suite's close: end the sandboxed process. It is pid 1 of its namespace, so its wait below returns only once
+    # the kernel has ended every process in it.
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGKILL))
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
         signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
