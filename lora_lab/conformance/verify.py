@@ -18,19 +18,29 @@ is not a pass; the operation and the target's CAPABILITIES are named), or when
 it does not import, and for a --json path that cannot be written (refused before
 any check runs); 130 on Ctrl-C.
 
-What a pass means. The target is imported and run only in a child process (a
-fork of a clean server process, never of this one); the inputs, the oracles,
-the comparisons, the exit status and this report stay in this process and exchange plain copies of
-tensors with it. Closed by that and by the checks: tampering with the suite
-in-process (patching its comparisons, hypothesis or torch.testing, an atexit
-handler that rewrites the exit status), reading the expected values from the
-suite's frames or gc.get_objects(), cached answers (every call gets fresh
-values), outputs that alias each other or change after they were returned,
-dtype and size blind spots the checks cover, crashes and hangs (a verdict
+What a pass means, in three layers. (1) A separate process: the target is
+imported and run only in a child process (a fork of a clean server process,
+never of this one); the inputs, the oracles, the comparisons, the exit status
+and this report stay in this process and exchange plain copies of tensors with
+it. Closed: tampering with the suite in-process (patching its comparisons,
+hypothesis or torch.testing, an atexit handler that rewrites the exit status),
+reading the expected values from the suite's frames or gc.get_objects().
+(2) A sandbox around that process (--sandbox, on by default): new user, pid,
+mount and network namespaces and no new privileges; this process is
+non-dumpable. Closed: tracing, signalling or writing the memory of the suite's
+processes, writing lora_lab's files, site-packages, the exercises or the report
+(all read-only; /dev/shm is the target's own tmpfs), the network, and processes
+left behind (they end with the target). After the run, lora_lab's files and
+site-packages' .pth and sitecustomize files are checked unchanged (exit 2 if
+not). (3) Judgments here: values, and the time of each call (by this process's
+clock), are decided in this process. Only observed inside the target's process,
+so they catch mistakes, not a target that tampers with itself: global state,
+writes to inputs, late writes to outputs, layout, what a forward keeps for
+backward, Triton memory accesses under the interpreter. The checks also close
+cached answers (every call gets fresh values) and crashes and hangs (a verdict
 naming the call). Not closable by any test suite: code that recognises a
-verification run by other means (the inputs' statistics, the machine, the time
-budget) and behaves differently elsewhere; and code running as your user can
-reach the operating system, so run untrusted code in a sandbox or container.
+verification run by other means (the inputs' statistics, the machine) and
+behaves differently elsewhere.
 --profile scored (or --seed N) draws the inputs from a seed the target cannot
 know, recorded in the report; the ci profile stays reproducible. A function
 that is lora_lab's own, re-exported by the target, is flagged: those checks test
@@ -48,12 +58,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from lora_lab.cli.arguments import output_file_problem
 from lora_lab.conformance.errors import CheckFailed, NotSupported, TargetCrashed, TargetImportError, TargetTimedOut
+from lora_lab.conformance.isolation import sandbox
 from lora_lab.conformance.isolation.process import prepare_for_targets
 from lora_lab.conformance.runner import (
     ERROR,
@@ -87,6 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="draw every check's inputs from this seed (reproduces a scored run)")
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
+    parser.add_argument(
+        "--sandbox", choices=sandbox.MODES, default=None,
+        help="the target's process in new namespaces (sandbox.py): auto (default, $LORA_LAB_SANDBOX) uses what this "
+        "machine offers, require refuses to run without every layer, off runs a plain process. On this machine: "
+        + sandbox.describe(sandbox.available()),
+    )
 
 
 def _prefixes(text: str) -> list[str]:
@@ -211,6 +229,7 @@ def json_report(target, profile: str, results: list[Result], seed: int | None = 
         "target": target_spec,
         **provenance(target_spec),
         "isolated": not hasattr(target, "obj"),
+        "sandbox": target.hello.get("sandbox") if hasattr(target, "hello") else None,
         "origin": target.origin,
         "profile": profile,
         "seed": seed,
@@ -259,6 +278,9 @@ def run(args: argparse.Namespace) -> int:
     if problem:  # before the checks, which take minutes, and whose report it would lose
         print(f"lora-lab verify: {problem}", file=sys.stderr)
         return 2
+    if args.sandbox:
+        os.environ[sandbox.MODE_ENV] = args.sandbox  # read by every target's process as it starts
+    installed = sandbox.installation()  # compared after the run: nothing of the target may have changed it
     prepare_for_targets()  # before torch is imported: this process and the target's take turns
     from lora_lab.conformance.judge.profiles import command_profile
 
@@ -287,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lora-lab verify: {args.target} provides none of the operations ({', '.join(OPERATIONS)}), so nothing "
               "was checked; expected a module (or module:attribute) that defines at least one of them", file=sys.stderr)
         return 2
+    print(f"lora-lab verify: sandbox: {sandbox.describe(target.hello['sandbox'])}")
     seed = args.seed if args.seed is not None else draw_seed() if args.profile == "scored" else None
     if seed is not None:
         print(f"lora-lab verify: inputs drawn from seed {seed} (reproduce with --seed {seed})")
@@ -297,6 +320,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         target.close()
         close_stack()
+    tampered = sandbox.changed(installed, sandbox.installation())
+    if tampered:  # the targets' processes are gone by now: nothing can change the verdict after this line
+        print(f"lora-lab verify: the installation changed during the run ({', '.join(tampered[:5])}); no verdict",
+              file=sys.stderr)
+        return 2
     failures = [r for r in results if r.status in (FAILED, ERROR, NOT_ATTEMPTED)]
     for r in failures:
         print(f"\n{r.check.name} {r.status}:\n  property: {r.check.description}\n  detail:   "

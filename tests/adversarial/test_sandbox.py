@@ -109,3 +109,60 @@ def test_unknown_mode_names_the_choices(monkeypatch):
     monkeypatch.setenv(sandbox.MODE_ENV, "maybe")
     with pytest.raises(ValueError, match="expected one of auto, require, off"):
         sandbox.mode()
+
+
+DROPS_A_PTH = '''
+"""Drops a startup hook into the first site-packages folder on its path (every later run would import it)."""
+import sys
+from pathlib import Path
+
+site = next(p for p in sys.path if p.endswith("site-packages"))
+try:
+    Path(site, "zz_every_later_run.pth").write_text("import os\\n")
+except OSError:
+    pass  # read-only in the sandbox
+
+
+def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+    raise RuntimeError("never reached by a verdict that counts")
+'''
+
+
+def fake_site_packages(tmp_path, monkeypatch) -> Path:
+    site = tmp_path / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    (tmp_path / "drops_a_pth.py").write_text(DROPS_A_PTH)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+def test_a_run_that_changed_the_installation_gives_no_verdict(tmp_path, monkeypatch, capsys):
+    """Unsandboxed (--sandbox off), a target's startup hook lands in site-packages: verify notices and exits 2."""
+    from lora_lab.cli import main
+
+    site = fake_site_packages(tmp_path, monkeypatch)
+    monkeypatch.setenv(sandbox.MODE_ENV, "auto")  # restored after the test: --sandbox sets it for the command's process
+    assert main(["verify", "drops_a_pth", "--only", "adamw.", "--sandbox", "off"]) == 2
+    assert (site / "zz_every_later_run.pth").exists()
+    assert "the installation changed during the run" in capsys.readouterr().err
+
+
+def test_in_the_sandbox_the_same_target_changes_nothing(tmp_path, monkeypatch, capsys):
+    from lora_lab.cli import main
+
+    site = fake_site_packages(tmp_path, monkeypatch)
+    assert main(["verify", "drops_a_pth", "--only", "adamw."]) == 1  # its adamw_step raises: an error, a verdict
+    assert not (site / "zz_every_later_run.pth").exists()
+    assert "installation changed" not in capsys.readouterr().err
+
+
+def test_installation_snapshots_see_a_startup_hook_come_and_change(tmp_path, monkeypatch):
+    site = fake_site_packages(tmp_path, monkeypatch)
+    before = sandbox.installation()
+    hook = site / "sitecustomize.py"
+    hook.write_text("")
+    middle = sandbox.installation()
+    assert sandbox.changed(before, middle) == [str(hook)]
+    os.utime(hook, ns=(0, 0))
+    assert sandbox.changed(middle, sandbox.installation()) == [str(hook)]

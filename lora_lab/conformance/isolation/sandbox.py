@@ -26,6 +26,7 @@ tampers with itself; the verdicts that matter (values, time, origin) are decided
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import sys
@@ -158,9 +159,11 @@ def _wait_and_exit_as(child: int, keep_fds: tuple[int, ...]) -> None:
     # the kernel has ended every process in it.
     signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGKILL))
     _, status = os.waitpid(child, 0)
-    if os.WIFSIGNALED(status):
-        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
-        os.kill(os.getpid(), os.WTERMSIG(status))
+    if os.WIFSIGNALED(status):  # the same signal, so the suite names it ("killed by SIGSEGV")
+        number = os.WTERMSIG(status)
+        if number not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be caught, so need no reset
+            signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
 
 
@@ -178,3 +181,59 @@ def _read_only_view(libc: ctypes.CDLL) -> None:
     _check(libc.mount(b"tmpfs", PRIVATE.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=1777,size=50%"),
            f"a private tmpfs at {PRIVATE}")
     _check(libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "a /proc of its own")
+
+
+def available() -> dict:
+    """What ``enter("auto")`` gets on this machine, found in a throwaway process (``verify --help`` says it)."""
+    if not hasattr(os, "fork"):
+        return {"mode": "auto", "layers": [], "missing": {layer: "no fork() here" for layer in LAYERS}}
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the probe: enters the sandbox (its outer half exits as it does) and writes what it got
+        os.close(read)
+        try:
+            os.write(write, json.dumps(enter("auto", keep_fds=(write,))).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        text = answer.read()
+    os.waitpid(pid, 0)
+    return json.loads(text) if text else {"mode": "auto", "layers": [], "missing": {"probe": "it did not answer"}}
+
+
+def describe(report: dict) -> str:
+    """One line for a report: the layers entered, and those missing with why."""
+    if report.get("mode") == "off":
+        return "off (--sandbox off)"
+    entered = ", ".join(report.get("layers", [])) or "none"
+    missing = "; ".join(f"no {layer}: {why}" for layer, why in report.get("missing", {}).items())
+    return entered + (f" ({missing})" if missing else "")
+
+
+STARTUP_HOOKS = ("sitecustomize.py", "usercustomize.py")
+
+
+def installation() -> dict[str, tuple[int, int]]:
+    """(size, mtime) of lora_lab's own files and of site-packages' startup hooks (``.pth``, ``sitecustomize``): what a
+    target that got out of its process would change so that every later run passes it. Compared after a run."""
+    from lora_lab.conformance.isolation.origin import LORA_LAB_PACKAGES, source_files
+
+    files = [path for package in LORA_LAB_PACKAGES for path in source_files(package)]
+    for folder in {entry for entry in sys.path if entry.endswith(("site-packages", "dist-packages"))}:
+        if os.path.isdir(folder):
+            files += [os.path.join(folder, name) for name in os.listdir(folder)
+                      if name.endswith(".pth") or name in STARTUP_HOOKS]
+    found = {}
+    for path in files:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue
+        found[str(path)] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def changed(before: dict, after: dict) -> list[str]:
+    """Files added, removed or modified between two ``installation()`` snapshots."""
+    return sorted(path for path in set(before) | set(after) if before.get(path) != after.get(path))
