@@ -2,7 +2,7 @@
 
     python -m lora_lab.kernels.compile.compile_check              # the full sweep (every kept config, both targets)
     python -m lora_lab.kernels.compile.compile_check --subset ci  # the representative subset CI runs
-    python -m lora_lab.kernels.compile.compile_check --json out.json --sass
+    python -m lora_lab.kernels.compile.compile_check --json out.json --no-sass  # without the K loop's instruction mix
 
 Why
 ---
@@ -14,6 +14,7 @@ is then visible on any machine:
 - a compile error (an unsupported op on that architecture, a layout Triton cannot lower);
 - more shared memory than the GPU has (Triton raises ``OutOfResources`` at launch);
 - register spills (ptxas moves registers to local memory, inside the K loop);
+- wgmma serialized (ptxas' advice C7515: the tensor cores wait for each MMA in turn, see sass.py);
 - the MMA kind: ``wgmma`` on Hopper (sm_90a), ``mma.sync`` on Ampere (sm_80).
 
 How
@@ -26,7 +27,7 @@ and ``JITFunction._pack_args``, what ``kernel[grid](...)`` runs), which gives th
 signature, the specialization (which integers are 1 or multiples of 16, which
 pointers are aligned) and the constexprs. The autotuner's configs are pruned
 by the kernel's own ``early_config_prune`` and each one that is kept is
-compiled, for fp16 and bf16, NF4 blocksizes 64 and 128, sm_90a and sm_80.
+compiled, for fp32, fp16 and bf16, NF4 blocksizes 64 and 128, sm_90a and sm_80.
 
 Triton decides when a kernel is defined whether it is interpreted, so without
 a GPU this module re-runs itself in a child process with ``TRITON_INTERPRET=0``
@@ -41,10 +42,12 @@ import fnmatch
 import importlib
 import io
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from unittest import mock
 
@@ -58,6 +61,9 @@ ARCHS = {"sm_90a": 90, "sm_80": 80}
 # The layer the launchers are called with: a Llama-3.1-8B q_proj at training M (the specialization of every size
 # is "a multiple of 16", as for every Llama-3.1-8B layer), r = 16 (R_PAD = r, no masked adapter columns).
 SHAPE = {"M": 4096, "N": 4096, "K": 4096, "r": 16}
+# The ranks the matmul kernels are compiled for: the adapter's (M, R_PAD) tile changes what ptxas does with the rest
+# (at r = 64, Triton 3.9 serializes the default forward tile's wgmma on sm_90a, which r = 16 does not).
+RANKS = (16, 64)
 
 
 @dataclass
@@ -71,6 +77,7 @@ class Launch:
     grid: object
     dtype: torch.dtype | None = None
     blocksize: int = 0
+    rank: int = 0
 
 
 class _Recorder:
@@ -127,7 +134,7 @@ def record_launches(dtype: torch.dtype, blocksize: int, shape: dict = SHAPE) -> 
         with mock.patch.object(module, name, recorder), mock.patch.object(module, "check_device", lambda *t: None, create=True):
             call()
         for launch in recorder.launches:
-            launch.dtype, launch.blocksize = dtype, blocksize
+            launch.dtype, launch.blocksize, launch.rank = dtype, blocksize, r
         launches += recorder.launches
     return launches
 
@@ -184,6 +191,7 @@ class CompileResult:
     weights_per_trip: int = 0  # NF4 weights one trip through the K loop decodes (BLOCK_N x BLOCK_K)
     loop_mix: dict | None = None  # SASS instructions per warp in one K-loop trip, by class (only with sass=True)
     loop_opcodes: dict | None = None
+    rank: int = 0  # the LoRA rank r the launch was recorded with
 
     def per_weight(self, *kinds: str) -> float:
         """Instructions of these classes per decoded weight, counted per thread (a warp instruction is 32 of them)."""
@@ -193,11 +201,18 @@ class CompileResult:
         return count * self.threads / self.weights_per_trip
 
     @property
+    def serialized(self) -> bool:
+        """ptxas serialized the wgmma instructions (C7515): each waits for the one before, a Hopper kernel's main loss."""
+        return any("serialized" in warning for warning in self.warnings)
+
+    @property
     def problems(self) -> list[str]:
-        """Why this compile fails the check: an error, spills, or more shared memory than the GPU has."""
+        """Why this compile fails the check: an error, spills, serialized wgmma, or more shared memory than the GPU has."""
         found = [f"compile error: {self.error}"] if self.error else []
         if self.spill_bytes:
             found.append(f"{self.spill_bytes} bytes of register spills")
+        if self.serialized:
+            found.append("wgmma serialized (ptxas C7515)")
         if self.shared > self.shared_limit:
             found.append(f"{self.shared} bytes of shared memory, over the {self.shared_limit} the GPU has")
         return found
@@ -218,7 +233,7 @@ def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> Com
         jit = jit.fn
     kwargs = dict(launch.kwargs, **(config.all_kwargs() if config is not None else {}))
     result = CompileResult(launch.name, describe_launch(launch, config), str(launch.dtype).removeprefix("torch."),
-                           launch.blocksize, arch, shared_limit=SMEM_LIMIT[capability])
+                           launch.blocksize, arch, shared_limit=SMEM_LIMIT[capability], rank=launch.rank)
     start = time.perf_counter()
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
@@ -279,45 +294,73 @@ def parse_config(text: str):
         raise SystemExit(f"--config: expected MxNxK:warps:stages such as 64x128x64:4:3, got {text!r}") from None
 
 
-def sweep(dtypes=(torch.float16, torch.bfloat16), blocksizes=(64, 128), archs=tuple(ARCHS), configs: str | list = "all",
-          kernels: tuple[str, ...] = (), sass: bool = False, shape: dict = SHAPE, progress=None) -> list[CompileResult]:
-    """Compile every (launch, kept config, target).
+def sweep(dtypes=(torch.float32, torch.float16, torch.bfloat16), blocksizes=(64, 128), archs=tuple(ARCHS),
+          configs: str | list = "all", kernels: tuple[str, ...] = (), sass: bool = False, shape: dict = SHAPE,
+          progress=None, ranks: tuple[int, ...] = RANKS, jobs: int = 1) -> list[CompileResult]:
+    """Compile every (launch, kept config, target), the kernels with an adapter once per rank of ``ranks``.
 
     ``configs``: "all" (every config the pruning keeps), "ends" (its first and last), or a list of
-    triton.Config to compile instead (for the matmul kernels; the dequantize kernel has none).
+    triton.Config to compile instead (for the matmul kernels; the dequantize kernel has none). ``jobs`` > 1
+    compiles in that many forked processes (ptxas and Triton's passes use one core each).
     """
-    results = []
+    global _JOBS
+    _JOBS = []
     for dtype in dtypes:
-        for blocksize in blocksizes:
-            for launch in record_launches(dtype, blocksize, shape):
+        for blocksize, rank in ((b, r) for b in blocksizes for r in ranks):
+            for launch in record_launches(dtype, blocksize, dict(shape, r=rank)):
                 if kernels and not any(launch.name == p or fnmatch.fnmatchcase(launch.name, p) for p in kernels):
                     continue
+                if rank != ranks[0] and not launch.name.startswith(("qlora_forward", "qlora_grad_input")):
+                    continue  # the small-M and dequantize kernels take no adapter
                 kept = kept_configs(launch, configs if isinstance(configs, list) else None)
                 if configs == "ends":  # the default and the largest config of the NF4 kernels; variants: the default
                     kept = list({id(c): c for c in (kept[0], kept[-1] if "[" not in launch.name else kept[0])}.values())
-                for config in kept:
-                    for arch in archs:
-                        results.append(compile_launch(launch, config, arch, sass))
-                        if progress:
-                            progress(results[-1])
+                _JOBS += [(launch, config, arch, sass) for config in kept for arch in archs]
+    results = []
+    with contextlib.ExitStack() as stack:
+        if jobs > 1 and len(_JOBS) > 1:
+            # A worker that dies (a crash in ptxas' caller) breaks the pool with an error, where a Pool would hang.
+            pool = stack.enter_context(ProcessPoolExecutor(min(jobs, len(_JOBS)), multiprocessing.get_context("fork")))
+            compiled = pool.map(_compile_job, range(len(_JOBS)))
+        else:
+            compiled = map(_compile_job, range(len(_JOBS)))
+        for result in compiled:
+            results.append(result)
+            if progress:
+                progress(result)
     return results
+
+
+_JOBS: list[tuple] = []  # sweep's (launch, config, arch, sass), which forked workers read by index
+
+
+def _compile_job(index: int) -> CompileResult:
+    return compile_launch(*_JOBS[index])
 
 
 def format_row(r: CompileResult) -> str:
     status = "FAIL " + "; ".join(r.problems) if r.problems else "ok"
-    serialized = " (wgmma serialized)" if any("serialized" in w for w in r.warnings) else ""
+    per_weight = ""
     if r.loop_mix:
         m = r.loop_mix
-        serialized += (f"\n    K loop per warp: {sum(m.values())} instructions, {m.get('integer', 0)} integer, "
+        per_weight = (f"\n    K loop per warp: {sum(m.values())} instructions, {m.get('integer', 0)} integer, "
                        f"{m.get('mma', 0)} mma, {m.get('memory', 0)} memory, {m.get('convert', 0)} convert, "
                        f"{m.get('float', 0)} float; per weight: {r.per_weight('integer'):.2f} integer, "
                        f"{r.per_weight():.2f} in all")
-    return (f"{r.kernel:<32} {r.config:<20} {r.dtype:<9} {r.blocksize:>4} {r.arch:<7} {r.registers:>4} {r.spill_bytes:>6} "
-            f"{r.shared / 1024:>7.1f}/{r.shared_limit // 1024:<4} {r.mma:<6} {r.seconds:>5.1f}s  {status}{serialized}")
+    return (f"{r.kernel:<32} {r.config:<20} {r.dtype:<9} {r.blocksize:>4} {r.rank:>3} {r.arch:<7} {r.registers:>4} "
+            f"{r.spill_bytes:>6} "
+            f"{r.shared:>7}/{r.shared_limit:<6} {r.mma:<6} {r.seconds:>5.1f}s  {status}{per_weight}")
 
 
-HEADER = (f"{'kernel':<32} {'config (MxNxK)':<20} {'dtype':<9} {'bs':>4} {'arch':<7} {'regs':>4} {'spill':>6} "
-          f"{'smem KiB':>12} {'mma':<6} {'time':>6}  status")
+HEADER = (f"{'kernel':<32} {'config (MxNxK)':<20} {'dtype':<9} {'bs':>4} {'r':>3} {'arch':<7} {'regs':>4} {'spill':>6} "
+          f"{'smem bytes':>14} {'mma':<6} {'time':>6}  status")
+
+
+def per_weight_fields(r: CompileResult) -> dict:
+    """The K loop's SASS instructions per decoded weight, all and integer (None without SASS or a K loop)."""
+    known = bool(r.loop_mix and r.weights_per_trip)
+    return {"instructions_per_weight": round(r.per_weight(), 3) if known else None,
+            "integer_per_weight": round(r.per_weight("integer"), 3) if known else None}
 
 
 def _reexec_compiled(argv: list[str]) -> int:
@@ -327,7 +370,7 @@ def _reexec_compiled(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print one row per compile; exit 1 if any compile errs, spills or needs more shared memory than the GPU has."""
+    """Print one row per compile; exit 1 if any compile errs, spills, serializes wgmma or needs more shared memory."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m lora_lab.kernels.compile.compile_check",
                                      description=__doc__.split("\n\n")[0])
@@ -336,10 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", action="append", help="only kernels matching this name or 'pattern*' (repeatable)")
     parser.add_argument("--config", action="append",
                         help="compile this MxNxK:warps:stages instead of the project's configs (BLOCK_K | blocksize)")
-    parser.add_argument("--dtype", action="append", choices=("float16", "bfloat16"), help="only this dtype (repeatable)")
+    parser.add_argument("--dtype", action="append", choices=("float32", "float16", "bfloat16"),
+                        help="only this dtype (repeatable)")
     parser.add_argument("--blocksize", action="append", type=int, choices=(64, 128), help="only this NF4 blocksize")
+    parser.add_argument("--rank", action="append", type=int, help=f"only this LoRA rank r (repeatable; default {RANKS})")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     parser.add_argument("--json", help="write the results to this file")
-    parser.add_argument("--sass", action="store_true", help="also disassemble and report the K loop's instruction mix")
+    parser.add_argument("--sass", action=argparse.BooleanOptionalAction, default=True,
+                        help="disassemble and report the K loop's instructions per weight (default; --no-sass is faster)")
     args = parser.parse_args(argv)
     from lora_lab.kernels import common
 
@@ -347,9 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         return _reexec_compiled(argv)
     import triton
 
-    chosen = dict(CI_SUBSET) if args.subset == "ci" else {"dtypes": (torch.float16, torch.bfloat16), "blocksizes": (64, 128),
-                                                    "configs": "all"}
-    print(f"triton {triton.__version__}, torch {torch.__version__}; layer {SHAPE}; subset {args.subset}")
+    chosen = dict(CI_SUBSET) if args.subset == "ci" else {"dtypes": (torch.float32, torch.float16, torch.bfloat16),
+                                                          "blocksizes": (64, 128), "configs": "all"}
+    ranks = tuple(args.rank or RANKS)
+    print(f"triton {triton.__version__}, torch {torch.__version__}; layer {SHAPE}, r in {ranks}; subset {args.subset}")
     print(HEADER)
     start = time.perf_counter()
     if args.dtype:
@@ -359,14 +407,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         chosen["configs"] = [parse_config(text) for text in args.config]
     results = sweep(chosen["dtypes"], chosen["blocksizes"], tuple(args.arch or ARCHS), chosen["configs"],
-                    tuple(args.kernel or ()), args.sass, progress=lambda r: print(format_row(r), flush=True))
+                    tuple(args.kernel or ()), args.sass, progress=lambda r: print(format_row(r), flush=True), ranks=ranks,
+                    jobs=args.jobs)
     failed = [r for r in results if r.problems]
     print(f"{len(results)} compiles in {time.perf_counter() - start:.0f}s: {len(failed)} fail "
           f"({sum(bool(r.error) for r in failed)} errors, {sum(r.spill_bytes > 0 for r in failed)} spill, "
-          f"{sum(r.shared > r.shared_limit for r in failed)} over shared memory)")
+          f"{sum(r.serialized for r in failed)} wgmma serialized, {sum(r.shared > r.shared_limit for r in failed)} over "
+          "shared memory)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) | {"problems": r.problems} for r in results], f, indent=1)
+            json.dump([asdict(r) | {"problems": r.problems, "serialized": r.serialized} | per_weight_fields(r)
+                       for r in results], f, indent=1)
     return 1 if failed else 0
 
 

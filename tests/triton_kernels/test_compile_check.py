@@ -1,10 +1,11 @@
-"""The kernels compiled for real GPUs (sm_90a, sm_80) on any machine: no compile error, no spill, shared memory that fits.
+"""The kernels compiled for real GPUs (sm_90a, sm_80) on any machine: no compile error, no spill, no serialized wgmma,
+shared memory that fits.
 
 CI has no GPU, so these tests run ``python -m lora_lab.kernels.compile.compile_check``
 in a child process (Triton's interpreter, which this test process uses, cannot
-compile). CI compiles the representative subset; the full sweep is
+compile). CI compiles the representative subset, in bf16 and in fp32; the full sweep is
 ``python -m lora_lab.kernels.compile.compile_check`` (every config the pruning keeps,
-fp16 and bf16, blocksizes 64 and 128, both targets).
+fp32, fp16 and bf16, blocksizes 64 and 128, both targets).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+from lora_lab.kernels.compile.compile_check import CompileResult
 from lora_lab.kernels.compile.sass import k_loop_mix, parse_ptxas_log
 
 KERNELS = (
@@ -41,8 +43,17 @@ OTHER_PYTHON = os.environ.get("LORA_LAB_OTHER_TRITON_PYTHON")
 
 
 def test_ci_subset_compiles_clean_for_hopper_and_ampere(tmp_path):
-    """Every kernel and variant (CI_SUBSET's configs), bf16: compiles, 0 spills, fits, uses the tensor cores."""
+    """Every kernel and variant (CI_SUBSET's configs), bf16: compiles, 0 spills, no serialized wgmma, fits, uses the
+    tensor cores, and the K loop's instructions per weight are reported."""
     check_ci_subset(tmp_path, sys.executable)
+
+
+def test_ci_subset_compiles_clean_in_fp32(tmp_path):
+    """fp32 (tl.dot in IEEE precision: no tensor cores) compiles without a spill and fits, for every kernel and target."""
+    status, table, results = compile_check(tmp_path, "--subset", "ci", "--dtype", "float32", "--no-sass")
+    assert results and {r["dtype"] for r in results} == {"float32"}, table
+    assert {(r["kernel"], r["arch"]) for r in results} == {(k, a) for k in KERNELS for a in ("sm_90a", "sm_80")}, table
+    assert status == 0 and not [r for r in results if r["problems"]], f"compile check failed in fp32:\n{table}"
 
 
 @pytest.mark.skipif(
@@ -58,7 +69,7 @@ def test_ci_subset_compiles_clean_with_another_triton(tmp_path):
 
 
 def check_ci_subset(tmp_path, python: str) -> None:
-    status, table, results = compile_check(tmp_path, "--subset", "ci", python=python)
+    status, table, results = compile_check(tmp_path, "--subset", "ci", "--dtype", "bfloat16", python=python)
     assert results, f"the compile check wrote no results:\n{table}"
     failures = [r for r in results if r["problems"]]
     assert status == 0 and not failures, f"compile check failed:\n{table}"
@@ -69,6 +80,8 @@ def check_ci_subset(tmp_path, python: str) -> None:
         want = MMA.get((r["kernel"], r["arch"]))
         if want:
             assert r["mma"] == want, f"{r['kernel']} {r['config']} on {r['arch']} uses {r['mma']!r}, not {want}:\n{table}"
+        if r["kernel"] != "nf4_dequantize_kernel":  # the K loop's instructions per decoded weight are reported
+            assert r["instructions_per_weight"] and r["instructions_per_weight"] >= r["integer_per_weight"] > 0, table
 
 
 def test_the_check_fails_a_tile_that_spills_and_one_that_overflows_shared_memory(tmp_path):
@@ -85,6 +98,15 @@ def test_the_check_fails_a_tile_that_spills_and_one_that_overflows_shared_memory
     assert spilling["spill_bytes"] > 0 and any("spills" in p for p in spilling["problems"]), table
     assert overflowing["shared"] > overflowing["shared_limit"], table
     assert any("shared memory" in p for p in overflowing["problems"]), table
+
+
+def test_serialized_wgmma_fails_the_check():
+    """ptxas' C7515 advice is not "ok": a kernel whose wgmma are serialized fails, saying so."""
+    warning = "(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to ..."
+    result = CompileResult("qlora_forward_kernel", "64x128x64 w8 s4", "bfloat16", 64, "sm_90a", registers=128,
+                           shared=1024, shared_limit=2048, mma="wgmma", warnings=(warning,))
+    assert result.serialized and result.problems == ["wgmma serialized (ptxas C7515)"]
+    assert not CompileResult("k", "-", "bfloat16", 64, "sm_90a", shared_limit=1).problems
 
 
 def test_ptxas_log_parsing():
