@@ -30,6 +30,23 @@ ALTERNATIVES = {
             param.copy_(param - lr * weight_decay * param)
             param.copy_(param - lr * m_hat / (torch.sqrt(v_hat) + eps))
         '''),
+    "adamw_textbook_moments_mul_add": ("ex05_adamw", '''
+        """The textbook moments, exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1), where torch's AdamW uses lerp_:
+        a moment that nearly cancels rounds differently, by a few units of the terms that cancel."""
+        import torch
+
+
+        @torch.no_grad()
+        def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+            if step < 1:
+                raise ValueError(f"step counts from 1, got {step}")
+            beta1, beta2 = betas
+            param.mul_(1 - lr * weight_decay)
+            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denominator = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+            param.addcdiv_(exp_avg, denominator, value=-lr / (1 - beta1**step))
+        '''),
     "loss_by_log_softmax_and_gather": ("ex04_loss", '''
         """Cross-entropy by hand: log_softmax in fp32, gather the next token's log-probability, mean over labels."""
         from lora_lab.loss import check_loss_inputs

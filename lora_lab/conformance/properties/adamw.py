@@ -61,7 +61,8 @@ def _likely_cause(weight_decay: float) -> str:
     hint="Follow the formulas in order: both moments from the gradient, their bias corrections, then "
     "param -= lr * m_hat / (sqrt(v_hat) + eps), eps outside the square root; weight decay is decoupled, "
     "param *= 1 - lr * weight_decay, never added to the gradient. The detail says whether the run was already wrong "
-    "without weight decay. param and both moments change in place; grad belongs to the caller.",
+    "without weight decay. param and both moments change in place, under torch.no_grad() (a model's parameters require "
+    "grad); grad belongs to the caller.",
 )
 def adamw_matches_torch(target) -> None:
     """Six adamw_step calls equal torch.optim.AdamW (param and both moments), with and without weight decay; grad is
@@ -77,20 +78,35 @@ def adamw_matches_torch(target) -> None:
     def prop(problem):
         start, grads, hparams, weight_decay = problem
         u = UNIT_ROUNDOFF[start.dtype]
+        beta1, beta2 = hparams["betas"]
         for wd in (0.0, weight_decay):
-            param, ref = start.clone(), start.clone()
+            # A model's parameters require grad (the optimizer's own do): the update must not be recorded by autograd.
+            param, ref = start.clone().requires_grad_(), start.clone().requires_grad_()
             exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
             optimizer = torch.optim.AdamW([ref], **hparams, weight_decay=wd, foreach=False)
-            allowed_p = torch.zeros_like(param)
+            allowed_p = torch.zeros_like(param, dtype=torch.float64)
+            # exp_avg sums beta1 * m and (1 - beta1) * g, which may cancel: its rounding is judged by the exponential
+            # average of |g| (the size of what was summed), not by the result; so is the update that divides it.
+            magnitude = torch.zeros_like(param, dtype=torch.float64)
             for step, grad in enumerate(grads, start=1):
                 ref.grad = grad.clone()
                 optimizer.step()
                 state = optimizer.state[ref]
-                grad_before, twin = grad.clone(), [t.clone() for t in (param, exp_avg, exp_avg_sq)]  # for a second call
+                magnitude = beta1 * magnitude + (1 - beta1) * grad.double().abs()
+                grad_before = grad.clone()
+                twin = [t.detach().clone() for t in (param, exp_avg, exp_avg_sq)]  # for a second call
+                twin[0].requires_grad_()
                 where = f"step {step}, shape {tuple(param.shape)}, {param.dtype}, {hparams}, weight_decay={wd}"
                 version = grad._version  # counts every in-place write, a restored one too
-                with keeps_global_state("adamw_step"):
-                    target.op("adamw_step")(param, grad, exp_avg, exp_avg_sq, step, **hparams, weight_decay=wd)
+                try:
+                    with keeps_global_state("adamw_step"):
+                        target.op("adamw_step")(param, grad, exp_avg, exp_avg_sq, step, **hparams, weight_decay=wd)
+                except RuntimeError as exc:
+                    if "requires grad" not in str(exc):
+                        raise
+                    raise CheckFailed(f"adamw_step on a parameter that requires grad ({where}) raised: {exc}; "
+                                      "an optimizer's update is not part of the model's graph: run it under "
+                                      "torch.no_grad()") from exc
                 assert_equal(grad, grad_before, f"grad after adamw_step ({where}); the gradient must not be modified")
                 if grad._version != version:
                     raise CheckFailed(f"adamw_step wrote in place to grad ({where}), even if it restored it; "
@@ -101,12 +117,12 @@ def adamw_matches_torch(target) -> None:
                         raise CheckFailed(f"adamw_step is not deterministic: the same inputs twice gave a different {name} "
                                           f"({where}); it promises {DETERMINISTIC['adamw_step']}")
                 # Each step may round a few times per element: in the parameter and in the update lr * m_hat / sqrt(v_hat).
-                update = (state["exp_avg"] / (1 - hparams["betas"][0] ** step)).abs() / (
-                    (state["exp_avg_sq"] / (1 - hparams["betas"][1] ** step)).sqrt() + hparams["eps"]
+                update = (magnitude / (1 - beta1**step)) / (
+                    (state["exp_avg_sq"].double() / (1 - beta2**step)).sqrt() + hparams["eps"]
                 )
-                allowed_p += 8 * u * (ref.abs() + hparams["lr"] * update)
+                allowed_p += 8 * u * (ref.detach().double().abs() + hparams["lr"] * update)
                 try:
-                    assert_close(exp_avg, state["exp_avg"], 8 * u * step * (state["exp_avg"].abs() + grad_before.abs()),
+                    assert_close(exp_avg, state["exp_avg"], 8 * u * step * (magnitude + grad_before.double().abs()),
                                  f"exp_avg, in place ({where})")
                     assert_close(exp_avg_sq, state["exp_avg_sq"], 8 * u * step * (state["exp_avg_sq"] + grad_before.square()),
                                  f"exp_avg_sq, in place ({where})")

@@ -1,0 +1,46 @@
+"""More one-edit mistakes (issue #26): each one loses exactly the points of the check that names it.
+
+The mistakes of test_grade.py are the first a learner makes; these are the ones that only sizes, dtypes and
+behaviours the suite once never drew could show. Each is built on lora_lab's reference with one change.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_grade import CHECKS, run_grade, write_exercise
+
+from lora_lab.conformance.grading.exercises import EXERCISES
+from lora_lab.conformance.runner import FAILED, PASSED
+
+MISTAKES = {
+    "adamw_without_no_grad": (
+        "ex05_adamw",
+        '''
+        """The textbook update, but not under torch.no_grad(): a parameter that requires grad refuses in-place writes."""
+        def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+            if step < 1:
+                raise ValueError(f"step counts from 1, got {step}")
+            beta1, beta2 = betas
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denominator = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+            param.mul_(1 - lr * weight_decay).addcdiv_(exp_avg, denominator, value=-lr / (1 - beta1**step))
+        ''',
+        {"adamw.matches_torch"},
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(MISTAKES))
+def test_a_mistake_loses_exactly_the_points_of_the_check_that_names_it(tmp_path, mistake):
+    stem, source, caught = MISTAKES[mistake]
+    assert caught <= set(CHECKS), f"unknown checks {sorted(caught - set(CHECKS))}: were they renamed?"
+    write_exercise(tmp_path, stem, source)
+    exercise = next(e for e in EXERCISES if e.stem == stem)
+    (report,), output = run_grade(tmp_path, [exercise.id])
+    lost = {row.graded.check.name for row in report.rows if row.status != PASSED}
+    assert lost == caught, output
+    assert all(row.status == FAILED for row in report.rows if row.graded.check.name in caught), output
+    assert report.score == report.total - sum(row.graded.points for row in report.rows if row.graded.check.name in caught)
+    for name in caught:
+        assert CHECKS[name].hint in output, f"the hint of {name} is not shown"
