@@ -20,9 +20,14 @@ numbers instead of 16.8 million). QLoRA adds that W itself is frozen in NF4
 * B starts at zero, so a fresh layer computes exactly the frozen model; the
   ``QLoRALinear`` module does that initialization, this op just computes.
 * W is frozen: dequantize it with no gradient. Gradients flow to x (so earlier
-  layers' adapters learn), A, B and the bias; autograd derives them for you:
+  layers' adapters learn), A, B and the bias:
 
       dX = dY W + s (dY B) A,    dA = s (dY B)^T X,    dB = s dY^T (X A^T),    d(bias) = sum of dY
+
+* Keep nothing N x K between forward and backward (graded, 5 points). Plain
+  autograd through ``x @ W^T`` saves the dequantized W for dX, which throws away
+  QLoRA's memory saving: write a ``torch.autograd.Function`` for the base path
+  whose ``backward`` dequantizes W again (the LoRA path can stay plain autograd).
 
 The spec
 --------
@@ -45,10 +50,6 @@ people actually fine-tune with. It calls your function twice with the same
 shapes and new values, and checks that you leave the inputs unchanged.
 
 You may use ``lora_lab.nf4.dequantize_nf4`` (or your own from exercise 01).
-
-Stretch (not graded): plain autograd keeps the dequantized W alive until the
-backward pass, which throws away QLoRA's memory saving. Write a
-``torch.autograd.Function`` that dequantizes W again in ``backward`` instead.
 
 Grading: ``lora-lab grade --only 03`` (or ``python exercises/ex03_qlora_linear.py``).
 

@@ -20,7 +20,7 @@ model's output does not change beyond NF4 rounding).
 QLoRA freezes *and quantizes* the whole base, not only the targets: every
 other ``nn.Linear`` (the MLP's ``gate_proj``, ``up_proj`` and ``down_proj`` by
 default) becomes a ``lora_lab.lora.NF4Linear``
-(``NF4Linear.from_linear(linear, blocksize=..., double_quant=...)``: the same
+(``NF4Linear.from_linear(linear, blocksize=..., double_quant=..., compute_dtype=...)``: the same
 frozen NF4 weight, no adapters), as bitsandbytes' ``load_in_4bit`` does. Only
 ``lm_head`` keeps its dense weight. Left dense, the MLP of Llama 3.1 8B alone
 would hold about 11 GB of bf16 weights. Every remaining parameter (embeddings,
@@ -46,7 +46,9 @@ The spec
   ``quant_kwargs`` (such as ``blocksize``, ``double_quant``, ``use_rslora``) on to
   ``from_linear``.
 * Replace every *other* ``nn.Linear`` except ``lm_head`` by an ``NF4Linear``
-  with the same ``blocksize`` and ``double_quant`` (defaults 64 and True).
+  with the same ``blocksize``, ``double_quant`` and ``compute_dtype`` (defaults
+  64, True and None). ``compute_dtype`` is bitsandbytes' ``bnb_4bit_compute_dtype``:
+  every quantized layer, targeted or not, computes in it (graded).
 * Freeze every other parameter. Return the same model object.
 * Raise ValueError when a target module matches no ``nn.Linear``, naming it and
   listing the linear layers the model has (a typo such as "q_prj" must not
@@ -114,7 +116,7 @@ def apply_qlora(
     ``model.get_submodule(parent_name)`` and ``setattr(parent, child_name, new)``
     swap one. Freeze first, then swap: the new adapters must stay trainable.
     ``quant_kwargs`` may hold ``use_rslora`` or ``backend``, which ``NF4Linear``
-    does not take: pass it only ``blocksize`` and ``double_quant``.
+    does not take: pass it only ``blocksize``, ``double_quant`` and ``compute_dtype``.
     """
     raise NotImplementedError("exercise 06: write apply_qlora")
 

@@ -28,6 +28,45 @@ MISTAKES = {
         ''',
         {"adamw.matches_torch"},
     ),
+    "qlora_by_plain_autograd": (
+        "ex03_qlora_linear",
+        '''
+        """Plain autograd through x @ W^T: right numbers, but the dequantized W is saved for backward (the spec says no)."""
+        from lora_lab.nf4 import dequantize_nf4
+        from lora_lab.operands import check_qlora_operands
+
+
+        def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None):
+            check_qlora_operands(x, weight, lora_A, lora_B, bias)
+            base = x @ dequantize_nf4(weight).to(x.dtype).t()
+            y = base + (x @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t() * scaling
+            return y if bias is None else y + bias.to(x.dtype)
+        ''',
+        {"memory.qlora_linear_keeps_no_dense_weight"},
+    ),
+    "nf4linear_without_compute_dtype": (
+        "ex06_training_step",
+        '''
+        """Passes NF4Linear only blocksize and double_quant: the MLP's layers ignore compute_dtype (the spec says pass it)."""
+        from lora_lab.lora import NF4Linear
+        from lora_lab.model import apply_qlora as reference_apply
+        from lora_lab.train import training_step as reference_step
+
+
+        def apply_qlora(model, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), r=8, alpha=16, dropout=0.0,
+                        **quant_kwargs):
+            reference_apply(model, target_modules, r, alpha, dropout, **quant_kwargs)
+            for module in model.modules():
+                if type(module) is NF4Linear:
+                    module.compute_dtype = None
+            return model
+
+
+        def training_step(model, batch, optimizer):
+            return reference_step(model, batch, optimizer)
+        ''',
+        {"qlora.apply_compute_dtype_matches_bitsandbytes"},
+    ),
 }
 
 
