@@ -17,6 +17,7 @@ import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from lora_lab.conformance.grading.command import main
 from lora_lab.conformance.grading.grade import STATUS_WORDS, grade
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +81,10 @@ def test_untouched_stubs_fail_as_not_attempted_and_end_with_score_zero(tmp_path)
     assert results["score"] == 0 and [(t["name"], t["score"], t["max_score"], t["status"]) for t in results["tests"]] == [
         ("05 adamw.matches_torch", 0, 10, "failed"), ("05 adamw.first_step_moves_by_lr", 0, 5, "failed")]
     assert all("exercise 05: write adamw_step" in test["output"] for test in results["tests"])
+    by_command = tmp_path / "by_command.json"  # lora-lab grade --gradescope writes the same results
+    assert main(["--only", "05", "--path", str(EXERCISES_DIR), "--gradescope", str(by_command)]) == 0
+    assert [{**t, "output": None} for t in json.loads(by_command.read_text())["tests"]] == [
+        {**t, "output": None} for t in results["tests"]]  # the outputs differ only in the seconds
 
 
 def test_the_reference_solutions_score_full_marks():
