@@ -12,9 +12,11 @@ behind ``lora-lab grade`` (``grade.load_exercise`` and ``grade.grade_check``, in
 The file is loaded once per exercise, in the learner's process, never in pytest's: pytest's own collector would import
 a file named on the command line, so the hook below puts this one in its place. A check that is not passed fails its
 item, "not attempted", "not your code" and "missing" included, and the report is the grader's row: the property,
-what went wrong and the hint, no traceback of the suite. The session ends with the grader's points table and
-``Score: X/Y`` as the last line. The hypothesis profile is ``--hypothesis-profile`` (``ci`` by default, as in
-``lora-lab grade``; ``scored`` draws a fresh secret seed, shown in the header); ``--hypothesis-seed`` fixes one.
+what went wrong and the hint, no traceback of the suite; when a whole folder is graded, an exercise whose file is
+not there is "missing" and its points count, as in ``lora-lab grade``. The session ends with the grader's points
+table and ``Score: X/Y`` as the last line (under pytest-xdist too). The hypothesis profile is
+``--hypothesis-profile`` (``ci`` by default, as in ``lora-lab grade``; ``scored`` draws a fresh secret seed, shown in
+the header); ``--hypothesis-seed`` fixes one.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class Grading:
         self.chain = config.getoption("lora_lab_chain")
         self.profile = config.getoption("hypothesis_profile", default=None) or "ci"
         seed = config.getoption("hypothesis_seed", default=None)
+        if seed is not None and not str(seed).isdigit():  # lora-lab grade --seed takes a whole number too
+            raise pytest.UsageError(f"--hypothesis-seed={seed}: grading draws from a whole number seed, e.g. 1234")
         self.seed = int(seed) if seed is not None else draw_seed() if self.profile == "scored" else None
         self.processes = None  # started as the first exercise file is collected (``prestart``), never for --collect-only
         self.loaded: LoadedExercise | None = None  # the exercise whose file the learner's process holds now
