@@ -79,10 +79,12 @@ class Grading:
         if seed is not None and not str(seed).isdigit():  # lora-lab grade --seed takes a whole number too
             raise pytest.UsageError(f"--hypothesis-seed={seed}: grading draws from a whole number seed, e.g. 1234")
         self.seed = int(seed) if seed is not None else draw_seed() if self.profile == "scored" else None
+        self.worker = hasattr(config, "workerinput")  # an xdist worker grades; its controller shows the table
+        if self.worker:  # every worker draws from the controller's seed, the one its header shows
+            self.seed = config.workerinput.get("lora_lab_seed", self.seed)
         self.processes = None  # started as the first exercise file is collected (``prestart``), never for --collect-only
         self.loaded: LoadedExercise | None = None  # the exercise whose file the learner's process holds now
         self.reports: dict[str, ExerciseReport] = {}  # by exercise id
-        self.worker = hasattr(config, "workerinput")  # an xdist worker grades; its controller shows the table
         xdist_controller = getattr(config.option, "dist", "no") != "no" and not self.worker
         self.grades_here = not config.option.collectonly and not xdist_controller  # --collect-only grades nothing
 
@@ -105,6 +107,10 @@ class Grading:
         what = "the reference solutions" if self.solutions else "your exercise files"
         seed = f", seed {self.seed}" if self.seed is not None else ""
         return f"lora-lab grade: {what}, hypothesis profile {self.profile}{seed}{', --chain' if self.chain else ''}"
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node) -> None:  # pytest-xdist's controller, starting a worker
+        node.workerinput["lora_lab_seed"] = self.seed
 
     def prestart(self, exercise: Exercise, file: Path) -> None:
         """Start the process for an exercise file (or its solution) now, without waiting, as ``grade()`` does: the
