@@ -96,6 +96,18 @@ def nf4_witnesses() -> list[tuple[torch.Tensor, int]]:
     return [(case, 64) for case in cases]
 
 
+def subnormal_absmax_witness() -> tuple[torch.Tensor, int]:
+    """A random block, then one whose absmax (1e-39) is an fp32 subnormal, in fp32, blocksize 64.
+
+    bitsandbytes floors the divisor at 1e-38, so the small values keep codes near 0.0 (byte 0x86 among them);
+    1 / absmax itself overflows to Inf, and a quantizer that repairs that with nan_to_num stores codes 0 and 15.
+    """
+    g = seeded_generator(1)
+    small = torch.rand(64, generator=g) * 2 - 1
+    small = small / small.abs().max() * 1e-39
+    return torch.cat([torch.randn(64, generator=g), small]), 64
+
+
 @st.composite
 def nf4_weights(draw, max_numel: int = 6000, dtypes: tuple[torch.dtype, ...] = DTYPES,
                 blocksizes: tuple[int, ...] = BLOCKSIZES, ragged: bool = True):

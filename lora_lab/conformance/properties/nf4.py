@@ -28,7 +28,7 @@ from lora_lab.conformance.judge.formats import (
 )
 from lora_lab.conformance.judge.oracles import bnb_dequantize
 from lora_lab.conformance.judge.profiles import examples
-from lora_lab.conformance.judge.strategies import nf4_weights, nf4_witnesses
+from lora_lab.conformance.judge.strategies import nf4_weights, nf4_witnesses, subnormal_absmax_witness
 from lora_lab.conformance.registry import INTERCHANGE, check
 from lora_lab.nf4 import NF4_CODE, NF4Tensor, quantize_nf4, unpack_codes
 from lora_lab.targets.libraries import bitsandbytes
@@ -157,19 +157,22 @@ def check_fields(q, numel: int, blocksize: int, double_quant: bool) -> None:
     hint="Flatten row-major, one absmax per block of `blocksize` values (the last block may be short), "
     "pick the nearest NF4 level (bucketize against the fp32 midpoints between levels: an exact midpoint takes the "
     "lower level), full blocks multiply by 1/absmax while the short last block divides, and put element 2i in the "
-    "HIGH nibble of byte i. An odd count pads with the code of 0.0. Only a short all-zero last block stores 1e-38.",
+    "HIGH nibble of byte i. An odd count pads with the code of 0.0. Only a short all-zero last block stores 1e-38; "
+    "the divisor is floored at 1e-38 (an absmax may be subnormal), never repaired afterwards with nan_to_num.",
 )
 def bytes_match_bitsandbytes(target) -> None:
     """Packed NF4 codes and fp32 absmax are byte-identical with bitsandbytes.quantize_4bit.
 
     Draws ``strategies.nf4_weights``: exact midpoints and their one-ulp neighbours, the multiply-vs-divide witness
-    in full and short blocks, all-equal, single-outlier and all-zero blocks, full and short last blocks.
+    in full and short blocks, all-equal, single-outlier and all-zero blocks, full and short last blocks; and a block
+    whose absmax is an fp32 subnormal (the 1e-38 floor, not nan_to_num).
     """
     supports = _interchange(target, double_quant=False)
 
     @settings(max_examples=examples(25))
     @given(supported_weights(supports))
     @lambda prop: with_witnesses(prop, supports)
+    @example(subnormal_absmax_witness())  # only here: no other check is judged by bitsandbytes' own bytes
     def prop(drawn):
         weight, blocksize = drawn
         for call in ("first", "refilled"):  # the second call: same storage and prefix, new tail (no cached answer)
