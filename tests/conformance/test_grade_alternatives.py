@@ -5,6 +5,8 @@ A suite that rejects valid code is as wrong as one that accepts broken code, so 
 alternative here is a way a careful learner could well write it.
 """
 
+from pathlib import Path
+
 import pytest
 from test_grade import CHECKS, run_grade, write_exercise
 
@@ -12,7 +14,13 @@ from lora_lab.conformance.grading.exercises import EXERCISES
 from lora_lab.conformance.grading.feedback import NOT_YOURS
 from lora_lab.conformance.runner import FAILED, PASSED
 
+MUTANTS = Path(__file__).resolve().parents[1] / "mutants"
+ONE_SCALE_KERNEL = (MUTANTS / "kernel_dequant_one_absmax_scale.py").read_text()
+
 ALTERNATIVES = {
+    # Exercise 07's stretch: double quantization decoded in the kernel, absmax_scale[block // 256] per block.
+    "dequantize_kernel_decodes_double_quant": ("ex07_triton_dequant", ONE_SCALE_KERNEL.replace(
+        "tl.load(scale_ptr)", "tl.load(scale_ptr + block // 256, mask=mask, other=0.0)")),
     "adamw_from_the_docstring_formulas": ("ex05_adamw", '''
         """AdamW exactly as the exercise's formulas read: m_hat, v_hat, then sqrt(v_hat) + eps."""
         import torch

@@ -6,13 +6,22 @@ behaviours the suite once never drew could show. Each is built on lora_lab's ref
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from test_grade import CHECKS, run_grade, write_exercise
 
 from lora_lab.conformance.grading.exercises import EXERCISES
 from lora_lab.conformance.runner import FAILED, PASSED
 
+MUTANTS = Path(__file__).resolve().parents[1] / "mutants"
+
 MISTAKES = {
+    "kernel_loads_one_absmax_scale": (  # the learner's kernel of tests/mutants/, under Triton's interpreter
+        "ex07_triton_dequant",
+        (MUTANTS / "kernel_dequant_one_absmax_scale.py").read_text(),
+        {"nf4.dequantize_matches_bitsandbytes"},
+    ),
     "adamw_without_no_grad": (
         "ex05_adamw",
         '''

@@ -108,6 +108,15 @@ def subnormal_absmax_witness() -> tuple[torch.Tensor, int]:
     return torch.cat([torch.randn(64, generator=g), small]), 64
 
 
+def many_groups_witness() -> tuple[torch.Tensor, int]:
+    """Three groups of 256 blocks of 32 (the last one short), each at its own level: a double-quantized weight whose
+    three absmax scales differ, for a dequantizer that decodes double quantization itself (one scale for every
+    block is wrong from block 256 on). 19,200 fp32 elements: cheap even under Triton's interpreter."""
+    g = seeded_generator(2)
+    levels = torch.tensor([0.02, 1.0, 7.0]).repeat_interleave(ABSMAX_BLOCKSIZE)[: 600]
+    return (torch.randn(600, 32, generator=g) * levels[:, None]).reshape(-1), 32
+
+
 @st.composite
 def nf4_weights(draw, max_numel: int = 6000, dtypes: tuple[torch.dtype, ...] = DTYPES,
                 blocksizes: tuple[int, ...] = BLOCKSIZES, ragged: bool = True):

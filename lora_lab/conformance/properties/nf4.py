@@ -28,7 +28,12 @@ from lora_lab.conformance.judge.formats import (
 )
 from lora_lab.conformance.judge.oracles import bnb_dequantize
 from lora_lab.conformance.judge.profiles import examples
-from lora_lab.conformance.judge.strategies import nf4_weights, nf4_witnesses, subnormal_absmax_witness
+from lora_lab.conformance.judge.strategies import (
+    many_groups_witness,
+    nf4_weights,
+    nf4_witnesses,
+    subnormal_absmax_witness,
+)
 from lora_lab.conformance.registry import INTERCHANGE, check
 from lora_lab.nf4 import NF4_CODE, NF4Tensor, quantize_nf4, unpack_codes
 from lora_lab.targets.libraries import bitsandbytes
@@ -59,6 +64,11 @@ def with_witnesses(prop, supports: Capabilities | None = None, double_quant: boo
         drawn = (witness, blocksize)
         prop = (example(drawn, double_quant) if takes_double_quant else example(drawn))(prop)
     return prop
+
+
+def _takes_many_groups(supports: Capabilities) -> bool:
+    """Whether a format supports ``strategies.many_groups_witness``: double quant, blocksize 32, fp32."""
+    return True in supports.double_quant and 32 in supports.blocksizes and torch.float32 in supports.dtypes
 
 
 def _interchange(target, double_quant: bool | None = None) -> Capabilities:
@@ -210,13 +220,14 @@ def dequantize_matches_bitsandbytes(target) -> None:
     """Dequantized values equal bitsandbytes.dequantize_4bit exactly, in the original shape and dtype.
 
     Draws ``strategies.nf4_weights`` (single and double quantization), so every code 0..15, zero and short last
-    blocks and odd element counts appear.
+    blocks and odd element counts appear; and a double-quantized weight of 600 blocks, three absmax scales that differ.
     """
     supports = _interchange(target)
 
     @settings(max_examples=examples(25))
     @given(supported_weights(supports), st.sampled_from(supports.double_quant))
     @lambda prop: with_witnesses(prop, supports, supports.double_quant[0])
+    @lambda prop: example(many_groups_witness(), True)(prop) if _takes_many_groups(supports) else prop
     def prop(drawn, double_quant):
         weight, blocksize = drawn
         q = quantize_nf4(weight, blocksize, double_quant)
