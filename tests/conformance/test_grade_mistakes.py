@@ -12,7 +12,7 @@ import pytest
 from test_grade import CHECKS, run_grade, write_exercise
 
 from lora_lab.conformance.grading.exercises import EXERCISES
-from lora_lab.conformance.runner import FAILED, PASSED
+from lora_lab.conformance.runner import ERROR, FAILED, PASSED
 
 MUTANTS = Path(__file__).resolve().parents[1] / "mutants"
 
@@ -36,6 +36,37 @@ MISTAKES = {
             param.mul_(1 - lr * weight_decay).addcdiv_(exp_avg, denominator, value=-lr / (1 - beta1**step))
         ''',
         {"adamw.matches_torch"},
+    ),
+    "bias_not_cast_to_x_dtype": (
+        "ex03_qlora_linear",
+        '''
+        """Adds the bias as given: an fp32 bias beside bf16 activations promotes y to fp32 (the spec casts it first)."""
+        from lora_lab.lora import base_path, lora_path
+        from lora_lab.operands import check_qlora_operands
+
+
+        def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None):
+            check_qlora_operands(x, weight, lora_A, lora_B, bias)
+            y = base_path(x, weight) + lora_path(x, lora_A, lora_B, scaling)
+            return y if bias is None else y + bias
+        ''',
+        {"qlora.forward_matches_float64", "qlora.gradients_match_float64"},
+    ),
+    "weight_not_cast_to_x_dtype": (
+        "ex03_qlora_linear",
+        '''
+        """Multiplies by W in the dtype it was quantized from: a weight from fp32 beside bf16 activations cannot multiply."""
+        from lora_lab.lora import base_path, lora_path
+        from lora_lab.operands import check_qlora_operands
+
+
+        def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None):
+            check_qlora_operands(x, weight, lora_A, lora_B, bias)
+            if weight.dtype != x.dtype:
+                raise TypeError(f"expected W in x's dtype {x.dtype}, got {weight.dtype}")
+            return base_path(x, weight, bias) + lora_path(x, lora_A, lora_B, scaling)
+        ''',
+        {"qlora.forward_matches_float64", "qlora.gradients_match_float64"},
     ),
     "qlora_by_plain_autograd": (
         "ex03_qlora_linear",
@@ -122,7 +153,8 @@ def test_a_mistake_loses_exactly_the_points_of_the_check_that_names_it(tmp_path,
     (report,), output = run_grade(tmp_path, [exercise.id])
     lost = {row.graded.check.name for row in report.rows if row.status != PASSED}
     assert lost == caught, output
-    assert all(row.status == FAILED for row in report.rows if row.graded.check.name in caught), output
+    # A mistake that raises (x @ W^T across two dtypes) is an error; one that returns a wrong answer fails.
+    assert all(row.status in (FAILED, ERROR) for row in report.rows if row.graded.check.name in caught), output
     assert report.score == report.total - sum(row.graded.points for row in report.rows if row.graded.check.name in caught)
     for name in caught:
         assert CHECKS[name].hint in output, f"the hint of {name} is not shown"

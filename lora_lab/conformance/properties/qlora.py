@@ -93,17 +93,22 @@ def problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16), max_k:
     lead = draw(st.one_of(st.tuples(st.integers(1, 48)), st.tuples(st.integers(1, 3), st.integers(1, 17))))
     dtype = draw(st.sampled_from(_supported(dtypes, supports.dtypes, "dtypes")))
     adapter_dtype = draw(st.sampled_from((dtype, torch.float32)))
+    # The NF4Tensor contract casts W and the bias to x's dtype too: there each may come in another one (an fp32 bias
+    # beside bf16 activations, a weight quantized from fp32). Another library's format keeps its own conventions.
+    bias_dtype, weight_dtype = dtype, dtype
+    if quantizer is NF4TENSOR_QUANTIZER:
+        bias_dtype, weight_dtype = draw(st.sampled_from((dtype, torch.float32))), draw(st.sampled_from((dtype, torch.float32)))
     double_quant, with_bias = draw(st.sampled_from(supports.double_quant)), draw(st.booleans())
     scaling = draw(st.sampled_from((0.5, 2.0, 16 / 3, 64 / 8**0.5)))
     g = seeded_generator(draw(st.integers(0, 2**31 - 1)))
-    weight = quantizer.quantize((torch.randn(N, K, generator=g) * 0.05).to(dtype), blocksize, double_quant)
+    weight = quantizer.quantize((torch.randn(N, K, generator=g) * 0.05).to(weight_dtype), blocksize, double_quant)
     x = torch.randn(*lead, K, generator=g).to(dtype)
     if draw(st.integers(0, 2)) == 0:  # an outlier activation: in bf16 past fp16's range, as in real LLM layers
         x = add_outliers(x, draw(st.integers(1, 3)), g)
     lora_A = (torch.randn(r, K, generator=g) / K**0.5).to(adapter_dtype)
     lora_B = (torch.randn(N, r, generator=g) * 0.1).to(adapter_dtype)
-    bias = (torch.randn(N, generator=g) * 0.1).to(dtype) if with_bias else None
-    dense = quantizer.dequantize(weight).double().reshape(N, K)
+    bias = (torch.randn(N, generator=g) * 0.1).to(bias_dtype) if with_bias else None
+    dense = quantizer.dequantize(weight).to(dtype).double().reshape(N, K)  # W in x's dtype, as the spec casts it
     return Problem(x, weight, lora_A, lora_B, scaling, bias, dense, blocksize, double_quant)
 
 
@@ -157,9 +162,10 @@ def forward_matches_float64(target) -> None:
     """Output equals the float64 reference for drawn odd shapes, ranks, dtypes and scalings, on repeated calls, and M=327.
 
     Draws ``problems``: M = 1 to 48 rows or 3-D x, N = 1 to 96, r = 1 to 8 or 16/32/64, K whole NF4 blocks of 32 to
-    256, three dtypes, outlier activations, double quantization, bias or not; then one fixed case of M = 327 rows,
-    past several 64-row tiles. Tile edges and K not a multiple of the blocksize are drawn by ``bounds.qlora_linear``
-    and ``qlora.rejects_bad_input``.
+    256, three dtypes, outlier activations, double quantization, bias or not, W, A, B and bias in x's dtype or
+    another; then one fixed case of M = 327 bf16 rows, past several 64-row tiles, beside an fp32 weight, A, B and
+    bias. Tile edges and K not a multiple of the blocksize are drawn by ``bounds.qlora_linear`` and
+    ``qlora.rejects_bad_input``.
     """
 
     @settings(max_examples=examples(15))
@@ -173,9 +179,9 @@ def forward_matches_float64(target) -> None:
             check_forward(target, trial, call, deterministic=call == "first call")
 
     prop()
-    tall = fixed_problem(TALL_M, 256, 96, 8, torch.bfloat16, seed=0, target=target)
+    tall = fixed_problem(TALL_M, 256, 96, 8, torch.bfloat16, seed=0, target=target, params_dtype=torch.float32)
     tall.x = add_outliers(tall.x, 3, seeded_generator(TALL_M))  # and bf16 activations past fp16's 65,504, every run
-    check_forward(target, tall, "M past several 64-row tiles, bf16 outliers")
+    check_forward(target, tall, "M past several 64-row tiles, bf16 outliers, fp32 weight, adapters and bias")
 
 
 def check_forward(target, p: Problem, what: str, deterministic: bool = False) -> None:
@@ -185,20 +191,24 @@ def check_forward(target, p: Problem, what: str, deterministic: bool = False) ->
     assert_close(y, float64_reference(p), allowed, f"qlora_linear output ({describe_problem(p)}, {what})")
 
 
-def fixed_problem(M: int, K: int, N: int, r: int, dtype: torch.dtype, seed: int, target=None) -> Problem:
+def fixed_problem(M: int, K: int, N: int, r: int, dtype: torch.dtype, seed: int, target=None,
+                  params_dtype: torch.dtype | None = None) -> Problem:
     """One problem of a given size, not drawn: the tall case and the realistic ones (blocksize 64, double quant, bias).
 
-    With ``target``, its weight is in the target's own format (``formats.quantizer_for``).
+    With ``target``, its weight is in the target's own format (``formats.quantizer_for``). ``params_dtype`` is the
+    dtype of the weight (before quantization), the adapters and the bias for an NF4Tensor target: x's unless given.
     """
     g = seeded_generator(seed)
     quantizer = NF4TENSOR_QUANTIZER if target is None else quantizer_for(target)
     double_quant = True in quantizer.supports.double_quant
-    weight = quantizer.quantize((torch.randn(N, K, generator=g) * 0.02).to(dtype), 64, double_quant)
+    params_dtype = params_dtype if quantizer is NF4TENSOR_QUANTIZER and params_dtype else dtype  # as in ``problems``
+    weight = quantizer.quantize((torch.randn(N, K, generator=g) * 0.02).to(params_dtype), 64, double_quant)
     x = torch.randn(M, K, generator=g).to(dtype)
-    lora_A = (torch.randn(r, K, generator=g) / K**0.5).to(dtype)
-    lora_B = (torch.randn(N, r, generator=g) * 0.1).to(dtype)
-    dense = quantizer.dequantize(weight).double().reshape(N, K)
-    return Problem(x, weight, lora_A, lora_B, 2.0, (torch.randn(N, generator=g) * 0.1).to(dtype), dense, 64, double_quant)
+    lora_A = (torch.randn(r, K, generator=g) / K**0.5).to(params_dtype)
+    lora_B = (torch.randn(N, r, generator=g) * 0.1).to(params_dtype)
+    dense = quantizer.dequantize(weight).to(dtype).double().reshape(N, K)  # W in x's dtype, as the spec casts it
+    bias = (torch.randn(N, generator=g) * 0.1).to(params_dtype)
+    return Problem(x, weight, lora_A, lora_B, 2.0, bias, dense, 64, double_quant)
 
 
 def _float64_gradients(p: Problem, grad_out: torch.Tensor):
@@ -254,6 +264,8 @@ def gradients_match_float64(target) -> None:
     prop()
     check_gradients(target, fixed_problem(TALL_M, 256, 96, 8, torch.float32, seed=1, target=target),
                     "M past several 64-row tiles")
+    check_gradients(target, fixed_problem(5, 128, 24, 4, torch.bfloat16, seed=2, target=target, params_dtype=torch.float32),
+                    "fp32 weight, adapters and bias beside bf16 x")
 
 
 def check_gradients(target, p: Problem, what: str = "drawn") -> None:
