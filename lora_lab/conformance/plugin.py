@@ -18,6 +18,8 @@ ten minutes for five checks). Name paths to run them as well:
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import lora_lab.conformance.judge.profiles  # noqa: F401  (registers ci / dev / thorough)
@@ -33,9 +35,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--lora-lab-only", action="append", default=[], metavar="PREFIX",
         help="with --lora-lab-impl: only checks whose name starts with PREFIX (e.g. 'nf4.'); repeatable",
     )
+    group.addoption(
+        "--lora-lab-sandbox", choices=("auto", "require", "off"), default=None,
+        help="the targets' (and pytest exercises/'s learner files') processes in new namespaces: auto (default, "
+        "$LORA_LAB_SANDBOX), require (refuse without every layer) or off; see lora-lab verify --help",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("lora_lab_sandbox"):
+        os.environ["LORA_LAB_SANDBOX"] = config.getoption("lora_lab_sandbox")  # sandbox.MODE_ENV, read as each starts
     if config.getoption("lora_lab_impl"):  # only then: every pytest run in an environment with lora_lab loads this
         from lora_lab.conformance.isolation.process import prepare_for_targets
 

@@ -17,7 +17,9 @@ secret seed that the output records; the default ``ci`` profile is reproducible.
 
 Exit status: 0 whenever grading ran, whatever the score (grading is feedback,
 not a gate); 2 for a usage error (no exercises folder, an unknown exercise, a
---json path that cannot be written); 130 on Ctrl-C.
+--json path that cannot be written) and when lora_lab's files or site-packages'
+startup hooks changed during grading (no score then); 130 on Ctrl-C. Your files
+run in a sandbox (--sandbox; see lora-lab verify --help).
 With --solutions, 1 unless the reference scores full marks (that would be a
 bug in lora_lab, not yours).
 
@@ -44,6 +46,7 @@ from lora_lab.cli.arguments import output_file_problem
 from lora_lab.conformance.grading.exercises import EXERCISES, graded_checks, selected_checks
 from lora_lab.conformance.grading.feedback import how_to_start
 from lora_lab.conformance.grading.grade import format_row, grade, next_step, shown_path, to_gradescope, to_json
+from lora_lab.conformance.isolation import sandbox
 from lora_lab.conformance.isolation.process import prepare_for_targets
 from lora_lab.conformance.judge.profiles import command_threads
 
@@ -77,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "scored (ci's examples from a fresh secret seed, recorded in the output: what a course grades with)",
     )
     parser.add_argument("--seed", type=int, default=None, help="draw every check's inputs from this seed")
+    parser.add_argument(
+        "--sandbox", choices=sandbox.MODES, default=None,
+        help="your files run in a process in new namespaces: auto (default, $LORA_LAB_SANDBOX) uses what this machine "
+        "offers, require refuses to grade without every layer, off runs a plain process (see lora-lab verify --help)",
+    )
 
 
 def write_json(path: str, content: dict) -> None:
@@ -110,6 +118,9 @@ def _run(args: argparse.Namespace) -> int:
         if path and (problem := output_file_problem(option, path, "to write the grades into")):
             print(f"lora-lab grade: {problem}", file=sys.stderr)  # before the grading: it would end in a traceback, no Score
             return 2
+    if args.sandbox:
+        os.environ[sandbox.MODE_ENV] = args.sandbox  # read by each process the learner's files run in
+    installed = sandbox.installation()  # compared after grading: nothing of the learner's may have changed it
     prepare_for_targets()  # before torch is imported: this process and the target's take turns
     try:
         command_threads()  # a bad $LORA_LAB_THREADS is a usage error, before any process starts
@@ -139,6 +150,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"lora-lab grade: no graded check starts with {', '.join(args.check)}; they are: {names}", file=sys.stderr)
         return 2
     reports = grade(folder, args.only, args.profile, chain=args.chain, seed=seed, checks=args.check)
+    tampered = sandbox.changed(installed, sandbox.installation())
+    if tampered:  # the graded processes are gone by now: nothing can change the score after this line
+        print(f"lora-lab grade: the installation changed during grading ({', '.join(tampered[:5])}); no score",
+              file=sys.stderr)
+        return 2
     score, total = sum(r.score for r in reports), sum(r.total for r in reports)
     if args.json:
         write_json(args.json, to_json(reports, args.profile, seed))
