@@ -68,6 +68,27 @@ MISTAKES = {
         ''',
         {"qlora.forward_matches_float64", "qlora.gradients_match_float64"},
     ),
+    "float64_weight_accepted": (
+        "ex01_nf4",
+        '''
+        """Validates the weight by is_floating_point(): a float64 weight is quantized instead of refused."""
+        import torch
+
+        from lora_lab.nf4 import dequantize_nf4 as reference_dequantize
+        from lora_lab.nf4 import quantize_nf4 as reference_quantize
+
+
+        def quantize_nf4(weight, blocksize=64, double_quant=False):
+            if isinstance(weight, torch.Tensor) and weight.dtype == torch.float64:
+                weight = weight.float()
+            return reference_quantize(weight, blocksize, double_quant)
+
+
+        def dequantize_nf4(q):
+            return reference_dequantize(q)
+        ''',
+        {"nf4.rejects_bad_input"},
+    ),
     "qlora_by_plain_autograd": (
         "ex03_qlora_linear",
         '''

@@ -247,15 +247,17 @@ def dequantize_matches_bitsandbytes(target) -> None:
     requires=("quantize_nf4",),
     points=3,
     exercise="01",
-    hint="Validate before computing: an integer weight, a blocksize that is not a power of two in 32..4096, an "
+    hint="Validate before computing: an integer or float64 weight, a blocksize that is not a power of two in 32..4096, an "
     "empty weight or one holding NaN/Inf must raise an exception (ValueError, by convention) naming what was expected.",
 )
 def rejects_bad_input(target) -> str:
-    """Every bad input (integer weight, bad blocksize, empty weight, NaN/Inf) is refused by a clear exception, not a result."""
+    """Every bad input (integer or float64 weight, bad blocksize, empty weight, NaN/Inf) is refused by a clear
+    exception, not a result."""
     quantize = target.op("quantize_nf4")
     double_quant = capabilities(target).double_quant[0]  # a setting the format supports: the input is what is bad
     cases = {
         "an integer weight": (torch.ones(64, dtype=torch.int32), 64),
+        "a float64 weight (NF4 stores fp32, fp16 or bf16 weights)": (torch.randn(64, dtype=torch.float64), 64),
         "blocksize=48 (not a power of two)": (torch.randn(64), 48),
         "blocksize=16 (below 32)": (torch.randn(64), 16),
         "blocksize=8192 (above 4096)": (torch.randn(64), 8192),
@@ -263,6 +265,6 @@ def rejects_bad_input(target) -> str:
         "a weight holding NaN": (torch.tensor([1.0, float("nan")] * 32), 64),
         "a weight holding Inf": (torch.tensor([1.0, float("inf")] * 32), 64),
     }
-    if has_own_format(target):  # the range 32..4096 is the NF4Tensor contract's (bitsandbytes'); another format may differ
-        cases = {k: v for k, v in cases.items() if "below 32" not in k and "above 4096" not in k}
+    if has_own_format(target):  # the range 32..4096 and the dtypes are the NF4Tensor contract's; another format may differ
+        cases = {k: v for k, v in cases.items() if "below 32" not in k and "above 4096" not in k and "float64" not in k}
     return assert_rejects(lambda weight, blocksize: quantize(weight, blocksize, double_quant), cases, "quantize_nf4")
