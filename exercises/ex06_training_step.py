@@ -50,6 +50,9 @@ The spec
   64, True and None). ``compute_dtype`` is bitsandbytes' ``bnb_4bit_compute_dtype``:
   every quantized layer, targeted or not, computes in it (graded).
 * Freeze every other parameter. Return the same model object.
+* The adapters stay fp32, even in a bf16 model (``QLoRALinear.from_linear``
+  makes them so): an AdamW step of lr 1e-4 is below bf16's resolution for
+  most of their entries. Never cast the whole model after swapping.
 * Raise ValueError when a target module matches no ``nn.Linear``, naming it and
   listing the linear layers the model has (a typo such as "q_prj" must not
   silently train nothing).

@@ -105,6 +105,50 @@ MISTAKES = {
         ''',
         {"memory.qlora_linear_keeps_no_dense_weight"},
     ),
+    "apply_qlora_drops_use_rslora": (
+        "ex06_training_step",
+        '''
+        """Keeps only the quantization options of quant_kwargs: use_rslora is dropped silently (scaling 1, not 4)."""
+        from lora_lab.model import apply_qlora as reference_apply
+        from lora_lab.train import training_step as reference_step
+
+
+        def apply_qlora(model, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), r=8, alpha=16, dropout=0.0,
+                        **quant_kwargs):
+            kept = {k: v for k, v in quant_kwargs.items() if k in ("blocksize", "double_quant", "compute_dtype")}
+            return reference_apply(model, target_modules, r, alpha, dropout, **kept)
+
+
+        def training_step(model, batch, optimizer):
+            return reference_step(model, batch, optimizer)
+        ''',
+        {"training.matches_peft_bitsandbytes"},
+    ),
+    "adapters_in_the_models_dtype": (
+        "ex06_training_step",
+        '''
+        """Casts the adapters to the model's dtype: in a bf16 model most of AdamW's small updates round away."""
+        from lora_lab.lora import QLoRALinear
+        from lora_lab.model import apply_qlora as reference_apply
+        from lora_lab.train import training_step as reference_step
+
+
+        def apply_qlora(model, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), r=8, alpha=16, dropout=0.0,
+                        **quant_kwargs):
+            dtype = next(model.parameters()).dtype
+            reference_apply(model, target_modules, r, alpha, dropout, **quant_kwargs)
+            for module in model.modules():
+                if isinstance(module, QLoRALinear):
+                    module.lora_A.data = module.lora_A.data.to(dtype)
+                    module.lora_B.data = module.lora_B.data.to(dtype)
+            return model
+
+
+        def training_step(model, batch, optimizer):
+            return reference_step(model, batch, optimizer)
+        ''',
+        {"qlora.apply_trains_only_adapters"},
+    ),
     "nf4linear_without_compute_dtype": (
         "ex06_training_step",
         '''

@@ -44,10 +44,12 @@ QUANTIZATIONS = ((64, True), (64, False), (32, True), (128, False), (256, True))
     points=8,
     exercise="06",
     hint="After apply_qlora, which tensors may an optimizer change? Everything the model had before (embeddings, "
-    "norms, lm_head, the linear layers you did not target) must stop requiring gradients; only the new adapters train.",
+    "norms, lm_head, the linear layers you did not target) must stop requiring gradients; only the new adapters train. "
+    "In a bf16 model they stay fp32: an AdamW step of lr 1e-4 is below bf16's resolution for most entries.",
 )
 def apply_trains_only_adapters(target) -> None:
-    """Exactly the targeted layers get adapters, and after backward only lora_A/lora_B require or hold a gradient."""
+    """Exactly the targeted layers get adapters, and after backward only lora_A/lora_B require or hold a gradient; the
+    adapters of a bf16 model are fp32."""
 
     @settings(max_examples=examples(4), phases=NO_SHRINK)
     @given(st.integers(0, 1000), st.sets(st.sampled_from(EVERY_LINEAR), min_size=1), st.sampled_from((1, 4, 8)))
@@ -74,6 +76,11 @@ def apply_trains_only_adapters(target) -> None:
                                   f"has a gradient={p['grad'] is not None}; expected it frozen")
 
     prop()
+    for name, pair in target.model(0, dtype="bfloat16").adapters().items():
+        for which in ("lora_A", "lora_B"):
+            if pair[which].dtype != torch.float32:
+                raise CheckFailed(f"in a bf16 model, {name}.{which} is {pair[which].dtype}; expected the adapters in fp32 "
+                                  "(as QLoRALinear.from_linear makes them): bf16 rounds most of AdamW's small updates away")
 
 
 @check(

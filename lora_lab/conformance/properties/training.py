@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lora_lab.conformance.errors import CheckFailed
@@ -236,9 +236,10 @@ def lowers_loss(target) -> None:
     prop()
 
 
-def _canonical_stack(seed: int, targets: tuple[str, ...], r: int, alpha: float, lora_A: dict[str, torch.Tensor]):
+def _canonical_stack(seed: int, targets: tuple[str, ...], r: int, alpha: float, lora_A: dict[str, torch.Tensor],
+                     use_rslora: bool = False):
     """tiny_llama(seed) with every linear but lm_head in bitsandbytes NF4 (quantized by bitsandbytes), peft LoRA
-    adapters (A given, B = 0) on the targets."""
+    adapters (A given, B = 0) on the targets, scaled by alpha / r (alpha / sqrt(r) with ``use_rslora``)."""
     import warnings
 
     from lora_lab.conformance.judge.oracles import bnb_linear4bit
@@ -255,7 +256,8 @@ def _canonical_stack(seed: int, targets: tuple[str, ...], r: int, alpha: float, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft = peft_module()
-        config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+        config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                                 use_rslora=use_rslora)
         peft_model = peft.get_peft_model(model, config)
     with torch.no_grad():
         for name, a in lora_A.items():
@@ -268,18 +270,22 @@ def _canonical_stack(seed: int, targets: tuple[str, ...], r: int, alpha: float, 
     requires=("apply_qlora", "training_step"),
     points=8,
     exercise="06",
-    hint="The canonical stack scales the adapter path by alpha / r and starts B at zero. Check that every option "
-    "you receive (r, alpha, quantization) reaches every layer.",
+    hint="The canonical stack scales the adapter path by alpha / r (alpha / sqrt(r) with use_rslora) and starts B at "
+    "zero. Check that every option you receive (r, alpha, use_rslora, quantization) reaches every layer.",
 )
 def matches_peft_bitsandbytes(target) -> None:
-    """Five steps match peft LoRA on bitsandbytes Linear4bit (same NF4 bytes, same A, B = 0), transformers' loss, torch AdamW."""
+    """Five steps match peft LoRA on bitsandbytes Linear4bit (same NF4 bytes, same A, B = 0), transformers' loss, torch AdamW.
+
+    Always once with use_rslora (r = 16, alpha = 16: scaling 4, not 1), which apply_qlora must pass on to its layers."""
 
     @settings(max_examples=examples(2), phases=NO_SHRINK)
-    @given(st.integers(0, 1000), st.sampled_from(((4, 32), (8, 8), (8, 16))))
-    def prop(seed, rank_alpha):
-        r, alpha = rank_alpha
-        model = _trained(target, seed, 1e-2, r=r, alpha=alpha)
-        canonical = _canonical_stack(seed, ATTENTION, r, alpha, {n: pair["lora_A"] for n, pair in model.adapters().items()})
+    @given(st.integers(0, 1000), st.sampled_from(((4, 32, False), (8, 8, False), (8, 16, False), (16, 16, True))))
+    @example(7, (16, 16, True))
+    def prop(seed, options):
+        r, alpha, use_rslora = options
+        model = _trained(target, seed, 1e-2, r=r, alpha=alpha, **({"use_rslora": True} if use_rslora else {}))
+        canonical = _canonical_stack(seed, ATTENTION, r, alpha, {n: pair["lora_A"] for n, pair in model.adapters().items()},
+                                     use_rslora)
         canonical_optimizer = _optimizer(canonical, 1e-2)
         batch = collate(generate_products(4, seed=seed))
         for step in range(1, 6):
@@ -288,7 +294,8 @@ def matches_peft_bitsandbytes(target) -> None:
             loss.backward()
             canonical_optimizer.step()
             canonical_optimizer.zero_grad()
-            _assert_loss(got, loss.item(), f"loss at step {step} vs peft + bitsandbytes (r={r}, alpha={alpha})")
+            _assert_loss(got, loss.item(), f"loss at step {step} vs peft + bitsandbytes (r={r}, alpha={alpha}, "
+                         f"use_rslora={use_rslora})")
 
     from lora_lab.targets.libraries import bitsandbytes_eager
 
