@@ -20,8 +20,8 @@
 #        b. the autotuned path (test_kernels.py -k autotuned: every config benchmarked, then checked);
 #        c. the conformance checks qlora.* on lora_lab.kernels, inputs moved to the GPU, once per kernel path: as
 #           dispatched by M, forced fused and forced dense (LORA_LAB_KERNEL_PATH);
-#        d. the compile check with this machine's Triton (bf16 and fp32, sm_90a and sm_80: no spill, no serialized
-#           wgmma, no overflow) and the count of the test groups' specializations;
+#        d. the compile check with this machine's Triton (bf16 and fp32, r = 16 and 64, sm_90a and sm_80: no spill, no
+#           serialized wgmma, no overflow) and the count of the test groups' specializations;
 #        e. the kernel tests that cover every path under compute-sanitizer memcheck, where the runtime allows it;
 #   5. prints the static performance model with measured times (`lora-lab bench --plan`, alone on the GPU);
 #   6. runs `python -m lora_lab.cli bench --gpu --quick --json $OUT/bench.json` alone, with the time left.
@@ -374,7 +374,7 @@ if ((HAVE_PYTEST && CAN_RUN && !DRY_RUN)); then
             "$SITE/gpu_conformance.py" "$OUT/conformance_$path.json"
     done
     start_step compile_check 220 "" "$PY" -m lora_lab.kernels.compile.compile_check --subset ci --dtype bfloat16 \
-        --dtype float32 --no-sass --json "$OUT/compile_check.json"
+        --dtype float32 --no-sass --jobs 4 --json "$OUT/compile_check.json"
 else
     skip_step test_kernels_autotuned "$NEEDS_CUDA" "$OUT/test_kernels_autotuned.xml"
     for path in auto fused dense; do

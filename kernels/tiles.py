@@ -1,15 +1,16 @@
 """Tile shapes for the two NF4 matmul kernels, and the autotuning they share.
 
-Every shape offered on a GPU compiles without a register spill and within the
-shared memory of sm_90a (H100/H200) and sm_80 (A100), forward and dX, decoding
-NF4 and reading a dense W: ``python -m lora_lab.kernels.compile.compile_check`` checks it,
+Every shape offered on a GPU compiles without a register spill, without
+serialized wgmma and within the shared memory of sm_90a (H100/H200) and sm_80
+(A100), forward and dX, decoding NF4 and reading a dense W, in fp32, fp16 and
+bf16, at r = 16 and 64: ``python -m lora_lab.kernels.compile.compile_check`` checks it,
 and CI runs its representative subset.
 """
 
 from __future__ import annotations
 
 import triton
-from lora_lab.kernels.common import AUTOTUNE, INTERPRETING
+from lora_lab.kernels.common import AUTOTUNE, FP32, INTERPRETING
 
 
 def matmul_configs() -> list[triton.Config]:
@@ -23,11 +24,14 @@ def matmul_configs() -> list[triton.Config]:
     training, 32-row tiles for the M just above the small-M kernel's, and 32-wide
     K steps for blocksize 32. ``keep_tiles_inside_nf4_blocks`` drops those a
     weight's blocksize cannot use. The first valid config is the default without
-    autotuning. Every one compiles without a spill and within shared memory on
-    sm_90a and sm_80, forward and dX, with Triton 3.6 and 3.9 (``python -m
-    lora_lab.kernels.compile.compile_check``): on the NF4 path 4-warp tiles 128 wide,
-    16-row tiles, a 4-warp 64x128x128 and (Triton 3.6, sm_90a) 32x128x64 spilled,
-    so they are not offered.
+    autotuning. Every one compiles clean (``python -m lora_lab.kernels.compile.compile_check``):
+    on the NF4 path 4-warp tiles 128 wide, 16-row tiles, a 4-warp 64x128x128 and
+    (Triton 3.6, sm_90a) 32x128x64 spilled; with Triton 3.9 on sm_90a, 64x128x64
+    w8 (the former default) serialized its wgmma in the forward at r = 64, and
+    128x64x64 w4, 64x128x32 w4, 128x128x32 w8 and 64x64x32 w4 in the forward or
+    dX at r = 16 or 64; so they are not offered on that path. On the dense path on
+    sm_80, 128x128x64 w8 and 64x128x64 w4 spilled at r = 64 (128x128x32 w8 also
+    overflowed shared memory), and 128x64x64 and 64x128x64 w8 in dX at r = 16.
     """
     if INTERPRETING:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": k, "GROUP_M": 4}) for k in (64, 32)]
@@ -37,18 +41,20 @@ def matmul_configs() -> list[triton.Config]:
     ]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) and the paths that may use it: "nf4" (decoding in registers),
-# "dense" (W dequantized once, M >= 1024), or both. For each path the first valid one is its default.
-# Reading a dense tile leaves ptxas other registers to work with, so the two paths spill on different tiles.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) and the path that may use it: "nf4" (fp16/bf16, decoding in
+# registers), "dense" (fp16/bf16, W dequantized once, M >= 1024) or "fp32" (either W path). For each path the first
+# valid one is its default. Reading a dense tile leaves ptxas other registers to work with, so the two paths spill and
+# serialize on different tiles. fp32 multiplies without tensor cores (tl.dot in IEEE precision is scalar FMAs, with
+# the operands in registers): every fp16/bf16 tile spilled in fp32 (the NF4 forward's 64x128x64 w8: 14,476 bytes),
+# so fp32 has a small tile of its own.
 TILES = [
-    ((64, 128, 64, 8, 4), "nf4"),
-    ((128, 128, 64, 8, 3), "dense"),
     ((128, 64, 64, 8, 3), "nf4"),
-    ((128, 64, 64, 4, 4), "nf4"),
-    ((64, 128, 64, 4, 3), "dense"),
+    ((128, 64, 32, 8, 4), "dense"),
     ((32, 64, 64, 4, 4), "nf4"),
-    ((128, 128, 32, 8, 4), "both"),
-    ((64, 64, 32, 4, 4), "both"),
+    ((64, 64, 64, 4, 3), "dense"),
+    ((32, 64, 32, 4, 4), "nf4"),
+    ((64, 64, 32, 4, 4), "dense"),
+    ((32, 32, 32, 4, 1), "fp32"),
 ]
 
 
@@ -59,9 +65,9 @@ def keep_tiles_inside_nf4_blocks(configs: list[triton.Config], named_args: dict,
     """
     blocksize = named_args["NF4_BLOCKSIZE"]
     valid = [c for c in configs if blocksize % c.kwargs["BLOCK_K"] == 0]
-    if not INTERPRETING:  # (the interpreter's two tiles serve both paths)
-        path = "dense" if kwargs.get("W_DENSE") else "nf4"
-        allowed = {shape for shape, paths in TILES if paths in (path, "both")}
+    if not INTERPRETING:  # (the interpreter's two tiles serve every path)
+        path = "fp32" if kwargs.get("X_KIND") == FP32.value else "dense" if kwargs.get("W_DENSE") else "nf4"
+        allowed = {shape for shape, tile_path in TILES if tile_path == path}
         shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
         valid = [c for c in valid if shape(c) in allowed]
     return valid if AUTOTUNE else valid[:1]
