@@ -94,6 +94,16 @@ def left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def with_more_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Row i also labels its last 2i unlabelled tokens (their own ids): rows with 1, 3, 5, ... labels, where the mean
+    over every label and the mean of each row's mean differ (with one label a row they are the same number)."""
+    labels = batch["labels"].clone()
+    for row in range(1, labels.shape[0]):
+        free = ((batch["attention_mask"][row] == 1) & (labels[row] == -100)).nonzero().flatten()[-2 * row :]
+        labels[row, free] = batch["input_ids"][row, free]
+    return {**batch, "labels": labels}
+
+
 def _first_wrong_step_cause(step: int, batch_size: int) -> str:
     """Which part of the four steps a first mismatch at ``step`` points to."""
     if step == 1:
@@ -110,26 +120,31 @@ def _first_wrong_step_cause(step: int, batch_size: int) -> str:
     points=10,
     exercise="06",
     hint=TRAINING_HINT + " The detail says whether step 1 already differs (the forward pass or the loss: is the "
-    "attention_mask passed?) or only a later step (what happens to .grad between calls).",
+    "attention_mask passed? is the loss the mean over every label of the batch, not of each row's mean?) or only a "
+    "later step (what happens to .grad between calls).",
 )
 def matches_reference(target) -> None:
-    """Four training steps give the same losses and adapters as lora_lab's training_step on an identical model."""
+    """Four training steps give the same losses and adapters as lora_lab's training_step on an identical model.
+
+    Always once with three prompts holding 1, 3 and 5 labels (``with_more_labels``): the loss is a mean over labels,
+    not over sequences."""
     from lora_lab.train import training_step as reference_step
 
     @settings(max_examples=examples(3), phases=NO_SHRINK)
     @given(st.integers(0, 1000), st.sampled_from((4, 8)), st.sampled_from((8, 32)), st.sampled_from((1e-3, 1e-2)),
            st.integers(1, 4))
+    @example(11, 4, 8, 1e-2, 3)
     def prop(seed, r, alpha, lr, batch_size):
         model, reference = _twins(target, seed, r, alpha, lr)
         reference_optimizer = _optimizer(reference, lr)
         steps = 4
         for step in range(1, steps + 1):
-            batch = left_padded(collate(generate_products(batch_size, seed=1000 * seed + step)))
+            batch = with_more_labels(left_padded(collate(generate_products(batch_size, seed=1000 * seed + step))))
             got = _as_loss(model.training_step(batch), step)
             expected = reference_step(reference, batch, reference_optimizer)
             try:
                 _assert_loss(got, expected, f"loss returned by step {step} (r={r}, alpha={alpha}, lr={lr}, "
-                                            f"{batch_size} prompt(s), left-padded)")
+                                            f"{batch_size} prompt(s), left-padded, 1 to {2 * batch_size - 1} labels a row)")
             except CheckFailed as failure:
                 raise CheckFailed(f"{failure}; {_first_wrong_step_cause(step, batch_size)}") from None
         trained = model.adapters()
