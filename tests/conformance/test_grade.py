@@ -30,9 +30,12 @@ if not torch.cuda.is_available():  # as lora_lab.kernels does, but before any te
 EXERCISES_DIR = Path(__file__).resolve().parents[2] / "exercises"
 CHECKS = {c.name: c for c in all_checks()}
 
-def run_grade(folder: Path | None, only: list[str] | None = None, profile: str = "ci") -> tuple[list[ExerciseReport], str]:
+def run_grade(folder: Path | None, only: list[str] | None = None, profile: str = "ci",
+              authorship: bool = False) -> tuple[list[ExerciseReport], str]:
+    """Grade as the command does. These tests measure what the checks catch, with mistakes written as lora_lab's
+    reference changed in one line, so the source-level authorship verdict (test_authorship.py) is off by default."""
     out = io.StringIO()
-    reports = grade(folder, only, profile, stream=out)
+    reports = grade(folder, only, profile, stream=out, authorship=authorship)
     return reports, out.getvalue()
 
 

@@ -31,7 +31,7 @@ def test_chain_grades_exercise_02_with_the_learners_own_exercise_01(tmp_path):
     (plain,), _ = run_grade(tmp_path, ["02"])
     assert plain.score == plain.total and not plain.chained
     out = io.StringIO()
-    (chained,) = grade(tmp_path, ["02"], stream=out, chain=True)
+    (chained,) = grade(tmp_path, ["02"], stream=out, chain=True, authorship=False)
     statuses = {row.graded.check.name: row.status for row in chained.rows}
     assert statuses["nf4.double_quant_codes"] == FAILED, out.getvalue()  # the packed bytes come from the learner's 01
     assert statuses["nf4.double_quant_offset"] == statuses["nf4.double_quant_scales"] == PASSED, out.getvalue()
@@ -41,7 +41,7 @@ def test_chain_grades_exercise_02_with_the_learners_own_exercise_01(tmp_path):
 
 def test_chain_keeps_the_reference_when_the_earlier_file_is_missing(tmp_path):
     write_exercise(tmp_path, "ex02_double_quant", OWN_DOUBLE_QUANT)
-    (report,) = grade(tmp_path, ["02"], stream=io.StringIO(), chain=True)
+    (report,) = grade(tmp_path, ["02"], stream=io.StringIO(), chain=True, authorship=False)
     assert report.score == report.total
     assert report.chained == ["quantize_single: no ex01_nf4.py here, so the reference's"]
 
@@ -63,7 +63,7 @@ def test_watch_shows_the_whole_table_first_then_only_what_changed(tmp_path):
         path.write_text(next(saves))
 
     out = io.StringIO()
-    assert watch_exercise(tmp_path, "04", "ci", False, stream=out, runs=3, wait=save_next) == 0
+    assert watch_exercise(tmp_path, "04", "ci", False, stream=out, authorship=False, runs=3, wait=save_next) == 0
     first, second, third = out.getvalue().split("\n[")[0], *out.getvalue().split("\n[")[1:]
     assert "passed        loss.matches_shift_and_mask" in first and "loss.rejects_bad_input" in first
     assert "changed since the last run (19 -> 3/19)" in second

@@ -30,11 +30,19 @@ import sys
 
 assert "_pytest" not in sys.modules, "an exercise file was imported into pytest's process"
 
-from lora_lab.optim import adamw_step as reference_step
+import torch
 
 
+@torch.no_grad()
 def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
-    reference_step(param, grad + weight_decay * param, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay=0.0)
+    if step < 1:
+        raise ValueError(f"step counts from 1, got {step}")
+    beta1, beta2 = betas
+    grad = grad + weight_decay * param  # the mistake: L2 added to the gradient, not decoupled decay
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
 '''
 
 
@@ -121,7 +129,7 @@ def test_not_your_code_and_missing_files_fail_and_k_selects_checks(tmp_path):
     assert "collected 45 items / 37 deselected / 8 selected" in done.stdout, done.stdout + done.stderr
     assert "8 failed, 37 deselected" in done.stdout
     assert "not your code adamw.first_step_moves_by_lr" in done.stdout
-    assert "lora_lab's own reference (lora_lab.optim)" in done.stdout
+    assert "it imports adamw_step from lora_lab.optim, lora_lab's own code" in done.stdout
     assert "missing       nf4.bytes_match_bitsandbytes" in done.stdout  # as in lora-lab grade, 01's points count
     assert "no ex01_nf4.py in .: copy it from the lora_lab repository's exercises/" in done.stdout
     assert last_line(done) == "Score: 0/39"

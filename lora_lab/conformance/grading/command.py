@@ -94,14 +94,16 @@ def write_json(path: str, content: dict) -> None:
         json.dump(content, handle, indent=2)
 
 
-def watch_exercise(folder: Path, exercise_id: str, profile: str, chain: bool, stream=None, **loop) -> int:
+def watch_exercise(folder: Path, exercise_id: str, profile: str, chain: bool, stream=None, authorship: bool = True,
+                   **loop) -> int:
     """``--watch``: grade exercise ``exercise_id`` again each time a file in ``folder`` changes (see ``watch.py``)."""
     from lora_lab.conformance.grading.watch import watch
 
     exercise = next(e for e in EXERCISES if e.id == exercise_id)
     width = max(len(g.check.name) for g in graded_checks(exercise))
     title = f"exercise {exercise_id}, hypothesis profile {profile}{', --chain' if chain else ''}"
-    return watch(folder, lambda out: grade(folder, [exercise_id], profile, stream=out, chain=chain)[0],
+    return watch(folder, lambda out: grade(folder, [exercise_id], profile, stream=out, chain=chain,
+                                           authorship=authorship)[0],
                  lambda row: format_row(row, width), title, stream=stream, **loop)
 
 

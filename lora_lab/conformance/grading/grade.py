@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_lab.conformance.errors import TargetCrashed, TargetImportError, TargetTimedOut
+from lora_lab.conformance.grading.authorship import not_the_learners
 from lora_lab.conformance.grading.exercises import EXERCISES, Exercise, GradedCheck, selected_checks
 from lora_lab.conformance.grading.feedback import MISSING, NOT_YOURS, explain, not_yours_reason
 from lora_lab.conformance.runner import (
@@ -77,7 +78,8 @@ class LoadedExercise:
     borrowed: dict = field(default_factory=dict)  # operation -> origin, for the functions that are lora_lab's own
 
 
-def load_exercise(exercise: Exercise, folder: Path | None, processes, chain: bool = False) -> LoadedExercise:
+def load_exercise(exercise: Exercise, folder: Path | None, processes, chain: bool = False,
+                  authorship: bool = True) -> LoadedExercise:
     """Load the learner's file in ``folder`` (the reference solution when None) into its process in ``processes``.
 
     With ``chain`` the file's imports of the reference's earlier pieces are rebound to the learner's own
@@ -89,6 +91,12 @@ def load_exercise(exercise: Exercise, folder: Path | None, processes, chain: boo
     loaded = LoadedExercise(ExerciseReport(exercise, str(path or folder / f"{exercise.stem}.py")))
     if path is None:
         loaded.unusable = (MISSING, "")  # the header already says the file is missing
+        return loaded
+    # read here, before anything runs; ``authorship=False`` only for the suite's own tests of what the checks catch,
+    # whose one-edit mistakes are lora_lab's reference with one line changed
+    borrowed = not_the_learners(exercise.stem, path.read_text(errors="replace")) if authorship else None
+    if borrowed:
+        loaded.unusable = (NOT_YOURS, f"{path.name}: {borrowed}")
         return loaded
     try:
         loaded.target = processes.learner_file(path, folder, chain)
@@ -118,7 +126,7 @@ def grade_check(loaded: LoadedExercise, graded: GradedCheck) -> Row:
 
 def grade_exercise(
     exercise: Exercise, folder: Path | None, on_row: Callable[[Row], None] = lambda row: None,
-    processes=None, chain: bool = False, checks: list[str] | None = None,
+    processes=None, chain: bool = False, checks: list[str] | None = None, authorship: bool = True,
 ) -> ExerciseReport:
     """Run the exercise's checks on the learner's file in ``folder``, or on its reference solution when ``folder`` is None.
 
@@ -131,7 +139,7 @@ def grade_exercise(
 
     processes = processes or Processes()
     try:
-        loaded = load_exercise(exercise, folder, processes, chain)
+        loaded = load_exercise(exercise, folder, processes, chain, authorship)
         for graded in selected_checks(exercise, checks):
             loaded.report.rows.append(grade_check(loaded, graded))
             on_row(loaded.report.rows[-1])
@@ -143,7 +151,7 @@ def grade_exercise(
 
 def grade(
     folder: Path | None, only: list[str] | None = None, profile: str = "ci", stream=None, chain: bool = False,
-    seed: int | None = None, checks: list[str] | None = None,
+    seed: int | None = None, checks: list[str] | None = None, authorship: bool = True,
 ) -> list[ExerciseReport]:
     """Grade the exercises in ``folder`` (or the reference solutions when None), printing tables to ``stream``
     (``sys.stdout`` as it is at the call: pytest's capture replaces it between tests)."""
@@ -173,7 +181,7 @@ def grade(
                     f"no {exercise.stem}.py in {shown_path(folder)}: copy it from the lora_lab repository's exercises/")
                 print(f"\n{exercise.id}  {exercise.title}  [{shown_path(source)}]", file=stream, flush=True)
                 report = grade_exercise(exercise, folder, lambda row: print(format_row(row, width), file=stream, flush=True),
-                                        processes, chain, checks)
+                                        processes, chain, checks, authorship)
                 if report.chained:
                     print(f"  with --chain: {'; '.join(report.chained)}", file=stream)
                 print(f"  {'':{14 + width}} {report.score:>3}/{report.total:<3} for exercise {exercise.id}", file=stream)
