@@ -33,8 +33,8 @@
 # but do not fail the check (another part of the project owns them).
 #
 # --dry-run runs the same script without CUDA: the environment and import checks, the specialization count, a
-# reduced compile check and the pytest steps' collection (their -k expressions must select tests and write XML);
-# the steps that need CUDA write "skipped". tests/bench/test_gpu_check.py runs it in CI.
+# reduced compile check, the pytest steps' collection (their -k expressions must select tests and write XML) and one
+# conformance step on the CPU (Triton's interpreter); the steps that need CUDA write "skipped". tests/bench/test_gpu_check.py runs it in CI.
 # GPU_CHECK_MAX_STEP_S caps every step (to try the timeout path); GPU_CHECK_SECONDS is the whole run (default 530).
 
 set -u
@@ -134,25 +134,34 @@ sys.meta_path.insert(0, _LoraLabFinder)
 if os.environ.get("GPU_CHECK_SIGTERM_INTERRUPTS") == "1":
     signal.signal(signal.SIGTERM, _interrupt)
 EOF
-# A target for the conformance suite: it builds its inputs on the CPU; this moves them to the GPU and back.
+# A target for the conformance suite: it builds its inputs on the CPU; this moves them to the GPU and back (in the dry
+# run, GPU_CHECK_TARGET_DEVICE=cpu leaves them there, for Triton's interpreter).
 cat > "$SITE/lora_lab_cuda_target.py" <<'EOF'
-"""lora_lab.kernels on the GPU for the conformance suite's CPU-built inputs (.cuda() and .cpu() are differentiable)."""
+"""lora_lab.kernels on the GPU for the conformance suite's CPU-built inputs (.to() and .cpu() are differentiable)."""
+import os
+
 from lora_lab import kernels
 
+DEVICE = os.environ.get("GPU_CHECK_TARGET_DEVICE", "cuda")
 
-def _cuda(t):
-    return None if t is None else t.cuda()
+
+def _moved(t):
+    return None if t is None else t.to(DEVICE)
 
 
 def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None):
-    return kernels.fused_qlora_linear(_cuda(x), weight.to("cuda"), _cuda(lora_A), _cuda(lora_B), scaling, _cuda(bias)).cpu()
+    return kernels.fused_qlora_linear(_moved(x), weight.to(DEVICE), _moved(lora_A), _moved(lora_B), scaling,
+                                      _moved(bias)).cpu()
 
 
 def dequantize_nf4(q):
-    return kernels.nf4_dequantize(q.to("cuda")).cpu()
+    return kernels.nf4_dequantize(q.to(DEVICE)).cpu()
 EOF
 cat > "$SITE/gpu_conformance.py" <<'EOF'
-"""The suite's qlora checks on the compiled kernels (dequantize's check needs bitsandbytes; test_kernels covers it)."""
+"""The suite's qlora checks (or those named after the output file) on the compiled kernels.
+
+dequantize's check needs bitsandbytes; test_kernels covers it.
+"""
 import json
 import sys
 
@@ -164,7 +173,7 @@ from lora_lab.conformance.runner import PASSED, all_checks, run_check
 
 settings.load_profile("ci")
 target = Target.load("lora_lab_cuda_target")
-names = ("qlora.forward_matches_float64", "qlora.gradients_match_float64", "qlora.rejects_bad_input")
+names = tuple(sys.argv[2:]) or ("qlora.forward_matches_float64", "qlora.gradients_match_float64", "qlora.rejects_bad_input")
 results = [run_check(c, target) for c in all_checks() if c.name in names]
 for r in results:
     print(f"{r.status:>8}  {r.check.name}" + (f"\n{r.detail}" if r.detail else ""))
@@ -377,7 +386,15 @@ if ((HAVE_PYTEST && CAN_RUN && !DRY_RUN)); then
         --dtype float32 --no-sass --jobs 4 --json "$OUT/compile_check.json"
 else
     skip_step test_kernels_autotuned "$NEEDS_CUDA" "$OUT/test_kernels_autotuned.xml"
-    for path in auto fused dense; do
+    # The dry run runs one conformance step on the CPU, under Triton's interpreter: its target and its plumbing (the
+    # gradients' check, slow there, is left out).
+    if ((DRY_RUN)); then
+        start_step conformance_auto 120 "" env GPU_CHECK_TARGET_DEVICE=cpu "$PY" "$SITE/gpu_conformance.py" \
+            "$OUT/conformance_auto.json" qlora.forward_matches_float64 qlora.rejects_bad_input
+    else
+        skip_step conformance_auto "$NEEDS_CUDA"
+    fi
+    for path in fused dense; do
         skip_step "conformance_$path" "$NEEDS_CUDA"
     done
     # Compiling needs no GPU: the dry run compiles one kernel of the subset, to run the check end to end.

@@ -5,8 +5,9 @@ other than the kernels (``import kernels`` finding our folder instead of Hugging
 Face's package, no C compiler, a step killed at its cap that leaves no result)
 wastes the run. ``--dry-run`` executes the same script here: the startup hook
 that maps lora_lab without the repository root on ``sys.path``, the environment
-and import checks, the specialization count, a compile, and each pytest step's
-collection with its junit XML; the steps that need CUDA write "skipped".
+and import checks, the specialization count, a compile, each pytest step's
+collection with its junit XML, and one conformance step on the CPU (Triton's
+interpreter); the steps that need CUDA write "skipped".
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from lora_lab.kernels.compile.specializations import GPU_TEST_GROUPS
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 PYTEST_STEPS = (*GPU_TEST_GROUPS, "test_kernels_autotuned", "memcheck")
-CUDA_STEPS = ("test_kernels_autotuned", "conformance_auto", "conformance_fused", "conformance_dense", "memcheck", "plan",
-              "bench")
-STEPS = ("environment", *GPU_TEST_GROUPS, "compile_check", "specializations", *CUDA_STEPS)
+CUDA_STEPS = ("test_kernels_autotuned", "conformance_fused", "conformance_dense", "memcheck", "plan", "bench")
+STEPS = ("environment", *GPU_TEST_GROUPS, "compile_check", "specializations", "conformance_auto", *CUDA_STEPS)
 
 
 def dry_run(out: Path, **env: str) -> subprocess.CompletedProcess:
@@ -83,6 +83,8 @@ def test_dry_run_counts_the_specializations_and_compiles(passing_run):
     assert counted and all(group["specializations"] > 0 and not group["problems"] for group in counted)
     compiled = json.loads((out / "compile_check.json").read_text())
     assert compiled and all(not r["problems"] for r in compiled)
+    checks = json.loads((out / "conformance_auto.json").read_text())
+    assert len(checks) == 2 and all(c["status"] == "passed" for c in checks), checks
 
 
 def test_a_step_stopped_at_its_cap_still_writes_its_result_and_junit(tmp_path):
@@ -91,7 +93,7 @@ def test_a_step_stopped_at_its_cap_still_writes_its_result_and_junit(tmp_path):
     done = dry_run(out, GPU_CHECK_MAX_STEP_S="1")
     assert done.returncode == 1, done.stdout + done.stderr
     found = results(out)
-    for step in (*GPU_TEST_GROUPS, "compile_check", "specializations"):
+    for step in (*GPU_TEST_GROUPS, "compile_check", "specializations", "conformance_auto"):
         assert found[step]["status"] == "timed_out", found[step]
         assert found[step]["cap"] == 1
     for step in GPU_TEST_GROUPS:
