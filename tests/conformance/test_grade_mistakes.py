@@ -206,6 +206,19 @@ MISTAKES = {
                "Repairs x * (1 / absmax) with nan_to_num instead of flooring absmax at 1e-38: a subnormal absmax gives +-1."),
         {"nf4.bytes_match_bitsandbytes"},
     ),
+    "absmax_for_one_block_too_many": (
+        "ex01_nf4",
+        edited(NF4_BY_HAND, "    blocks = -(-flat.numel() // blocksize)", "    blocks = flat.numel() // blocksize + 1",
+               "numel // blocksize + 1 blocks: a whole number of blocks stores one absmax too many (three for two)."),
+        {"nf4.bytes_match_bitsandbytes", "nf4.round_trip_is_nearest_level", "nf4.zero_blocks_and_round_trip"},
+    ),
+    "dequantize_float32_block_index": (
+        "ex01_nf4",
+        edited(NF4_BY_HAND, "    blocks = torch.arange(q.numel) // q.blocksize",
+               "    blocks = (torch.arange(q.numel, dtype=torch.float32) / q.blocksize).long().clamp(max=q.absmax.numel() - 1)",
+               "Each element's block from a float32 index: exact below 2^24 elements, wrong past it."),
+        {"nf4.dequantize_realistic_size"},
+    ),
     "float64_weight_accepted": (
         "ex01_nf4",
         edited(NF4_BY_HAND, "    if weight.dtype not in DTYPES:", "    if not weight.is_floating_point():",

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 
 from lora_lab.conformance.errors import CheckFailed
 from lora_lab.conformance.judge.compare import UNIT_ROUNDOFF, assert_close, call_guarded
-from lora_lab.conformance.judge.formats import capabilities, weight_format
+from lora_lab.conformance.judge.formats import capabilities, has_own_format, weight_format
 from lora_lab.conformance.judge.profiles import examples
-from lora_lab.conformance.properties.nf4 import supported_weights, with_witnesses
+from lora_lab.conformance.properties.nf4 import check_fields, supported_weights, with_witnesses
 from lora_lab.conformance.registry import SEMANTIC, check
 from lora_lab.nf4 import NF4_CODE
 
@@ -48,6 +48,8 @@ def _draw(target, drawn, double_quant):
     supports = capabilities(target)
     double_quant = double_quant if double_quant in supports.double_quant else supports.double_quant[0]
     q = call_guarded(weight_format(target).quantize, weight, blocksize, double_quant, name="quantize_nf4")
+    if not has_own_format(target):  # an NF4Tensor's readers trust one absmax per block, and the rest of its fields
+        check_fields(q, weight.numel(), blocksize, double_quant)
     where = f"blocksize={blocksize}, double_quant={double_quant}, dtype={weight.dtype}, shape={tuple(weight.shape)}"
     return weight, blocksize, double_quant, q, where
 
