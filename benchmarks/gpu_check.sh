@@ -214,9 +214,14 @@ else:
         source = os.path.join(folder, "probe.c")
         with open(source, "w") as f:
             f.write("int main(void) { return 0; }\n")
-        built = subprocess.run([compiler, source, "-o", os.path.join(folder, "probe")], capture_output=True, text=True)
-        if built.returncode:
-            fatal.append(f"the C compiler {compiler} cannot build a program: {built.stderr.strip()[-300:]}")
+        try:
+            built = subprocess.run([compiler, source, "-o", os.path.join(folder, "probe")], capture_output=True,
+                                   text=True, timeout=60)
+            problem = built.stderr.strip()[-300:] if built.returncode else ""
+        except (OSError, subprocess.TimeoutExpired) as error:
+            problem = f"{type(error).__name__}: {error}"
+        if problem:
+            fatal.append(f"the C compiler {compiler} cannot build a program: {problem}")
 if not env["python_h"]:
     fatal.append(f"no {headers}: Triton's launchers include Python.h (install the Python development headers)")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -105,3 +106,16 @@ def test_a_step_stopped_at_its_cap_still_writes_its_result_and_junit(tmp_path):
 def test_unknown_argument_is_refused():
     done = subprocess.run(["bash", str(SCRIPT), "--gpu"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--dry-run" in done.stderr
+
+
+def test_the_environment_step_refuses_a_shadowing_path_no_compiler_and_a_hub_online(tmp_path):
+    """The checks that would have saved issue 27's run: each cause is named, and the step fails (exit 1)."""
+    script = re.search(r"cat > \"\$SITE/gpu_environment.py\" <<'EOF'\n(.*?)\nEOF\n", SCRIPT.read_text(), re.S).group(1)
+    (tmp_path / "gpu_environment.py").write_text(script)
+    environment = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "PYTHONSAFEPATH")}
+    environment |= {"PYTHONPATH": str(ROOT), "CC": str(tmp_path / "no-such-cc")}  # the old script's sys.path
+    done = subprocess.run([sys.executable, str(tmp_path / "gpu_environment.py"), str(tmp_path / "environment.json"),
+                           str(ROOT), "1"], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    fatal = " | ".join(json.loads((tmp_path / "environment.json").read_text())["fatal"])
+    assert "repository root is on sys.path" in fatal and "C compiler" in fatal and "HF_HUB_OFFLINE" in fatal, fatal
