@@ -275,9 +275,10 @@ def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> Com
 
 
 
-# The representative subset CI compiles: bf16, blocksize 64, both targets; for the two NF4 matmul kernels the default
-# config and the largest kept one, for their variants (dense W, small M) and the dequantize kernel the one they launch.
-# fp16 and blocksize 128 are the same code with other constants, which the full sweep covers.
+# The representative subset CI compiles: bf16, blocksize 64, both targets, both ranks; for the two NF4 matmul kernels
+# the default config and the last kept one, for their variants (dense W, small M) and the dequantize kernel the one they
+# launch. fp16 and blocksize 128 are the same code with other constants, which the full sweep covers; fp32 is other
+# code (no tensor cores), which CI compiles as well with ``--subset ci --dtype float32``.
 CI_SUBSET = {"dtypes": (torch.bfloat16,), "blocksizes": (64,), "configs": "ends"}
 
 
