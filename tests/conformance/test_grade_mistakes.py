@@ -282,7 +282,7 @@ MISTAKES = {
 def test_the_correct_files_the_mistakes_edit_score_full_marks(tmp_path, stem):
     write_exercise(tmp_path, stem, CORRECT[stem])
     exercise = next(e for e in EXERCISES if e.stem == stem)
-    (report,), output = run_grade(tmp_path, [exercise.id])
+    (report,), output = run_grade(tmp_path, [exercise.id], authorship=True)  # the learner's own code, as graded
     assert report.score == report.total, output
 
 
