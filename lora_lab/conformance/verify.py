@@ -317,6 +317,7 @@ def run(args: argparse.Namespace) -> int:
         with command_profile(args.profile, seed):
             results = verify(target, args.only)
         report = json_report(target, args.profile, results, seed) if args.json else None  # may probe the target
+        unverified = unsupported_operations(target, results)  # reads its declarations: before its process closes
     finally:
         target.close()
         close_stack()
@@ -335,7 +336,6 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
         print(f"wrote {args.json}")
-    unverified = unsupported_operations(target, results)
     for line in unverified:
         print(f"lora-lab verify: {line}; a verdict needs at least QLoRA's own case (NF4, blocksize 64, bf16) checked",
               file=sys.stderr)

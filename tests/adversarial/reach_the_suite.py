@@ -65,7 +65,7 @@ def private_tmp() -> None:
     Path(os.environ["TMPDIR"], "scratch").write_text("mine")
 
 
-SANDBOXED = os.getpid() == 1  # pid 1 of a pid namespace of its own
+SANDBOXED = os.getpid() == 2 and os.getppid() == 1  # the first process pid 1 started, in a pid namespace of its own
 LIBRARIES = {"sandboxed": SANDBOXED}
 if SANDBOXED:
     LIBRARIES.update({

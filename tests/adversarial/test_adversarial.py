@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from lora_lab.cli import main
+from lora_lab.conformance.grading.authorship import not_the_learners
 from lora_lab.conformance.grading.exercises import EXERCISES
 from lora_lab.conformance.runner import all_checks
 
@@ -99,7 +100,13 @@ def test_grade_rejects(path, info, tmp_path, capsys, call_limit):
     assert out.rstrip().splitlines()[-1].startswith("Score: "), out
     (graded,) = json.loads(report.read_text())["exercises"]
     row = next(r for r in graded["checks"] if r["check"] == check.name)
-    assert row["status"] in ("failed", "error") and row["points"] == 0 and row["detail"], out
+    assert row["status"] in rejections(exercise.stem, path) and row["points"] == 0 and row["detail"], out
+
+
+def rejections(stem: str, path: Path) -> tuple[str, ...]:
+    """How grade must reject a submission: a file built on lora_lab's own code is 'not your code' from its source
+    (grading/authorship.py) before any check runs; any other must lose the check it names (as in verify, above)."""
+    return ("not your code",) if not_the_learners(stem, path.read_text()) else ("failed", "error")
 
 
 def test_the_target_decides_no_exit_status(tmp_path):
@@ -131,4 +138,5 @@ def test_memorised_table_passes_ci_but_not_a_scored_run(monkeypatch, capsys, tmp
     main(["grade", "--only", "03", "--path", str(tmp_path), "--profile", "scored", "--json", str(grades)])
     (graded,) = json.loads(grades.read_text())["exercises"]
     row = next(r for r in graded["checks"] if r["check"] == "qlora.forward_matches_float64")
-    assert row["status"] == "failed" and json.loads(grades.read_text())["seed"] is not None
+    assert row["status"] in rejections("ex03_qlora_linear", HERE / "memorised_ci_table.py") and row["points"] == 0
+    assert json.loads(grades.read_text())["seed"] is not None

@@ -166,3 +166,31 @@ def test_installation_snapshots_see_a_startup_hook_come_and_change(tmp_path, mon
     assert sandbox.changed(before, middle) == [str(hook)]
     os.utime(hook, ns=(0, 0))
     assert sandbox.changed(middle, sandbox.installation()) == [str(hook)]
+
+
+PRINTS_A_SCORE = '''
+"""Prints a fake last line at import, and glibc's way of dying."""
+import os
+import sys
+
+print("Score: 255/255", flush=True)
+print("Score: 255/255", file=sys.stderr, flush=True)
+
+
+def next_token_loss(logits, labels, ignore_index=-100):
+    print("double free or corruption (out)", file=sys.stderr, flush=True)
+    os.abort()  # SIGABRT, as glibc aborts on a corrupted heap
+'''
+
+
+def test_what_the_target_prints_stays_out_of_the_report_and_explains_its_crash(tmp_path, monkeypatch, capfd):
+    from lora_lab.cli import main
+
+    (tmp_path / "prints_a_score.py").write_text(PRINTS_A_SCORE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["verify", "prints_a_score", "--only", "loss.matches_shift_and_mask"]) == 1
+    printed = capfd.readouterr()
+    lines = (printed.out + printed.err).splitlines()
+    assert not any(line.startswith("Score:") for line in lines)  # kept by the suite's reader, never a line of its own
+    assert "killed by SIGABRT" in printed.out and "its last output: " in printed.out
+    assert "double free or corruption (out)" in printed.out  # the crash explained, inside its own row's detail

@@ -135,6 +135,7 @@ class Server:
             os.environ.clear()
             os.environ.update(settings["environ"])
         os.environ.update(sandbox.private_environment(self.sandboxed))  # caches and temporary files: its own folder
+        os.environ["LIBC_FATAL_STDERR_"] = "1"  # glibc's fatal messages to stderr (the suite's reader), not /dev/tty
         torch.set_num_threads(int(settings["threads"]))
         chained: list[str] = []
         if settings.get("learner_folder"):
@@ -286,15 +287,19 @@ class NeutralTarget:
 
 
 def main(argv: list[str]) -> int:
-    """``serve IN OUT [SANDBOX]``: answer the suite's requests on two pipes, inside the sandbox (``sandbox.py``)."""
+    """``serve IN OUT SANDBOX OUTPUT``: answer the suite's requests on two pipes, inside the sandbox (``sandbox.py``),
+    with everything printed going to the third (``process.TargetOutput``)."""
     pipes = (int(argv[1]), int(argv[2]))
+    output = int(argv[4])
+    os.dup2(output, 1)  # the target's prints, and glibc's fatal messages (LIBC_FATAL_STDERR_), reach the suite's
+    os.dup2(output, 2)  # reader, never the report on stdout or the terminal between rows
+    os.close(output)
     try:  # before anything of the target is imported; only the sandboxed process returns
         entered, refused = sandbox.enter(argv[3] if len(argv) > 3 else sandbox.mode(), keep_fds=pipes), None
     except sandbox.SandboxUnavailable as exc:
         entered, refused = {}, exc  # the reply to the first request (the target's init) says so
     inbox = os.fdopen(pipes[0], "rb", buffering=0)
     outbox = os.fdopen(pipes[1], "wb", buffering=0)
-    os.dup2(2, 1)  # the target's prints go to stderr, never into the report on stdout
     # Ctrl-C reaches every process of the terminal's group: it is the suite's to answer (it closes this process),
     # not a KeyboardInterrupt traceback of this one's under the command's "interrupted".
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -28,6 +28,7 @@ CALL_TIMEOUT_ENV = "LORA_LAB_CALL_TIMEOUT"  # seconds one call to the target may
 START_TIMEOUT = 300.0  # importing torch, bitsandbytes and the target on a busy machine
 
 
+OUTPUT_ENV = "LORA_LAB_TARGET_OUTPUT"  # "1": echo what the target's process prints, marked, to stderr
 SPAWN_ENV = "LORA_LAB_SPAWN"  # "1": start each target's process as a fresh interpreter (seconds), not a fork of the server
 _SERVER: list = []  # the forkserver context, once started
 CHILD_MODULE = "lora_lab.conformance.isolation.child"  # the target's side, named (as python -m names it), never imported here
@@ -62,8 +63,12 @@ def _signal_name(returncode: int | None) -> str:
             return f"killed by {signal.Signals(-returncode).name}"
         except ValueError:
             return f"killed by signal {-returncode}"
-    return f"exit status {returncode}" + (" (SIGABRT: an abort, e.g. glibc detected a corrupted heap)"
-                                          if returncode == 134 else "")
+    if returncode > 128:  # a sandboxed process's pid 1 passes on a death by signal N as 128 + N (sandbox.py)
+        with contextlib.suppress(ValueError):
+            name = signal.Signals(returncode - 128).name
+            hint = " (an abort, e.g. glibc detected a corrupted heap)" if name == "SIGABRT" else ""
+            return f"killed by {name}{hint}"
+    return f"exit status {returncode}"
 
 
 def _fork_server():
@@ -104,10 +109,10 @@ def _fork_server():
 class _Forked:
     """A target's process forked by the server (``_fork_server``), speaking over the two pipe ends it is given."""
 
-    def __init__(self, read_fd: int, write_fd: int, sandbox: str) -> None:
+    def __init__(self, read_fd: int, write_fd: int, output_fd: int, sandbox: str) -> None:
         context = _fork_server()
-        self.process = context.Process(target=_serve, args=(CHILD_MODULE, _Fd(read_fd), _Fd(write_fd), sandbox),
-                                       daemon=True, name="target")
+        self.process = context.Process(target=_serve, args=(CHILD_MODULE, _Fd(read_fd), _Fd(write_fd), _Fd(output_fd),
+                                                            sandbox), daemon=True, name="target")
         # multiprocessing would have the fork import the suite's __main__ again (a script, pytest, a notebook):
         # nothing of the suite's may run there, so the fork is started as if there were no main module.
         main = sys.modules["__main__"]
@@ -131,11 +136,11 @@ class _Forked:
         return self.process.exitcode
 
 
-def _serve(module: str, inbox: _Fd, outbox: _Fd, sandbox: str) -> None:
-    """In the fork: run the child's loop on the two pipe ends, as ``python -m`` runs it in a fresh interpreter."""
+def _serve(module: str, inbox: _Fd, outbox: _Fd, output: _Fd, sandbox: str) -> None:
+    """In the fork: run the child's loop on its pipe ends, as ``python -m`` runs it in a fresh interpreter."""
     import importlib
 
-    sys.exit(importlib.import_module(module).main(["serve", str(inbox.fd), str(outbox.fd), sandbox]))
+    sys.exit(importlib.import_module(module).main(["serve", str(inbox.fd), str(outbox.fd), sandbox, str(output.fd)]))
 
 
 class _Fd:
@@ -156,10 +161,10 @@ class _Fd:
 class _Spawned:
     """A target's process started as a fresh interpreter (``python -m lora_lab.conformance.isolation.child``)."""
 
-    def __init__(self, read_fd: int, write_fd: int, sandbox: str) -> None:
+    def __init__(self, read_fd: int, write_fd: int, output_fd: int, sandbox: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", CHILD_MODULE, str(read_fd), str(write_fd), sandbox],
-            pass_fds=(read_fd, write_fd), stdin=subprocess.DEVNULL, close_fds=True,
+            [sys.executable, "-m", CHILD_MODULE, str(read_fd), str(write_fd), sandbox, str(output_fd)],
+            pass_fds=(read_fd, write_fd, output_fd), stdin=subprocess.DEVNULL, close_fds=True,
             env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},  # see prepare_for_targets
         )
 
@@ -189,6 +194,37 @@ def _widen_pipe(fd: int) -> None:
         pass
 
 
+class TargetOutput:
+    """What the target's process prints (its stdout and stderr, glibc's fatal messages included), read on a thread of
+    its own: kept out of the report and the terminal, so a target cannot print a fake table or ``Score:`` line, and
+    library noise does not land between rows. ``$LORA_LAB_TARGET_OUTPUT=1`` shows it live, each line marked."""
+
+    KEPT = 40  # lines: the last of them explain a crash
+
+    def __init__(self, fd: int) -> None:
+        import collections
+        import threading
+
+        self.lines: collections.deque[str] = collections.deque(maxlen=self.KEPT)
+        self.echo = os.environ.get(OUTPUT_ENV) == "1"
+        self.thread = threading.Thread(target=self._read, args=(fd,), name="target output", daemon=True)
+        self.thread.start()
+
+    def _read(self, fd: int) -> None:
+        with os.fdopen(fd, "rb") as stream:
+            for raw in stream:
+                line = raw.decode(errors="replace").rstrip()
+                self.lines.append(line)
+                if self.echo:
+                    print(f"  target| {line}", file=sys.stderr, flush=True)
+
+    def last_words(self) -> str:
+        """The crash's own words, when the dying process printed any (glibc's "double free or corruption", say)."""
+        self.thread.join(1)  # the pipe closed with the process: what it printed last is read by now
+        text = " | ".join(line for line in list(self.lines)[-3:] if line.strip())
+        return f"; its last output: {text}" if text else ""
+
+
 class Child:
     """One child process running ``lora_lab.conformance.isolation.child``, and its two pipes."""
 
@@ -208,9 +244,12 @@ class Child:
         for fd in (to_child_w, from_child_w):
             _widen_pipe(fd)
         started = _Forked if _forking() else _Spawned
-        self.process = started(to_child_r, from_child_w, self.sandbox)
+        output_r, output_w = os.pipe()
+        self.process = started(to_child_r, from_child_w, output_w, self.sandbox)
         os.close(to_child_r)
         os.close(from_child_w)
+        os.close(output_w)
+        self.output = TargetOutput(output_r)
         self.outbox = os.fdopen(to_child_w, "wb", buffering=0)
         self.inbox = os.fdopen(from_child_r, "rb", buffering=0)
         self.owed = 0
@@ -244,7 +283,7 @@ class Child:
     def _crashed(self, what: str) -> TargetCrashed:
         code = self.process.wait(10) if self.process else None
         self.process = None
-        return TargetCrashed(f"the target's process died during {what}: {_signal_name(code)}")
+        return TargetCrashed(f"the target's process died during {what}: {_signal_name(code)}{self.output.last_words()}")
 
     def _send(self, message: list, what: str) -> None:
         try:

@@ -8,8 +8,9 @@ own containers (no container runtime needed; what ``unshare(1)`` and bubblewrap 
 - **user namespace**: the target keeps its user id but holds no capability outside its namespace, and the suite and
   the fork server are made non-dumpable (``make_undumpable``): the kernel refuses to let it trace them or open
   their memory;
-- **pid namespace**: its process is pid 1 of a namespace of its own; it can see and signal only its own processes,
-  and when it ends the kernel ends every process it started (``PR_SET_PDEATHSIG`` ends it with its parent);
+- **pid namespace**: its process is the first child of pid 1 of a namespace of its own; it can see and signal only
+  its own processes, and when it ends, pid 1 ends and the kernel ends every process it started (``PR_SET_PDEATHSIG``
+  ends pid 1 with the process outside that the suite holds);
 - **mount namespace**: every filesystem it sees is read-only (the project, site-packages, the exercises, the report's
   folder), ``/proc`` is its own, and ``/dev/shm``, a fresh tmpfs of its own, is its ``$TMPDIR`` and ``$HOME``;
 - **network namespace**: no network but a loopback of its own;
@@ -115,6 +116,11 @@ def enter(requested: str, keep_fds: tuple[int, ...]) -> dict:
     report["private_dir"] = PRIVATE if "mount namespace" in report["layers"] else None
     if requested == "require" and report["missing"]:
         raise SandboxUnavailable(_refusal(report["missing"]))
+    # The target runs as pid 2: pid 1 of a namespace ignores its own default-action signals (an abort() there dies of
+    # SIGSEGV, not SIGABRT), so pid 1 only waits, and passes on how the target ended.
+    server = os.fork()
+    if server:
+        _init_waits_for(server, keep_fds)
     return report
 
 
@@ -155,8 +161,8 @@ def _wait_and_exit_as(child: int, keep_fds: tuple[int, ...]) -> None:
     for fd in keep_fds:
         os.close(fd)  # the pipes are the sandboxed process's alone: the suite sees EOF when it ends
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The suite's close: end the sandboxed process. It is pid 1 of its namespace, so its wait below returns only once
-    # the kernel has ended every process in it.
+    # The suite's close: end the sandboxed process. Its pid 1 ends, so the wait below returns only once the kernel has
+    # ended every process in the namespace.
     signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGKILL))
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):  # the same signal, so the suite names it ("killed by SIGSEGV")
@@ -165,6 +171,16 @@ def _wait_and_exit_as(child: int, keep_fds: tuple[int, ...]) -> None:
             signal.signal(number, signal.SIG_DFL)
         os.kill(os.getpid(), number)
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+
+
+def _init_waits_for(server: int, keep_fds: tuple[int, ...]) -> None:
+    """Pid 1 of the namespace: it exits as the target's process did, a death by signal N as status 128 + N (pid 1 may
+    not raise a signal on itself); every other process of the namespace ends with it."""
+    for fd in keep_fds:
+        os.close(fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _, status = os.waitpid(server, 0)
+    os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status))
 
 
 def _read_only_view(libc: ctypes.CDLL) -> None:
