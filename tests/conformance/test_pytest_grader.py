@@ -132,7 +132,7 @@ def test_not_your_code_and_missing_files_fail_and_k_selects_checks(tmp_path):
     assert "it imports adamw_step from lora_lab.optim, lora_lab's own code" in done.stdout
     assert "missing       nf4.bytes_match_bitsandbytes" in done.stdout  # as in lora-lab grade, 01's points count
     assert "no ex01_nf4.py in .: copy it from the lora_lab repository's exercises/" in done.stdout
-    assert last_line(done) == "Score: 0/39"
+    assert last_line(done) == "Score: 0/45"
 
 
 def test_the_repository_test_run_does_not_collect_the_exercises():
