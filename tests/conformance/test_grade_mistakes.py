@@ -245,9 +245,17 @@ MISTAKES = {
     ),
     "apply_qlora_drops_use_rslora": (
         "ex06_training_step",
-        edited(TRAINING_BY_HAND, "dropout=dropout, **quant_kwargs)", "dropout=dropout, **quantization)",
-               "Passes QLoRALinear only the quantization options: use_rslora is dropped silently (scaling 1, not 4)."),
+        edited(TRAINING_BY_HAND, "dropout=dropout, **quant_kwargs)",
+               'dropout=dropout, **{k: v for k, v in quant_kwargs.items() if k != "use_rslora"})',
+               "Drops use_rslora on the way to QLoRALinear: scaling alpha / r = 1 instead of alpha / sqrt(r) = 4."),
         {"training.matches_peft_bitsandbytes"},
+    ),
+    "apply_qlora_drops_backend": (
+        "ex06_training_step",
+        edited(TRAINING_BY_HAND, "dropout=dropout, **quant_kwargs)",
+               'dropout=dropout, **{k: v for k, v in quant_kwargs.items() if k != "backend"})',
+               "Drops backend on the way to QLoRALinear: backend='triton' silently runs the reference."),
+        {"qlora.apply_rejects_unknown_target"},
     ),
     "nf4linear_without_compute_dtype": (
         "ex06_training_step",

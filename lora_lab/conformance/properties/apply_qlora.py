@@ -200,17 +200,27 @@ def apply_dropout_only_in_training(target) -> None:
     points=2,
     exercise="06",
     hint="A misspelt target module must not silently train nothing: raise ValueError saying what was not "
-    "found and which linear layers exist.",
+    "found and which linear layers exist. No option may be dropped silently either: pass quant_kwargs (use_rslora, "
+    "backend) on to QLoRALinear.from_linear, which refuses a backend it does not know.",
 )
 def apply_rejects_unknown_target(target) -> None:
-    """A target name that matches no linear layer raises ValueError that names it."""
+    """A target name that matches no linear layer raises ValueError that names it; an unknown backend is refused."""
     try:
         target.model(0, target_modules=("q_proj", "qkv_proj"))
     except ValueError as exc:
         if "qkv_proj" not in str(exc):
             raise CheckFailed(f"the ValueError should name the unknown target 'qkv_proj'; it says: {exc}") from exc
-        return
-    raise CheckFailed("apply_qlora(model, target_modules=('q_proj', 'qkv_proj')) returned; expected a ValueError")
+    else:
+        raise CheckFailed("apply_qlora(model, target_modules=('q_proj', 'qkv_proj')) returned; expected a ValueError")
+    try:
+        target.model(0, backend="no_such_backend")
+    except NotImplementedError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any clear refusal: the option reached a layer that checks it
+        if str(exc).strip():
+            return
+    raise CheckFailed("apply_qlora(model, backend='no_such_backend') returned without an error: the option was dropped "
+                      "on the way, so backend='triton' (or use_rslora=True) would be dropped as silently")
 
 
 # What one NF4 layer may hold: 4 bits a weight and an fp32 absmax a block of 64 (an upper bound: double quantization
