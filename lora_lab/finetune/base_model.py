@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_lab.finetune.data_files import PromptCodec, UsageError
+from lora_lab.finetune.settings import TrainSettings
 
 if TYPE_CHECKING:
     from torch import nn
@@ -104,43 +105,43 @@ def pretrained_tiny_llama(seed: int = 0, steps: int = PRETRAIN_STEPS, progress: 
 # ---------------------------------------------------------------------------- made QLoRA for lora-lab train
 
 
-def build_model(settings: dict, ctx, say=print):
+def build_model(settings: TrainSettings, ctx, say=print):
     """``(model, codec, base model path or None)``: the QLoRA model with fresh adapters (seeded) and its tokenizer."""
     import torch
 
     from lora_lab.finetune.checkpoint import load_llama, load_tokenizer
     from lora_lab.model import apply_qlora, enable_gradient_checkpointing
 
-    dtype = torch.bfloat16 if settings.get("bf16") else None
-    lora = dict(target_modules=tuple(settings["targets"].split(",")), r=settings["r"], alpha=settings["alpha"],
-                dropout=settings["dropout"], backend=settings["backend"], compute_dtype=dtype)
+    dtype = torch.bfloat16 if settings.bf16 else None
+    lora = dict(target_modules=tuple(settings.targets.split(",")), r=settings.r, alpha=settings.alpha,
+                dropout=settings.dropout, backend=settings.backend, compute_dtype=dtype)
     try:
-        if settings["model"] == "tiny":
-            steps = PRETRAIN_STEPS if settings["pretrain_steps"] is None else settings["pretrain_steps"]
+        if settings.model == "tiny":
+            steps = PRETRAIN_STEPS if settings.pretrain_steps is None else settings.pretrain_steps
             with _main_rank_first(ctx):  # rank 0 pre-trains and caches the base model; the others then read the cache
                 model, cache, cached = pretrained_tiny_llama(0, steps, progress=ctx is None or ctx.is_main)
             say(f"base model: tiny Llama pre-trained for {steps} steps ({'cached at' if cached else 'saved to'} {cache})")
-            torch.manual_seed(settings["seed"])  # the adapters' random start
+            torch.manual_seed(settings.seed)  # the adapters' random start
             model = apply_qlora(model.to(dtype) if dtype else model, **lora)  # adapters are made fp32 after the cast
             codec, path = PromptCodec(None, model.config.max_position_embeddings), None
         else:
-            path = Path(settings["model"])
+            path = Path(settings.model)
             if not path.is_dir():
                 raise UsageError(f"--model expects 'tiny' or a local Hugging Face checkpoint directory; "
                                  f"{path} is not a directory")
             tokenizer = load_tokenizer(path)
-            torch.manual_seed(settings["seed"])
+            torch.manual_seed(settings.seed)
             model = load_llama(path, dtype=dtype, **lora)
             say(f"base model: {path} ({model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}), "
                 "every linear layer but lm_head in NF4, adapters on the targets")
             codec = PromptCodec(tokenizer, min(model.config.max_position_embeddings, 1024))
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from error
-    if settings.get("gradient_checkpointing"):
+    if settings.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if dtype or settings.get("gradient_checkpointing"):
+    if dtype or settings.gradient_checkpointing:
         say(f"precision: {'bf16 base and compute, fp32 adapters' if dtype else 'fp32'}; gradient checkpointing "
-            f"{'on' if settings.get('gradient_checkpointing') else 'off'}")
+            f"{'on' if settings.gradient_checkpointing else 'off'}")
     return model, codec, None if path is None else str(path)
 
 

@@ -42,13 +42,9 @@ from lora_lab.finetune import schedule
 from lora_lab.finetune.base_model import build_model
 from lora_lab.finetune.data_files import UsageError, batch_rows, collate, data_digest, load_examples
 from lora_lab.finetune.interrupts import InterruptGuard, stop_everywhere
+from lora_lab.finetune.settings import PRESETS, TrainSettings
 
-DEFAULTS = dict(model="tiny", data="builtin", steps=200, batch_size=16, grad_accum=1, r=8, alpha=16.0, dropout=0.0, lr=2e-3,
-                scheduler="cosine", warmup_ratio=0.03, backend="reference", out="runs/train", seed=0, eval_size=200,
-                targets="q_proj,k_proj,v_proj,o_proj", pretrain_steps=None, bf16=False, gradient_checkpointing=False)
-# The course's QLoRA settings for Llama 3.1 8B; flags given explicitly override them.
-COURSE = dict(r=32, alpha=64.0, targets="q_proj,k_proj,v_proj,o_proj", dropout=0.1, lr=1e-4, scheduler="cosine",
-              warmup_ratio=0.03)
+DEFAULT = TrainSettings.default
 RESUMABLE = ("steps", "out", "backend")  # settings --resume may change; the rest must match the run being resumed
 EVALUATIONS = 5  # held-out evaluations during training, besides before and after
 # Each of a run's EVALUATIONS + 2 evaluations prices every held-out prompt: 100,000 of them kept a run at its last
@@ -62,25 +58,29 @@ OPTIONS = (  # (flag, argparse keywords); defaults are None so that explicit fla
     ("--model", dict(metavar="tiny|PATH", help="'tiny' (the cached pre-trained tiny Llama) or a local Hugging Face Llama "
                      "directory with its tokenizer (default: tiny)")),
     ("--data", dict(metavar="builtin|FILE", help="'builtin' (synthetic products) or a JSONL file of {\"text\", \"price\"} rows")),
-    ("--steps", dict(type=whole_number(1), help="optimizer steps (default: 200)")),
-    ("--batch-size", dict(type=whole_number(1), help="examples per micro-batch, split across --nproc processes (default: 16)")),
-    ("--grad-accum", dict(type=whole_number(1), help="micro-batches per optimizer step (default: 1)")),
-    ("--r", dict(type=whole_number(1), help="LoRA rank (default: 8)")),
-    ("--alpha", dict(type=POSITIVE, help="LoRA alpha; the update is scaled by alpha/r (default: 16)")),
-    ("--dropout", dict(type=SHARE, help="dropout on the adapters' input (default: 0)")),
-    ("--targets", dict(help="comma-separated linear layers to adapt (default: q_proj,k_proj,v_proj,o_proj)")),
-    ("--lr", dict(type=POSITIVE, help="peak AdamW learning rate (default: 2e-3)")),
-    ("--scheduler", dict(choices=("cosine", "constant", "linear"), help="learning-rate decay after warmup (default: cosine)")),
-    ("--warmup-ratio", dict(type=SHARE, help="share of the steps spent warming the learning rate up (default: 0.03)")),
+    ("--steps", dict(type=whole_number(1), help=f"optimizer steps (default: {DEFAULT('steps')})")),
+    ("--batch-size", dict(type=whole_number(1), help="examples per micro-batch, split across --nproc processes "
+                          f"(default: {DEFAULT('batch_size')})")),
+    ("--grad-accum", dict(type=whole_number(1), help=f"micro-batches per optimizer step (default: {DEFAULT('grad_accum')})")),
+    ("--r", dict(type=whole_number(1), help=f"LoRA rank (default: {DEFAULT('r')})")),
+    ("--alpha", dict(type=POSITIVE, help=f"LoRA alpha; the update is scaled by alpha/r (default: {DEFAULT('alpha'):g})")),
+    ("--dropout", dict(type=SHARE, help=f"dropout on the adapters' input (default: {DEFAULT('dropout'):g})")),
+    ("--targets", dict(help=f"comma-separated linear layers to adapt (default: {DEFAULT('targets')})")),
+    ("--lr", dict(type=POSITIVE, help=f"peak AdamW learning rate (default: {DEFAULT('lr'):g})")),
+    ("--scheduler", dict(choices=("cosine", "constant", "linear"),
+                         help=f"learning-rate decay after warmup (default: {DEFAULT('scheduler')})")),
+    ("--warmup-ratio", dict(type=SHARE, help="share of the steps spent warming the learning rate up "
+                            f"(default: {DEFAULT('warmup_ratio'):g})")),
     ("--backend", dict(choices=("reference", "triton"), help="QLoRA layer implementation; triton needs a CUDA GPU")),
     ("--bf16", dict(action="store_true", default=None, help="the base model in bf16 and the quantized layers computing in "
                     "bf16 (bnb_4bit_compute_dtype); the adapters and AdamW stay fp32")),
     ("--gradient-checkpointing", dict(action="store_true", default=None, help="recompute each decoder block in backward "
                                       "instead of keeping its activations (less memory, about a third more compute)")),
-    ("--out", dict(help="output folder (default: runs/train)")),
-    ("--seed", dict(type=int, help="seed for the adapters, the data order and the split (default: 0)")),
-    ("--eval-size", dict(type=EVAL_SIZE, help="held-out prompts for the price evaluation (default: 200)")),
-    ("--preset", dict(choices=("course",), help="course: r=32, alpha=64, q/k/v/o, dropout 0.1, lr 1e-4, cosine, warmup 3%%")),
+    ("--out", dict(help=f"output folder (default: {DEFAULT('out')})")),
+    ("--seed", dict(type=int, help=f"seed for the adapters, the data order and the split (default: {DEFAULT('seed')})")),
+    ("--eval-size", dict(type=EVAL_SIZE, help=f"held-out prompts for the price evaluation (default: {DEFAULT('eval_size')})")),
+    ("--preset", dict(choices=tuple(PRESETS), help="course: r=32, alpha=64, q/k/v/o, dropout 0.1, lr 1e-4, cosine, "
+                      "warmup 3%%")),
     ("--pretrain-steps", dict(type=whole_number(0), help="--model tiny only: pre-training steps of the cached base model")),
     ("--strict", dict(action="store_true", help="refuse a data file with any bad row (exit 2) instead of skipping them")),
     ("--overwrite", dict(action="store_true", help="write into a non-empty --out folder")),
@@ -100,13 +100,13 @@ def _dest(flag: str) -> str:
 
 
 def _explicit(args: argparse.Namespace) -> dict:
-    return {key: value for key, value in vars(args).items() if key in DEFAULTS and value is not None}
+    return {key: value for key, value in vars(args).items() if key in TrainSettings.names() and value is not None}
 
 
 # ---------------------------------------------------------------------------- settings and data
 
 
-def resolve_settings(args: argparse.Namespace, saved: dict | None = None) -> dict:
+def resolve_settings(args: argparse.Namespace, saved: dict | None = None) -> TrainSettings:
     """Defaults, then the preset, then explicit flags; on --resume the saved run's settings, with explicit changes refused."""
     explicit = _explicit(args)
     if saved is not None:
@@ -114,9 +114,10 @@ def resolve_settings(args: argparse.Namespace, saved: dict | None = None) -> dic
         if changed:
             listed = ", ".join(f"--{k.replace('_', '-')} {v} (the run has {saved.get(k)})" for k, v in changed.items())
             raise UsageError(f"--resume keeps the run's settings; drop {listed}")
-        settings = {**saved, **{k: v for k, v in explicit.items() if k in RESUMABLE}}
-        return settings if "out" in explicit else {**settings, "out": args.resume}
-    return {**DEFAULTS, **(COURSE if args.preset == "course" else {}), **explicit}  # (argparse checked each flag's range)
+        settings = TrainSettings(**saved).replace(**{k: v for k, v in explicit.items() if k in RESUMABLE})
+        return settings if "out" in explicit else settings.replace(out=args.resume)
+    preset = TrainSettings.from_name(args.preset) if args.preset else TrainSettings()
+    return preset.replace(**explicit)  # (argparse checked each flag's range)
 
 
 # ---------------------------------------------------------------------------- one step, the schedule, the evaluation
@@ -164,12 +165,12 @@ def train(args: argparse.Namespace, ctx) -> int:
     say = print if is_main else (lambda *a, **k: None)
     saved = _read_resume(args.resume) if args.resume else None
     settings = resolve_settings(args, saved["settings"] if saved else None)
-    out, steps = Path(settings["out"]), settings["steps"]
+    out, steps = Path(settings.out), settings.steps
     into_resumed = args.resume and out.resolve() == Path(args.resume).resolve()
     if out.is_dir() and any(out.iterdir()) and not (args.overwrite or into_resumed):
         raise UsageError(f"{out} already holds files; choose another --out, add --overwrite, or continue it with --resume {out}")
-    if settings["batch_size"] < world:
-        raise UsageError(f"--batch-size {settings['batch_size']} is split across {world} processes; use at least {world}")
+    if settings.batch_size < world:
+        raise UsageError(f"--batch-size {settings.batch_size} is split across {world} processes; use at least {world}")
     # Only now torch: a mistyped flag or a full --out folder is answered without the seconds its import takes.
     import torch
     from tqdm.auto import tqdm
@@ -182,12 +183,12 @@ def train(args: argparse.Namespace, ctx) -> int:
 
     apply_threads(args.threads)
     device = ctx.device if ctx is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if settings["backend"] == "triton" and device.type != "cuda":
+    if settings.backend == "triton" and device.type != "cuda":
         raise UsageError("--backend triton runs fused Triton kernels and needs a CUDA GPU; use --backend reference on a CPU")
 
-    digest = None if settings["data"] == "builtin" else data_digest(settings["data"])
+    digest = None if settings.data == "builtin" else data_digest(settings.data)
     if saved and saved["data"].get("sha256", digest) != digest:
-        raise UsageError(f"{settings['data']} changed since the run in {args.resume} started: its rows decide the held-out "
+        raise UsageError(f"{settings.data} changed since the run in {args.resume} started: its rows decide the held-out "
                          "split and the batches, so the resumed run would train on other examples and compare against "
                          "other prompts; restore the file, or start a new run on it with --out")
     train_rows, held_rows = load_examples(settings, args.strict, say)
@@ -200,13 +201,13 @@ def train(args: argparse.Namespace, ctx) -> int:
         say(f"warning: {unknown:.0%} of the training tokens are unknown to the tokenizer (the tiny model only knows the "
             "built-in products' words; use --model PATH for other text)")
     say(f"{trainable_summary(model)}; {len(examples)} training examples, {len(held_out)} held out")
-    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=settings["lr"])
-    kind = settings["scheduler"]
+    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    kind = settings.scheduler
     if saved:  # (a run saved before schedules were kept had the plan of its own --steps)
-        planned = saved.get("schedule") or schedule.plan(saved["settings"]["steps"], settings["warmup_ratio"])
+        planned = saved.get("schedule") or schedule.plan(saved["settings"]["steps"], settings.warmup_ratio)
         segments = schedule.resumed(planned, saved["step"], steps, kind)
     else:
-        segments = schedule.plan(steps, settings["warmup_ratio"])
+        segments = schedule.plan(steps, settings.warmup_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(schedule.multiplier, segments=segments, kind=kind))
     history, step = {"loss": [], "lr": [], "evals": [], "before": None}, 0
     if saved:
@@ -226,9 +227,9 @@ def train(args: argparse.Namespace, ctx) -> int:
         if len(segments) > len(planned):
             say(f"  --steps {steps} changes the run's end: the learning rate goes on from {optimizer.param_groups[0]['lr']:.2e} "
                 f"and follows {kind} over the {steps - step} steps left (it never restarts; a new run gets a full schedule)")
-    say(f"settings: r={settings['r']} alpha={settings['alpha']:g} dropout={settings['dropout']:g} lr={settings['lr']:g} "
-        f"{kind} (warmup {segments[0]['warmup']} steps) targets {settings['targets']}, batch {settings['batch_size']} "
-        f"x {settings['grad_accum']} accumulated, {world} process(es) of {torch.get_num_threads()} CPU thread(s)")
+    say(f"settings: r={settings.r} alpha={settings.alpha:g} dropout={settings.dropout:g} lr={settings.lr:g} "
+        f"{kind} (warmup {segments[0]['warmup']} steps) targets {settings.targets}, batch {settings.batch_size} "
+        f"x {settings.grad_accum} accumulated, {world} process(es) of {torch.get_num_threads()} CPU thread(s)")
     if history["before"] is None:
         history["before"] = evaluate(model, held_out, codec, ctx, device)
         history["evals"].append({"step": 0, **summarize(history["before"])})
@@ -240,7 +241,7 @@ def train(args: argparse.Namespace, ctx) -> int:
         try:
             while step < steps:
                 micro_batches = []
-                for micro in range(settings["grad_accum"]):
+                for micro in range(settings.grad_accum):
                     batch = collate([examples[i] for i in batch_rows(step, micro, settings, len(examples))], codec.pad_id)
                     batch = shard_batch(batch, ctx.rank, world) if world > 1 else batch
                     micro_batches.append({k: v.to(device) for k, v in batch.items()})
@@ -267,8 +268,8 @@ def train(args: argparse.Namespace, ctx) -> int:
         bar.close()
         if is_main:
             summary = trainable_summary(model)
-            data = {"source": settings["data"], "sha256": digest, "train_examples": len(examples), "held_out": len(held_out)}
-            state = {"settings": settings, "step": step, "interrupted": interrupted, "world_size": world, "rng": rng,
+            data = {"source": settings.data, "sha256": digest, "train_examples": len(examples), "held_out": len(held_out)}
+            state = {"settings": settings.as_dict(), "step": step, "interrupted": interrupted, "world_size": world, "rng": rng,
                      "schedule": segments,
                      "history": history, "base_model": base_model, "data": data, "seconds": time.perf_counter() - started,
                      "trainable": {"parameters": summary.trainable, "share": summary.share}}
@@ -306,7 +307,7 @@ def relaunch(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     in_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     # --out, else the --resume'd folder, else the default: checked before any work, and before --nproc's workers start
-    flag, out = ("--resume", args.resume) if args.out is None and args.resume else ("--out", args.out or DEFAULTS["out"])
+    flag, out = ("--resume", args.resume) if args.out is None and args.resume else ("--out", args.out or DEFAULT("out"))
     problem = output_folder_problem(flag, out, OUT_PURPOSE)
     if problem:
         print(f"lora-lab train: {problem}", file=sys.stderr)

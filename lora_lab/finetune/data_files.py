@@ -28,6 +28,8 @@ import math
 import random
 from pathlib import Path
 
+from lora_lab.finetune.settings import TrainSettings
+
 BUILTIN_PRODUCTS = 4000  # training set of --data builtin (held-out prompts come from another seed)
 MAX_SHOWN_PROBLEMS = 20
 MAX_PRICE = 999  # the largest whole-dollar answer the price evaluation can give (one token per number)
@@ -145,14 +147,14 @@ def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict:
     return batch
 
 
-def batch_rows(step: int, micro: int, settings: dict, n: int) -> list[int]:
+def batch_rows(step: int, micro: int, settings: TrainSettings, n: int) -> list[int]:
     """Which training examples micro-batch ``micro`` of step ``step`` uses: a fresh seeded shuffle per epoch.
 
     A pure function of the step, so a resumed run sees the same batches as an uninterrupted one.
     """
-    size = settings["batch_size"]
-    first = (step * settings["grad_accum"] + micro) * size
-    return [int(_epoch_order(settings["seed"], position // n, n)[position % n]) for position in range(first, first + size)]
+    size = settings.batch_size
+    first = (step * settings.grad_accum + micro) * size
+    return [int(_epoch_order(settings.seed, position // n, n)[position % n]) for position in range(first, first + size)]
 
 
 @functools.lru_cache(maxsize=2)
@@ -162,15 +164,15 @@ def _epoch_order(seed: int, epoch: int, n: int):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def load_examples(settings: dict, strict: bool, say=print) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+def load_examples(settings: TrainSettings, strict: bool, say=print) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
     """``(training rows, held-out rows)``: built-in products from two seeds, or a file split by a seeded shuffle."""
     from lora_lab.data import generate_products
 
-    seed, eval_size = settings["seed"], settings["eval_size"]
-    if settings["data"] == "builtin":
+    seed, eval_size = settings.seed, settings.eval_size
+    if settings.data == "builtin":
         rows = lambda n, s: [(p.description, float(p.price)) for p in generate_products(n, seed=s)]  # noqa: E731
         return rows(BUILTIN_PRODUCTS, seed + 1), rows(eval_size, seed + 2)
-    path = Path(settings["data"])
+    path = Path(settings.data)
     if not path.is_file():
         raise UsageError(f"--data expects 'builtin' or a JSONL file; {path} is not a file")
     rows = read_jsonl(path, strict, say)
