@@ -273,6 +273,25 @@ MISTAKES = {
     checkpointing = getattr(model,''', "Casts the adapters to the model's dtype: in a bf16 model most small updates round away."),
         {"qlora.apply_trains_only_adapters"},
     ),
+    "next_token_loss_averaged_per_sequence": (  # exercise 04's own checks draw rows with different label counts
+        "ex04_loss",
+        '''
+        """Averages each row's loss, then the rows (the authorship verdict is off here: the validation is lora_lab's)."""
+        import torch.nn.functional as F
+
+        from lora_lab.loss import check_loss_inputs
+
+
+        def next_token_loss(logits, labels, ignore_index=-100):
+            check_loss_inputs(logits, labels, ignore_index)
+            targets = labels[:, 1:]
+            per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=ignore_index,
+                                        reduction="none")
+            counts = (targets != ignore_index).sum(1)
+            return (per_token.sum(1)[counts > 0] / counts[counts > 0]).mean()
+        ''',
+        {"loss.matches_shift_and_mask", "loss.matches_transformers"},
+    ),
     "loss_averaged_per_sequence": (
         "ex06_training_step",
         edited(TRAINING_BY_HAND, '''    loss = next_token_loss(out.logits, batch["labels"])''',
