@@ -87,7 +87,7 @@ class SpecializationRecorder:
         self._patches = ExitStack()
 
     def pytest_sessionstart(self, session) -> None:
-        from lora_lab.kernels.compile.compile_check import Launch
+        from lora_lab.kernels.compile.launches import Launch
 
         for name, module_name in KERNEL_MODULES.items():
             module = importlib.import_module(module_name)
@@ -107,7 +107,7 @@ class SpecializationRecorder:
         self._patches.close()
 
     def record(self, launch) -> None:
-        from lora_lab.kernels.compile.compile_check import kept_configs
+        from lora_lab.kernels.compile.launches import kept_configs
 
         for config in kept_configs(launch):
             kernel, specialization, options = specialization_key(launch, config)
