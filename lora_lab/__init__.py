@@ -20,6 +20,8 @@ import os
 import sys
 
 __version__ = "0.2.0"
+# How many CPU threads torch uses in lora-lab's commands and in the targets' processes (cli/threads.py, profiles.py).
+THREADS_ENV = "LORA_LAB_THREADS"
 
 _EXPORTS = {
     "NF4_CODE": "lora_lab.nf4",

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from lora_lab import THREADS_ENV
 from lora_lab.cli.arguments import whole_number
 
-ENV = "LORA_LAB_THREADS"
+ENV = THREADS_ENV
 _threads = whole_number(0, why="0: torch's default")  # parses --threads and $LORA_LAB_THREADS alike
 
 

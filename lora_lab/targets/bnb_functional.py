@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from lora_lab.nf4 import NF4Tensor
+from lora_lab.nf4 import NF4Tensor, unpack_codes
 from lora_lab.targets.libraries import bitsandbytes_eager
 
 LIBRARIES = ("bitsandbytes",)
@@ -75,8 +75,7 @@ class BitsandbytesFormat:
     @staticmethod
     def codes(q) -> torch.Tensor:
         packed, state = q
-        flat = packed.reshape(-1).to(torch.int64)
-        return torch.stack((flat >> 4, flat & 15), dim=1).reshape(-1)[: math.prod(state.shape)]
+        return unpack_codes(packed.reshape(-1), math.prod(state.shape)).to(torch.int64)  # bitsandbytes' byte layout
 
     @staticmethod
     def levels(q) -> torch.Tensor:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
+from lora_lab.nf4 import unpack_codes
+
 LIBRARIES = ("torchao",)
 CAPABILITIES = {"double_quant": ((True,), "torchao always double-quantizes the absmax (int8, one scale per block of scalers)")}
 
@@ -68,8 +70,7 @@ class TorchaoFormat:
 
     @staticmethod
     def codes(q) -> torch.Tensor:
-        flat = q.quantized_data.reshape(-1).to(torch.int64)
-        return torch.stack((flat >> 4, flat & 15), dim=1).reshape(-1)[: q.numel()]
+        return unpack_codes(q.quantized_data.reshape(-1), q.numel()).to(torch.int64)  # bitsandbytes' byte layout
 
     @staticmethod
     def levels(q) -> torch.Tensor:

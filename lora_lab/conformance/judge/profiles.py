@@ -27,6 +27,8 @@ from collections.abc import Iterator
 
 from hypothesis import HealthCheck, Phase, Verbosity, settings
 
+from lora_lab import THREADS_ENV  # the same variable as lora-lab demo's and train's --threads default
+
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 settings.register_profile("ci", max_examples=100, derandomize=True, print_blob=True, **_COMMON)
@@ -76,7 +78,6 @@ def examples(n: int) -> int:
     return max(1, n * settings.default.max_examples // 100)
 
 
-THREADS_ENV = "LORA_LAB_THREADS"  # the same variable as lora-lab demo's and train's --threads default
 
 
 def command_threads() -> int:
