@@ -68,3 +68,9 @@ def test_grade_gives_the_wrapper_no_points_with_the_reason(tmp_path):
     (report,) = grade(tmp_path, ["05"], stream=open("/dev/null", "w"))
     assert report.score == 0 and {row.status for row in report.rows} == {NOT_YOURS}
     assert "adamw_step from lora_lab.optim" in report.rows[0].detail
+
+
+def test_a_files_own_command_line_is_not_graded():
+    """``if __name__ == "__main__":`` runs only as ``python exercises/exNN.py`` (it calls the grader): never graded."""
+    source = STUBS["ex05_adamw"] + "\n\nif __name__ == '__main__':\n    from lora_lab.optim import adamw_step\n"
+    assert not_the_learners("ex05_adamw", source) is None

@@ -115,14 +115,14 @@ def test_bad_input_refused_by_any_clear_exception_passes_and_every_case_is_liste
     module.quantize_nf4 = quantize_nf4
     result = run_check(CHECKS["nf4.rejects_bad_input"], Target("runtime_errors", module))
     assert result.status == PASSED, result.detail
-    assert "all 7 bad inputs refused" in result.detail and "the convention is ValueError or TypeError" in result.detail
+    assert "all 8 bad inputs refused" in result.detail and "the convention is ValueError or TypeError" in result.detail
 
 
 def test_bad_input_that_returns_a_result_fails_and_lists_every_case():
     module = types.ModuleType("accepts_nan")
     module.quantize_nf4 = lambda weight, blocksize=64, double_quant=False: weight  # returns whatever it gets
     result = run_check(CHECKS["nf4.rejects_bad_input"], Target("accepts_nan", module))
-    assert result.status == "failed" and "accepted 7 of 7 bad inputs" in result.detail
+    assert result.status == "failed" and "accepted 8 of 8 bad inputs" in result.detail
     assert "a weight holding NaN: returned a NaN result instead of raising" in result.detail
 
 

@@ -55,7 +55,8 @@ def not_the_learners(stem: str, source: str) -> str | None:
         return None  # the learner's process reports it, with the line, as the file not importing
     allowed = STUB_IMPORTS.get(stem, {})
     lent: dict[str, str] = {}  # local name -> lora_lab function it stands for
-    for node in ast.walk(tree):
+    graded = ast.Module(body=[node for node in tree.body if not _is_main_block(node)], type_ignores=[])
+    for node in ast.walk(graded):  # what runs when the grader loads the file: not its `if __name__ == "__main__":`
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] == "lora_lab" or alias.name.split(".")[0] in RUNTIME_MODULES:
@@ -64,7 +65,7 @@ def not_the_learners(stem: str, source: str) -> str | None:
             root = node.module.split(".")[0]
             if root in RUNTIME_MODULES:
                 return f"it imports from {node.module}, which runs code chosen at run time; the grader grades code it can read"
-            if root != "lora_lab" or node.module.startswith("lora_lab.conformance.grading"):
+            if root != "lora_lab":
                 continue
             for alias in node.names:
                 if alias.name not in allowed.get(node.module, set()):
@@ -73,7 +74,7 @@ def not_the_learners(stem: str, source: str) -> str | None:
                 lent[alias.asname or alias.name] = alias.name
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in RUNTIME_CODE:
             return f"it calls {node.func.id}(), which runs code built at run time; the grader grades code it can read"
-    functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    functions = [node for node in ast.walk(graded) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
     for function in functions:
         if function.name in LENT_FOR_A_PART.get(stem, ()) and (name := _only_delegates(function, lent)):
             return (f"{function.name} hands its work to lora_lab's {lent[name]} (as {name}); the stub lends it for "
@@ -82,10 +83,17 @@ def not_the_learners(stem: str, source: str) -> str | None:
     for function in functions:
         if (origin := copies.get(_shape(function))) is not None:
             return f"{function.name} is lora_lab's {origin}, copied; these points are for your own implementation"
-    if stem in TRITON_EXERCISES and not _launches_a_kernel(tree, functions) and not _still_a_stub(functions):
+    if stem in TRITON_EXERCISES and not _launches_a_kernel(graded, functions) and not _still_a_stub(functions):
         return ("it defines or launches no @triton.jit kernel; this exercise's points are for a Triton kernel "
                 "(the torch version of the op is an earlier exercise)")
     return None
+
+
+def _is_main_block(node: ast.stmt) -> bool:
+    """``if __name__ == "__main__":``: a file's own command line (``python exercises/ex04_loss.py`` grades it)."""
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) \
+        and test.left.id == "__name__"
 
 
 def _allowed_text(allowed: dict[str, set[str]]) -> str:
