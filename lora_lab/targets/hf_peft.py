@@ -30,7 +30,7 @@ CAPABILITIES = {"blocksizes": ((64,), "BitsAndBytesConfig has no blocksize optio
 
 def apply_qlora(model: nn.Module, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), r: int = 8, alpha: float = 16,
                 dropout: float = 0.0, quantize_base: bool = True, blocksize: int = 64, double_quant: bool = True,
-                compute_dtype: torch.dtype | None = None) -> nn.Module:
+                compute_dtype: torch.dtype | None = None, use_rslora: bool = False) -> nn.Module:
     """``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))``, then ``get_peft_model``."""
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -44,7 +44,8 @@ def apply_qlora(model: nn.Module, target_modules=("q_proj", "k_proj", "v_proj", 
         quantized = AutoModelForCausalLM.from_pretrained(
             folder, dtype=model.dtype, quantization_config=config if quantize_base else None
         )
-    lora = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout)
+    lora = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout,
+                           use_rslora=use_rslora)
     return peft.get_peft_model(quantized, lora)
 
 
