@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_grade import CHECKS, run_grade, write_exercise
+from test_grade import assert_loses_exactly, run_grade, write_exercise
 
 from lora_lab.conformance.grading.exercises import EXERCISES
-from lora_lab.conformance.runner import ERROR, FAILED, PASSED
+from lora_lab.conformance.runner import ERROR, FAILED
 
 MUTANTS = Path(__file__).resolve().parents[1] / "mutants"
 
@@ -315,15 +315,5 @@ def test_the_correct_files_the_mistakes_edit_score_full_marks(tmp_path, stem):
 
 @pytest.mark.parametrize("mistake", sorted(MISTAKES))
 def test_a_mistake_loses_exactly_the_points_of_the_check_that_names_it(tmp_path, mistake):
-    stem, source, caught = MISTAKES[mistake]
-    assert caught <= set(CHECKS), f"unknown checks {sorted(caught - set(CHECKS))}: were they renamed?"
-    write_exercise(tmp_path, stem, source)
-    exercise = next(e for e in EXERCISES if e.stem == stem)
-    (report,), output = run_grade(tmp_path, [exercise.id])
-    lost = {row.graded.check.name for row in report.rows if row.status != PASSED}
-    assert lost == caught, output
     # A mistake that raises (x @ W^T across two dtypes) is an error; one that returns a wrong answer fails.
-    assert all(row.status in (FAILED, ERROR) for row in report.rows if row.graded.check.name in caught), output
-    assert report.score == report.total - sum(row.graded.points for row in report.rows if row.graded.check.name in caught)
-    for name in caught:
-        assert CHECKS[name].hint in output, f"the hint of {name} is not shown"
+    assert_loses_exactly(tmp_path, *MISTAKES[mistake], statuses=(FAILED, ERROR))
