@@ -59,6 +59,9 @@ stretch, graded by ``qlora.gradients_match_float64``:
 
 dA, dB and d(bias) are small matmuls: torch is fine for them. dX needs W: a
 second kernel that decodes W tile by tile, like the forward, is the real stretch.
+Whatever your backward does, keep the NF4 weight itself for it, never W dequantized
+(``memory.qlora_linear_keeps_no_dense_weight``, 5 points: a forward with no backward
+keeps nothing and earns them too).
 
 The grader passes CPU tensors and runs Triton under its interpreter (slow but
 exact); shapes are drawn: M = 1, N not a multiple of any tile, r from 1 to 64.

@@ -176,6 +176,20 @@ def edited(source: str, old: str, new: str, docstring: str) -> str:
 CORRECT = {"ex01_nf4": NF4_BY_HAND, "ex03_qlora_linear": QLORA_BY_HAND, "ex06_training_step": TRAINING_BY_HAND}
 
 MISTAKES = {
+    "triton_forward_keeps_dense_w_for_backward": (  # lora_lab's fused kernel, and W dequantized into the graph
+        "ex08_triton_forward",
+        '''
+        """The fused kernel's output, plus 0 * (x @ W^T) with W dequantized: right values, an N x K W kept for backward."""
+        from lora_lab.kernels import fused_qlora_linear
+        from lora_lab.nf4 import dequantize_nf4
+
+
+        def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None):
+            dense = dequantize_nf4(weight).to(x.dtype)
+            return fused_qlora_linear(x, weight, lora_A, lora_B, scaling, bias) + 0 * (x @ dense.t())
+        ''',
+        {"memory.qlora_linear_keeps_no_dense_weight"},
+    ),
     "adamw_without_no_grad": (
         "ex05_adamw",
         '''

@@ -33,7 +33,7 @@ EXERCISES = (
              borrowed=(("nf4.dequantize_matches_bitsandbytes", 12),)),
     Exercise("08", "ex08_triton_forward", "the fused Triton QLoRA forward (backward as a stretch)", "lora_lab.kernels",
              borrowed=(("qlora.forward_matches_float64", 15), ("qlora.rejects_bad_input", 3),
-                       ("qlora.gradients_match_float64", 12))),
+                       ("qlora.gradients_match_float64", 12), ("memory.qlora_linear_keeps_no_dense_weight", 5))),
 )
 
 
