@@ -18,11 +18,10 @@ ten minutes for five checks). Name paths to run them as well:
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 import lora_lab.conformance.judge.profiles  # noqa: F401  (registers ci / dev / thorough)
+from lora_lab.conformance.isolation import sandbox
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -36,18 +35,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="with --lora-lab-impl: only checks whose name starts with PREFIX (e.g. 'nf4.'); repeatable",
     )
     group.addoption(
-        "--lora-lab-sandbox", choices=("auto", "require", "off"), default=None,
+        "--lora-lab-sandbox", choices=sandbox.MODES, default=None,
         help="the targets' (and pytest exercises/'s learner files') processes in new namespaces: auto (default, "
         "$LORA_LAB_SANDBOX), require (refuse without every layer) or off; see lora-lab verify --help",
     )
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if config.getoption("lora_lab_sandbox"):
-        os.environ["LORA_LAB_SANDBOX"] = config.getoption("lora_lab_sandbox")  # sandbox.MODE_ENV, read as each starts
+    sandbox.use(config.getoption("lora_lab_sandbox"))
     if config.getoption("lora_lab_impl"):  # only then: every pytest run in an environment with lora_lab loads this
         from lora_lab.conformance.isolation.process import prepare_for_targets
 
+        config.stash[_INSTALLATION] = sandbox.InstallationWatch()  # compared once the targets are closed
         prepare_for_targets()  # pytest and the targets' processes take turns: idle threads sleep, the fork server starts
 
 
@@ -95,6 +94,7 @@ def pytest_ignore_collect(collection_path, config: pytest.Config) -> bool | None
 
 
 _TARGETS = pytest.StashKey[dict]()
+_INSTALLATION = pytest.StashKey[sandbox.InstallationWatch]()
 
 
 def _targets(config: pytest.Config) -> dict:
@@ -102,9 +102,15 @@ def _targets(config: pytest.Config) -> dict:
     return config.stash.setdefault(_TARGETS, {})
 
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    for target in _targets(config).values():
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The targets closed, lora_lab's files and site-packages' startup hooks must be as they were: else no verdict."""
+    for target in _targets(session.config).values():
         target.close()
+    watch = session.config.stash.get(_INSTALLATION, None)
+    tampered = watch.tampered() if watch is not None else None
+    if tampered:
+        session.config.get_terminal_writer().line(f"lora-lab: {tampered}; no verdict", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:

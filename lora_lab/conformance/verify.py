@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -278,9 +277,8 @@ def run(args: argparse.Namespace) -> int:
     if problem:  # before the checks, which take minutes, and whose report it would lose
         print(f"lora-lab verify: {problem}", file=sys.stderr)
         return 2
-    if args.sandbox:
-        os.environ[sandbox.MODE_ENV] = args.sandbox  # read by every target's process as it starts
-    installed = sandbox.installation()  # compared after the run: nothing of the target may have changed it
+    sandbox.use(args.sandbox)
+    installation = sandbox.InstallationWatch()  # compared after the run: nothing of the target may have changed it
     prepare_for_targets()  # before torch is imported: this process and the target's take turns
     from lora_lab.conformance.judge.profiles import command_profile
 
@@ -321,10 +319,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         target.close()
         close_stack()
-    tampered = sandbox.changed(installed, sandbox.installation())
+    tampered = installation.tampered()
     if tampered:  # the targets' processes are gone by now: nothing can change the verdict after this line
-        print(f"lora-lab verify: the installation changed during the run ({', '.join(tampered[:5])}); no verdict",
-              file=sys.stderr)
+        print(f"lora-lab verify: {tampered}; no verdict", file=sys.stderr)
         return 2
     failures = [r for r in results if r.status in (FAILED, ERROR, NOT_ATTEMPTED)]
     for r in failures:

@@ -194,3 +194,20 @@ def test_what_the_target_prints_stays_out_of_the_report_and_explains_its_crash(t
     assert not any(line.startswith("Score:") for line in lines)  # kept by the suite's reader, never a line of its own
     assert "killed by SIGABRT" in printed.out and "its last output: " in printed.out
     assert "double free or corruption (out)" in printed.out  # the crash explained, inside its own row's detail
+
+
+def test_the_pytest_plugin_gives_no_verdict_either_when_the_installation_changed(tmp_path):
+    """pytest --lora-lab-impl watches the installation as verify does (unsandboxed here, so the hook lands)."""
+    import subprocess
+    import sys
+
+    site = tmp_path / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    (tmp_path / "drops_a_pth.py").write_text(DROPS_A_PTH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PYTEST_ADDOPTS", None)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--lora-lab-impl", "drops_a_pth",
+                           "--lora-lab-only", "adamw.matches_torch", "--lora-lab-sandbox", "off"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert (site / "zz_every_later_run.pth").exists()
+    assert "the installation changed during the run" in done.stdout and done.returncode != 0, done.stdout + done.stderr

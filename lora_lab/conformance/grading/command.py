@@ -120,9 +120,8 @@ def _run(args: argparse.Namespace) -> int:
         if path and (problem := output_file_problem(option, path, "to write the grades into")):
             print(f"lora-lab grade: {problem}", file=sys.stderr)  # before the grading: it would end in a traceback, no Score
             return 2
-    if args.sandbox:
-        os.environ[sandbox.MODE_ENV] = args.sandbox  # read by each process the learner's files run in
-    installed = sandbox.installation()  # compared after grading: nothing of the learner's may have changed it
+    sandbox.use(args.sandbox)
+    installation = sandbox.InstallationWatch()  # compared after grading: nothing of the learner's may have changed it
     prepare_for_targets()  # before torch is imported: this process and the target's take turns
     try:
         command_threads()  # a bad $LORA_LAB_THREADS is a usage error, before any process starts
@@ -152,10 +151,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"lora-lab grade: no graded check starts with {', '.join(args.check)}; they are: {names}", file=sys.stderr)
         return 2
     reports = grade(folder, args.only, args.profile, chain=args.chain, seed=seed, checks=args.check)
-    tampered = sandbox.changed(installed, sandbox.installation())
+    tampered = installation.tampered()
     if tampered:  # the graded processes are gone by now: nothing can change the score after this line
-        print(f"lora-lab grade: the installation changed during grading ({', '.join(tampered[:5])}); no score",
-              file=sys.stderr)
+        print(f"lora-lab grade: {tampered}; no score", file=sys.stderr)
         return 2
     score, total = sum(r.score for r in reports), sum(r.total for r in reports)
     if args.json:

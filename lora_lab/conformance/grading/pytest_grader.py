@@ -41,6 +41,7 @@ from lora_lab.conformance.grading.grade import (
     shown_path,
     to_gradescope,
 )
+from lora_lab.conformance.isolation import sandbox
 from lora_lab.conformance.registry import PASSED
 
 __all__ = [  # the hooks exercises/conftest.py takes in; pytest_configure registers the rest (``Grading``)
@@ -87,6 +88,8 @@ class Grading:
         self.reports: dict[str, ExerciseReport] = {}  # by exercise id
         xdist_controller = getattr(config.option, "dist", "no") != "no" and not self.worker
         self.grades_here = not config.option.collectonly and not xdist_controller  # --collect-only grades nothing
+        self.installation = sandbox.InstallationWatch() if self.grades_here else None  # compared after grading
+        self.tampered: str | None = None
 
     def grade(self, item: CheckItem) -> tuple[Row, LoadedExercise]:
         """The item's row: its check run by the grader on the exercise's file (loaded once for its checks in a row)."""
@@ -143,11 +146,16 @@ class Grading:
         table.chained = row["chained"]
         table.rows.append(Row(graded, row["status"], row["detail"], row["seconds"]))
 
-    def pytest_sessionfinish(self) -> None:
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.processes is not None:
             self.processes.close()
         if "lora_lab.conformance.isolation.stack" in sys.modules:  # the oracles' process served every item
             sys.modules["lora_lab.conformance.isolation.stack"].close_stack()
+        self.tampered = self.installation.tampered() if self.installation is not None else None
+        if self.tampered:  # as lora-lab grade: no score once lora_lab or site-packages changed while grading
+            self.config.get_terminal_writer().line(f"lora-lab grade: {self.tampered}; no score", red=True)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            return
         path = self.config.getoption("lora_lab_gradescope")
         if path and self.reports:
             from lora_lab.conformance.grading.command import write_json
@@ -185,7 +193,7 @@ class Grading:
         """``Score: X/Y`` after pytest's own last line, so that it ends the output as it ends ``lora-lab grade``'s."""
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         reports = self.ordered_reports()
-        if reporter is not None and reports:
+        if reporter is not None and reports and not self.tampered:
             reporter.write_line(f"Score: {sum(r.score for r in reports)}/{sum(r.total for r in reports)}")
 
 

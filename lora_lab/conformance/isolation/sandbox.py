@@ -253,3 +253,21 @@ def installation() -> dict[str, tuple[int, int]]:
 def changed(before: dict, after: dict) -> list[str]:
     """Files added, removed or modified between two ``installation()`` snapshots."""
     return sorted(path for path in set(before) | set(after) if before.get(path) != after.get(path))
+
+
+def use(requested: str | None) -> None:
+    """A front end's --sandbox choice, for every target process started from now on (``$LORA_LAB_SANDBOX``)."""
+    if requested:
+        os.environ[MODE_ENV] = requested
+
+
+class InstallationWatch:
+    """``installation()`` when a front end starts its targets, compared once they are gone: ``tampered()`` says what
+    changed (verify, grade and both pytest front ends then give no verdict), or None."""
+
+    def __init__(self) -> None:
+        self.before = installation()
+
+    def tampered(self) -> str | None:
+        files = changed(self.before, installation())
+        return f"the installation changed during the run ({', '.join(files[:5])})" if files else None
