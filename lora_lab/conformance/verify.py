@@ -98,12 +98,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="draw every check's inputs from this seed (reproduces a scored run)")
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
-    parser.add_argument(
+    option = parser.add_argument(
         "--sandbox", choices=sandbox.MODES, default=None,
         help="the target's process in new namespaces (sandbox.py): auto (default, $LORA_LAB_SANDBOX) uses what this "
         "machine offers, require refuses to run without every layer, off runs a plain process. On this machine: "
-        + sandbox.describe(sandbox.available()),
+        "%(offered)s",
     )
+    option.offered = sandbox.Offered()  # probed only when the help is printed, not on every run
 
 
 def _prefixes(text: str) -> list[str]:

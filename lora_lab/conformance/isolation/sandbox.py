@@ -218,6 +218,14 @@ def available() -> dict:
     return json.loads(text) if text else {"mode": "auto", "layers": [], "missing": {"probe": "it did not answer"}}
 
 
+class Offered:
+    """``describe(available())`` as text, found only when printed: ``verify --help`` says what this machine offers
+    without every ``verify`` run forking a probe."""
+
+    def __str__(self) -> str:
+        return describe(available())
+
+
 def describe(report: dict) -> str:
     """One line for a report: the layers entered, and those missing with why."""
     if report.get("mode") == "off":
