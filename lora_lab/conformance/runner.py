@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from lora_lab.conformance.errors import CheckFailed, NotSupported, raised_by_a_library, user_traceback
+from lora_lab.conformance.errors import (
+    CheckFailed,
+    NotSupported,
+    RemoteError,
+    StubReached,
+    TargetCrashed,
+    TargetTimedOut,
+    raised_by_a_library,
+    user_traceback,
+)
 from lora_lab.conformance.isolation.target import Target
 from lora_lab.conformance.registry import (
     ERROR,
@@ -110,8 +119,6 @@ def run_check(check: Check, target: Target) -> Result:
 
 
 def _run(check: Check, target: Target) -> Result:
-    from lora_lab.conformance.errors import RemoteError, StubReached, TargetCrashed, TargetTimedOut
-
     try:
         note = check.func(target)  # a check may return a note for the report (what each bad input did, say)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a Result

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora_lab.conformance.registry import ERROR, FAILED, NOT_ATTEMPTED, NOT_PROVIDED, PASSED
+
 MISSING = "missing"  # the exercise file, or the function a check needs, is not there
 NOT_YOURS = "not your code"  # the function a check needs is lora_lab's own, imported into the exercise file
 
@@ -47,8 +49,6 @@ def explain(result, error: dict | None) -> tuple[str, str]:
     """``(status, detail)`` for a grade table row from a ``runner.Result``, using what the learner's code raised last
     (``child.Server.describe``): a stub is "not attempted", the learner's own assert an error, a missing function
     "missing"."""
-    from lora_lab.conformance.registry import ERROR, FAILED, NOT_ATTEMPTED, NOT_PROVIDED, PASSED
-
     status, detail = result.status, result.detail
     if status != PASSED and error is not None and "NotImplementedError" in error["bases"]:
         if error["stub"] or error["in_learner_file"]:  # one of the learner's stubs (StubReached ended the check)

@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
-from lora_lab.conformance.errors import RemoteError, TargetCrashed, TargetImportError
+from lora_lab.conformance.errors import CheckFailed, RemoteError, TargetCrashed, TargetImportError
 from lora_lab.conformance.isolation import wire
 from lora_lab.conformance.isolation.origin import source_files
 from lora_lab.conformance.isolation.process import START_TIMEOUT, Child
 from lora_lab.conformance.isolation.reference_clock import SAMPLES, TIMED_OPS, reference_seconds
+from lora_lab.conformance.registry import over_budget
 
 
 def _describe_call(op: str, args: tuple, kwargs: dict) -> str:
@@ -83,8 +84,6 @@ class _Call:
         elif reference is not None:
             self.target.hold_to_budget(self.op, self.args, self.kwargs, seconds, reference)
         if problems:
-            from lora_lab.conformance.errors import CheckFailed
-
             raise CheckFailed(f"{self.what}: " + "; ".join(str(p) for p in problems))
         with torch.no_grad():  # in-place semantics: what the target changed in its copy, the caller sees changed
             for index, tensor in changed:
@@ -102,8 +101,6 @@ class _Call:
         reply, problems = self.target.request(["backward", self.graph, wire.encode(list(grads))],
                                               f"the backward of {self.what}")
         if problems:
-            from lora_lab.conformance.errors import CheckFailed
-
             raise CheckFailed(f"the backward of {self.what}: " + "; ".join(str(p) for p in problems))
         got = [wire.decode(g) for g in reply]
         wanted = sum(self.flags)
@@ -314,9 +311,6 @@ class RemoteTarget:
         self.sampled[op] = self.sampled.get(op, 0) + 1
         self.timing[0] += seconds
         self.timing[1] += reference
-        from lora_lab.conformance.errors import CheckFailed
-        from lora_lab.conformance.registry import over_budget
-
         over = over_budget(*self.timing)
         if over:  # already over: no need to wait for the check's other calls
             raise CheckFailed(f"{over}, by the call {_describe_call(op, args, kwargs)}")
