@@ -1,27 +1,48 @@
-"""The QLoRA forward for a few rows (M <= 16, decoding): split-K over the NF4 weight, so every SM has work.
+"""The QLoRA forward for a few rows (M <= 16, decoding): two launches, the first streaming W from every SM.
 
 The algorithm
 -------------
 At small M (one token per sequence while generating, M = batch) the layer is a
 matrix-vector product: ``y = x @ W^T`` reads all of W (N x K, half a byte per
 weight) to do 2·M·N·K FLOPs, so its time is W's bytes over HBM bandwidth, if
-enough programs stream W at once. The fused forward kernel tiles only the
-output: at M <= 16 that is ``cdiv(N, BLOCK_N)`` programs (32 for N = 4096 and
-its default BLOCK_N = 128), too few for 132 SMs to saturate HBM.
+enough programs stream W at once. Tiling only the output gives ``cdiv(N,
+BLOCK_N)`` programs (32 for N = 4096), too few for 132 SMs to saturate HBM. And
+at this size a call is a few microseconds of kernel, so every extra launch
+(a torch sum, a matmul, a cast: ~2-5 µs each) costs as much as the work.
 
-So this kernel also splits K, as gemlite's and bitsandbytes' GEMV kernels do:
-program ``(n, s)`` owns the (16, BLOCK_N) tile ``n`` of the output and the
-``s``-th of ``SPLIT_K`` equal slices of K, and writes its fp32 partial sum to a
-workspace of shape (SPLIT_K, M, N):
+So a call makes exactly two launches (``LAUNCHES``):
 
-    for each K step in slice s:
-        W_tile   = decode(W[n-tile, k-step])         (BLOCK_N, BLOCK_K), in registers
-        partial += x[:, k-step] @ W_tile^T          (16, BLOCK_N), fp32
+1. ``qlora_small_m_kernel``, split-K over W, as gemlite's and bitsandbytes'
+   GEMV kernels do. Program ``(n, s)`` owns the (16, BLOCK_N) tile ``n`` of the
+   output and the ``s``-th of ``SPLIT_K`` equal slices of K, and writes its
+   fp32 partial sum to a workspace of shape (SPLIT_K, M, N):
 
-The host sums the slices in a fixed order (deterministic, unlike atomics) and
-adds the LoRA path, ``scaling * round(x @ A^T) @ B^T``, and the bias: at M <= 16
-those are r-wide products, tiny next to reading W. ``SPLIT_K`` is chosen so
-that ``cdiv(N, BLOCK_N) * SPLIT_K`` covers the SMs a few times over.
+       for each K step in slice s:
+           W_tile   = decode(W[n-tile, k-step])       (BLOCK_N, BLOCK_K), in registers
+           partial += x[:, k-step] @ W_tile^T        (16, BLOCK_N), fp32
+
+   The LoRA down-projection rides along, spread over the slices: program
+   ``(s mod cdiv(N, BLOCK_N), s)`` also sums its slice of ``x @ A^T`` into a
+   (SPLIT_K, M, r) fp32 workspace, so SPLIT_K different programs, one per
+   slice, each read A's slice once: no single program reads all of A.
+
+2. ``qlora_small_m_reduce_kernel``, one program per (16, REDUCE_BLOCK_N) output
+   tile: it sums the SPLIT_K partials of its tile and of ``x @ A^T`` in a fixed
+   order (slice 0 first: deterministic, unlike atomics), rounds ``x @ A^T`` to
+   x's dtype as the reference does, adds ``scaling * round(x @ A^T) @ B^T``
+   and the bias, and stores ``y`` rounded once to x's dtype; program 0 also
+   stores ``round(x @ A^T)``, which the backward pass needs for dB.
+
+How many slices
+---------------
+More slices give more programs streaming W, but each slice adds an fp32
+(M, N) partial to write and read back: ``16·M/K`` of W's bytes per slice
+(W is K/2 bytes a row; a partial row is 4·M bytes, written and read). At M = 1
+that is 0.4 % a slice for K = 4096; at M = 16 it is 6 %. ``split_k_for``
+therefore picks the divisor of K's steps that minimizes a simple cost,
+``(1 + workspace share) x max(1, TARGET_PROGRAMS / programs)``: W's bytes plus
+the workspace's, slowed down in proportion when fewer programs than
+``TARGET_PROGRAMS`` share the bandwidth.
 """
 
 from __future__ import annotations
@@ -38,6 +59,8 @@ from lora_lab.kernels.common import (
     load_nf4_tile,
     new_output,
     nf4_pair_levels,
+    r_padded,
+    round_to,
     weight_arguments,
     weight_operand,
     weight_rounding,
@@ -46,6 +69,7 @@ from lora_lab.kernels.common import (
 from lora_lab.nf4 import NF4Tensor
 
 SMALL_M = 16  # the most rows this kernel takes: one 16-row MMA tile
+LAUNCHES = 2  # kernel launches per call of qlora_small_m_forward, and nothing else (no torch op on the device)
 # Programs to aim for: H100/H200 have 132 SMs, A100 108; a few programs per SM hide the latency of each one's loads.
 TARGET_PROGRAMS = 4 * 132
 # (BLOCK_N, BLOCK_K, num_warps, num_stages). On a GPU 16 x 128 tiles with 4 warps: the K loop's fixed work per step
@@ -53,6 +77,9 @@ TARGET_PROGRAMS = 4 * 132
 # sm_90a where 16 x 64 took 12.9 (compile_check --sass); no spill on sm_90a or sm_80. The interpreter pays per program.
 GPU_TILE, INTERPRETER_TILE = (128, 64, 4, 3), (64, 64, 4, 1)
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = INTERPRETER_TILE if INTERPRETING else GPU_TILE
+# Columns of K per step of launch 1's x @ A^T: on a GPU a (16, 16, R_PAD) fp32 product, 32 values a thread.
+XA_K = 32 if INTERPRETING else 16
+REDUCE_BLOCK_N = 64  # the reduction's output tile: (16, 64) fp32, a few registers a thread, N / 64 programs
 
 
 @triton.jit
@@ -60,17 +87,21 @@ def qlora_small_m_kernel(
     # Pointers
     x_ptr,  # [M, K] activations (x's dtype), M <= BLOCK_M
     packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,  # the NF4 weight [N, K], see common
+    a_ptr,  # [r, K] lora_A in x's dtype
     partial_ptr,  # [SPLIT_K, M, N] fp32 output: one partial x @ W^T per K slice, contiguous
+    xa_partial_ptr,  # [SPLIT_K, M, r] fp32 output: one partial x @ A^T per K slice, contiguous
     # Sizes
-    M, N, K,
+    M, N, K, R,
     K_PER_SPLIT,  # elements of K each program reduces: a multiple of BLOCK_K that divides K
     NF4_BLOCKSIZE: tl.constexpr,  # divides K; BLOCK_K divides it; a power of two, so dividing by it is a shift
-    stride_xm, stride_xk,
+    stride_xm, stride_xk, stride_ar, stride_ak,
     absmax_offset,  # double quant: added to every decoded absmax
     # Meta-parameters
     DOUBLE_QUANT: tl.constexpr, X_KIND: tl.constexpr, W_ROUND: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,  # r padded to a power of two >= 16
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    XA_K: tl.constexpr,  # columns of x @ A^T summed per step (divides BLOCK_K)
 ):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -92,53 +123,155 @@ def qlora_small_m_kernel(
         w = weight_operand(w, W_ROUND, X_KIND, INTERPRET)
         partial = tl.dot(x, tl.trans(w), partial, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
-
     out_ptrs = partial_ptr + (pid_s * M + offs_m)[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(out_ptrs, partial, mask=m_mask[:, None] & n_mask[None, :])
 
+    # The LoRA down-projection of this slice, by one program per slice: a different tile column for each slice,
+    # so the extra reads of A (r·K_PER_SPLIT elements) land on SPLIT_K programs spread over the grid. In fp32 FMAs,
+    # XA_K columns at a time, not tl.dot: a second MMA loop beside the K loop would be the one compile_check's
+    # SASS count takes for "the K loop" (the shortest loop with an MMA), and one MMA loop with a branch in it needs
+    # 156 registers on sm_90a instead of 124 (3 programs an SM instead of 4).
+    if pid_n == pid_s % tl.num_programs(0):
+        offs_r, offs_kk = tl.arange(0, R_PAD), tl.arange(0, XA_K)
+        r_mask = offs_r < R
+        x_slice_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_begin + offs_kk)[None, :] * stride_xk
+        at_ptrs = a_ptr + (k_begin + offs_kk)[:, None] * stride_ak + offs_r[None, :] * stride_ar  # (XA_K, R_PAD)
+        xa = tl.full((BLOCK_M, R_PAD), 0.0, tl.float32)
+        for _ in range(0, K_PER_SPLIT, XA_K):
+            x_cols = tl.load(x_slice_ptrs, mask=m_mask[:, None], other=0.0).to(tl.float32)
+            at = tl.load(at_ptrs, mask=r_mask[None, :], other=0.0).to(tl.float32)
+            xa += tl.sum(x_cols[:, :, None] * at[None, :, :], axis=1)
+            x_slice_ptrs += XA_K * stride_xk
+            at_ptrs += XA_K * stride_ak
+        xa_ptrs = xa_partial_ptr + (pid_s * M + offs_m)[:, None] * R + offs_r[None, :]
+        tl.store(xa_ptrs, xa, mask=m_mask[:, None] & r_mask[None, :])
 
-def split_k_for(n: int, k_steps: int, block_n: int | None = None) -> int:
-    """Slices of K: the largest divisor of its ``k_steps`` BLOCK_K steps that keeps the grid near TARGET_PROGRAMS."""
-    wanted = max(1, TARGET_PROGRAMS // triton.cdiv(n, block_n or BLOCK_N))
-    return max(d for d in range(1, min(k_steps, wanted) + 1) if k_steps % d == 0)
+
+@triton.jit
+def qlora_small_m_reduce_kernel(
+    # Pointers
+    partial_ptr,  # [SPLIT_K, M, N] fp32 partials of x @ W^T (launch 1)
+    xa_partial_ptr,  # [SPLIT_K, M, r] fp32 partials of x @ A^T (launch 1)
+    b_ptr,  # [N, r] lora_B in x's dtype
+    bias_ptr,  # [N] in x's dtype (read only when HAS_BIAS)
+    y_ptr,  # [M, N] output in x's dtype, contiguous
+    xa_ptr,  # [M, r] output round(x @ A^T) in x's dtype, contiguous, saved for backward
+    # Sizes
+    M, N, R, SPLIT_K,
+    stride_bn, stride_br,
+    scaling,  # LoRA alpha / r
+    # Meta-parameters
+    HAS_BIAS: tl.constexpr, X_KIND: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * TILE_N + tl.arange(0, TILE_N)
+    offs_r = tl.arange(0, R_PAD)
+    m_mask, n_mask, r_mask = offs_m < M, offs_n < N, offs_r < R
+    mn_mask, mr_mask = m_mask[:, None] & n_mask[None, :], m_mask[:, None] & r_mask[None, :]
+
+    # Slice 0 first, then 1, ...: the same sums in the same order on every call (no atomics).
+    acc = tl.full((BLOCK_M, TILE_N), 0.0, tl.float32)
+    xa = tl.full((BLOCK_M, R_PAD), 0.0, tl.float32)
+    partial_ptrs = partial_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    xa_partial_ptrs = xa_partial_ptr + offs_m[:, None] * R + offs_r[None, :]
+    for _ in range(0, SPLIT_K):
+        acc += tl.load(partial_ptrs, mask=mn_mask, other=0.0)
+        xa += tl.load(xa_partial_ptrs, mask=mr_mask, other=0.0)
+        partial_ptrs += M * N
+        xa_partial_ptrs += M * R
+
+    xa = round_to(xa, X_KIND, INTERPRET)  # the reference's (x @ A^T) is in x's dtype
+    bt_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn  # B^T tile (R_PAD, TILE_N)
+    bt = tl.load(bt_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DOT_DTYPE)
+    acc += scaling * tl.dot(xa.to(DOT_DTYPE), bt, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], round_to(acc, X_KIND, INTERPRET), mask=mn_mask)
+    if pid == 0:
+        tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], xa, mask=mr_mask)
 
 
-def qlora_small_m_base(x: torch.Tensor, weight: NF4Tensor) -> torch.Tensor:
-    """``x @ W^T`` in fp32 for 2-D ``x`` with at most 16 rows, W decoded exactly as ``dequantize_nf4(W).to(x.dtype)``.
+def workspace_share(split_k: int, m: int, k: int) -> float:
+    """The workspace's traffic (fp32 partials written, then read) as a share of W's NF4 bytes (K/2 a row)."""
+    return 2 * 4 * split_k * m / (k / 2)
 
-    The caller (``fused_qlora_linear``) has validated shapes; this checks what the kernel itself relies on.
+
+def split_k_for(n: int, k_steps: int, block_n: int | None = None, m: int = 1, block_k: int | None = None) -> int:
+    """Slices of K for ``m`` rows: the divisor of K's ``k_steps`` steps with the least estimated time.
+
+    The estimate is ``(1 + workspace_share) * max(1, TARGET_PROGRAMS / programs)`` (see the module docstring); on a
+    tie, fewer slices.
     """
+    programs_per_slice = triton.cdiv(n, block_n or BLOCK_N)
+    k = k_steps * (block_k or BLOCK_K)
+
+    def cost(split: int) -> float:
+        return (1 + workspace_share(split, m, k)) * max(1.0, TARGET_PROGRAMS / (programs_per_slice * split))
+
+    return min((d for d in range(1, k_steps + 1) if k_steps % d == 0), key=lambda d: (cost(d), d))
+
+
+def small_m_grid(m: int, n: int, k: int, blocksize: int) -> tuple[int, int]:
+    """Launch 1's grid ``(cdiv(N, BLOCK_N), SPLIT_K)`` for ``m`` rows of a layer (N, K) in NF4 blocks of ``blocksize``."""
+    block_k = min(BLOCK_K, blocksize)
+    return triton.cdiv(n, BLOCK_N), split_k_for(n, k // block_k, BLOCK_N, m, block_k)
+
+
+def check_small_m_operands(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor) -> None:
+    """What the kernels rely on (the caller, ``fused_qlora_linear``, has validated the rest of the contract)."""
     M, K = x.shape
-    N = weight.shape[0]
-    if not 0 < M <= SMALL_M or weight.shape[1] != K or K % weight.blocksize or weight.blocksize % 32:
-        raise ValueError(f"qlora_small_m_base: expected 1 to {SMALL_M} rows and W of K={K} columns in whole NF4 blocks, "
-                         f"got x {tuple(x.shape)}, W {tuple(weight.shape)} blocksize {weight.blocksize}")
-    block_k = min(BLOCK_K, weight.blocksize)
-    split_k = split_k_for(N, K // block_k)
-    k_per_split = K // split_k
-    partial = new_output((split_k, M, N), torch.float32, x.device)
+    if not 0 < M <= SMALL_M or weight.shape[1] != K or lora_A.shape[1] != K or K % weight.blocksize or weight.blocksize % 32:
+        raise ValueError(f"qlora_small_m: expected 1 to {SMALL_M} rows, W (N, K) in whole NF4 blocks of at least 32 and "
+                         f"A (r, K); got x {tuple(x.shape)}, W {tuple(weight.shape)} blocksize {weight.blocksize}, "
+                         f"A {tuple(lora_A.shape)}")
+
+
+def kernel_kinds(x: torch.Tensor, r: int) -> dict:
+    """The constexprs both launches take from x's dtype and the rank."""
+    return dict(X_KIND=dtype_kind(x.dtype), INTERPRET=INTERPRETING, DOT_DTYPE=dot_dtype(x.dtype),
+                DOT_PRECISION=dot_precision(x.dtype), R_PAD=r_padded(r), BLOCK_M=SMALL_M)
+
+
+def qlora_small_m_partials(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch 1: the fp32 partials ``(x @ W^T, x @ A^T)`` of each K slice, shapes (SPLIT_K, M, N) and (SPLIT_K, M, r)."""
+    check_small_m_operands(x, weight, lora_A)
+    (M, K), N, r = x.shape, weight.shape[0], lora_A.shape[0]
+    grid = small_m_grid(M, N, K, weight.blocksize)
+    partial = new_output((grid[1], M, N), torch.float32, x.device)
+    xa_partial = new_output((grid[1], M, r), torch.float32, x.device)
     packed, _, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(weight)
-    grid = (triton.cdiv(N, BLOCK_N), split_k)
     qlora_small_m_kernel[grid](
-        x, packed, nf4_pair_levels(packed.device), absmax, absmax_code, absmax_scale, partial,
-        M, N, K, k_per_split, weight.blocksize, x.stride(0), x.stride(1), absmax_offset,
-        DOUBLE_QUANT=weight.double_quant, X_KIND=dtype_kind(x.dtype), W_ROUND=weight_rounding(weight.dtype, x.dtype),
-        INTERPRET=INTERPRETING, DOT_DTYPE=dot_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-        BLOCK_M=SMALL_M, BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **LAUNCH_OPTIONS,
+        x, packed, nf4_pair_levels(packed.device), absmax, absmax_code, absmax_scale, lora_A, partial, xa_partial,
+        M, N, K, r, K // grid[1], weight.blocksize, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+        absmax_offset, DOUBLE_QUANT=weight.double_quant, W_ROUND=weight_rounding(weight.dtype, x.dtype),
+        BLOCK_N=BLOCK_N, BLOCK_K=min(BLOCK_K, weight.blocksize), XA_K=XA_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        **kernel_kinds(x, r), **LAUNCH_OPTIONS,
     )
-    return partial.sum(0)
+    return partial, xa_partial
 
 
 def qlora_small_m_forward(
     x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, x @ A^T)`` for at most 16 rows, as ``qlora_forward`` returns them; A, B, bias already in x's dtype."""
-    xa = x @ lora_A.t()  # rounded to x's dtype, as the reference rounds it
-    y = qlora_small_m_base(x, weight) + scaling * (xa.float() @ lora_B.t().float())
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype), xa
+    """``(y, round(x @ A^T))`` for at most 16 rows, as ``qlora_forward`` returns them; A, B, bias in x's dtype.
+
+    ``LAUNCHES`` kernel launches and no other device work: the partials, then their reduction with the epilogue.
+    """
+    M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
+    if lora_B.shape != (N, r):
+        raise ValueError(f"qlora_small_m_forward: expected B of shape {(N, r)}, got {tuple(lora_B.shape)}")
+    partial, xa_partial = qlora_small_m_partials(x, weight, lora_A)
+    y, xa = new_output((M, N), x.dtype, x.device), new_output((M, r), x.dtype, x.device)
+    qlora_small_m_reduce_kernel[(triton.cdiv(N, REDUCE_BLOCK_N),)](
+        partial, xa_partial, lora_B, x if bias is None else bias, y, xa,
+        M, N, r, partial.shape[0], lora_B.stride(0), lora_B.stride(1), float(scaling),
+        HAS_BIAS=bias is not None, TILE_N=REDUCE_BLOCK_N, num_warps=4, **kernel_kinds(x, r), **LAUNCH_OPTIONS,
+    )
+    return y, xa
 
 
 if __name__ == "__main__":

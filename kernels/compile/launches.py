@@ -1,6 +1,6 @@
 """The kernel launches the compile check compiles: each launcher called on a real layer's shape, its kernel recorded.
 
-Each launcher (``qlora_forward``, ``qlora_grad_input``, ``qlora_small_m_base``, ``nf4_dequantize``) is called on CPU
+Each launcher (``qlora_forward``, ``qlora_grad_input``, ``qlora_small_m_partials``, ``nf4_dequantize``) is called on CPU
 tensors of a Llama-3.1-8B layer's shape with its kernel replaced by a recorder, so what is compiled is exactly what
 ``kernel[grid](...)`` would receive on a GPU; ``kept_configs`` gives the autotune configs the kernel's own pruning
 keeps for a launch.
@@ -83,8 +83,8 @@ def record_launches(dtype: torch.dtype, blocksize: int, shape: dict = SHAPE) -> 
          lambda: forward.qlora_forward(x, weight, lora_A, lora_B, 2.0, None, dense)),
         (backward, "qlora_grad_input_kernel", "[dense]",
          lambda: backward.qlora_grad_input(dy, weight, lora_A, lora_B, 2.0, dense)),
-        (small_m, "qlora_small_m_kernel", "[M=1]", lambda: small_m.qlora_small_m_base(x[:1], weight)),
-        (small_m, "qlora_small_m_kernel", "[M=16]", lambda: small_m.qlora_small_m_base(x[:16], weight)),
+        (small_m, "qlora_small_m_kernel", "[M=1]", lambda: small_m.qlora_small_m_partials(x[:1], weight, lora_A)),
+        (small_m, "qlora_small_m_kernel", "[M=16]", lambda: small_m.qlora_small_m_partials(x[:16], weight, lora_A)),
         (dequantize_module, "nf4_dequantize_kernel", "", lambda: dequantize_module.nf4_dequantize(weight)),
     )
     launches = []
