@@ -31,6 +31,7 @@ examples:
   lora-lab bench --gpu --quick --json bench.json    # what benchmarks/gpu_check.sh runs (about 4 minutes)
   lora-lab bench --gpu --shapes 4096x14336 --tokens 1,4096 --ranks 16 --ops forward --plot times.png
   lora-lab bench --plan                             # the static performance model (any machine; measured on a GPU)
+  lora-lab bench --plan --json plan.json            # ... and its records and assumptions as JSON
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import re
 import sys
 
 from lora_lab.bench.names import DTYPE_NAMES, IMPL_NAMES, OPS
+from lora_lab.cli.arguments import output_file_problem
 
 
 def _list_of(kind, what: str, allowed=None):
@@ -108,7 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plan", action="store_true",
                         help="print the static performance model of the kernels on Llama-3.1-8B layers (H200, H100, A100) "
-                        "from their compiled code, no GPU needed; on a GPU with measured times (lora_lab/bench/plan.py)")
+                        "from their compiled code and counted launches, no GPU needed; on a GPU with measured times; "
+                        "with --json FILE also one record per GPU, layer, M and path (lora_lab/bench/plan.py)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,7 +124,11 @@ def run(args: argparse.Namespace) -> int:
         if args.plan:
             from lora_lab.bench.plan import run_plan
 
-            return run_plan()
+            if args.json and (problem := output_file_problem("--json", args.json, "to write the plan into")):
+                print(f"lora-lab bench: {problem}", file=sys.stderr)
+                return 2
+
+            return run_plan(args.json)
         from lora_lab.bench import runner
 
         return runner.run(args)

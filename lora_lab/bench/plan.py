@@ -3,26 +3,32 @@
 Why
 ---
 A benchmark needs a GPU; a model does not, and says what a benchmark should
-find. For each layer shape and M (rows of x: 1 and 16 while generating, 128
-and 4096 for prefill and training) the table gives:
+find. For each GPU, layer shape, M (rows of x: 1 and 16 while generating, 128
+and 4096 for prefill and training) and kernel path of ``fused_qlora_linear``
+(the split-K small-M kernel, the fused NF4 kernel, dequantize + dense matmul),
+it predicts the forward's time and the fraction of HBM bandwidth (small M) or
+bf16 peak (large M) that time reaches.
 
-- *bytes and FLOPs* of ``y = x @ W^T + scaling * (x @ A^T) @ B^T`` with W in NF4
-  (half a byte per weight plus one uint8 absmax per block, double quantization):
-  the least any kernel must move and compute;
-- *ideal time* on a named GPU: ``max(bytes / HBM bandwidth, FLOPs / dense bf16 peak)``;
-- the *kernel path* ``fused_qlora_linear`` takes at that M, its *programs*
-  against the GPU's SMs (a grid smaller than the SMs leaves bandwidth unused),
-  and the *occupancy* (blocks per SM) that its compiled registers and shared
-  memory allow;
-- the *K loop's instruction mix* from the compiled SASS: instructions per
-  decoded weight, and the *issue time*: every K-loop instruction of every
-  program issued at 4 warp-instructions per cycle per SM. A decode that costs
-  more issue time than the bytes take to arrive makes the kernel issue-bound.
+The model
+---------
+What a path launches is counted from the code (``launch_count``: the op runs on
+meta tensors of the layer's shape, Triton launches recorded, torch ops seen by
+a dispatch mode). Each launch is a kernel whose body takes
 
-The resources and SASS come from ``lora_lab.kernels.compile.compile_check`` (sm_90a for
-H100/H200, sm_80 for A100), compiled here without a GPU. On a GPU, ``--plan``
-also times the layer forward (CUDA events, L2 flushed between runs) and adds the
-measured time and its fraction of ideal.
+    max(bytes / achievable HBM,  tensor-core FLOPs / achievable peak,  issue time of its K loop)
+
+where a grid of P programs on S SMs streams with ``min(1, P/S)`` of the SMs,
+and computes in ``ceil(P/S)`` waves of which the last may be partly empty. The
+resources and the K loop's SASS come from the compile check (sm_90a for
+H100/H200, sm_80 for A100), compiled here without a GPU; an autotuned kernel
+takes the compiled config the model finds fastest. The kernels run one after
+another, each after a gap: with CUDA graphs a fixed gap per kernel; without,
+the host's cost of each launch, which the GPU waits for when its kernels are
+shorter. Every number the model assumes is in ``ASSUMPTIONS``, printed under
+the table with its reason, and written with every record by ``--json FILE``.
+
+On a GPU, ``--plan`` also times the layer forward (the path ``fused_qlora_linear``
+takes) and prints it beside the prediction.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lora_lab.bench.launch_count import Launch
 from lora_lab.model import PRESETS
 
 
@@ -65,6 +72,40 @@ TOKENS = (1, 16, 128, 4096)
 RANK = 16
 
 
+@dataclass(frozen=True)
+class Assumption:
+    value: float
+    unit: str
+    why: str
+
+
+# Every number the model assumes. Estimates from public measurements, not fitted to any result of ours: a GPU run of
+# `lora-lab bench --plan` prints measured times beside the predictions, and that is what should correct them.
+ASSUMPTIONS = {
+    "hbm_efficiency": Assumption(0.90, "of datasheet HBM", "a streaming kernel (BabelStream copy/triad, nvbandwidth) "
+                                 "reaches about 90% of the datasheet bandwidth on A100 and H100"),
+    "graph_gap_us": Assumption(1.0, "us before each kernel", "with CUDA graphs a kernel starts about 1 us after the "
+                               "previous one ends (the grid drains, the next one's blocks are scheduled)"),
+    "host_launch_us": Assumption(5.0, "us of host time per kernel", "without graphs each eager torch op or Triton "
+                                 "launch costs the Python host about 5 us; the GPU waits when its kernels are shorter"),
+    "wgmma_efficiency": Assumption(0.70, "of bf16 peak", "Triton's wgmma matmul (tutorial 03) reaches about 70% of "
+                                   "the H100's dense peak on large bf16 squares"),
+    "mma_sm90_efficiency": Assumption(0.45, "of bf16 peak", "Hopper's peak needs wgmma; mma.sync (and wgmma that ptxas "
+                                      "serializes, C7515) issues at about 2/3 of its rate: 2/3 x 0.70"),
+    "mma_sm80_efficiency": Assumption(0.75, "of bf16 peak", "Triton's mma.sync matmul (tutorial 03) reaches about 75% "
+                                      "of the A100's 312 TFLOP/s on large bf16 squares"),
+    "cublas_efficiency": Assumption(0.80, "of bf16 peak", "a large bf16 cuBLAS GEMM (a torch matmul) reaches about "
+                                    "80% of dense peak on H100 and A100"),
+    "issue_rate": Assumption(4.0, "warp instructions per cycle per SM", "four schedulers each issue one warp "
+                             "instruction a cycle; stalls are not modelled, so the issue time is a lower bound"),
+    "hbm_reads_per_operand": Assumption(1.0, "per tensor per kernel", "each tensor a kernel takes crosses HBM once "
+                                        "(read or written): re-reads of a tile (x per column tile, W per row tile) "
+                                        "hit L2, as grouped ordering arranges, and L2 hits cost nothing"),
+    "overlap": Assumption(1.0, "(a rule)", "a kernel's memory, tensor-core and issue times overlap perfectly (its body is "
+                          "their max); launch ramp-up and tail are not modelled beyond waves of programs"),
+}
+
+
 def llama_layers() -> list[tuple[str, int, int]]:
     """(name, N, K) of Llama-3.1-8B's decoder linears, from the project's preset."""
     p = PRESETS["llama-3.1-8b"]
@@ -91,94 +132,243 @@ def blocks_per_sm(gpu: GPU, registers: int, threads: int, shared: int) -> int:
     return max(0, min(by_registers, by_shared, gpu.max_threads_per_sm // threads, gpu.max_blocks_per_sm))
 
 
-def compiled_kernels() -> list[dict]:
-    """The compile check's CI subset with SASS, run in a child that compiles (this process may be interpreting)."""
+def _child(module: str, *argv: str) -> subprocess.Popen:
+    """A child that defines the kernels compiled (this process may be interpreting them), even without a GPU."""
+    env = dict(os.environ, TRITON_INTERPRET="0", LORA_LAB_COMPILE_ONLY="1", LORA_LAB_AUTOTUNE="1")
+    if torch.cuda.is_available():
+        env.pop("LORA_LAB_COMPILE_ONLY")
+    return subprocess.Popen([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def _finish(child: subprocess.Popen, out: str, what: str):
+    stdout, stderr = child.communicate()
+    if child.returncode or not os.path.exists(out):
+        raise RuntimeError(f"{what} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    with open(out) as f:
+        return json.load(f)
+
+
+def compiled_and_counted(shapes: list[tuple[int, int, int]]) -> tuple[list[dict], dict]:
+    """The compile check's CI subset with SASS, and the launches of each path at each (M, N, K), two children at once."""
     with tempfile.TemporaryDirectory() as folder:
-        out = os.path.join(folder, "compiled.json")
-        env = dict(os.environ, TRITON_INTERPRET="0", LORA_LAB_COMPILE_ONLY="1", LORA_LAB_AUTOTUNE="1")
-        if torch.cuda.is_available():
-            env.pop("LORA_LAB_COMPILE_ONLY")
-        done = subprocess.run([sys.executable, "-m", "lora_lab.kernels.compile.compile_check", "--subset", "ci", "--sass",
-                               "--json", out], capture_output=True, text=True, env=env)
-        if not os.path.exists(out):
-            raise RuntimeError(f"the compile check failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        with open(out) as f:
-            return json.load(f)
+        compiled, shapes_file, counted = (os.path.join(folder, name) for name in ("c.json", "s.json", "l.json"))
+        with open(shapes_file, "w") as f:
+            json.dump(shapes, f)
+        compiling = _child("lora_lab.kernels.compile.compile_check", "--subset", "ci", "--sass", "--json", compiled)
+        counting = _child("lora_lab.bench.launch_count", shapes_file, counted)
+        return _finish(compiling, compiled, "the compile check"), _finish(counting, counted, "counting the launches")
+
+
+@dataclass
+class KernelTime:
+    """One launch's predicted body: the memory, tensor-core and issue times, the largest of which it takes."""
+
+    kind: str  # "triton" or "torch"
+    name: str  # the compile check's name ("qlora_forward_kernel[dense]") or the aten op
+    config: str  # the compiled config the model picked, "" for a torch op
+    programs: int | None  # None: a torch op, assumed to fill the GPU
+    bytes: int
+    flops: int
+    hbm_us: float
+    tensor_us: float
+    issue_us: float
+    compiled: dict | None = field(default=None, repr=False)  # the compile check's result for the config
+
+    @property
+    def body_us(self) -> float:
+        return max(self.hbm_us, self.tensor_us, self.issue_us)
+
+    @property
+    def bound(self) -> str:
+        return max((self.hbm_us, "hbm"), (self.tensor_us, "tensor"), (self.issue_us, "issue"))[1]
+
+    @property
+    def occupancy(self) -> int | None:
+        return None if self.compiled is None else self.compiled.get("blocks_per_sm")
+
+    def to_json(self) -> dict:
+        record = {k: v for k, v in asdict(self).items() if k != "compiled"}
+        record.update(body_us=self.body_us, bound=self.bound)
+        if self.compiled is not None:
+            record.update({k: self.compiled.get(k) for k in ("registers", "threads", "shared", "mma", "serialized",
+                                                             "instructions_per_weight", "integer_per_weight")})
+            record["blocks_per_sm"] = self.compiled.get("blocks_per_sm")
+        return record
+
+
+def _value(assume: dict, name: str) -> float:
+    return assume[name].value
+
+
+def tensor_efficiency(compiled: dict, arch: str, assume: dict = ASSUMPTIONS) -> float:
+    """The achievable fraction of bf16 peak for a compiled kernel's MMA instructions on ``arch``."""
+    if compiled.get("mma") == "wgmma" and not compiled.get("serialized"):
+        return _value(assume, "wgmma_efficiency")
+    return _value(assume, "mma_sm80_efficiency" if arch == "sm_80" else "mma_sm90_efficiency")
+
+
+def tile(config: str) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of a compiled config "128x64x64 w8 s3"."""
+    m, n, k = config.split()[0].split("x")
+    return int(m), int(n), int(k)
+
+
+def triton_time(launch: Launch, compiled: dict, gpu: GPU, m: int, n: int, k: int,
+                assume: dict = ASSUMPTIONS) -> KernelTime:
+    """A Triton kernel's body with one compiled config, for a layer of (m, n, k).
+
+    A matmul kernel (one whose SASS has MMAs) does ``2 x M_padded x N x K``
+    tensor-core FLOPs, M padded to its BLOCK_M; its K loop decodes or loads each
+    weight once per row tile, ``cdiv(M, BLOCK_M)`` times, and issues the SASS
+    instructions per weight the compile check counted for each.
+    """
+    programs = launch.programs.get(compiled["config"], launch.programs.get(""))
+    share = 1.0 if programs is None else min(1.0, programs / gpu.sms)
+    waves = 1.0 if programs is None else programs / (math.ceil(programs / gpu.sms) * gpu.sms)
+    hbm_us = 1e6 * launch.bytes / (_value(assume, "hbm_efficiency") * gpu.hbm_tbps * 1e12 * share)
+    tensor_us = issue_us = 0.0
+    flops = 0
+    if compiled.get("mma", "none") != "none":
+        block_m = tile(compiled["config"])[0]
+        flops = 2 * math.ceil(m / block_m) * block_m * n * k
+        tensor_us = 1e6 * flops / (tensor_efficiency(compiled, gpu.arch, assume) * gpu.bf16_tflops * 1e12 * waves)
+        mix, per_trip = compiled.get("loop_mix") or {}, compiled.get("weights_per_trip") or 0
+        if per_trip:
+            lane_instructions = sum(mix.values()) * compiled["threads"] / per_trip * n * k * math.ceil(m / block_m)
+            issue_rate = _value(assume, "issue_rate") * gpu.sms * gpu.clock_ghz * 1e9 * share
+            issue_us = 1e6 * lane_instructions / 32 / issue_rate
+    compiled = dict(compiled, blocks_per_sm=blocks_per_sm(gpu, compiled["registers"], compiled["threads"],
+                                                          compiled["shared"]))
+    return KernelTime("triton", compiled["kernel"], compiled["config"], programs, launch.bytes, flops,
+                      hbm_us, tensor_us, issue_us, compiled)
+
+
+def torch_time(launch: Launch, gpu: GPU, assume: dict = ASSUMPTIONS) -> KernelTime:
+    """A torch op's body: its bytes at streaming bandwidth, its matmul FLOPs at cuBLAS's rate; it fills the GPU."""
+    hbm_us = 1e6 * launch.bytes / (_value(assume, "hbm_efficiency") * gpu.hbm_tbps * 1e12)
+    tensor_us = 1e6 * launch.flops / (_value(assume, "cublas_efficiency") * gpu.bf16_tflops * 1e12)
+    return KernelTime("torch", f"aten.{launch.name}", "", None, launch.bytes, launch.flops, hbm_us, tensor_us, 0.0)
+
+
+def compiled_variant(launch: Launch, compiled: list[dict], arch: str) -> list[dict]:
+    """The compile check's results for this launch on ``arch`` (bf16, r = 16): every config compiled.
+
+    The compile check names a kernel's variants as its launches differ: ``[dense]``
+    when it reads a dense W (``W_DENSE``), ``[M=1]``/``[M=16]`` when M = 1 is a
+    specialization of its own. A kernel it does not compile has no results.
+    """
+    mine = [c for c in compiled if c["arch"] == arch and c.get("rank", RANK) == RANK
+            and c.get("dtype", "bfloat16") == "bfloat16" and c["kernel"].split("[")[0] == launch.name]
+    names = {c["kernel"] for c in mine}
+    wanted = launch.name + ("[dense]" if launch.arguments.get("W_DENSE") else "")
+    if f"{launch.name}[M=1]" in names:
+        wanted = f"{launch.name}[M={1 if launch.arguments.get('M') == 1 else 16}]"
+    return [c for c in mine if c["kernel"] == wanted]
+
+
+def kernel_time(launch: Launch, compiled: list[dict], gpu: GPU, m: int, n: int, k: int,
+                assume: dict = ASSUMPTIONS) -> KernelTime:
+    """The body of one launch; an autotuned kernel takes its fastest compiled config, as the autotuner would."""
+    if launch.kind == "torch":
+        return torch_time(launch, gpu, assume)
+    candidates = compiled_variant(launch, compiled, gpu.arch)
+    if not candidates:  # a kernel the compile check does not compile: only its bytes and grid are known
+        programs = launch.programs.get("") or max(launch.programs.values(), default=None)
+        share = 1.0 if programs is None else min(1.0, programs / gpu.sms)
+        hbm_us = 1e6 * launch.bytes / (_value(assume, "hbm_efficiency") * gpu.hbm_tbps * 1e12 * share)
+        return KernelTime("triton", launch.name + " (not compiled)", "", programs, launch.bytes, 0, hbm_us, 0.0, 0.0)
+    return min((triton_time(launch, c, gpu, m, n, k, assume) for c in candidates), key=lambda t: t.body_us)
+
+
+def graph_time(kernels: list[KernelTime], assume: dict = ASSUMPTIONS) -> float:
+    """With CUDA graphs: every kernel after a fixed gap, one after another."""
+    return sum(_value(assume, "graph_gap_us") + t.body_us for t in kernels)
+
+
+def eager_time(kernels: list[KernelTime], assume: dict = ASSUMPTIONS) -> float:
+    """Without graphs: the host launches each kernel ``host_launch_us`` after the last; a kernel starts when both its
+    launch and the previous kernel (plus the gap) are done."""
+    host = gpu_free = 0.0
+    for t in kernels:
+        host += _value(assume, "host_launch_us")
+        gpu_free = max(host, gpu_free + _value(assume, "graph_gap_us")) + t.body_us
+    return gpu_free
 
 
 @dataclass
 class Row:
+    """One (GPU, layer, M, path): the launches the path makes, their predicted bodies, and the path's time."""
+
     layer: str
     m: int
     n: int
     k: int
     gpu: GPU
     path: str
-    kernel: dict  # the compile check's result for the kernel this path launches
-    programs: int
+    auto: bool  # the path fused_qlora_linear takes at this M
+    kernels: list[KernelTime]
+    assume: dict = field(default_factory=lambda: ASSUMPTIONS, repr=False)
     measured_us: float | None = None
 
     @property
-    def ideal_us(self) -> float:
-        return 1e6 * max(layer_bytes(self.m, self.n, self.k) / (self.gpu.hbm_tbps * 1e12),
-                         layer_flops(self.m, self.n, self.k) / (self.gpu.bf16_tflops * 1e12))
+    def predicted_us(self) -> float:
+        return graph_time(self.kernels, self.assume)
 
     @property
-    def occupancy(self) -> int:
-        return blocks_per_sm(self.gpu, self.kernel["registers"], self.kernel["threads"], self.kernel["shared"])
-
-    def per_weight(self, *kinds: str) -> float:
-        mix, weights = self.kernel.get("loop_mix") or {}, self.kernel.get("weights_per_trip") or 0
-        count = sum(mix.get(k, 0) for k in kinds) if kinds else sum(mix.values())
-        return count * self.kernel["threads"] / weights if weights else float("nan")
+    def eager_us(self) -> float:
+        return eager_time(self.kernels, self.assume)
 
     @property
-    def issue_us(self) -> float:
-        """Time to issue every K-loop instruction: per-weight instructions x weights decoded x times each is decoded."""
-        decodes = self.n * self.k * (1 if self.path == "small_m" else math.ceil(self.m / self.block_m))
-        lane_instructions = self.per_weight() * decodes
-        return 1e6 * lane_instructions / 32 / (4 * self.gpu.sms * self.gpu.clock_ghz * 1e9)
+    def hbm_fraction(self) -> float:
+        """The layer's least bytes over datasheet HBM bandwidth, as a fraction of the predicted time."""
+        return 1e6 * layer_bytes(self.m, self.n, self.k) / (self.gpu.hbm_tbps * 1e12) / self.predicted_us
 
     @property
-    def block_m(self) -> int:
-        return int(self.kernel["config"].split("x")[0])
+    def peak_fraction(self) -> float:
+        """The layer's FLOPs at dense bf16 peak, as a fraction of the predicted time."""
+        return 1e6 * layer_flops(self.m, self.n, self.k) / (self.gpu.bf16_tflops * 1e12) / self.predicted_us
 
     @property
-    def mma_share(self) -> float:
-        mix = self.kernel.get("loop_mix") or {}
-        return mix.get("mma", 0) / max(sum(mix.values()), 1)
+    def bound(self) -> str:
+        """What most of the predicted time goes to: the gaps between launches, or one kind of kernel body."""
+        spent = {"launches": len(self.kernels) * _value(self.assume, "graph_gap_us")}
+        for t in self.kernels:
+            spent[t.bound] = spent.get(t.bound, 0.0) + t.body_us
+        return max(spent, key=spent.get)
+
+    @property
+    def main(self) -> KernelTime:
+        return max(self.kernels, key=lambda t: t.body_us)
+
+    def to_json(self) -> dict:
+        return {
+            "gpu": self.gpu.name, "gpu_spec": asdict(self.gpu), "layer": self.layer, "m": self.m, "n": self.n,
+            "k": self.k, "rank": RANK, "dtype": "bfloat16", "path": self.path, "auto": self.auto,
+            "launches": len(self.kernels), "triton_launches": sum(t.kind == "triton" for t in self.kernels),
+            "least_bytes": layer_bytes(self.m, self.n, self.k), "flops": layer_flops(self.m, self.n, self.k),
+            "bytes_moved": sum(t.bytes for t in self.kernels), "kernels": [t.to_json() for t in self.kernels],
+            "predicted_us": self.predicted_us, "predicted_eager_us": self.eager_us, "bound": self.bound,
+            "hbm_fraction": self.hbm_fraction, "peak_fraction": self.peak_fraction, "measured_us": self.measured_us,
+        }
 
 
-def plan_rows(compiled: list[dict], gpus=tuple(GPUS), tokens=TOKENS) -> list[Row]:
-    """One row per (GPU, layer, M): the path ``fused_qlora_linear`` takes and the compiled kernel behind it."""
-    from lora_lab.kernels.fused_qlora_linear import DENSE_FROM_M, SMALL_M
-    from lora_lab.kernels.qlora_small_m import GPU_TILE, split_k_for
-
-    def kernel(name: str, arch: str) -> dict:
-        found = [c for c in compiled if c["kernel"] == name and c["arch"] == arch]
-        if not found:
-            raise RuntimeError(f"the compile check has no {name} for {arch}")
-        return found[0]  # the first listed is the default config (the first the pruning keeps)
-
+def plan_rows(compiled: list[dict], counted: dict, gpus=tuple(GPUS), assume: dict = ASSUMPTIONS) -> list[Row]:
+    """One row per (GPU, layer, M, path) that ``counted`` (``launch_count``'s output) has launches for."""
+    layers = {(n, k): name for name, n, k in llama_layers()}
     rows = []
     for gpu_name in gpus:
         gpu = GPUS[gpu_name]
-        for layer, n, k in llama_layers():
-            for m in tokens:
-                path = "small_m" if m <= SMALL_M else ("dense" if m >= DENSE_FROM_M else "fused")
-                if path == "small_m":
-                    info = kernel(f"qlora_small_m_kernel[M={1 if m == 1 else 16}]", gpu.arch)
-                    programs = math.ceil(n / GPU_TILE[0]) * split_k_for(n, k // GPU_TILE[1], GPU_TILE[0])
-                else:
-                    info = kernel("qlora_forward_kernel" + ("[dense]" if path == "dense" else ""), gpu.arch)
-                    block_m, block_n = (int(v) for v in info["config"].split()[0].split("x")[:2])
-                    programs = math.ceil(m / block_m) * math.ceil(n / block_n)
-                rows.append(Row(layer, m, n, k, gpu, path, info, programs))
+        for entry in counted["paths"]:
+            m, n, k, path = entry["m"], entry["n"], entry["k"], entry["path"]
+            launches = [Launch(**launch) for launch in entry["launches"]]
+            kernels = [kernel_time(launch, compiled, gpu, m, n, k, assume) for launch in launches]
+            rows.append(Row(layers.get((n, k), f"{n}x{k}"), m, n, k, gpu, path, entry["auto"], kernels, assume))
     return rows
 
 
 def measure(rows: list[Row]) -> None:
-    """On a GPU: the median forward time of fused_qlora_linear for each row's shape (bf16, r=16, blocksize 64, dq)."""
+    """On a GPU: the median forward time of fused_qlora_linear for each auto row's shape (bf16, r=16, bs 64, dq)."""
     import triton
 
     from lora_lab.kernels import fused_qlora_linear
@@ -187,7 +377,7 @@ def measure(rows: list[Row]) -> None:
     here = torch.cuda.get_device_name()
     weights = {}
     for row in rows:
-        if row.gpu.name not in here:  # only this GPU's rows can be measured
+        if row.gpu.name not in here or not row.auto:  # only this GPU's rows, on the path the op takes, can be measured
             continue
         if (row.n, row.k) not in weights:
             weights.clear()
@@ -199,37 +389,71 @@ def measure(rows: list[Row]) -> None:
             row.measured_us = 1e3 * triton.testing.do_bench(lambda args=args: fused_qlora_linear(*args))
 
 
+def _short(name: str) -> str:
+    return name.removeprefix("qlora_").replace("_kernel", "")
+
+
 def format_plan(rows: list[Row]) -> str:
+    """One table per GPU, a row per (layer, M, path); then what the columns are and every assumption."""
     lines = []
     for gpu_name in dict.fromkeys(r.gpu.name for r in rows):
         gpu = GPUS[gpu_name]
-        lines.append(f"\n{gpu.name}: {gpu.hbm_tbps} TB/s, {gpu.bf16_tflops:g} TFLOP/s dense bf16, {gpu.sms} SMs ({gpu.arch})")
-        measured = any(r.measured_us for r in rows if r.gpu.name == gpu_name)
-        lines.append(f"{'layer':<14} {'M':>5} {'N x K':>12} {'MB':>7} {'GFLOP':>7} {'ideal us':>9} {'path':<8} "
-                     f"{'tile':<16} {'progs':>6} {'/SMs':>5} {'blk/SM':>6} {'regs':>4} {'int/w':>6} {'ins/w':>6} "
-                     f"{'mma%':>5} {'issue us':>9}" + (f" {'measured':>9} {'of ideal':>8}" if measured else ""))
-        for r in (row for row in rows if row.gpu.name == gpu_name):
-            line = (f"{r.layer:<14} {r.m:>5} {f'{r.n}x{r.k}':>12} {layer_bytes(r.m, r.n, r.k) / 1e6:>7.1f} "
-                    f"{layer_flops(r.m, r.n, r.k) / 1e9:>7.2f} {r.ideal_us:>9.1f} {r.path:<8} {r.kernel['config']:<16} "
-                    f"{r.programs:>6} {r.programs / r.gpu.sms:>5.1f} {r.occupancy:>6} {r.kernel['registers']:>4} "
-                    f"{r.per_weight('integer'):>6.2f} {r.per_weight():>6.2f} {100 * r.mma_share:>5.1f} {r.issue_us:>9.1f}")
+        mine = [r for r in rows if r.gpu.name == gpu_name]
+        measured = any(r.measured_us for r in mine)
+        lines.append(f"\n{gpu.name}: {gpu.hbm_tbps} TB/s HBM, {gpu.bf16_tflops:g} TFLOP/s dense bf16, {gpu.sms} SMs "
+                     f"({gpu.arch})")
+        lines.append(f"{'layer':<14} {'M':>5} {'path':<8} {'launch':>6} {'MB':>7} {'main kernel, tile':<34} "
+                     f"{'prog/SM':>7} {'blk/SM':>6} {'issue':>6} {'bound':<8} {'us':>7} {'eager':>7} {'%HBM':>5} "
+                     f"{'%peak':>5}" + (f" {'measured':>8} {'/pred':>5}" if measured else ""))
+        previous = None
+        for r in mine:
+            if previous is not None and (r.layer, r.m) != previous:
+                lines.append("")
+            previous = (r.layer, r.m)
+            main = r.main
+            launches = f"{sum(t.kind == 'triton' for t in r.kernels)}+{sum(t.kind == 'torch' for t in r.kernels)}"
+            programs = "" if main.programs is None else f"{main.programs / gpu.sms:.1f}"
+            line = (f"{r.layer:<14} {r.m:>5} {r.path + ('*' if r.auto else ''):<8} {launches:>6} "
+                    f"{sum(t.bytes for t in r.kernels) / 1e6:>7.1f} {(_short(main.name) + ' ' + main.config)[:34]:<34} "
+                    f"{programs:>7} {main.occupancy or '':>6} {main.issue_us:>6.1f} {r.bound:<8} "
+                    f"{r.predicted_us:>7.1f} {r.eager_us:>7.1f} {r.hbm_fraction:>5.0%} {r.peak_fraction:>5.0%}")
             if r.measured_us:
-                line += f" {r.measured_us:>9.1f} {r.ideal_us / r.measured_us:>8.0%}"
+                line += f" {r.measured_us:>8.1f} {r.measured_us / r.predicted_us:>5.2f}"
             lines.append(line)
     lines.append(
-        "\nMB, GFLOP: the least a forward moves and computes (bf16 x/y/A/B, NF4 W with uint8 absmax; r=16). ideal: "
-        "max(bytes/HBM, FLOPs/peak). path: fused_qlora_linear's kernel at that M; tile, regs, blk/SM (resident blocks per SM "
-        "from registers and shared memory): the compiled default config. int/w, ins/w: integer and all SASS instructions "
-        "of the K loop per decoded weight (per thread); issue us: the time to issue them all at 4 warp-instructions per "
-        "cycle per SM. The dense path's W costs one nf4_dequantize pass more, not counted in its row."
+        "\nThe forward in bf16, r = 16, NF4 blocksize 64 with double quantization. path: * is the one fused_qlora_linear "
+        "takes at that M (the others forced with LORA_LAB_KERNEL_PATH). launch: Triton + torch kernels per call, "
+        "counted from the code. MB: the bytes those kernels move (each tensor once). main kernel: the launch that "
+        "takes longest, with the compiled config the model picked; prog/SM: its programs per SM; blk/SM: the blocks "
+        "its registers and shared memory let an SM hold; issue: its K loop's SASS instructions issued, in us. "
+        "bound: where most of the time goes. us: predicted with CUDA graphs; eager: without. %HBM: the least bytes a "
+        "forward moves (NF4 W, bf16 x/y/A/B) at datasheet bandwidth over the predicted time; %peak: its FLOPs at "
+        "dense bf16 peak over the predicted time (the first matters at small M, the second at large M)."
     )
+    lines.append("\nAssumptions (lora_lab/bench/plan.py ASSUMPTIONS):")
+    for name, a in rows[0].assume.items() if rows else ():
+        lines.append(f"  {name} = {a.value:g} {a.unit}: {a.why}")
     return "\n".join(lines)
 
 
-def run_plan(gpus=tuple(GPUS), tokens=TOKENS) -> int:
-    """Print the model (and on a GPU, the measured times); 0 on success."""
-    rows = plan_rows(compiled_kernels(), gpus, tokens)
+def plan_json(rows: list[Row]) -> dict:
+    """The assumptions once and one record per (GPU, layer, M, path) with every input and output of the model."""
+    assume = rows[0].assume if rows else ASSUMPTIONS
+    return {"assumptions": {name: asdict(a) for name, a in assume.items()}, "records": [r.to_json() for r in rows]}
+
+
+def run_plan(json_path: str | None = None, gpus=tuple(GPUS), tokens=TOKENS) -> int:
+    """Print the model (and on a GPU, the measured times), and write it to ``json_path``; 0 on success."""
+    shapes = sorted({(m, n, k) for _, n, k in llama_layers() for m in tokens}, key=lambda s: (s[1], s[2], s[0]))
+    compiled, counted = compiled_and_counted([list(s) for s in shapes])
+    rows = plan_rows(compiled, counted, gpus)
+    order = {name: i for i, (name, _, _) in enumerate(llama_layers())}
+    rows.sort(key=lambda r: (list(gpus).index(r.gpu.name), order.get(r.layer, len(order)), r.m))
     if torch.cuda.is_available():
         measure(rows)
     print(format_plan(rows))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(plan_json(rows), f, indent=1)
+        print(f"\nwrote {json_path}")
     return 0

@@ -1,33 +1,72 @@
 """The static performance model of ``lora-lab bench --plan``: its arithmetic, on numbers worked out by hand.
 
-The compiled resources come from the compile check (tests/triton_kernels/test_compile_check.py runs it);
-here they are given, so the model's own arithmetic is what is tested.
+The compiled resources come from the compile check (tests/triton_kernels/test_compile_check.py runs it) and the
+launches from ``launch_count``; here both are given, so the model's own arithmetic is what is tested. The launch
+counter is tested on a toy function, and on the real op only for what any path must do, not for today's counts.
 """
 
 from __future__ import annotations
 
+import json
+
+import lora_lab.kernels  # noqa: F401  (sets TRITON_INTERPRET before triton is imported, when there is no GPU)
 import pytest
+import torch
+import triton
+import triton.language as tl
 
-from lora_lab.bench.plan import GPUS, blocks_per_sm, format_plan, layer_bytes, layer_flops, llama_layers, plan_rows
+from lora_lab.bench import launch_count
+from lora_lab.bench.launch_count import Launch, count_launches
+from lora_lab.bench.plan import (
+    ASSUMPTIONS,
+    GPUS,
+    KernelTime,
+    blocks_per_sm,
+    compiled_variant,
+    eager_time,
+    format_plan,
+    graph_time,
+    kernel_time,
+    layer_bytes,
+    layer_flops,
+    llama_layers,
+    plan_json,
+    plan_rows,
+)
+from lora_lab.cli import main
+
+H100 = GPUS["H100"]
+HBM = ASSUMPTIONS["hbm_efficiency"].value
+GAP = ASSUMPTIONS["graph_gap_us"].value
 
 
-def compiled(kernel: str, arch: str, config: str, registers: int, threads: int, shared: int, mix: dict, weights: int):
+def compiled(kernel: str, arch: str, config: str, registers: int, threads: int, shared: int, mix: dict, weights: int,
+             mma: str = "wgmma"):
     return {"kernel": kernel, "arch": arch, "config": config, "registers": registers, "threads": threads, "shared": shared,
-            "loop_mix": mix, "weights_per_trip": weights}
+            "loop_mix": mix, "weights_per_trip": weights, "mma": mma, "serialized": False, "rank": 16, "dtype": "bfloat16"}
+
+
+MIX = {"integer": 32, "mma": 4, "memory": 28}  # 64 warp instructions per K-loop trip
 
 
 def fake_compile_check() -> list[dict]:
-    """One result per kernel the plan reads, per target: 64 instructions per trip, 32 of them integer."""
-    mix = {"integer": 32, "mma": 4, "memory": 28}
+    """Per target: the fused kernel in two configs, its dense variant, the small-M kernel and the dequantize kernel."""
     results = []
     for arch in ("sm_90a", "sm_80"):
+        mma = "wgmma" if arch == "sm_90a" else "mma"
         results += [
-            compiled("qlora_forward_kernel", arch, "64x128x64 w8 s4", 128, 256, 73 * 1024, mix, 128 * 64),
-            compiled("qlora_forward_kernel[dense]", arch, "128x128x64 w8 s3", 160, 256, 100 * 1024, mix, 128 * 64),
-            compiled("qlora_small_m_kernel[M=1]", arch, "16x64x64 w4 s3", 72, 128, 28 * 1024, mix, 64 * 64),
-            compiled("qlora_small_m_kernel[M=16]", arch, "16x64x64 w4 s3", 72, 128, 28 * 1024, mix, 64 * 64),
+            compiled("qlora_forward_kernel", arch, "64x128x64 w8 s4", 128, 256, 73 * 1024, MIX, 128 * 64, mma),
+            compiled("qlora_forward_kernel", arch, "16x64x64 w4 s3", 96, 128, 20 * 1024, MIX, 64 * 64, mma),
+            compiled("qlora_forward_kernel[dense]", arch, "128x128x64 w8 s3", 160, 256, 100 * 1024, MIX, 128 * 64, mma),
+            compiled("qlora_small_m_kernel[M=1]", arch, "16x64x64 w4 s3", 72, 128, 28 * 1024, MIX, 64 * 64, "mma"),
+            compiled("qlora_small_m_kernel[M=16]", arch, "16x64x64 w4 s3", 72, 128, 28 * 1024, MIX, 64 * 64, "mma"),
+            compiled("nf4_dequantize_kernel", arch, "-", 30, 128, 0, None, 0, "none"),
         ]
     return results
+
+
+def triton_launch(name: str, nbytes: int, programs: dict, **arguments) -> Launch:
+    return Launch("triton", name, nbytes, 0, programs, arguments)
 
 
 def test_bytes_and_flops_of_a_layer():
@@ -51,30 +90,172 @@ def test_blocks_per_sm_from_registers_and_shared_memory(registers, threads, shar
     assert blocks_per_sm(GPUS["H100"], registers, threads, shared) == expected
 
 
-def test_each_m_takes_the_path_fused_qlora_linear_takes():
-    rows = plan_rows(fake_compile_check(), gpus=("H200",), tokens=(1, 16, 128, 4096))
-    assert [(r.m, r.path) for r in rows[:4]] == [(1, "small_m"), (16, "small_m"), (128, "fused"), (4096, "dense")]
-    q_fused, q_dense = rows[2], rows[3]
-    assert q_fused.programs == 2 * 32  # cdiv(128, 64) x cdiv(4096, 128)
-    assert q_dense.programs == 32 * 32  # cdiv(4096, 128) x cdiv(4096, 128)
-    assert rows[0].programs == 32 * 16  # 4096 / 128 column tiles (the GPU's tile) x 16 K slices (split_k_for)
+def test_a_grid_smaller_than_the_sms_streams_with_only_that_share():
+    """0.9 x 3.35 TB/s moves 3.015 MB in 1 us with every SM; 66 programs on 132 SMs take 2 us."""
+    dequantize = [c for c in fake_compile_check() if c["kernel"] == "nf4_dequantize_kernel"]
+    full = kernel_time(triton_launch("nf4_dequantize_kernel", 3_015_000, {"": 264}), dequantize, H100, 1, 1, 1)
+    half = kernel_time(triton_launch("nf4_dequantize_kernel", 3_015_000, {"": 66}), dequantize, H100, 1, 1, 1)
+    assert full.hbm_us == pytest.approx(1.0) and full.tensor_us == full.issue_us == 0 and full.bound == "hbm"
+    assert half.hbm_us == pytest.approx(2.0) and half.body_us == pytest.approx(2.0)
 
 
-def test_ideal_and_issue_time():
-    """ideal = max(bytes / HBM, FLOPs / peak); issue = lane instructions / (32 x 4 schedulers x SMs x clock)."""
-    row = plan_rows(fake_compile_check(), gpus=("H200",), tokens=(1,))[0]
-    gpu = GPUS["H200"]
-    assert row.ideal_us == pytest.approx(1e6 * layer_bytes(1, 4096, 4096) / (gpu.hbm_tbps * 1e12))
-    per_weight = 64 * 128 / (64 * 64)  # 64 warp instructions per trip, 128 threads, 4096 weights
-    assert row.per_weight() == per_weight and row.per_weight("integer") == per_weight / 2
-    want = 1e6 * per_weight * 4096 * 4096 / 32 / (4 * gpu.sms * gpu.clock_ghz * 1e9)
-    assert row.issue_us == pytest.approx(want)
+def test_tensor_time_counts_padded_rows_and_the_last_wave():
+    """M = 100 pads to 128 rows; 198 programs on 132 SMs run in 2 waves, 198 / 264 = 3/4 of them busy."""
+    forward = [c for c in fake_compile_check() if c["kernel"] == "qlora_forward_kernel" and c["arch"] == "sm_90a"][:1]
+    t = kernel_time(triton_launch("qlora_forward_kernel", 0, {"64x128x64 w8 s4": 198}), forward, H100, 100, 4096, 4096)
+    flops = 2 * 128 * 4096 * 4096
+    assert t.flops == flops
+    assert t.tensor_us == pytest.approx(1e6 * flops / (ASSUMPTIONS["wgmma_efficiency"].value * 989e12 * 0.75))
 
 
-def test_the_table_has_a_row_per_gpu_layer_and_m():
-    rows = plan_rows(fake_compile_check())
-    assert len(rows) == len(GPUS) * 4 * 4
+def test_issue_time_from_the_compiled_k_loop():
+    """64 warp instructions per trip of 128 threads over 64 x 64 weights: 2 lane instructions per weight decoded."""
+    small = [c for c in fake_compile_check() if c["kernel"] == "qlora_small_m_kernel[M=1]" and c["arch"] == "sm_90a"]
+    t = kernel_time(triton_launch("qlora_small_m_kernel", 0, {"": 264}, M=1), small, H100, 1, 4096, 4096)
+    per_weight = 64 * 128 / (64 * 64)
+    assert t.issue_us == pytest.approx(1e6 * per_weight * 4096 * 4096 / 32 / (4 * 132 * 1.98e9))
+    assert t.config == "16x64x64 w4 s3" and t.body_us == max(t.hbm_us, t.tensor_us, t.issue_us)
+
+
+def test_an_autotuned_kernel_takes_its_fastest_compiled_config():
+    """At M = 16 the 16-row tile decodes W once; the 64-row tile has 4x the rows to multiply and 8 programs, not 64."""
+    forward = [c for c in fake_compile_check() if c["kernel"] == "qlora_forward_kernel" and c["arch"] == "sm_90a"]
+    launch = triton_launch("qlora_forward_kernel", 10**7, {"64x128x64 w8 s4": 8, "16x64x64 w4 s3": 64})
+    t = kernel_time(launch, forward, H100, 16, 1024, 4096)
+    assert t.config == "16x64x64 w4 s3" and t.programs == 64
+    assert t.body_us == min(kernel_time(launch, [c], H100, 16, 1024, 4096).body_us for c in forward)
+
+
+def test_the_compile_checks_variant_names():
+    results = fake_compile_check()
+    dense = compiled_variant(triton_launch("qlora_forward_kernel", 0, {}, W_DENSE=True), results, "sm_80")
+    one = compiled_variant(triton_launch("qlora_small_m_kernel", 0, {}, M=1), results, "sm_80")
+    sixteen = compiled_variant(triton_launch("qlora_small_m_kernel", 0, {}, M=9), results, "sm_80")
+    assert [c["kernel"] for c in dense + one + sixteen] == [
+        "qlora_forward_kernel[dense]", "qlora_small_m_kernel[M=1]", "qlora_small_m_kernel[M=16]"]
+
+
+def test_a_kernel_the_compile_check_lacks_is_timed_by_its_bytes_and_says_so():
+    t = kernel_time(triton_launch("new_decode_kernel", 3_015_000, {"": 132}), fake_compile_check(), H100, 1, 1, 1)
+    assert t.name == "new_decode_kernel (not compiled)" and t.hbm_us == pytest.approx(1.0) and t.issue_us == 0
+
+
+def test_a_torch_op_streams_its_bytes_or_runs_at_cublas_rate():
+    mm = kernel_time(Launch("torch", "mm", 3_015_000, 10**12), [], H100, 1, 1, 1)
+    assert mm.name == "aten.mm" and mm.programs is None
+    assert mm.hbm_us == pytest.approx(1.0)
+    assert mm.tensor_us == pytest.approx(1e6 / (ASSUMPTIONS["cublas_efficiency"].value * 989))
+
+
+def body(us: float) -> KernelTime:
+    return KernelTime("torch", "aten.add", "", None, 0, 0, us, 0.0, 0.0)
+
+
+def test_with_graphs_every_kernel_waits_one_gap():
+    assert graph_time([body(10), body(1), body(1)]) == pytest.approx(12 + 3 * GAP)
+
+
+@pytest.mark.parametrize(("bodies", "expected"), [
+    ((10, 1, 1), 19.0),  # host launches at 5, 10, 15: kernel 1 runs 5-15, 2 waits its gap 16-17, 3 runs 18-19
+    ((1, 1, 1), 16.0),  # the GPU waits on the host: kernels at 5-6, 10-11, 15-16
+])
+def test_without_graphs_the_gpu_waits_on_the_host(bodies, expected):
+    assert ASSUMPTIONS["host_launch_us"].value == 5.0 and GAP == 1.0  # the hand-worked numbers assume these
+    assert eager_time([body(us) for us in bodies]) == pytest.approx(expected)
+
+
+def fake_counted() -> dict:
+    """q_proj at M = 1 on three paths: small-M (two kernels), fused (x @ A^T + one kernel), dense (four kernels)."""
+    n = k = 4096
+    nf4, dense = n * k // 2 + n * k // 64, 2 * n * k
+    return {"paths": [
+        {"m": 1, "n": n, "k": k, "path": "small_m", "auto": True, "launches": [
+            vars(triton_launch("qlora_small_m_kernel", nf4, {"": 264}, M=1)),
+            vars(triton_launch("qlora_small_m_reduce_kernel", 10**5, {"": 32}))]},
+        {"m": 1, "n": n, "k": k, "path": "fused", "auto": False, "launches": [
+            vars(Launch("torch", "mm", 2 * 16 * k, 2 * 16 * k)),
+            vars(triton_launch("qlora_forward_kernel", nf4, {"64x128x64 w8 s4": 32, "16x64x64 w4 s3": 64}))]},
+        {"m": 1, "n": n, "k": k, "path": "dense", "auto": False, "launches": [
+            vars(triton_launch("nf4_dequantize_kernel", nf4 + dense, {"": 4096})),
+            vars(Launch("torch", "mm", dense + 2 * (k + n), 2 * n * k))]},
+    ]}
+
+
+def test_a_row_per_gpu_layer_m_and_path_with_its_fractions():
+    rows = plan_rows(fake_compile_check(), fake_counted())
+    assert len(rows) == len(GPUS) * 3
+    small = next(r for r in rows if r.gpu.name == "H100" and r.path == "small_m")
+    assert small.auto and len(small.kernels) == 2 and small.kernels[1].name == "qlora_small_m_reduce_kernel (not compiled)"
+    assert small.predicted_us == pytest.approx(sum(t.body_us for t in small.kernels) + 2 * GAP)
+    assert small.hbm_fraction == pytest.approx(1e6 * layer_bytes(1, 4096, 4096) / 3.35e12 / small.predicted_us)
+    assert small.peak_fraction == pytest.approx(1e6 * layer_flops(1, 4096, 4096) / 989e12 / small.predicted_us)
+    dense = next(r for r in rows if r.gpu.name == "H100" and r.path == "dense")
+    assert dense.predicted_us > small.predicted_us and dense.bound == "hbm"
+
+
+def test_the_table_and_the_json():
+    rows = plan_rows(fake_compile_check(), fake_counted())
     table = format_plan(rows)
     for gpu in GPUS.values():
         assert f"{gpu.name}: {gpu.hbm_tbps} TB/s" in table
-    assert table.count("down_proj") == len(GPUS) * 4
+    assert table.count("small_m*") == len(GPUS) and table.count(" fused ") == len(GPUS)
+    for name, assumption in ASSUMPTIONS.items():
+        assert f"{name} = {assumption.value:g}" in table and assumption.why in table
+    document = json.loads(json.dumps(plan_json(rows)))
+    assert set(document["assumptions"]) == set(ASSUMPTIONS)
+    assert [(r["gpu"], r["path"]) for r in document["records"]] == [(r.gpu.name, r.path) for r in rows]
+    record = document["records"][0]
+    assert record["predicted_us"] == pytest.approx(rows[0].predicted_us) and len(record["kernels"]) == 2
+    assert record["kernels"][0]["registers"] == 72 and record["kernels"][0]["bound"] == rows[0].kernels[0].bound
+
+
+@triton.jit
+def _add_one(x_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n) + 1, mask=offsets < n)
+
+
+_add_one_tuned = triton.autotune([triton.Config({"BLOCK": 32}), triton.Config({"BLOCK": 64})], key=["n"])(_add_one)
+
+
+def test_the_counter_sees_kernels_not_views_or_allocations_and_runs_no_triton_kernel():
+    x, w, target = torch.ones(40, 4), torch.ones(4, 3), torch.zeros(120)
+    cache = []
+
+    def toy():
+        if not cache:
+            cache.append(torch.zeros(3))  # a first call's cache fill: not counted
+        y = x @ w  # aten.mm: a kernel
+        y.t()  # a view: none
+        torch.empty(5)  # an allocation: none
+        y + 1  # aten.add: a kernel
+        _add_one[(15,)](target, 120, BLOCK=8)  # recorded, not run
+        _add_one_tuned[lambda meta: (triton.cdiv(120, meta["BLOCK"]),)](target, 120)
+
+    launches = count_launches(toy)
+    assert [(launch.kind, launch.name) for launch in launches] == [
+        ("torch", "mm"), ("torch", "add"), ("triton", "_add_one"), ("triton", "_add_one")]
+    mm, add, fixed, tuned = launches
+    assert mm.bytes == 4 * (40 * 4 + 4 * 3 + 40 * 3) and mm.flops == 2 * 40 * 4 * 3
+    assert add.bytes == 4 * (40 * 3 + 40 * 3) and add.flops == 0
+    assert fixed.programs == {"": 15} and fixed.arguments["n"] == 120 and fixed.bytes == 4 * 120
+    assert sorted(tuned.programs.values()) == [2, 4]  # cdiv(120, 64) and cdiv(120, 32), one per config
+    assert torch.equal(target, torch.zeros(120))  # neither kernel ran...
+    _add_one[(15,)](target, 120, BLOCK=8)
+    assert torch.equal(target, torch.ones(120))  # ...though run for real, it writes the target
+
+
+def test_the_real_op_counts_on_meta_tensors_and_its_dense_path_moves_w_dense():
+    """Whatever each path launches today: at least one Triton kernel, and the dense path writes and reads W dense."""
+    entries = launch_count.path_launches(1, 256, 128)
+    assert sum(e["auto"] for e in entries) == 1 and {"fused", "dense"} <= {e["path"] for e in entries}
+    for entry in entries:
+        assert any(launch["kind"] == "triton" for launch in entry["launches"]), entry["path"]
+    dense = next(e for e in entries if e["path"] == "dense")
+    nf4 = 256 * 128 // 2
+    assert sum(launch["bytes"] for launch in dense["launches"]) >= nf4 + 2 * (2 * 256 * 128)
+
+
+def test_plan_refuses_an_unwritable_json_before_any_work(tmp_path, capsys):
+    assert main(["bench", "--plan", "--json", str(tmp_path)]) == 2
+    assert "--json" in capsys.readouterr().err
