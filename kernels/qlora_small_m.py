@@ -75,8 +75,10 @@ TARGET_PROGRAMS = 4 * 132
 # (BLOCK_N, BLOCK_K, num_warps, num_stages). On a GPU 16 x 128 tiles with 4 warps: the K loop's fixed work per step
 # (x tile, addresses, pipeline bookkeeping) spread over 64 weights a thread, 8.0 SASS instructions per weight on
 # sm_90a where 16 x 64 took 12.9 (compile_check --sass); no spill on sm_90a or sm_80. The interpreter pays per program.
-GPU_TILE, INTERPRETER_TILE = (128, 64, 4, 3), (64, 64, 4, 1)
-BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = INTERPRETER_TILE if INTERPRETING else GPU_TILE
+# fp32 has no tensor-core path (IEEE tl.dot is FMAs) and its operands are twice the size: 16 x 128 x 64 spilled
+# (480 B on sm_90a, 4,972 B on sm_80, Triton 3.9); 16 x 32 x 32 with 4 warps takes 128 registers on both, no spill.
+GPU_TILE, FP32_GPU_TILE, INTERPRETER_TILE = (128, 64, 4, 3), (32, 32, 4, 3), (64, 64, 4, 1)
+BLOCK_N, BLOCK_K = (INTERPRETER_TILE if INTERPRETING else GPU_TILE)[:2]  # fp16/bf16's, as the static model reads them
 # Columns of K per step of launch 1's x @ A^T: on a GPU a (16, 16, R_PAD) fp32 product, 32 values a thread.
 XA_K = 32 if INTERPRETING else 16
 REDUCE_BLOCK_N = 64  # the reduction's output tile: (16, 64) fp32, a few registers a thread, N / 64 programs
@@ -214,10 +216,17 @@ def split_k_for(n: int, k_steps: int, block_n: int | None = None, m: int = 1, bl
     return min((d for d in range(1, k_steps + 1) if k_steps % d == 0), key=lambda d: (cost(d), d))
 
 
-def small_m_grid(m: int, n: int, k: int, blocksize: int) -> tuple[int, int]:
+def tile_for(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """Launch 1's ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for activations of ``dtype``."""
+    if INTERPRETING:
+        return INTERPRETER_TILE
+    return FP32_GPU_TILE if dtype == torch.float32 else GPU_TILE
+
+
+def small_m_grid(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
     """Launch 1's grid ``(cdiv(N, BLOCK_N), SPLIT_K)`` for ``m`` rows of a layer (N, K) in NF4 blocks of ``blocksize``."""
-    block_k = min(BLOCK_K, blocksize)
-    return triton.cdiv(n, BLOCK_N), split_k_for(n, k // block_k, BLOCK_N, m, block_k)
+    block_n, block_k = tile_for(dtype)[0], min(tile_for(dtype)[1], blocksize)
+    return triton.cdiv(n, block_n), split_k_for(n, k // block_k, block_n, m, block_k)
 
 
 def check_small_m_operands(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Tensor) -> None:
@@ -239,7 +248,8 @@ def qlora_small_m_partials(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Ten
     """Launch 1: the fp32 partials ``(x @ W^T, x @ A^T)`` of each K slice, shapes (SPLIT_K, M, N) and (SPLIT_K, M, r)."""
     check_small_m_operands(x, weight, lora_A)
     (M, K), N, r = x.shape, weight.shape[0], lora_A.shape[0]
-    grid = small_m_grid(M, N, K, weight.blocksize)
+    block_n, block_k, num_warps, num_stages = tile_for(x.dtype)
+    grid = small_m_grid(M, N, K, weight.blocksize, x.dtype)
     partial = new_output((grid[1], M, N), torch.float32, x.device)
     xa_partial = new_output((grid[1], M, r), torch.float32, x.device)
     packed, _, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(weight)
@@ -247,7 +257,7 @@ def qlora_small_m_partials(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Ten
         x, packed, nf4_pair_levels(packed.device), absmax, absmax_code, absmax_scale, lora_A, partial, xa_partial,
         M, N, K, r, K // grid[1], weight.blocksize, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         absmax_offset, DOUBLE_QUANT=weight.double_quant, W_ROUND=weight_rounding(weight.dtype, x.dtype),
-        BLOCK_N=BLOCK_N, BLOCK_K=min(BLOCK_K, weight.blocksize), XA_K=XA_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        BLOCK_N=block_n, BLOCK_K=min(block_k, weight.blocksize), XA_K=XA_K, num_warps=num_warps, num_stages=num_stages,
         **kernel_kinds(x, r), **LAUNCH_OPTIONS,
     )
     return partial, xa_partial
