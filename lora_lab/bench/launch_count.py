@@ -166,13 +166,13 @@ def _meta_nf4(n: int, k: int, blocksize: int = 64):
 def auto_path(m: int) -> str:
     """The path ``fused_qlora_linear`` takes at ``m`` rows when none is forced (its own ``kernel_path``)."""
     module = importlib.import_module("lora_lab.kernels.fused_qlora_linear")
-    with _forced(module, "auto"):
+    with forced_path(module, "auto"):
         return module.kernel_path(m)
 
 
 @contextmanager
-def _forced(module, path: str):
-    """``LORA_LAB_KERNEL_PATH=path``, in the environment and in the module that read it at import."""
+def forced_path(module, path: str):
+    """``LORA_LAB_KERNEL_PATH=path``, in the environment and in ``module`` (``fused_qlora_linear``'s) that read it."""
     with ExitStack() as stack:
         stack.enter_context(mock.patch.dict(os.environ, {"LORA_LAB_KERNEL_PATH": path}))
         if hasattr(module, "FORCED_PATH"):
@@ -195,7 +195,7 @@ def forward_launches(path: str, m: int, n: int, k: int, r: int = 16) -> list[Lau
     lora_A = torch.empty(r, k, dtype=torch.bfloat16, device="meta")
     lora_B = torch.empty(n, r, dtype=torch.bfloat16, device="meta")
     with ExitStack() as stack, torch.no_grad():
-        stack.enter_context(_forced(module, forced))
+        stack.enter_context(forced_path(module, forced))
         for name, loaded in list(sys.modules.items()):
             if name.startswith("lora_lab.kernels") and hasattr(loaded, "check_device"):
                 stack.enter_context(mock.patch.object(loaded, "check_device", lambda *tensors: None))

@@ -27,12 +27,14 @@ the host's cost of each launch, which the GPU waits for when its kernels are
 shorter. Every number the model assumes is in ``ASSUMPTIONS``, printed under
 the table with its reason, and written with every record by ``--json FILE``.
 
-On a GPU, ``--plan`` also times the layer forward (the path ``fused_qlora_linear``
-takes) and prints it beside the prediction.
+On a GPU, ``--plan`` also times the layer forward on each path (the one
+``fused_qlora_linear`` takes first, then the forced ones while a time budget
+lasts) and prints it beside the prediction.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -43,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lora_lab.bench.launch_count import Launch
+from lora_lab.bench.launch_count import Launch, forced_path
 from lora_lab.model import PRESETS
 
 
@@ -367,25 +369,32 @@ def plan_rows(compiled: list[dict], counted: dict, gpus=tuple(GPUS), assume: dic
     return rows
 
 
-def measure(rows: list[Row]) -> None:
-    """On a GPU: the median forward time of fused_qlora_linear for each auto row's shape (bf16, r=16, bs 64, dq)."""
+def measure(rows: list[Row], budget_s: float = 60.0) -> None:
+    """On a GPU: the median forward time of fused_qlora_linear on each row's path (bf16, r=16, blocksize 64, dq).
+
+    The paths the op takes are measured first; the forced ones (``LORA_LAB_KERNEL_PATH``) while ``budget_s``
+    lasts, so that ``gpu_check.sh``'s time cap holds.
+    """
+    import time
+
     import triton
 
     from lora_lab.kernels import fused_qlora_linear
     from lora_lab.nf4 import quantize_nf4
 
-    here = torch.cuda.get_device_name()
+    module = importlib.import_module("lora_lab.kernels.fused_qlora_linear")
+    here, start = torch.cuda.get_device_name(), time.monotonic()
     weights = {}
-    for row in rows:
-        if row.gpu.name not in here or not row.auto:  # only this GPU's rows, on the path the op takes, can be measured
-            continue
+    for row in sorted((r for r in rows if r.gpu.name in here), key=lambda r: not r.auto):  # only this GPU's rows
+        if not row.auto and time.monotonic() - start > budget_s:
+            break
         if (row.n, row.k) not in weights:
             weights.clear()
             weights[(row.n, row.k)] = quantize_nf4(torch.randn(row.n, row.k, device="cuda") * 0.02, 64, True)
         args = (torch.randn(row.m, row.k, device="cuda", dtype=torch.bfloat16), weights[(row.n, row.k)],
                 torch.randn(RANK, row.k, device="cuda", dtype=torch.bfloat16) / 64,
                 torch.randn(row.n, RANK, device="cuda", dtype=torch.bfloat16), 2.0)
-        with torch.no_grad():
+        with torch.no_grad(), forced_path(module, "auto" if row.auto else row.path):
             row.measured_us = 1e3 * triton.testing.do_bench(lambda args=args: fused_qlora_linear(*args))
 
 
@@ -404,7 +413,7 @@ def format_plan(rows: list[Row]) -> str:
                      f"({gpu.arch})")
         lines.append(f"{'layer':<14} {'M':>5} {'path':<8} {'launch':>6} {'MB':>7} {'main kernel, tile':<34} "
                      f"{'prog/SM':>7} {'blk/SM':>6} {'issue':>6} {'bound':<8} {'us':>7} {'eager':>7} {'%HBM':>5} "
-                     f"{'%peak':>5}" + (f" {'measured':>8} {'/pred':>5}" if measured else ""))
+                     f"{'%peak':>5}" + (f" {'measured':>8} {'/eager':>6}" if measured else ""))
         previous = None
         for r in mine:
             if previous is not None and (r.layer, r.m) != previous:
@@ -418,7 +427,7 @@ def format_plan(rows: list[Row]) -> str:
                     f"{programs:>7} {main.occupancy or '':>6} {main.issue_us:>6.1f} {r.bound:<8} "
                     f"{r.predicted_us:>7.1f} {r.eager_us:>7.1f} {r.hbm_fraction:>5.0%} {r.peak_fraction:>5.0%}")
             if r.measured_us:
-                line += f" {r.measured_us:>8.1f} {r.measured_us / r.predicted_us:>5.2f}"
+                line += f" {r.measured_us:>8.1f} {r.measured_us / r.eager_us:>6.2f}"
             lines.append(line)
     lines.append(
         "\nThe forward in bf16, r = 16, NF4 blocksize 64 with double quantization. path: * is the one fused_qlora_linear "
@@ -428,7 +437,8 @@ def format_plan(rows: list[Row]) -> str:
         "its registers and shared memory let an SM hold; issue: its K loop's SASS instructions issued, in us. "
         "bound: where most of the time goes. us: predicted with CUDA graphs; eager: without. %HBM: the least bytes a "
         "forward moves (NF4 W, bf16 x/y/A/B) at datasheet bandwidth over the predicted time; %peak: its FLOPs at "
-        "dense bf16 peak over the predicted time (the first matters at small M, the second at large M)."
+        "dense bf16 peak over the predicted time (the first matters at small M, the second at large M). measured (on a "
+        "GPU): triton's do_bench median of back-to-back eager calls, so /eager compares it with the eager prediction."
     )
     lines.append("\nAssumptions (lora_lab/bench/plan.py ASSUMPTIONS):")
     for name, a in rows[0].assume.items() if rows else ():
