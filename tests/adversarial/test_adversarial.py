@@ -28,7 +28,8 @@ MUTANTS = HERE.parent / "mutants"
 # Exploits that are also plain wrong answers live once, as mutants (tests/mutants: rejected in-process by the check
 # they name); here they are rejected again through verify and grade, isolated, like every submission of this folder.
 EXPLOIT_MUTANTS = ("adamw_half_no_bias_correction", "qlora_scratch_input", "nf4_cache_by_data_ptr",
-                   "qlora_bf16_computed_in_fp16", "qlora_column_major", "qlora_nondeterministic", "qlora_cache_by_prefix")
+                   "qlora_bf16_computed_in_fp16", "qlora_column_major", "qlora_nondeterministic", "qlora_cache_by_prefix",
+                   "kernel_backward_ignores_dy_strides")
 SUBMISSIONS = sorted([*(p for p in HERE.glob("*.py") if not p.name.startswith(("test_", "_", "conftest"))),
                       *(MUTANTS / f"{name}.py" for name in EXPLOIT_MUTANTS)])
 CHECKS = {c.name: c for c in all_checks()}

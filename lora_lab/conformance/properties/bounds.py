@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_lab.conformance.errors import CheckFailed, NotSupported
+from lora_lab.conformance.judge.autograd import backward, describe_layout
 from lora_lab.conformance.judge.bounds import OutOfBounds, guarded, guards_changed, watch_memory
 from lora_lab.conformance.judge.compare import seeded_generator
 from lora_lab.conformance.judge.formats import has_own_format
@@ -138,7 +139,7 @@ def qlora_linear_in_bounds(target) -> None:
     """qlora_linear (forward, and backward where provided) reads and writes only inside its tensors, at tile edges.
 
     Draws ``edge_problems``: M, N one past a power of two, r of 1, 3, 5 or 17, K one NF4 block past a tile, a
-    non-contiguous x.
+    non-contiguous x; dY comes contiguous, transposed or strided by its shape (``autograd.layout_for``).
     """
     if has_own_format(target):
         raise NotSupported("this check draws lora_lab NF4Tensor weights; the target's weights are its own format's")
@@ -160,14 +161,15 @@ def qlora_linear_in_bounds(target) -> None:
         if not isinstance(y, torch.Tensor) or not y.requires_grad:
             return
 
-        def backward():
-            try:
-                y.backward(torch.ones_like(y))
+        def take_backward():
+            try:  # dY in the layout autograd.backward picks for its shape: a strided one's gaps hold NaN
+                backward([y], [torch.ones_like(y)])
             except NotImplementedError:  # the backward kernel is exercise 08's stretch
                 return None
             return x.grad
 
-        grad = _run_watched(f"backward, {what}", backward, tensors)
-        _assert_finite(grad, f"backward, {what}", "x, lora_A, lora_B and the weight's tensors")
+        grad = _run_watched(f"backward, {what}", take_backward, tensors)
+        _assert_finite(grad, f"backward, {what}, dY {describe_layout(y.shape)}",
+                       "x, lora_A, lora_B and the weight's tensors, or dY's own gaps (a dY read as if contiguous)")
 
     prop()
