@@ -14,6 +14,12 @@ GPU code), so this module adds it, in two layers:
    stops the kernel *before* it is read or written (so a wild store cannot
    corrupt the grader) and is recorded with the kernel, the argument, the side
    (before its first or past its last element) and by how many elements.
+   The argument named is the one the pointer was computed from: each pointer
+   argument's value is tagged with its parameter's name, and the tag follows it
+   through the pointer arithmetic (``_PROPAGATING``). When a tensor is passed as
+   two arguments (an output passed again as a dummy bias pointer) the nearest
+   tensor alone could not tell them apart. Where the tag was lost (an op that does
+   not carry it), every argument holding the nearest tensor is named.
 2. ``guarded()`` places each input inside a larger allocation whose guard
    regions hold a sentinel (NaN for floats, the poison byte 0xFF for packed
    codes): a read that slips past layer 1 shows as a non-finite output, a write
@@ -42,19 +48,28 @@ class OutOfBounds(BaseException):
 class Access:
     kernel: str
     kind: str  # "load" or "store"
-    argument: str  # the kernel parameter whose tensor is nearest to the address
+    argument: str  # the kernel parameter the pointer was computed from (else the one whose tensor is nearest)
     side: str  # "before the start" or "past the end"
     elements: int  # how many distinct elements on that side this one operation touched
+    aliases: tuple[str, ...] = ()  # other parameters given the same tensor
+    traced: bool = True  # whether ``argument`` is the pointer's own parameter (False: only the nearest tensor's)
 
     def describe(self) -> str:
-        return (f"kernel {self.kernel} {'read' if self.kind == 'load' else 'wrote'} {self.elements} element(s) "
+        text = (f"kernel {self.kernel} {'read' if self.kind == 'load' else 'wrote'} {self.elements} element(s) "
                 f"{self.side} of {self.argument}")
+        if not self.aliases:
+            return text
+        others = " and ".join(self.aliases)
+        if self.traced:
+            return f"{text} (through {self.argument}; the same tensor is also passed as {others})"
+        return f"{text} or {others} (one tensor passed as each; the {self.kind} went through one of them)"
 
 
 @dataclass
 class _Launch:
     kernel: str
     ranges: list[tuple[str, int, int]]  # (parameter, first byte, one past the last byte)
+    pending: list[tuple[str, int]] = field(default_factory=list)  # (parameter, data_ptr) not yet tagged, in order
 
 
 @dataclass
@@ -79,8 +94,10 @@ def _extent(tensor: torch.Tensor) -> tuple[int, int]:
 _state = threading.local()
 
 
-def _check(addresses, mask, itemsize: int, kind: str) -> None:
-    """Raise OutOfBounds for the first active address outside every tensor of the current launch."""
+def _check(addresses, mask, itemsize: int, kind: str, sources: tuple[str, ...] = ()) -> None:
+    """Raise OutOfBounds for the first active address outside every tensor of the current launch.
+
+    ``sources``: the parameters the pointers were computed from (their tag), when it survived the arithmetic."""
     launch: _Launch | None = getattr(_state, "launch", None)
     log: MemoryLog | None = getattr(_state, "log", None)
     if launch is None or log is None:
@@ -103,30 +120,56 @@ def _check(addresses, mask, itemsize: int, kind: str) -> None:
         _, low, high = entry
         return low - address if address < low else address + itemsize - high
 
-    name, low, high = min(launch.ranges, key=distance) if launch.ranges else ("no tensor argument", address + 1, address + 1)
+    traced = [entry for entry in launch.ranges if entry[0] in sources]
+    candidates = traced or launch.ranges
+    name, low, high = min(candidates, key=distance) if candidates else ("no tensor argument", address + 1, address + 1)
+    aliases = tuple(other for other, lo, hi in launch.ranges if (lo, hi) == (low, high) and other != name)
     side = "before the start" if address < low else "past the end"
     elements = int(np.unique(stray[(stray < low) if address < low else (stray >= low)]).size)
-    access = Access(launch.kernel, kind, name, side, elements)
+    access = Access(launch.kernel, kind, name, side, elements, aliases, bool(traced))
     log.accesses.append(access)
     raise OutOfBounds(access.describe())
 
 
+TAG = "lora_lab_argument"  # the key of a pointer's tag in the interpreter's TensorHandle.attr
+# The builder's operations that make a pointer from pointers (the first argument after the builder, or for a select
+# both choices): the result carries their tags. Others (a pointer cast to an integer and back, say) drop the tag.
+_PROPAGATING = {"create_addptr": (0,), "create_splat": (1,), "create_broadcast": (0,), "create_expand_dims": (0,),
+                "create_reshape": (0,), "create_trans": (0,), "create_select": (1, 2), "create_cat": (0, 1),
+                "create_join": (0, 1)}
+
+
+def _sources(handle) -> tuple[str, ...]:
+    return tuple(getattr(handle, "attr", None) and handle.attr.get(TAG, ()) or ())
+
+
+def _propagating(original, positions: tuple[int, ...]):
+    def operation(self, *args):
+        result = original(self, *args)
+        sources = tuple(dict.fromkeys(name for i in positions if i < len(args) for name in _sources(args[i])))
+        if sources and hasattr(result, "attr"):
+            result.attr = {**result.attr, TAG: sources}
+        return result
+
+    return operation
+
+
 def _patches():
-    """(object, attribute, replacement) for the interpreter's launch and memory operations."""
+    """(object, attribute, replacement) for the interpreter's launch, pointer arithmetic and memory operations."""
     from triton.runtime import interpreter
 
     builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
     original_call, load, store = executor.__call__, builder.create_masked_load, builder.create_masked_store
-    rmw, cas = builder.create_atomic_rmw, builder.create_atomic_cas
+    rmw, cas, convert = builder.create_atomic_rmw, builder.create_atomic_cas, interpreter._implicit_cvt
 
     def call(self, *args, **kwargs):
         names = list(self.arg_names)
-        ranges = []
-        for name, value in [*zip(names, args), *kwargs.items()]:
-            if isinstance(value, torch.Tensor):
-                ranges.append((name, *_extent(value)))
+        given = [*zip(names, args), *kwargs.items()]
+        given.sort(key=lambda item: names.index(item[0]) if item[0] in names else len(names))  # the kernel's order
+        ranges = [(name, *_extent(value)) for name, value in given if isinstance(value, torch.Tensor)]
         previous = getattr(_state, "launch", None)
-        _state.launch = _Launch(getattr(self.fn, "__name__", "kernel"), ranges)
+        _state.launch = _Launch(getattr(self.fn, "__name__", "kernel"), ranges,
+                                [(name, value.data_ptr()) for name, value in given if isinstance(value, torch.Tensor)])
         if getattr(_state, "log", None) is not None:
             _state.log.launches += 1
         try:
@@ -134,25 +177,40 @@ def _patches():
         finally:
             _state.launch = previous
 
+    def implicit_cvt(arg):
+        """The interpreter's conversion of a launch argument; a tensor's pointer is tagged with its parameter's name
+        (the first untagged parameter given a tensor at this address: the interpreter converts in the kernel's order)."""
+        converted = convert(arg)
+        launch = getattr(_state, "launch", None)
+        if launch is not None and hasattr(arg, "data_ptr") and hasattr(converted, "handle"):
+            for i, (name, pointer) in enumerate(launch.pending):
+                if pointer == arg.data_ptr():
+                    del launch.pending[i]
+                    converted.handle.attr = {**converted.handle.attr, TAG: (name,)}
+                    break
+        return converted
+
     def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
-        _check(ptrs.data, mask.data, interpreter._get_np_dtype(ptrs.get_element_ty()).itemsize, "load")
+        _check(ptrs.data, mask.data, interpreter._get_np_dtype(ptrs.get_element_ty()).itemsize, "load", _sources(ptrs))
         return load(self, ptrs, mask, other, cache_policy, is_volatile)
 
     def masked_store(self, ptrs, value, mask, cache_policy):
-        _check(ptrs.data, mask.data, value.data.dtype.itemsize, "store")
+        _check(ptrs.data, mask.data, value.data.dtype.itemsize, "store", _sources(ptrs))
         return store(self, ptrs, value, mask, cache_policy)
 
     def atomic_rmw(self, op, ptr, val, mask, sem, scope):
-        _check(ptr.data, mask.data, val.data.dtype.itemsize, "store")
+        _check(ptr.data, mask.data, val.data.dtype.itemsize, "store", _sources(ptr))
         return rmw(self, op, ptr, val, mask, sem, scope)
 
     def atomic_cas(self, ptr, cmp, val, sem, scope):
-        _check(ptr.data, True, val.data.dtype.itemsize, "store")
+        _check(ptr.data, True, val.data.dtype.itemsize, "store", _sources(ptr))
         return cas(self, ptr, cmp, val, sem, scope)
 
-    return [(executor, "__call__", call), (builder, "create_masked_load", masked_load),
-            (builder, "create_masked_store", masked_store), (builder, "create_atomic_rmw", atomic_rmw),
-            (builder, "create_atomic_cas", atomic_cas)]
+    arithmetic = [(builder, name, _propagating(getattr(builder, name), positions))
+                  for name, positions in _PROPAGATING.items() if name in builder.__dict__]
+    return [(executor, "__call__", call), (interpreter, "_implicit_cvt", implicit_cvt),
+            (builder, "create_masked_load", masked_load), (builder, "create_masked_store", masked_store),
+            (builder, "create_atomic_rmw", atomic_rmw), (builder, "create_atomic_cas", atomic_cas), *arithmetic]
 
 
 _lock = threading.Lock()
