@@ -1,4 +1,4 @@
-"""The static performance model of ``lora-lab bench --plan``: its arithmetic, on numbers worked out by hand.
+"""``lora-lab bench --plan``'s static performance model (plan_model.py, plan.py): its arithmetic, on hand-worked numbers.
 
 The compiled resources come from the compile check (tests/triton_kernels/test_compile_check.py runs it) and the
 launches from ``launch_count``; here both are given, so the model's own arithmetic is what is tested. The launch
@@ -17,20 +17,19 @@ import triton.language as tl
 
 from lora_lab.bench import launch_count
 from lora_lab.bench.launch_count import Launch, count_launches
-from lora_lab.bench.plan import (
+from lora_lab.bench.plan import format_plan, plan_json
+from lora_lab.bench.plan_model import (
     ASSUMPTIONS,
     GPUS,
     KernelTime,
     blocks_per_sm,
     compiled_variant,
     eager_time,
-    format_plan,
     graph_time,
     kernel_time,
     layer_bytes,
     layer_flops,
     llama_layers,
-    plan_json,
     plan_rows,
 )
 from lora_lab.cli import main
