@@ -9,5 +9,7 @@
 - ``correctness``: the float64 re-check after timing (a wrong result is WRONG, never fast);
 - ``report``: the table, the summary, the ratios against bitsandbytes / peft, the chart and the JSON;
 - ``nf4_storage``: NF4 quantize and dequantize of one weight, reference against bitsandbytes (CPU);
-- ``model_step``: the tiny model's whole training step, reference against peft + bitsandbytes.
+- ``model_step``: the tiny model's whole training step, reference against peft + bitsandbytes;
+- ``plan``, ``plan_model``, ``launch_count``: ``--plan``, the static performance model of each kernel path, and the
+  launches it counts from the code.
 """
