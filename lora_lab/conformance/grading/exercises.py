@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lora_lab.conformance.grading.gpu_compile import compile_check
 from lora_lab.conformance.registry import Check
 from lora_lab.conformance.runner import all_checks
 
@@ -19,6 +20,8 @@ class Exercise:
     title: str
     solution: str  # importable module graded by --solutions: the reference solution
     borrowed: tuple[tuple[str, int], ...] = ()  # (check name, points here) for checks whose `exercise` is another one
+    # (operation, points) for a Triton exercise: its kernels must compile for a GPU (gpu_compile), checked last
+    compiles: tuple[str, int] | None = None
 
 
 EXERCISES = (
@@ -30,10 +33,11 @@ EXERCISES = (
     Exercise("06", "ex06_training_step", "apply QLoRA and train one step", "lora_lab"),
     # The Triton exercises reuse the checks of the ops they accelerate; a kernel is worth more than the torch version.
     Exercise("07", "ex07_triton_dequant", "a Triton NF4 dequantize kernel", "lora_lab.kernels",
-             borrowed=(("nf4.dequantize_matches_bitsandbytes", 12),)),
+             borrowed=(("nf4.dequantize_matches_bitsandbytes", 12),), compiles=("dequantize_nf4", 4)),
     Exercise("08", "ex08_triton_forward", "the fused Triton QLoRA forward (backward as a stretch)", "lora_lab.kernels",
              borrowed=(("qlora.forward_matches_float64", 15), ("qlora.rejects_bad_input", 3),
-                       ("qlora.gradients_match_float64", 12), ("memory.qlora_linear_keeps_no_dense_weight", 5))),
+                       ("qlora.gradients_match_float64", 12), ("memory.qlora_linear_keeps_no_dense_weight", 5)),
+             compiles=("qlora_linear", 5)),
 )
 
 
@@ -51,10 +55,14 @@ def selected_checks(exercise: Exercise, prefixes: list[str] | None) -> list[Grad
 
 
 def graded_checks(exercise: Exercise, checks: list[Check] | None = None) -> list[GradedCheck]:
-    """The checks that grade ``exercise``: those whose ``exercise`` field names it, then the borrowed ones."""
+    """The checks that grade ``exercise``: those whose ``exercise`` field names it, the borrowed ones, then (last: it
+    compiles what the others launched) a Triton exercise's compile check."""
     checks = all_checks() if checks is None else checks
     by_name = {c.name: c for c in checks}
     rows = [GradedCheck(c, c.points) for c in checks if c.exercise == exercise.id]
     rows += [GradedCheck(by_name[name], points) for name, points in exercise.borrowed if name in by_name]
+    if exercise.compiles:
+        operation, points = exercise.compiles
+        rows.append(GradedCheck(compile_check(operation, exercise.id, points), points))
     return rows
 

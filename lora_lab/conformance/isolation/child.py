@@ -44,8 +44,8 @@ from typing import Any
 
 import torch
 
-from lora_lab.conformance.errors import CheckFailed, StubReached, raised_by_a_library, user_traceback
-from lora_lab.conformance.isolation import sandbox, wire
+from lora_lab.conformance.errors import CheckFailed, StubReached, raised_by_a_library, raised_by_the_suite, user_traceback
+from lora_lab.conformance.isolation import kernel_launches, sandbox, wire
 from lora_lab.conformance.isolation.learner_files import (
     as_stub,
     chain_to_learner,
@@ -102,7 +102,8 @@ class Server:
                 "check_failed": isinstance(cause, CheckFailed), "library": raised_by_a_library(cause),
                 "in_learner_file": False}
         if self.learner_folder is not None:
-            info["traceback"] = learner_traceback(cause, self.learner_folder)
+            info["traceback"] = (user_traceback(cause) if raised_by_the_suite(cause)  # the grader's error, said so
+                                 else learner_traceback(cause, self.learner_folder))
             info["in_learner_file"] = raised_in(cause, self.learner_folder)
         return info
 
@@ -118,6 +119,8 @@ class Server:
             return ["ok", self.model_new(*message[1:])]
         if kind == "model":
             return ["ok", self.model_call(*message[1:])]
+        if kind == "launches":  # the target's own Triton launches so far, for the compile check (kernel_launches)
+            return ["ok", kernel_launches.recorded()]
         if kind == "model_free":
             self.models.pop(int(message[1]), None)
             return ["ok", None]
@@ -147,6 +150,8 @@ class Server:
             loaded = Target(settings["target"], module)
         else:
             loaded = Target.load(settings["target"])
+        # the launches of the target's own kernels are recorded as the checks run them, for the compile check
+        kernel_launches.install(self.learner_folder or kernel_launches.folder_of(loaded.obj))
         provided = [op for op in OPERATIONS if loaded.provides(op)]
         self.functions = {op: loaded.op(op) for op in provided if op != "NF4_FORMAT"}
         fmt, described = loaded.nf4_format(), None
