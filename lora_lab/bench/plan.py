@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -162,7 +163,7 @@ def run_plan(json_path: str | None = None, gpus=tuple(GPUS), tokens=TOKENS) -> i
         measure(rows)
     print(format_plan(rows))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(plan_json(rows), f, indent=1)
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(plan_json(rows), indent=1))
         print(f"\nwrote {json_path}")
     return 0

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_lab.bench import launch_count
+from lora_lab.bench import launch_count, plan
 from lora_lab.bench.launch_count import Launch, count_launches
 from lora_lab.bench.plan import format_plan, plan_json
 from lora_lab.bench.plan_model import (
@@ -258,3 +258,14 @@ def test_the_real_op_counts_on_meta_tensors_and_its_dense_path_moves_w_dense():
 def test_plan_refuses_an_unwritable_json_before_any_work(tmp_path, capsys):
     assert main(["bench", "--plan", "--json", str(tmp_path)]) == 2
     assert "--json" in capsys.readouterr().err
+
+
+def test_plan_prints_the_tables_and_writes_the_json(tmp_path, monkeypatch, capsys):
+    """The command end to end, its two children's outputs given: a table per GPU, then the file."""
+    monkeypatch.setattr(plan, "compiled_and_counted", lambda shapes: (fake_compile_check(), fake_counted()))
+    path = tmp_path / "plans" / "plan.json"
+    assert main(["bench", "--plan", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if "TB/s HBM" in line] == list(GPUS)
+    document = json.loads(path.read_text())
+    assert len(document["records"]) == 3 * len(GPUS) and f"wrote {path}" in out
