@@ -18,8 +18,15 @@ So a call makes exactly two launches (``LAUNCHES``):
    fp32 partial sum to a workspace of shape (SPLIT_K, M, N):
 
        for each K step in slice s:
-           W_tile   = decode(W[n-tile, k-step])       (BLOCK_N, BLOCK_K), in registers
-           partial += x[:, k-step] @ W_tile^T        (16, BLOCK_N), fp32
+           W_tile    = decode(W[n-tile, k-step])      (BLOCK_N, BLOCK_K), in registers
+           partial^T += W_tile @ x[:, k-step]^T      (BLOCK_N, 16), fp32
+
+   The product is taken transposed (the operand swap): the decoded W tile is
+   the MMA's first operand, whose rows may be many (BLOCK_N), and x, with its
+   16 padded rows, the second. On sm_90a that lets Triton use wgmma (64 rows a
+   warpgroup) with the tile straight from registers; in fp32 it halves the
+   registers (128 -> 62 for a 16 x 32 x 32 tile); on sm_80 it changes nothing
+   (``compile_check --sass``).
 
    The LoRA down-projection rides along, spread over the slices: program
    ``(s mod cdiv(N, BLOCK_N), s)`` also sums its slice of ``x @ A^T`` into a
@@ -75,9 +82,10 @@ TARGET_PROGRAMS = 4 * 132
 # (BLOCK_N, BLOCK_K, num_warps, num_stages). On a GPU 16 x 128 tiles with 4 warps: the K loop's fixed work per step
 # (x tile, addresses, pipeline bookkeeping) spread over 64 weights a thread, 8.0 SASS instructions per weight on
 # sm_90a where 16 x 64 took 12.9 (compile_check --sass); no spill on sm_90a or sm_80. The interpreter pays per program.
-# fp32 has no tensor-core path (IEEE tl.dot is FMAs) and its operands are twice the size: 16 x 128 x 64 spilled
-# (480 B on sm_90a, 4,972 B on sm_80, Triton 3.9); 16 x 32 x 32 with 4 warps takes 128 registers on both, no spill.
-GPU_TILE, FP32_GPU_TILE, INTERPRETER_TILE = (128, 64, 4, 3), (32, 32, 4, 3), (64, 64, 4, 1)
+# fp32 has no tensor-core path (IEEE tl.dot is FMAs) and its operands are twice the size: 16 x 128 x 64 took 160
+# registers on sm_90a and all 255 on sm_80 (before the operand swap it spilled 480 B and 4,972 B, Triton 3.9);
+# 16 x 64 x 64 with 4 warps takes 70 and 76, no spill.
+GPU_TILE, FP32_GPU_TILE, INTERPRETER_TILE = (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 1)
 BLOCK_N, BLOCK_K = (INTERPRETER_TILE if INTERPRETING else GPU_TILE)[:2]  # fp16/bf16's, as the static model reads them
 # Columns of K per step of launch 1's x @ A^T: on a GPU a (16, 16, R_PAD) fp32 product, 32 values a thread.
 XA_K = 32 if INTERPRETING else 16
@@ -111,27 +119,27 @@ def qlora_small_m_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask, n_mask = offs_m < M, offs_n < N
     k_begin = pid_s * K_PER_SPLIT
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_begin + offs_k)[None, :] * stride_xk
     w_rows = offs_n.to(tl.int64)
     blocks_per_row = K // NF4_BLOCKSIZE
 
-    partial = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k_begin + offs_k)[:, None] * stride_xk  # x^T (BLOCK_K, BLOCK_M)
+    partial = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)  # transposed: W is the MMA's first operand
     for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):  # SPLIT_K divides K's steps: every slice is full
-        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0).to(DOT_DTYPE)
+        xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0).to(DOT_DTYPE)
         w = load_nf4_tile(
             packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
             w_rows * K + k0, w_rows * blocks_per_row + k0 // NF4_BLOCKSIZE, n_mask, BLOCK_K, DOUBLE_QUANT,
         )
         w = weight_operand(w, W_ROUND, X_KIND, INTERPRET)
-        partial = tl.dot(x, tl.trans(w), partial, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-    out_ptrs = partial_ptr + (pid_s * M + offs_m)[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(out_ptrs, partial, mask=m_mask[:, None] & n_mask[None, :])
+        partial = tl.dot(w, xt, partial, input_precision=DOT_PRECISION)
+        xt_ptrs += BLOCK_K * stride_xk
+    out_ptrs = partial_ptr + (pid_s * M + offs_m)[None, :].to(tl.int64) * N + offs_n[:, None]
+    tl.store(out_ptrs, partial, mask=m_mask[None, :] & n_mask[:, None])
 
     # The LoRA down-projection of this slice, by one program per slice: a different tile column for each slice,
     # so the extra reads of A (r·K_PER_SPLIT elements) land on SPLIT_K programs spread over the grid. In fp32 FMAs,
     # XA_K columns at a time, not tl.dot: a second MMA loop beside the K loop would be the one compile_check's
-    # SASS count takes for "the K loop" (the shortest loop with an MMA), and one MMA loop with a branch in it needs
+    # SASS count takes for "the K loop" (the shortest loop with an MMA), and one MMA loop with a branch in it needed
     # 156 registers on sm_90a instead of 124 (3 programs an SM instead of 4).
     if pid_n == pid_s % tl.num_programs(0):
         offs_r, offs_kk = tl.arange(0, R_PAD), tl.arange(0, XA_K)
