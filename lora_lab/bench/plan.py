@@ -113,7 +113,7 @@ def format_plan(rows: list[Row]) -> str:
                      f"({gpu.arch})")
         lines.append(f"{'layer':<14} {'M':>5} {'path':<8} {'launch':>6} {'MB':>7} {'main kernel, tile':<34} "
                      f"{'prog/SM':>7} {'blk/SM':>6} {'issue':>6} {'bound':<8} {'us':>7} {'eager':>7} {'%HBM':>5} "
-                     f"{'%peak':>5}" + (f" {'measured':>8} {'/eager':>6}" if measured else ""))
+                     f"{'%peak':>5}" + (f" {'measured':>8} {'/pred':>5}" if measured else ""))
         previous = None
         for r in mine:
             if previous is not None and (r.layer, r.m) != previous:
@@ -127,7 +127,7 @@ def format_plan(rows: list[Row]) -> str:
                     f"{programs:>7} {main.occupancy or '':>6} {main.issue_us:>6.1f} {r.bound:<8} "
                     f"{r.predicted_us:>7.1f} {r.eager_us:>7.1f} {r.hbm_fraction:>5.0%} {r.peak_fraction:>5.0%}")
             if r.measured_us:
-                line += f" {r.measured_us:>8.1f} {r.measured_us / r.eager_us:>6.2f}"
+                line += f" {r.measured_us:>8.1f} {r.measured_us / r.predicted_us:>5.2f}"
             lines.append(line)
     lines.append(
         "\nThe forward in bf16, r = 16, NF4 blocksize 64 with double quantization. path: * is the one fused_qlora_linear "
@@ -138,7 +138,8 @@ def format_plan(rows: list[Row]) -> str:
         "bound: where most of the time goes. us: predicted with CUDA graphs; eager: without. %HBM: the least bytes a "
         "forward moves (NF4 W, bf16 x/y/A/B) at datasheet bandwidth over the predicted time; %peak: its FLOPs at "
         "dense bf16 peak over the predicted time (the first matters at small M, the second at large M). measured (on a "
-        "GPU): triton's do_bench median of back-to-back eager calls, so /eager compares it with the eager prediction."
+        "GPU): triton's do_bench median, each call after an L2-clearing kernel that the host's launches hide behind, "
+        "so its kernels run back to back as in a graph: /pred compares it with the us column."
     )
     lines.append("\nAssumptions (lora_lab/bench/plan.py ASSUMPTIONS):")
     for name, a in rows[0].assume.items() if rows else ():

@@ -206,6 +206,10 @@ def test_the_table_and_the_json():
     record = document["records"][0]
     assert record["predicted_us"] == pytest.approx(rows[0].predicted_us) and len(record["kernels"]) == 2
     assert record["kernels"][0]["registers"] == 72 and record["kernels"][0]["bound"] == rows[0].kernels[0].bound
+    rows[0].measured_us = 2 * rows[0].predicted_us  # on a GPU: the measured time beside the prediction
+    measured = [line for line in format_plan(rows).splitlines()
+                if line.startswith("layer") and "measured" in line or line.endswith(" 2.00")]
+    assert len(measured) == 2 and measured[0].split()[-2:] == ["measured", "/pred"]
 
 
 @triton.jit
