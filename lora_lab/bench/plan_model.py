@@ -83,6 +83,12 @@ ASSUMPTIONS = {
     "hbm_reads_per_operand": Assumption(1.0, "per tensor per kernel", "each tensor a kernel takes crosses HBM once "
                                         "(read or written): re-reads of a tile (x per column tile, W per row tile) "
                                         "hit L2, as grouped ordering arranges, and L2 hits cost nothing"),
+    "grid_share": Assumption(1.0, "(a rule)", "a grid of P programs on S SMs streams at min(1, P/S) of the bandwidth "
+                             "(an SM pulls its 1/S share, no more) and computes in ceil(P/S) waves, the last one "
+                             "maybe part empty; occupancy (blocks per SM) is shown, not modelled"),
+    "autotune_pick": Assumption(1.0, "(a rule)", "an autotuned kernel runs the compiled config the model predicts "
+                                "fastest, of those the compile check's CI subset compiles (the default and the last "
+                                "kept); on a GPU the autotuner picks from all and may differ"),
     "overlap": Assumption(1.0, "(a rule)", "a kernel's memory, tensor-core and issue times overlap perfectly (its body is "
                           "their max); launch ramp-up and tail are not modelled beyond waves of programs"),
 }
