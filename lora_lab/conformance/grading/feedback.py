@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora_lab.conformance.errors import GRADER_ERROR
 from lora_lab.conformance.registry import ERROR, FAILED, NOT_ATTEMPTED, NOT_PROVIDED, PASSED
 
 MISSING = "missing"  # the exercise file, or the function a check needs, is not there
 NOT_YOURS = "not your code"  # the function a check needs is lora_lab's own, imported into the exercise file
+GRADER = "grader error"  # the grader's own code raised (errors.raised_by_the_suite): no points, and ours to fix
+GRADER_HINT = ("the grader, not your file, raised this; the other rows stand. If your code gave it something odd "
+               "(an empty parameter list, a None), that may be the cause, but the grader should have said so.")
 
 
 def not_yours_reason(requires: tuple[str, ...], borrowed: dict[str, dict], stem: str) -> str | None:
@@ -48,7 +52,7 @@ def how_to_start(folder: Path, first_stem: str) -> str:
 def explain(result, error: dict | None) -> tuple[str, str]:
     """``(status, detail)`` for a grade table row from a ``runner.Result``, using what the learner's code raised last
     (``child.Server.describe``): a stub is "not attempted", the learner's own assert an error, a missing function
-    "missing"."""
+    "missing", an error of the grader's own code a "grader error"."""
     status, detail = result.status, result.detail
     if status != PASSED and error is not None and "NotImplementedError" in error["bases"]:
         if error["stub"] or error["in_learner_file"]:  # one of the learner's stubs (StubReached ended the check)
@@ -59,4 +63,6 @@ def explain(result, error: dict | None) -> tuple[str, str]:
         return ERROR, error["traceback"]  # the learner's own assert, not a property of the suite
     if status == NOT_PROVIDED:
         return MISSING, detail.replace("target has no", "the file defines no")
+    if status == ERROR and (detail.startswith(GRADER_ERROR) or f"\n{GRADER_ERROR}" in detail):
+        return GRADER, detail  # raised by the suite's own code, here or in the file's process (errors.grader_error)
     return status, detail

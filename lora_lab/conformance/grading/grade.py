@@ -17,7 +17,7 @@ from typing import Any
 from lora_lab.conformance.errors import TargetCrashed, TargetImportError, TargetTimedOut
 from lora_lab.conformance.grading.authorship import not_the_learners
 from lora_lab.conformance.grading.exercises import EXERCISES, Exercise, GradedCheck, selected_checks
-from lora_lab.conformance.grading.feedback import MISSING, NOT_YOURS, explain, not_yours_reason
+from lora_lab.conformance.grading.feedback import GRADER, GRADER_HINT, MISSING, NOT_YOURS, explain, not_yours_reason
 from lora_lab.conformance.runner import (
     ERROR,
     FAILED,
@@ -28,7 +28,7 @@ from lora_lab.conformance.runner import (
 )
 
 STATUS_WORDS = {PASSED: "passed", FAILED: "failed", ERROR: "error", NOT_ATTEMPTED: "not attempted", NOT_PROVIDED: MISSING,
-                NOT_YOURS: NOT_YOURS}
+                NOT_YOURS: NOT_YOURS, GRADER: GRADER}
 
 
 @dataclass
@@ -202,13 +202,14 @@ def format_row(row: Row, width: int) -> str:
     """One table row; below it, for a failure or error, what went wrong and the check's hint."""
     points = f"{row.score:>3}/{row.graded.points:<3}"
     line = f"  {STATUS_WORDS.get(row.status, row.status):<14}{row.graded.check.name:<{width}} {points} {row.seconds:5.1f}s"
-    if row.status == PASSED:
-        return line
+    if row.status == PASSED:  # with a passed check's hint under it (a kernel that compiles but spills registers)
+        return line + "".join(f"\n{' ' * 17}{text}" for text in row.detail.splitlines() if text.startswith("hint: "))
     if row.status in (NOT_ATTEMPTED, MISSING):
         return f"{line}  {row.detail.splitlines()[0] if row.detail else ''}".rstrip()
     indent = " " * 17  # failed or error: the property, what went wrong, and the hint
     detail = "\n".join(indent + text for text in row.detail.splitlines()[:12])
-    return f"{line}  {row.graded.check.description}\n{detail}\n{indent}hint: {row.graded.check.hint}"
+    hint = GRADER_HINT if row.status == GRADER else row.graded.check.hint  # the check's hint is about the learner's code
+    return f"{line}  {row.graded.check.description}\n{detail}\n{indent}hint: {hint}"
 
 
 def next_step(reports: list[ExerciseReport], folder: Path, rerun: Callable[[Exercise], str] | None = None) -> str | None:
