@@ -141,7 +141,7 @@ def format_plan(rows: list[Row]) -> str:
         "GPU): triton's do_bench median, each call after an L2-clearing kernel that the host's launches hide behind, "
         "so its kernels run back to back as in a graph: /pred compares it with the us column."
     )
-    lines.append("\nAssumptions (lora_lab/bench/plan.py ASSUMPTIONS):")
+    lines.append("\nAssumptions (lora_lab/bench/plan_model.py ASSUMPTIONS):")
     for name, a in rows[0].assume.items() if rows else ():
         lines.append(f"  {name} = {a.value:g} {a.unit}: {a.why}")
     return "\n".join(lines)
