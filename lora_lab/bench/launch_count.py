@@ -3,7 +3,7 @@
 Why count rather than list by hand
 ----------------------------------
 At small M a layer's forward is over in about 10 us, and every kernel launch
-adds a gap of its own (``plan.py`` says how much); a path that launches nine
+adds a gap of its own (``plan_model.py`` says how much); a path that launches nine
 kernels cannot reach the bandwidth a one-kernel path reaches. The kernels
 change, so the launches are counted by running the op, never written down:
 
