@@ -10,6 +10,7 @@ that is not the protocol ends the check (``TargetCrashed``, ``TargetTimedOut``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import select
@@ -69,6 +70,36 @@ def _signal_name(returncode: int | None) -> str:
             hint = " (an abort, e.g. glibc detected a corrupted heap)" if name == "SIGABRT" else ""
             return f"killed by {name}{hint}"
     return f"exit status {returncode}"
+
+
+HEAP_SIGNALS = ("SIGABRT", "SIGSEGV", "SIGBUS")  # deaths that a corrupted heap causes when it is next used
+EARLIER_CALLS_SHOWN = 3
+
+
+def _death_signal(returncode: int | None) -> str | None:
+    """The name of the signal that ended the process (a sandboxed one's pid 1 passes it on as 128 + N), or None."""
+    if returncode is None:
+        return None
+    number = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
+    try:
+        return signal.Signals(number).name if number else None
+    except ValueError:
+        return None
+
+
+def blame(returncode: int | None, earlier: list[str], count: int) -> str:
+    """Whom a crash during ``what`` is blamed on. A heap corrupted by a stray write is found only when memory is next
+    freed or allocated (glibc's "double free or corruption" aborts then), so a death by SIGABRT, SIGSEGV or SIGBUS
+    after other calls in the same process may have been caused by any of them: said to be undetermined, naming the
+    last of them (``earlier``, of ``count``). A process that died in its first call, or otherwise (an exit, a kill),
+    died of that call."""
+    if _death_signal(returncode) not in HEAP_SIGNALS or not count:
+        return ""
+    shown = "; ".join(earlier[-EARLIER_CALLS_SHOWN:])
+    more = f"the last {len(earlier[-EARLIER_CALLS_SHOWN:])} of " if count > len(earlier[-EARLIER_CALLS_SHOWN:]) else ""
+    return (f". Which call caused it is undetermined: memory corrupted by a stray write is found only when it is next "
+            f"freed or allocated, so it may be this call or one of the {count} before it in this process "
+            f"({more}them: {shown}); the check names this one because the process died in it")
 
 
 def _fork_server():
@@ -236,6 +267,9 @@ class Child:
         self.call_timeout = call_timeout if call_timeout is not None else float(os.environ.get(CALL_TIMEOUT_ENV, "300"))
         self.process: _Forked | _Spawned | None = None
         self.owed = 0  # replies the process still owes: each message sent gets exactly one, in order
+        # what this process was asked since it started (the last few, and how many): a crash's suspects
+        self.calls: collections.deque[str] = collections.deque(maxlen=EARLIER_CALLS_SHOWN + 1)
+        self.call_count = 0
 
     def launch(self) -> None:
         """Start the process and send it the target to import, without waiting: it imports while the caller works."""
@@ -253,6 +287,8 @@ class Child:
         self.outbox = os.fdopen(to_child_w, "wb", buffering=0)
         self.inbox = os.fdopen(from_child_r, "rb", buffering=0)
         self.owed = 0
+        self.calls.clear()
+        self.call_count = 0
         # The target sees the suite's environment as it is now (a fork of the server would see the server's).
         self._send(["init", {**self.init, "environ": dict(os.environ)}], "importing the target")
 
@@ -283,12 +319,17 @@ class Child:
     def _crashed(self, what: str) -> TargetCrashed:
         code = self.process.wait(10) if self.process else None
         self.process = None
-        return TargetCrashed(f"the target's process died during {what}: {_signal_name(code)}{self.output.last_words()}")
+        earlier = list(self.calls)[:-1] if self.calls and self.calls[-1] == what else list(self.calls)
+        return TargetCrashed(f"the target's process died during {what}: {_signal_name(code)}{self.output.last_words()}"
+                             f"{blame(code, earlier, self.call_count - (len(self.calls) - len(earlier)))}")
 
     def _send(self, message: list, what: str) -> None:
         try:
             from lora_lab.conformance.isolation import wire  # imports torch: not at import time (`lora-lab grade -h` fast)
 
+            if message[0] != "init":  # importing a target is not counted among a crash's suspects
+                self.calls.append(what)
+                self.call_count += 1
             wire.send(self.outbox, message)
         except (BrokenPipeError, OSError) as exc:
             raise self._crashed(what) from exc
