@@ -11,6 +11,13 @@ look fast. So, following KernelBench and gpu-mode's reference-kernels:
   synchronizes again. Host-side overhead (Python, kernel launches) is
   therefore included, as it is when a layer runs on its own. On a CPU the
   timer is ``time.perf_counter`` and caches are not flushed.
+- **CUDA graphs for a few rows.** A forward of M <= 16 rows (decoding) is a
+  few microseconds of kernels, less than the Python and launch overhead around
+  them, which a model that decodes removes with CUDA graphs. So on a GPU each
+  such trial captures its call in a ``torch.cuda.CUDAGraph`` (after a warm-up
+  call on a side stream, untimed) and times one replay: the kernels, not
+  Python. An implementation that cannot be captured (it syncs with the host,
+  say) is timed eagerly instead, and its record's note says so.
 - **Median** of the trials, after warm-up calls on every input set (which is
   also when Triton compiles and autotunes). Implementations are timed
   round-robin, trial by trial, so a machine that slows down (a shared CPU,
@@ -59,6 +66,7 @@ _TIMER_FUNCTIONS = {
 }
 
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 (H100: 50 MB, H200: 60 MB)
+GRAPHED_MAX_M = 16  # forwards of at most this many rows are timed as a CUDA graph replay (see the module docstring)
 SCALING = 2.0  # alpha / r with the common alpha = 2r
 
 
@@ -97,7 +105,8 @@ class PerfCounterTimer:
 class CudaEventTimer:
     """CUDA events around one call, after an L2 flush and a synchronize; synchronized again after."""
 
-    name = "CUDA events, L2 flushed and device synchronized before each call"
+    name = (f"CUDA events, L2 flushed and device synchronized before each call; forwards of M <= {GRAPHED_MAX_M} "
+            "replay a CUDA graph of the call (kernels only, no Python or launch overhead)")
 
     def __init__(self, device: torch.device | str = "cuda", flush_bytes: int = L2_FLUSH_BYTES) -> None:
         self.device = torch.device(device)
@@ -113,6 +122,22 @@ class CudaEventTimer:
         _CUDA_SYNC(self.device)
         return _EVENT_ELAPSED(start, end)
 
+    def time_graph(self, run: Callable[[], object]) -> float | None:
+        """``run`` captured in a CUDA graph (after one warm-up call on a side stream), then one replay timed as
+        ``time_call`` times a call; None, after a warm-up call, when ``run`` cannot be captured."""
+        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        try:
+            with torch.cuda.graph(graph):
+                run()
+        except Exception:  # noqa: BLE001 - a call that cannot be captured is timed eagerly by the caller
+            _CUDA_SYNC(self.device)
+            return None
+        return self.time_call(graph.replay)
+
     def peak_memory_mb(self, run: Callable[[], object]) -> float:
         """``torch.cuda.max_memory_allocated`` during ``run`` minus what was allocated just before it."""
         _CUDA_SYNC(self.device)
@@ -124,6 +149,11 @@ class CudaEventTimer:
 
 
 Timer = PerfCounterTimer | CudaEventTimer
+
+
+def graphed(case: Case, timer: Timer) -> bool:
+    """Whether ``case``'s trials are timed as CUDA graph replays: forwards of at most GRAPHED_MAX_M rows on a GPU."""
+    return timer.device.type == "cuda" and case.op == "forward" and case.M <= GRAPHED_MAX_M
 
 
 def timer_tampering() -> list[str]:
@@ -282,11 +312,16 @@ def measure_case(
         min(settings.max_repeats, max(settings.min_repeats, settings.budget_ms * len(ready) / max(sum(estimates.values()), 1e-3)))
     )
     times: dict[str, list[float]] = {name: [] for name in ready}
+    eager: set[str] = set()  # implementations a graphed case had to time eagerly: their capture failed
     for trial in range(repeats):
         inputs = input_sets[trial % len(input_sets)]
         for name, (bind, _) in list(ready.items()):
             try:
-                times[name].append(timer.time_call(_Prepared(case, bind, inputs).run))
+                run = _Prepared(case, bind, inputs).run
+                ms = timer.time_graph(run) if graphed(case, timer) else None
+                if ms is None and graphed(case, timer):
+                    eager.add(name)
+                times[name].append(timer.time_call(run) if ms is None else ms)
             except Exception as exc:  # noqa: BLE001
                 failures.append({"case": str(case), "impl": name, "error": f"{type(exc).__name__}: {exc}"})
                 del ready[name]
@@ -304,6 +339,8 @@ def measure_case(
     for name, (bind, resident) in ready.items():
         try:
             records.append(_finish(case, name, bind, resident, times[name], weight, timer, roofline, check_inputs, expected))
+            if name in eager:
+                records[-1].note = "; ".join(filter(None, [records[-1].note, "timed eagerly: no CUDA graph captured"]))
         except Exception as exc:  # noqa: BLE001
             failures.append({"case": str(case), "impl": name, "error": f"{type(exc).__name__}: {exc}"})
             _release(device)
