@@ -91,7 +91,7 @@ def describe(value, constexpr: bool) -> list:
         if type(value).__name__ == "dtype" and type(value).__module__.startswith("triton"):
             return ["tl_dtype", str(value)]  # tl.float16 and the like
         return ["other", type(value).__name__]
-    if hasattr(value, "data_ptr") and hasattr(value, "dtype"):
+    if hasattr(value, "data_ptr") and str(getattr(value, "dtype", "")).startswith("torch."):
         return ["tensor", str(value.dtype).removeprefix("torch."), value.data_ptr() % 16 == 0]
     if value is None:
         return ["none"]
