@@ -10,37 +10,53 @@ with ``X`` the input flattened to (M, K) and ``dY`` the output gradient (M, N):
     dbias = sum of dY over the rows                (N,)
     dW    = none: W is frozen
 
-Only dX touches W, so only dX needs a kernel that decodes NF4. dA and dB are
-ordinary dense matmuls with one r-wide operand; they run as torch matmuls
-(cuBLAS on a GPU), which are as fast as anything we could write for them. Their
-r-wide operands come for free: the forward kernel stores ``X @ A^T`` and the
-dX kernel stores ``dY @ B``. What autograd keeps between the passes is X,
-``X @ A^T`` (M x r), and A and B in x's dtype: never W dequantized.
+Only dX touches W, so only dX needs a kernel that decodes NF4. The r-wide
+products ``X @ A^T`` and ``dY @ B`` are each computed once per call, by one
+torch matmul (cuBLAS on a GPU), rounded to x's dtype as the reference rounds
+them: the kernels read them in their epilogues, and dB and dA reuse them. dA
+and dB are ordinary dense matmuls with one r-wide operand; they run as torch
+matmuls, which are as fast as anything we could write for them. What autograd
+keeps between the passes is X, ``X @ A^T`` (M x r), and A and B in x's dtype:
+never W dequantized.
 
 A, B and the bias are cast to x's dtype first, as the reference does, and
 their gradients are cast back to their own dtypes.
 
-Which kernel, by M
-------------------
-The right kernel depends on the rows M (batch x sequence), as in bitsandbytes:
+Which kernels, by M and dtype
+-----------------------------
+The right kernel depends on the rows M (batch x sequence), as in bitsandbytes
+and Unsloth (``LAUNCHES`` lists what each path runs per call):
 
 - ``M <= 16`` (decoding): ``qlora_small_m.py``, split-K over W, so that a
   layer that is all weight-reading keeps every SM streaming W.
-- ``16 < M < DENSE_FROM_M``: the fused kernels, W decoded tile by tile in registers.
-- ``M >= DENSE_FROM_M`` (training, prefill): the fused kernels decode each W
-  tile once per row tile, ``cdiv(M, BLOCK_M)`` times in all, which costs more
-  than decoding W once (``nf4_dequantize``) and reading it dense; so W is
-  dequantized once per pass and the same matmul kernels read it (``W_DENSE``),
-  with the LoRA path still fused in their epilogue. The dense copy lives only
-  for the duration of one kernel, forward or backward.
+- ``16 < M < DENSE_FROM_M``: the fused kernels, W decoded tile by tile in
+  registers, with tiles small enough that every SM gets a program (``tiles.py``).
+- ``M >= DENSE_FROM_M`` (training, prefill): the fused kernels would decode
+  each W tile once per row tile, ``cdiv(M, BLOCK_M)`` times in all, which
+  costs more than decoding W once, so ``nf4_dequantize`` writes W once, straight
+  in x's dtype, and cuBLAS multiplies: ``addmm`` for ``x @ W^T + bias``, then
+  ``addmm_`` adds ``scaling * xa @ B^T`` in place. At this M cuBLAS's large tiles
+  beat our NF4-constrained ones by more than the one extra read and write of y
+  costs (y is M x N; the base GEMM reads M x K and W and does 2MNK FLOPs). The
+  dense W is a temporary of one pass: freed after its matmul, recycled by
+  torch's caching allocator on the next call rather than kept in a workspace
+  (a buffer alive between calls would be a dense weight kept, which
+  ``memory.qlora_linear_keeps_no_dense_weight`` rightly refuses).
+- fp32 x above ``SMALL_M`` rows (and dX at every M): the dense path. Without
+  tensor cores (TF32 would round to a 10-bit mantissa, outside fp32's
+  tolerance), tl.dot in IEEE precision is scalar FMAs with the operands in
+  registers, where cuBLAS's SGEMM is tuned; matmuls run with TF32 off even if
+  the caller allowed it. Decoding (M <= 16) stays on the small-M kernel, which
+  reads W at half a byte per weight where the dense path writes and reads 8.
 
 ``LORA_LAB_KERNEL_PATH=fused`` or ``=dense`` forces one path for every M
-(tests and the benchmark compare them); the threshold is the static model's
-(``lora-lab bench --plan``) until a GPU measures it.
+(tests and the benchmark compare them; fp32 stays dense); the threshold is the
+static model's (``lora-lab bench --plan``) until a GPU measures it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -59,24 +75,69 @@ FORCED_PATH = os.environ.get("LORA_LAB_KERNEL_PATH", "auto")
 if FORCED_PATH not in PATHS:
     raise ValueError(f"LORA_LAB_KERNEL_PATH must be one of {', '.join(PATHS)}, got {FORCED_PATH!r}")
 
+# What each path launches per call, in order: Triton kernels by name, torch matmuls as "aten.<op>" (cuBLAS on a GPU).
+# "forward" and "grad_input" (dX) per path; dA and dB add one aten.mm each to any backward, dbias an aten.sum.
+# The small-M forward is qlora_small_m_forward's (qlora_small_m.py): its kernel, and host ops of its own choosing.
+# (lora_lab.bench.plan may read these; tests/triton_kernels/test_kernels.py counts the launches against them.)
+LAUNCHES = {
+    "small_m": {"forward": ("qlora_small_m_kernel",), "grad_input": ("aten.mm", "qlora_grad_input_kernel")},
+    "fused": {"forward": ("aten.mm", "qlora_forward_kernel"),
+              "grad_input": ("aten.mm", "qlora_grad_input_kernel")},
+    "dense": {"forward": ("aten.mm", "nf4_dequantize_kernel", "aten.addmm", "aten.addmm_"),
+              "grad_input": ("aten.mm", "nf4_dequantize_kernel", "aten.mm", "aten.addmm_")},
+}
 
-def kernel_path(m: int) -> str:
-    """``"small_m"``, ``"fused"`` or ``"dense"``: the kernels a layer of ``m`` rows runs (forward; dX never small_m)."""
+
+def kernel_path(m: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """``"small_m"``, ``"fused"`` or ``"dense"``: the forward path for ``m`` rows of ``dtype`` (see the docstring)."""
     if FORCED_PATH != "auto":
-        return FORCED_PATH
-    if m <= SMALL_M:
-        return "small_m"
-    return "dense" if m >= DENSE_FROM_M else "fused"
+        path = FORCED_PATH
+    elif m <= SMALL_M:
+        path = "small_m"
+    else:
+        path = "dense" if m >= DENSE_FROM_M else "fused"
+    return "dense" if path == "fused" and dtype == torch.float32 else path
 
 
-def dense_weight(weight: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``dequantize_nf4(W).to(dtype)``: one kernel, then a cast only if W's dtype is not x's."""
-    dense = nf4_dequantize(weight)
-    return dense if dense.dtype == dtype else dense.to(dtype)
+def grad_input_path(m: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """``"fused"`` or ``"dense"``: the path of dX, which has no small-M kernel of its own and, in fp32, no fused one."""
+    return "dense" if dtype == torch.float32 or kernel_path(m, dtype) == "dense" else "fused"
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmuls():
+    """cuBLAS multiplies fp32 in IEEE precision inside the block, even where the caller allowed TF32 globally."""
+    settings = torch.backends.cuda.matmul
+    if not settings.allow_tf32:
+        yield
+        return
+    settings.allow_tf32 = False
+    try:
+        yield
+    finally:
+        settings.allow_tf32 = True
+
+
+def dense_forward(x2d, weight, xa, b, scaling, bias_x) -> torch.Tensor:
+    """``x @ W^T + bias + scaling * xa @ B^T`` with W dequantized once into x's dtype, then two cuBLAS calls."""
+    dense = nf4_dequantize(weight, x2d.dtype)
+    with ieee_fp32_matmuls():
+        y = torch.mm(x2d, dense.t()) if bias_x is None else torch.addmm(bias_x, x2d, dense.t())
+        del dense  # the temporary goes back to the allocator before the small matmul
+        return y.addmm_(xa, b.t(), alpha=scaling)
+
+
+def dense_grad_input(dy, weight, dyb, a, scaling) -> torch.Tensor:
+    """``dY @ W + scaling * dyb @ A`` with W dequantized once into dY's dtype, then two cuBLAS calls."""
+    dense = nf4_dequantize(weight, dy.dtype)
+    with ieee_fp32_matmuls():
+        grad_x = torch.mm(dy, dense)
+        del dense
+        return grad_x.addmm_(dyb, a, alpha=scaling)
 
 
 class FusedQLoRALinear(torch.autograd.Function):
-    """Forward and dX run as fused Triton kernels; dA, dB and dbias from the saved r-wide products."""
+    """Forward and dX: fused Triton kernels or dequantize + cuBLAS, by M; dA, dB and dbias from the r-wide products."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, scaling, bias):
@@ -85,12 +146,18 @@ class FusedQLoRALinear(torch.autograd.Function):
         a = lora_A.to(x.dtype).contiguous()
         b = lora_B.to(x.dtype).contiguous()
         bias_x = None if bias is None else bias.to(x.dtype).contiguous()
-        path = kernel_path(x2d.shape[0])
-        if path == "small_m" and x2d.shape[0] > 0:
+        path = kernel_path(x2d.shape[0], x.dtype)
+        if x2d.shape[0] == 0:  # an empty batch: nothing to launch, no W to decode
+            y, xa = x2d.new_empty((0, N)), x2d.new_empty((0, a.shape[0]))
+        elif path == "small_m":
             y, xa = qlora_small_m_forward(x2d, weight, a, b, scaling, bias_x)
         else:
-            dense = dense_weight(weight, x.dtype) if path == "dense" else None
-            y, xa = qlora_forward(x2d, weight, a, b, scaling, bias_x, dense)
+            with ieee_fp32_matmuls():
+                xa = x2d @ a.t()  # once per call, rounded to x's dtype as the reference rounds it
+            if path == "dense":
+                y = dense_forward(x2d, weight, xa, b, scaling, bias_x)
+            else:
+                y, _ = qlora_forward(x2d, weight, a, b, scaling, bias_x, xa)
         ctx.save_for_backward(x2d, xa, a, b)
         ctx.weight, ctx.scaling, ctx.x_shape = weight, scaling, x.shape
         ctx.param_dtypes = (lora_A.dtype, lora_B.dtype, None if bias is None else bias.dtype)
@@ -103,16 +170,18 @@ class FusedQLoRALinear(torch.autograd.Function):
         dy = grad_y.reshape(-1, grad_y.shape[-1]).to(x2d.dtype)
         a_dtype, b_dtype, bias_dtype = ctx.param_dtypes
         grad_x = grad_A = grad_B = grad_bias = None
-        dyb = None
-        if need_x:
-            dense = dense_weight(ctx.weight, dy.dtype) if kernel_path(dy.shape[0]) == "dense" else None
-            grad_x2d, dyb = qlora_grad_input(dy, ctx.weight, a, b, ctx.scaling, dense)
-            grad_x = grad_x2d.reshape(ctx.x_shape)
-        if need_A:
-            dyb = dy @ b if dyb is None else dyb
-            grad_A = (dyb.t() @ x2d).mul_(ctx.scaling).to(a_dtype)
-        if need_B:
-            grad_B = (dy.t() @ xa).mul_(ctx.scaling).to(b_dtype)
+        with ieee_fp32_matmuls():
+            dyb = dy @ b if need_x or need_A else None  # once per call: dX's epilogue and dA share it
+            if need_x and dy.shape[0] == 0:
+                grad_x = dy.new_empty(ctx.x_shape)
+            elif need_x and grad_input_path(dy.shape[0], dy.dtype) == "dense":
+                grad_x = dense_grad_input(dy, ctx.weight, dyb, a, ctx.scaling).reshape(ctx.x_shape)
+            elif need_x:
+                grad_x = qlora_grad_input(dy, ctx.weight, a, b, ctx.scaling, dyb)[0].reshape(ctx.x_shape)
+            if need_A:
+                grad_A = (dyb.t() @ x2d).mul_(ctx.scaling).to(a_dtype)
+            if need_B:
+                grad_B = (dy.t() @ xa).mul_(ctx.scaling).to(b_dtype)
         if need_bias:
             grad_bias = dy.sum(0, dtype=torch.float32).to(bias_dtype)
         return grad_x, None, grad_A, grad_B, None, grad_bias
@@ -144,12 +213,12 @@ def fused_qlora_linear(
 
     x is (..., K) in float32, float16 or bfloat16; W (N, K) in NF4 with K a
     multiple of its blocksize; A (r, K); B (N, r); bias (N,). y is (..., N) in
-    x's dtype. Differentiable in x, A, B and bias, never in W. Below
-    ``DENSE_FROM_M`` rows W is decoded tile by tile inside the kernels, in the
-    forward and again in the backward, so no dense copy of it is made; from
-    there on each pass dequantizes W into a temporary (N x K in x's dtype, freed
-    after the kernel), as bitsandbytes does; ``LORA_LAB_KERNEL_PATH=fused``
-    keeps the no-copy path at every M.
+    x's dtype. Differentiable in x, A, B and bias, never in W. In fp16 and bf16
+    below ``DENSE_FROM_M`` rows W is decoded tile by tile inside the kernels, in
+    the forward and again in the backward, so no dense copy of it is made; from
+    there on, and in fp32 (but the small-M forward), each pass dequantizes W into a temporary
+    (N x K in x's dtype, freed after its matmul), as bitsandbytes does;
+    ``LORA_LAB_KERNEL_PATH=fused`` keeps the no-copy path at every M in fp16/bf16.
     """
     _check_operands(x, weight, lora_A, lora_B, scaling, bias)
     return FusedQLoRALinear.apply(x, weight, lora_A, lora_B, float(scaling), bias)

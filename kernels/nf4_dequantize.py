@@ -19,6 +19,16 @@ level and the absmax of its block, and writes the product. Both levels of the sc
 kernel, so no fp32 absmax array is ever materialized. The arithmetic is the
 reference's, operation for operation, so the result is bit-identical to
 ``lora_lab.nf4.dequantize_nf4`` (and so to bitsandbytes' ``dequantize_4bit``).
+
+Straight into the matmul's dtype
+--------------------------------
+A layer whose weight was stored from fp32 but runs in bf16 needs
+``dequantize_nf4(W).to(torch.bfloat16)``: written as two steps that is a dense
+fp32 copy of W, then a second pass that reads it and writes the bf16 one.
+``nf4_dequantize(q, dtype=torch.bfloat16)`` writes the bf16 weight directly,
+rounding each value to the weight's own dtype first and then to ``dtype``
+(``common.weight_operand``), so it equals the two steps bit for bit while
+writing W once, in the narrower dtype.
 """
 
 from __future__ import annotations
@@ -34,8 +44,9 @@ from lora_lab.kernels.common import (
     load_absmax,
     load_nf4_levels,
     new_output,
-    round_to,
     weight_arguments,
+    weight_operand,
+    weight_rounding,
 )
 
 from lora_lab.nf4 import VALID_BLOCKSIZES, NF4Tensor
@@ -52,9 +63,10 @@ def nf4_dequantize_kernel(
     absmax_code_ptr,  # fp32 [256]: the 8-bit dynamic map (read only with DOUBLE_QUANT)
     absmax_scale_ptr,  # fp32 [ceil(blocks / 256)]: one scale per 256 blocks (read only with DOUBLE_QUANT)
     absmax_offset,  # fp32 scalar added to every decoded absmax (DOUBLE_QUANT)
-    out_ptr,  # [numel] in the weight's dtype
+    out_ptr,  # [numel] in the output dtype
     numel,  # number of weight elements
     BLOCKSIZE: tl.constexpr,  # NF4 block size, a power of two: the division below is a shift
+    W_ROUND: tl.constexpr,  # rounding to the weight's own dtype before the output's (common.weight_rounding)
     OUT_KIND: tl.constexpr,  # storage kind of out (common.FP32 / FP16 / BF16)
     DOUBLE_QUANT: tl.constexpr,
     INTERPRET: tl.constexpr,  # running under Triton's interpreter (bf16 rounding is emulated)
@@ -64,14 +76,16 @@ def nf4_dequantize_kernel(
     mask = offs < numel
     levels = load_nf4_levels(packed_ptr, levels_ptr, offs, mask)
     absmax = load_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, offs // BLOCKSIZE, mask, DOUBLE_QUANT)
-    tl.store(out_ptr + offs, round_to(levels * absmax, OUT_KIND, INTERPRET), mask=mask)
+    tl.store(out_ptr + offs, weight_operand(levels * absmax, W_ROUND, OUT_KIND, INTERPRET), mask=mask)
 
 
-def nf4_dequantize(q: NF4Tensor) -> torch.Tensor:
-    """A dense tensor of ``q.shape`` and ``q.dtype``, bit-identical with ``lora_lab.nf4.dequantize_nf4``.
+def nf4_dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A dense tensor of ``q.shape`` in ``dtype`` (default ``q.dtype``): ``lora_lab.nf4.dequantize_nf4(q).to(dtype)``
+    bit for bit.
 
     One kernel launch decodes codes, the double-quantized absmax and the final
-    rounding, so a double-quantized weight costs no extra pass over its statistics.
+    rounding(s), so a double-quantized weight costs no extra pass over its
+    statistics, and another dtype than the weight's no extra pass over W.
     """
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"expected an NF4Tensor (see lora_lab.nf4.quantize_nf4), got {type(q).__name__}")
@@ -83,21 +97,23 @@ def nf4_dequantize(q: NF4Tensor) -> torch.Tensor:
             f"NF4Tensor of shape {tuple(q.shape)} and blocksize {q.blocksize} needs {(q.numel + 1) // 2} packed bytes "
             f"and {blocks} absmax values, got {q.packed.numel()} and {q.absmax.numel()}"
         )
+    dtype = q.dtype if dtype is None else dtype
+    out_kind = dtype_kind(dtype)
     packed, levels, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(q)
     check_device(packed, absmax)
     # The interpreter's own fp32 -> bf16 store mangles subnormals, so there bf16 goes through an fp32 buffer: the
     # kernel has already rounded each value to a bf16 number, and the host's cast keeps it exactly.
-    via_fp32 = INTERPRETING and q.dtype == torch.bfloat16
-    out = new_output(tuple(q.shape), torch.float32 if via_fp32 else q.dtype, packed.device)
+    via_fp32 = INTERPRETING and dtype == torch.bfloat16
+    out = new_output(tuple(q.shape), torch.float32 if via_fp32 else dtype, packed.device)
     if q.numel == 0:
-        return out.to(q.dtype)
+        return out.to(dtype)
     grid = (triton.cdiv(q.numel, BLOCK),)
     nf4_dequantize_kernel[grid](
         packed, levels, absmax, absmax_code, absmax_scale, absmax_offset, out, q.numel,
-        BLOCKSIZE=q.blocksize, OUT_KIND=dtype_kind(q.dtype), DOUBLE_QUANT=q.double_quant,
+        BLOCKSIZE=q.blocksize, W_ROUND=weight_rounding(q.dtype, dtype), OUT_KIND=out_kind, DOUBLE_QUANT=q.double_quant,
         INTERPRET=INTERPRETING, BLOCK=BLOCK, **LAUNCH_OPTIONS,
     )
-    return out.to(q.dtype) if via_fp32 else out
+    return out.to(dtype) if via_fp32 else out
 
 
 if __name__ == "__main__":

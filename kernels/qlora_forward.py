@@ -3,40 +3,43 @@
 The algorithm
 -------------
 ``x`` is (M, K), the frozen NF4 weight ``W`` is (N, K), the adapters are
-``A`` (r, K) and ``B`` (N, r). The output is tiled as in Triton's matmul
-tutorial: each program owns one (BLOCK_M, BLOCK_N) tile of ``y`` and walks K in
-steps of BLOCK_K, accumulating in fp32:
+``A`` (r, K) and ``B`` (N, r). The LoRA down-projection ``xa = x @ A^T`` (M x r)
+is computed once per call, before the kernel, by one torch matmul (cuBLAS on a
+GPU), and rounded to x's dtype as the reference rounds it. The output is tiled
+as in Triton's matmul tutorial: each program owns one (BLOCK_M, BLOCK_N) tile
+of ``y`` and walks K in steps of BLOCK_K, accumulating in fp32:
 
     for each K step:
         x_tile  = x[m-tile, k-step]                        (BLOCK_M, BLOCK_K), from memory
         W_tile  = decode(W[n-tile, k-step])                (BLOCK_N, BLOCK_K), in registers
         acc    += x_tile @ W_tile^T                        the base path
-        xa     += x_tile @ A[:, k-step]^T                  the LoRA down-projection, (BLOCK_M, r)
+
+    acc += scaling * xa[m-tile] @ B[n-tile]^T              the epilogue: the adapter, one r-wide MMA
+    y[m-tile, n-tile] = round(acc + bias[n-tile])          stored once
 
 Two fusions save the memory traffic an unfused QLoRA layer pays:
 
 1. *Dequantize in registers.* W's tile is decoded from 4-bit codes right
    before the tensor-core matmul (see ``common.load_nf4_tile``). W is read at
    half a byte per element and no dense copy of it exists, which is the
-   point of QLoRA's memory saving (at large M, ``fused_qlora_linear`` may
-   instead pass a dense W decoded once: the ``W_DENSE`` path). The decoded tile is rounded exactly as
+   point of QLoRA's memory saving. The decoded tile is rounded exactly as
    ``dequantize_nf4(W).to(x.dtype)`` rounds, so the base path multiplies the
    very numbers the reference multiplies.
-2. *LoRA rides along.* ``x @ A^T`` needs the same ``x`` tile, already in
-   registers, so it costs one small extra MMA per step (r is padded to 16, the
-   smallest tensor-core operand). The epilogue finishes the adapter,
-   ``acc += scaling * round(xa) @ B[n-tile]^T``, adds the bias, and stores ``y``
-   once. The r-wide ``xa`` is rounded to x's dtype, as the reference does; the
-   programs of the first tile column also store it, because the backward pass
-   needs it for dB and the programs computed it anyway.
+2. *LoRA in the epilogue.* The up-projection ``xa @ B^T`` and the bias are
+   added to the fp32 accumulator before the one store of ``y``: no M x N
+   intermediate is written or read back.
+
+Why ``x @ A^T`` is not in the kernel: every program of a tile row would
+recompute it, ``cdiv(N, BLOCK_N)`` times in all, one (BLOCK_M, R_PAD) MMA per K
+step beside the (BLOCK_M, BLOCK_N) one: ``R_PAD / BLOCK_N`` extra tensor-core
+work (25% at r = 16 with 64-wide tiles, 100% at r = 64) and an adapter tile in
+registers throughout the loop. Computed once it costs one extra read of x (M x
+K), which the middle range of M, where this kernel runs, pays easily; and it
+frees the tile width to shrink until there are programs for every SM.
 
 *Grouped ordering.* Programs are numbered so that GROUP_M consecutive programs
 share a column of W tiles: while one group runs, its W tiles and x rows stay
 in L2 instead of being refetched from HBM.
-
-Every program recomputes ``x @ A^T`` for its rows (``cdiv(N, BLOCK_N)`` times
-in all); that costs ``r / BLOCK_N`` of the base matmul, a few percent, and
-avoids a second launch and an extra pass over x.
 """
 
 from __future__ import annotations
@@ -63,31 +66,29 @@ from lora_lab.kernels.tiles import autotune_key_rows, autotune_over_nf4_tiles
 from lora_lab.nf4 import NF4Tensor
 
 
-@autotune_over_nf4_tiles
+@autotune_over_nf4_tiles(output=("N", "BLOCK_N"))
 @triton.jit
 def qlora_forward_kernel(
     # Pointers
-    x_ptr,  # [M, K] activations (x's dtype)
+    x_ptr,  # [M, K] activations (fp16 or bf16)
     packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,  # the NF4 weight [N, K], see common
-    #   (with W_DENSE, packed_ptr is W already decoded, [N, K] in x's dtype: common.weight_tile)
-    a_ptr,  # [r, K] lora_A in x's dtype
+    xa_ptr,  # [M, r] x @ A^T in x's dtype, computed once before the kernel
     b_ptr,  # [N, r] lora_B in x's dtype
     bias_ptr,  # [N] in x's dtype (read only when HAS_BIAS)
     y_ptr,  # [M, N] output, contiguous
-    xa_ptr,  # [M, r] output x @ A^T in x's dtype, contiguous, saved for backward
     # Sizes
     M, N, K, R,
     M_BUCKET,  # M rounded up to a power of two: only the autotune key
     NF4_BLOCKSIZE: tl.constexpr,  # divides K; BLOCK_K divides it; a power of two, so dividing by it is a shift
     # Strides (elements)
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_xm, stride_xk, stride_xam, stride_xar, stride_bn, stride_br,
     # Scalars
     absmax_offset,  # double quant: added to every decoded absmax
     scaling,  # LoRA alpha / r
     # Meta-parameters
-    HAS_BIAS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, W_DENSE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     R_PAD: tl.constexpr,  # r padded to a power of two >= 16
-    X_KIND: tl.constexpr,  # storage kind of x, y, A, B (common.FP32 / FP16 / BF16)
+    X_KIND: tl.constexpr,  # storage kind of x, y, xa, B (common.FP16 / BF16)
     W_ROUND: tl.constexpr,  # rounding to W's own dtype before x's (common.weight_rounding)
     INTERPRET: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -109,25 +110,21 @@ def qlora_forward_kernel(
     m_mask, n_mask, r_mask = offs_m < M, offs_n < N, offs_r < R
 
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    at_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar  # A^T tile (BLOCK_K, R_PAD)
     w_rows = offs_n.to(tl.int64)
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    xa = tl.full((BLOCK_M, R_PAD), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K is a multiple of BLOCK_K: no mask along K
         x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0).to(DOT_DTYPE)
-        at = tl.load(at_ptrs, mask=r_mask[None, :], other=0.0).to(DOT_DTYPE)
         w = weight_tile(
             packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, w_rows, n_mask, k0,
-            K, NF4_BLOCKSIZE, BLOCK_K, DOUBLE_QUANT, W_DENSE, W_ROUND, X_KIND, INTERPRET, DOT_DTYPE,
+            K, NF4_BLOCKSIZE, BLOCK_K, DOUBLE_QUANT, False, W_ROUND, X_KIND, INTERPRET, DOT_DTYPE,
         )
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        xa = tl.dot(x, at, xa, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
-        at_ptrs += BLOCK_K * stride_ak
 
-    # Epilogue: finish the adapter with B, add the bias, round once to x's dtype.
-    xa = round_to(xa, X_KIND, INTERPRET)  # the reference's (x @ A^T) is in x's dtype too
+    # Epilogue: the adapter's up-projection from the r-wide xa, the bias, one rounding to x's dtype.
+    xa_ptrs = xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar
+    xa = tl.load(xa_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(DOT_DTYPE)
     bt_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn  # B^T tile (R_PAD, BLOCK_N)
     bt = tl.load(bt_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(DOT_DTYPE)
     acc += scaling * tl.dot(xa, bt, input_precision=DOT_PRECISION)
@@ -135,8 +132,17 @@ def qlora_forward_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(y_ptrs, round_to(acc, X_KIND, INTERPRET), mask=m_mask[:, None] & n_mask[None, :])
-    if pid_n == 0:  # one program per row block saves x @ A^T for the backward pass
-        tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], xa, mask=m_mask[:, None] & r_mask[None, :])
+
+
+def check_half_precision(kernel: str, dtype: torch.dtype) -> None:
+    """The NF4 matmul kernels multiply on tensor cores, in fp16 or bf16; fp32 takes the dense path instead.
+
+    In fp32, tl.dot must run in IEEE precision (the tolerance is fp32's, not TF32's): scalar FMAs with the operands
+    in registers, slow and prone to spilling. ``fused_qlora_linear`` sends fp32 to ``nf4_dequantize`` and cuBLAS.
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"{kernel} takes fp16 or bf16 activations, got {dtype}; fused_qlora_linear runs fp32 as "
+                        "nf4_dequantize + torch matmul (IEEE fp32)")
 
 
 def qlora_forward(
@@ -146,36 +152,35 @@ def qlora_forward(
     lora_B: torch.Tensor,
     scaling: float,
     bias: torch.Tensor | None,
-    dense: torch.Tensor | None = None,
+    xa: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel on 2-D ``x`` (M, K): returns ``(y, x @ A^T)``, both in x's dtype.
+    """Launch the forward kernel on 2-D ``x`` (M, K) in fp16 or bf16: returns ``(y, x @ A^T)``, both in x's dtype.
 
-    ``dense``, if given, is W decoded once already, ``dequantize_nf4(W).to(x.dtype)``
-    (the large-M path): the kernel reads it instead of decoding NF4 tiles.
-    The caller (``fused_qlora_linear``) has validated shapes and cast A, B and the
-    bias to x's dtype; this only checks what the kernel itself relies on.
+    ``xa``, if given, is ``x @ A^T`` already computed (M x r in x's dtype); otherwise it is computed here, once, by
+    a torch matmul. The caller (``fused_qlora_linear``) has validated shapes and cast A, B and the bias to x's
+    dtype; this only checks what the kernel itself relies on.
     """
+    check_half_precision("qlora_forward", x.dtype)
     M, K = x.shape
     N, r = lora_B.shape
     if weight.shape != (N, K) or lora_A.shape != (r, K) or K % weight.blocksize:
         raise ValueError(f"qlora_forward: inconsistent shapes x {tuple(x.shape)}, W {tuple(weight.shape)}, r {r}")
-    if dense is not None and (dense.shape != (N, K) or dense.dtype != x.dtype or not dense.is_contiguous()):
-        raise ValueError(f"qlora_forward: expected the dense W contiguous, {(N, K)} in {x.dtype}, got "
-                         f"{tuple(dense.shape)} in {dense.dtype}")
+    if xa is None:
+        xa = x @ lora_A.t()  # rounded to x's dtype, as the reference rounds it
+    if xa.shape != (M, r) or xa.dtype != x.dtype:
+        raise ValueError(f"qlora_forward: expected x @ A^T of shape {(M, r)} in {x.dtype}, got {tuple(xa.shape)} in {xa.dtype}")
     y = new_output((M, N), x.dtype, x.device)
-    xa = new_output((M, r), x.dtype, x.device)
     if M == 0:
         return y, xa
     packed, _, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(weight)
-    levels = nf4_pair_levels(packed.device)
-    packed = packed if dense is None else dense
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     qlora_forward_kernel[grid](
-        x, packed, levels, absmax, absmax_code, absmax_scale, lora_A, lora_B, x if bias is None else bias, y, xa,
+        x, packed, nf4_pair_levels(packed.device), absmax, absmax_code, absmax_scale, xa, lora_B,
+        x if bias is None else bias, y,
         M, N, K, r, autotune_key_rows(M), weight.blocksize,
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+        x.stride(0), x.stride(1), xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1),
         absmax_offset, float(scaling),
-        HAS_BIAS=bias is not None, DOUBLE_QUANT=weight.double_quant, W_DENSE=dense is not None, R_PAD=r_padded(r),
+        HAS_BIAS=bias is not None, DOUBLE_QUANT=weight.double_quant, R_PAD=r_padded(r),
         X_KIND=dtype_kind(x.dtype), W_ROUND=weight_rounding(weight.dtype, x.dtype),
         INTERPRET=INTERPRETING, DOT_DTYPE=dot_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype), **LAUNCH_OPTIONS,
     )
@@ -188,22 +193,21 @@ if __name__ == "__main__":
     from lora_lab.lora import qlora_linear
     from lora_lab.nf4 import dequantize_nf4, quantize_nf4
 
-    device, dtype = ("cpu", torch.float32) if INTERPRETING else ("cuda", torch.bfloat16)
+    device = "cpu" if INTERPRETING else "cuda"
     torch.manual_seed(0)
     weight = quantize_nf4(torch.randn(300, 256) * 0.02, 64, double_quant=True).to(device)
-    x = torch.randn(100, 256, device=device, dtype=dtype)
-    lora_A = torch.randn(16, 256, device=device, dtype=dtype) / 16
-    lora_B = torch.randn(300, 16, device=device, dtype=dtype) / 4
-    bias = torch.randn(300, device=device, dtype=dtype)
-    expected = qlora_linear(x, weight, lora_A, lora_B, 2.0, bias)
-    for what, dense in (("NF4 decoded in registers", None), ("W_DENSE", dequantize_nf4(weight).to(dtype))):
-        y, _ = qlora_forward(x, weight, lora_A, lora_B, 2.0, bias, dense)
-        print(f"max |kernel - reference| = {(y - expected).abs().max().item():.3g} ({dtype}, {what})")
+    x = torch.randn(100, 256, device=device, dtype=torch.bfloat16)
+    lora_A = torch.randn(16, 256, device=device, dtype=torch.bfloat16) / 16
+    lora_B = torch.randn(300, 16, device=device, dtype=torch.bfloat16) / 4
+    bias = torch.randn(300, device=device, dtype=torch.bfloat16)
+    y, _ = qlora_forward(x, weight, lora_A, lora_B, 2.0, bias)
+    difference = (y - qlora_linear(x, weight, lora_A, lora_B, 2.0, bias)).abs().max().item()
+    print(f"max |kernel - reference| = {difference:.3g} (bf16, NF4 decoded in registers)")
 
     @triton.testing.perf_report(
         triton.testing.Benchmark(
-            x_names=["M"], x_vals=[128, 512, 1024, 4096, 8192], line_arg="provider", line_vals=["nf4", "dense", "cublas"],
-            line_names=["NF4 tiles (Triton)", "W_DENSE (Triton)", "dense bf16 (cuBLAS)"], ylabel="TFLOP/s",
+            x_names=["M"], x_vals=[32, 128, 256, 512, 1024], line_arg="provider", line_vals=["nf4", "cublas"],
+            line_names=["NF4 tiles (Triton)", "dense bf16 (cuBLAS)"], ylabel="TFLOP/s",
             plot_name="qlora-forward-kernel-4096x4096-r16", args={},
         )
     )
@@ -218,7 +222,7 @@ if __name__ == "__main__":
         if provider == "cublas":
             run = lambda: torch.addmm(x @ dense.t(), x @ lora_A.t(), lora_B.t(), alpha=2.0)  # noqa: E731
         else:
-            run = lambda: qlora_forward(x, weight, lora_A, lora_B, 2.0, None, dense if provider == "dense" else None)  # noqa: E731
+            run = lambda: qlora_forward(x, weight, lora_A, lora_B, 2.0, None)  # noqa: E731
         return 2 * M * (N * K + r * (K + N)) / triton.testing.do_bench(run) * 1e-9
 
     if INTERPRETING:

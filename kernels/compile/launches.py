@@ -62,9 +62,9 @@ def empty_nf4(n: int, k: int, blocksize: int, dtype: torch.dtype) -> NF4Tensor:
 def record_launches(dtype: torch.dtype, blocksize: int, shape: dict = SHAPE) -> list[Launch]:
     """The launches of every kernel for a layer of ``shape`` in ``dtype``, as the launchers make them.
 
-    The matmul kernels are recorded twice, decoding NF4 and reading a weight
-    dequantized once (``[dense]``, the large-M path), and the small-M kernel at
-    M = 1 (a constexpr 1 in Triton's specialization) and M = 16.
+    The NF4 matmul kernels are recorded in fp16 and bf16 only (``fused_qlora_linear``
+    runs fp32, and M >= DENSE_FROM_M, as nf4_dequantize + cuBLAS), and the
+    small-M kernel at M = 1 (a constexpr 1 in Triton's specialization) and M = 16.
     """
     # By module path: the package's own `nf4_dequantize` is the function, which shadows its module.
     dequantize_module = importlib.import_module("lora_lab.kernels.nf4_dequantize")
@@ -74,19 +74,17 @@ def record_launches(dtype: torch.dtype, blocksize: int, shape: dict = SHAPE) -> 
 
     m, n, k, r = shape["M"], shape["N"], shape["K"], shape["r"]
     weight = empty_nf4(n, k, blocksize, dtype)
-    x, dy, dense = torch.empty(m, k, dtype=dtype), torch.empty(m, n, dtype=dtype), torch.empty(n, k, dtype=dtype)
+    x, dy = torch.empty(m, k, dtype=dtype), torch.empty(m, n, dtype=dtype)
     lora_A, lora_B = torch.empty(r, k, dtype=dtype), torch.empty(n, r, dtype=dtype)
     calls = (
         (forward, "qlora_forward_kernel", "", lambda: forward.qlora_forward(x, weight, lora_A, lora_B, 2.0, None)),
         (backward, "qlora_grad_input_kernel", "", lambda: backward.qlora_grad_input(dy, weight, lora_A, lora_B, 2.0)),
-        (forward, "qlora_forward_kernel", "[dense]",
-         lambda: forward.qlora_forward(x, weight, lora_A, lora_B, 2.0, None, dense)),
-        (backward, "qlora_grad_input_kernel", "[dense]",
-         lambda: backward.qlora_grad_input(dy, weight, lora_A, lora_B, 2.0, dense)),
         (small_m, "qlora_small_m_kernel", "[M=1]", lambda: small_m.qlora_small_m_partials(x[:1], weight, lora_A)),
         (small_m, "qlora_small_m_kernel", "[M=16]", lambda: small_m.qlora_small_m_partials(x[:16], weight, lora_A)),
         (dequantize_module, "nf4_dequantize_kernel", "", lambda: dequantize_module.nf4_dequantize(weight)),
     )
+    if dtype == torch.float32:
+        calls = tuple(call for call in calls if call[0] not in (forward, backward))
     launches = []
     for module, name, variant, call in calls:
         recorder = _Recorder(name + variant, getattr(module, name))

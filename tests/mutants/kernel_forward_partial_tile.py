@@ -23,13 +23,13 @@ def qlora_linear(x, weight, lora_A, lora_B, scaling, bias=None):
     x2d, a, b = x.reshape(-1, K), lora_A.to(x.dtype).contiguous(), lora_B.to(x.dtype).contiguous()
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     M = x2d.shape[0]
-    y, xa = torch.zeros(M, N, dtype=x.dtype), torch.zeros(M, r, dtype=x.dtype)
+    y, xa = torch.zeros(M, N, dtype=x.dtype), x2d @ a.t()
     packed, levels, absmax, absmax_code, absmax_scale, absmax_offset = weight_arguments(weight)
     grid = lambda meta: ((M // meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # the bug: floor, not cdiv
     qlora_forward_kernel[grid](
-        x2d, packed, levels, absmax, absmax_code, absmax_scale, a, b, x2d if bias is None else bias, y, xa,
+        x2d, packed, levels, absmax, absmax_code, absmax_scale, xa, b, x2d if bias is None else bias, y,
         M, N, K, r, autotune_key_rows(M), weight.blocksize,
-        x2d.stride(0), x2d.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), absmax_offset, float(scaling),
+        x2d.stride(0), x2d.stride(1), xa.stride(0), xa.stride(1), b.stride(0), b.stride(1), absmax_offset, float(scaling),
         HAS_BIAS=bias is not None, DOUBLE_QUANT=weight.double_quant, R_PAD=r_padded(r), X_KIND=dtype_kind(x.dtype),
         W_ROUND=weight_rounding(weight.dtype, x.dtype), INTERPRET=INTERPRETING, DOT_DTYPE=dot_dtype(x.dtype),
         DOT_PRECISION=dot_precision(x.dtype), **LAUNCH_OPTIONS,

@@ -26,6 +26,7 @@ from lora_lab.kernels import common, fused_qlora_linear, nf4_dequantize
 from lora_lab.kernels.qlora_backward import qlora_grad_input_kernel
 from lora_lab.kernels.qlora_forward import qlora_forward_kernel
 from lora_lab.kernels.qlora_small_m import SMALL_M, split_k_for
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_lab.conformance.judge.compare import assert_close, assert_equal, product_bound, seeded_generator
 from lora_lab.conformance.judge.profiles import examples
@@ -69,6 +70,20 @@ def test_dequantize_is_bit_exact(numel, blocksize, double_quant, dtype, scale, z
     q = quantize_nf4(weight.to(dtype), blocksize, double_quant)
     got = nf4_dequantize(q.to(DEVICE))
     assert_equal(got.cpu(), dequantize_nf4(q), f"nf4_dequantize (numel={numel}, blocksize={blocksize}, dq={double_quant})")
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("weight_dtype", DTYPES, ids=str)
+def test_dequantize_into_another_dtype_rounds_twice_as_the_reference(weight_dtype, out_dtype):
+    """nf4_dequantize(q, dtype) is dequantize_nf4(q).to(dtype) bit for bit: rounded to W's dtype first, then dtype's.
+
+    Scales from 1e-6 to 300 put values where fp16 is subnormal or bf16 and fp16 round differently."""
+    g = seeded_generator(12)
+    weight = torch.randn(64, 96, generator=g) * torch.logspace(-6, 2.5, 96)
+    q = quantize_nf4(weight.to(weight_dtype), 32, double_quant=True)
+    got = nf4_dequantize(q.to(DEVICE), out_dtype)
+    assert got.dtype == out_dtype
+    assert_equal(got.cpu(), dequantize_nf4(q).to(out_dtype), f"nf4_dequantize({weight_dtype} W, {out_dtype})")
 
 
 def test_dequantize_keeps_shape_and_leaves_the_weight_alone():
@@ -209,10 +224,80 @@ def test_every_kernel_path_matches_float64(path, layer, grad_seed):
 
 
 def test_dispatch_by_rows():
-    """M <= 16: small-M kernel; up to DENSE_FROM_M: fused; from there: dequantize once (with the env var unset)."""
+    """M <= 16: small-M kernel; up to DENSE_FROM_M: fused; from there: dequantize once (with the env var unset).
+    fp32 never reaches the NF4 matmul kernels: above 16 rows, and for dX at every M, it is dequantize + cuBLAS."""
     assert dispatch.FORCED_PATH == "auto", "LORA_LAB_KERNEL_PATH is set: the default dispatch is not under test"
-    assert [dispatch.kernel_path(m) for m in (1, 16, 17, dispatch.DENSE_FROM_M - 1, dispatch.DENSE_FROM_M)] == [
-        "small_m", "small_m", "fused", "fused", "dense"]
+    rows = (1, 16, 17, dispatch.DENSE_FROM_M - 1, dispatch.DENSE_FROM_M)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert [dispatch.kernel_path(m, dtype) for m in rows] == ["small_m", "small_m", "fused", "fused", "dense"]
+        assert [dispatch.grad_input_path(m, dtype) for m in rows] == ["fused", "fused", "fused", "fused", "dense"]
+    assert [dispatch.kernel_path(m, torch.float32) for m in rows] == ["small_m", "small_m", "dense", "dense", "dense"]
+    assert {dispatch.grad_input_path(m, torch.float32) for m in rows} == {"dense"}
+
+
+class Launches(TorchDispatchMode):
+    """The GPU work of a call in order: each Triton launch by kernel name, each torch op that runs a kernel as
+    ``aten.<op>`` (allocations and views run none). Ops inside a Triton launch (the interpreter's copies) are not
+    counted."""
+
+    NO_KERNEL = {"empty", "empty_strided", "full", "t", "view", "_unsafe_view", "detach", "alias", "transpose",
+                 "as_strided", "expand", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "slice", "select"}
+
+    def __init__(self, monkeypatch, *modules_and_kernels) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.inside_kernel = False
+        for module, name in modules_and_kernels:
+            monkeypatch.setattr(module, name, self._counted(name, getattr(module, name)))
+
+    def _counted(self, name, kernel):
+        mode = self
+
+        class Counted:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    mode.names.append(name)
+                    mode.inside_kernel = True
+                    try:
+                        return kernel[grid](*args, **kwargs)
+                    finally:
+                        mode.inside_kernel = False
+                return launch
+
+        return Counted()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.inside_kernel and name not in self.NO_KERNEL:
+            self.names.append(f"aten.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+# (fp16 on the dense path: under the interpreter nf4_dequantize writes bf16 through an fp32 buffer, one cast more)
+@pytest.mark.parametrize(("path", "dtype"), [("fused", torch.bfloat16), ("dense", torch.float16), ("dense", torch.float32)],
+                         ids=str)
+def test_each_path_launches_what_it_declares(monkeypatch, path, dtype):
+    """The forward and dX run LAUNCHES[path], no more: x @ A^T and dY @ B once per call, then one Triton kernel
+    (fused) or nf4_dequantize + two cuBLAS calls (dense), with A, B and the bias already in x's dtype."""
+    monkeypatch.setattr(dispatch, "FORCED_PATH", path)
+    forward, backward, dequantize = (importlib.import_module(f"lora_lab.kernels.{m}")
+                                     for m in ("qlora_forward", "qlora_backward", "nf4_dequantize"))
+    kernels_ = [(forward, "qlora_forward_kernel"), (backward, "qlora_grad_input_kernel"),
+                (dequantize, "nf4_dequantize_kernel")]
+    g = seeded_generator(13)
+    N, K, M, r = 40, 128, 24, 4
+    weight = quantize_nf4(torch.randn(N, K, generator=g) * 0.05, 64, double_quant=True).to(DEVICE)
+    x = torch.randn(M, K, generator=g).to(DEVICE, dtype).requires_grad_()
+    lora_A, lora_B, bias = (torch.randn(*shape, generator=g).to(DEVICE, dtype) for shape in ((r, K), (N, r), (N,)))
+    fused_qlora_linear(x, weight, lora_A, lora_B, 2.0, bias).sum().backward()  # once-per-process tables are made here
+    x.grad = None
+    with Launches(monkeypatch, *kernels_) as launches:
+        y = fused_qlora_linear(x, weight, lora_A, lora_B, 2.0, bias)
+    assert launches.names == list(dispatch.LAUNCHES[path]["forward"])
+    grad_y = torch.randn(M, N, generator=g).to(DEVICE, dtype)
+    with Launches(monkeypatch, *kernels_) as launches:
+        y.backward(grad_y)  # only x needs a gradient: dX and nothing else
+    assert launches.names == list(dispatch.LAUNCHES[path]["grad_input"])
 
 
 def test_small_m_splits_k_over_the_grid():
@@ -240,7 +325,8 @@ def test_strided_input(layer):
 
 @pytest.mark.parametrize("tile", [(16, 32, 32, 3), (32, 16, 32, 1), (16, 16, 64, 8)], ids=str)
 def test_other_tile_shapes(monkeypatch, tile):
-    """Small tiles and odd groupings (as autotuning may pick on a GPU) cover many programs and uneven groups."""
+    """Small tiles and odd groupings (as autotuning may pick on a GPU) cover many programs and uneven groups.
+    (bf16: fp32 runs no NF4 matmul kernel.)"""
     block_m, block_n, block_k, group_m = tile
     config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m})
     monkeypatch.setattr(qlora_forward_kernel, "configs", [config])
@@ -248,8 +334,9 @@ def test_other_tile_shapes(monkeypatch, tile):
     g = seeded_generator(7)
     K, N, M, r = 128, 83, 71, 5
     weight = quantize_nf4(torch.randn(N, K, generator=g) * 0.05, 64, double_quant=True)
-    layer = (torch.randn(M, K, generator=g), weight, torch.randn(r, K, generator=g) / 11, torch.randn(N, r, generator=g), 2.0,
-             torch.randn(N, generator=g))
+    layer = (torch.randn(M, K, generator=g).to(torch.bfloat16), weight, torch.randn(r, K, generator=g) / 11,
+             torch.randn(N, r, generator=g), 2.0, torch.randn(N, generator=g))
+    assert dispatch.kernel_path(M, torch.bfloat16) == "fused"
     check_against_float64(layer)
 
 
