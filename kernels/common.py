@@ -250,6 +250,29 @@ def load_nf4_tile(
     first: one 8-byte lookup gives two weights in element order, with no shift
     or mask at all. Addressing each element's byte on its own cost a 64-bit
     index, a division, a parity and a variable shift per weight.
+
+    Why a table and not the 16 levels selected in registers: a lookup is a
+    gather, which Triton's pipeline stages through shared memory (the decoded
+    tile then makes a trip of its own there), where a pure elementwise decode
+    would let it decode the packed bytes in the MMA operand's registers. But
+    the levels are 16 arbitrary fp32 constants and the product must be exact,
+    so in registers each weight needs a 16-way select, and ptxas emits about
+    10 SELs a weight for it. Measured with ``compile_check --sass`` (Triton 3.9,
+    bf16, r = 16, the kernels of commit d1fb0f9): the K loop's SASS instructions
+    and shared-memory bytes per weight, this table against the alternatives, all
+    bit-exact:
+
+                                                 small M, sm_90a   small M, sm_80   forward 128x64x64, sm_90a
+    this table (one 8-byte lookup per byte)      8.0 ins, 11 B     6.8 ins, 11 B    17.3 ins, 24 B
+    4-bit select tree (int or fp32 constants)    17.4 ins, 3 B     19.9 ins, 3 B    25.3 ins, 11 B
+    16-entry table, one 4-byte lookup a weight   10.8 ins, 11 B    10.7 ins, 11 B   19.6 ins, 21 B
+    tl.gather from a (16,) register table        9.5 ins, 11 B     9.4 ins, 11 B    16.8 ins, 16 B, C7515
+
+    The select tree moves a quarter of the shared-memory bytes but issues twice
+    the instructions, and with the small-M kernel's W as the MMA's register
+    operand ptxas serialized its wgmma (C7515); ``tl.gather`` is lowered
+    through shared memory too. So the table stays, the cheapest exact decode in
+    SASS. ``levels_ptr`` is that table (``nf4_pair_levels``), not ``NF4_CODE``.
     """
     byte_ptrs = packed_ptr + (row_start // 2)[:, None] + tl.arange(0, BLOCK_K // 2)[None, :]
     packed = tl.load(byte_ptrs, mask=row_mask[:, None], other=0).to(tl.int32)

@@ -86,6 +86,7 @@ class CompileResult:
     weights_per_trip: int = 0  # NF4 weights one trip through the K loop decodes (BLOCK_N x BLOCK_K)
     loop_mix: dict | None = None  # SASS instructions per warp in one K-loop trip, by class (only with sass=True)
     loop_opcodes: dict | None = None
+    loop_shared_bytes: int = 0  # bytes a thread moves to or from shared memory in one K-loop trip (sass.LoopMix)
     rank: int = 0  # the LoRA rank r the launch was recorded with
 
     def per_weight(self, *kinds: str) -> float:
@@ -94,6 +95,12 @@ class CompileResult:
             return float("nan")
         count = sum(self.loop_mix.get(k, 0) for k in kinds) if kinds else sum(self.loop_mix.values())
         return count * self.threads / self.weights_per_trip
+
+    def shared_per_weight(self) -> float:
+        """Bytes moved to or from shared memory by the K loop's instructions, per decoded weight (see sass.py)."""
+        if not self.loop_mix or not self.weights_per_trip:
+            return float("nan")
+        return self.loop_shared_bytes * self.threads / self.weights_per_trip
 
     @property
     def serialized(self) -> bool:
@@ -162,7 +169,7 @@ def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> Com
 
             mix = k_loop_mix(disassemble(compiled.asm["cubin"]))
             if mix is not None:
-                result.loop_mix, result.loop_opcodes = mix.counts, mix.opcodes
+                result.loop_mix, result.loop_opcodes, result.loop_shared_bytes = mix.counts, mix.opcodes, mix.shared_bytes
     except Exception as error:  # noqa: BLE001 - every failure to compile is a finding to report, not a crash
         result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     result.seconds = time.perf_counter() - start
@@ -229,7 +236,7 @@ def format_row(r: CompileResult) -> str:
         per_weight = (f"\n    K loop per warp: {sum(m.values())} instructions, {m.get('integer', 0)} integer, "
                        f"{m.get('mma', 0)} mma, {m.get('memory', 0)} memory, {m.get('convert', 0)} convert, "
                        f"{m.get('float', 0)} float; per weight: {r.per_weight('integer'):.2f} integer, "
-                       f"{r.per_weight():.2f} in all")
+                       f"{r.per_weight():.2f} in all, {r.shared_per_weight():.2f} bytes of shared memory traffic")
     return (f"{r.kernel:<32} {r.config:<20} {r.dtype:<9} {r.blocksize:>4} {r.rank:>3} {r.arch:<7} {r.registers:>4} "
             f"{r.spill_bytes:>6} "
             f"{r.shared:>7}/{r.shared_limit:<6} {r.mma:<6} {r.seconds:>5.1f}s  {status}{per_weight}")
@@ -240,10 +247,12 @@ HEADER = (f"{'kernel':<32} {'config (MxNxK)':<20} {'dtype':<9} {'bs':>4} {'r':>3
 
 
 def per_weight_fields(r: CompileResult) -> dict:
-    """The K loop's SASS instructions per decoded weight, all and integer (None without SASS or a K loop)."""
+    """Per decoded weight, the K loop's SASS instructions (all, and integer) and its shared-memory bytes (None without
+    SASS or a K loop)."""
     known = bool(r.loop_mix and r.weights_per_trip)
     return {"instructions_per_weight": round(r.per_weight(), 3) if known else None,
-            "integer_per_weight": round(r.per_weight("integer"), 3) if known else None}
+            "integer_per_weight": round(r.per_weight("integer"), 3) if known else None,
+            "shared_bytes_per_weight": round(r.shared_per_weight(), 3) if known else None}
 
 
 def _reexec_compiled(argv: list[str]) -> int:
@@ -269,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--sass", action=argparse.BooleanOptionalAction, default=True,
-                        help="disassemble and report the K loop's instructions per weight (default; --no-sass is faster)")
+                        help="disassemble and report the K loop's instructions and shared-memory bytes per weight "
+                        "(default; --no-sass is faster)")
     args = parser.parse_args(argv)
     from lora_lab.kernels import common
 

@@ -13,6 +13,14 @@ disassembler tell us from a cubin alone:
   on decoding 4-bit codes as well as on MMA. Counting the SASS instructions in the
   loop body, by class, says how many instructions each weight costs and whether
   the tensor cores or the instruction issue bound the loop.
+- *The shared-memory traffic of the K loop.* Each thread's bytes moved by the
+  instructions that read or write shared memory (``LDS``/``STS``, ``LDSM``/``STSM``,
+  and ``LDGSTS``, the asynchronous copy from global memory that Triton's pipeline
+  stages loads through). A plain bf16 matmul moves each weight through shared
+  memory once (2 bytes written by the copy; the tensor cores' own reads are not
+  instructions and are not counted); a decode that stages a lookup table or its
+  decoded tile there moves several times that, which is shared-memory bandwidth
+  the MMA's operands need.
 
 The loop body is found the way a reader of the SASS finds it: a backward branch
 (``BRA`` to a lower address) closes a loop; the innermost loop that contains
@@ -44,6 +52,7 @@ _CLASSES = {
     "control": ("BRA", "EXIT", "NOP", "BSYNC", "BSSY", "CALL", "RET", "YIELD", "JMP", "BREAK", "ACQBULK", "ENDCOLLECTIVE"),
 }
 _CLASS_OF = {opcode: name for name, opcodes in _CLASSES.items() for opcode in opcodes}
+_SHARED = ("LDS", "STS", "LDSM", "STSM", "LDGSTS")  # the instructions that read or write shared memory
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)([.A-Z0-9_]*)\s*([^;]*);")
 
 
@@ -108,6 +117,7 @@ class LoopMix:
 
     counts: dict[str, int]
     opcodes: dict[str, int]
+    shared_bytes: int = 0  # bytes one thread moves to or from shared memory in one trip (see shared_access_bytes)
 
     @property
     def total(self) -> int:
@@ -117,24 +127,41 @@ class LoopMix:
         return self.counts.get(kind, 0) / max(self.total, 1)
 
 
+def shared_access_bytes(opcode: str, modifiers: str) -> int:
+    """Bytes one thread moves to or from shared memory with this instruction (0 for any other instruction).
+
+    ``LDS``/``STS``/``LDGSTS`` move 4 bytes, or the width their modifiers name (``.U8`` 1, ``.64`` 8, ``.128`` 16);
+    ``LDSM``/``STSM`` move 8x8 matrices of 16-bit elements, 128 bytes each for the warp, ``.M88.N`` of them.
+    """
+    if opcode not in _SHARED:
+        return 0
+    parts = modifiers.split(".")
+    if opcode in ("LDSM", "STSM"):
+        count = next((int(p) for p in reversed(parts) if p in ("1", "2", "4")), 1)
+        return 4 * count
+    widths = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+    return next((widths[p] for p in reversed(parts) if p in widths), 4)
+
+
 def k_loop_mix(sass: str) -> LoopMix | None:
     """The instruction mix of the innermost loop that holds an MMA (the K loop); None if there is none."""
-    instructions = [(int(address, 16), opcode, operands) for address, opcode, _, operands in _INSTRUCTION.findall(sass)]
+    instructions = [(int(address, 16), opcode, modifiers, operands)
+                    for address, opcode, modifiers, operands in _INSTRUCTION.findall(sass)]
     loops = []
-    for address, opcode, operands in instructions:
+    for address, opcode, _, operands in instructions:
         target = re.search(r"0x([0-9a-f]+)", operands) if opcode == "BRA" else None
         if target and int(target.group(1), 16) < address:
-            body = [op for a, op, _ in instructions if int(target.group(1), 16) <= a <= address]
-            if any(_CLASS_OF.get(op) == "mma" for op in body):
+            body = [(op, mods) for a, op, mods, _ in instructions if int(target.group(1), 16) <= a <= address]
+            if any(_CLASS_OF.get(op) == "mma" for op, _ in body):
                 loops.append(body)
     if not loops:
         return None
     body = min(loops, key=len)
-    opcodes = collections.Counter(body)
+    opcodes = collections.Counter(op for op, _ in body)
     counts = collections.Counter()
     for opcode, n in opcodes.items():
         counts[_CLASS_OF.get(opcode, "other")] += n
-    return LoopMix(dict(counts), dict(opcodes))
+    return LoopMix(dict(counts), dict(opcodes), sum(shared_access_bytes(op, mods) for op, mods in body))
 
 
 def mma_kind(ptx: str) -> str:
