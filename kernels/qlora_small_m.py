@@ -303,7 +303,9 @@ def qlora_small_m_forward(
 
 if __name__ == "__main__":
     # As in Triton's tutorials: check against the reference, then (on a GPU) the GB/s at which each way reads its W.
-    #   python kernels/qlora_small_m.py
+    #   python -m lora_lab.kernels.qlora_small_m
+    # (as a module: run as a file, triton is imported before lora_lab.kernels.common can ask for its interpreter,
+    # and Triton's own tl.sum is then defined compiled, which the interpreted kernel cannot call)
     from lora_lab.kernels.qlora_forward import qlora_forward
 
     from lora_lab.lora import qlora_linear
