@@ -47,7 +47,7 @@ from lora_lab.conformance.grading.exercises import EXERCISES, graded_checks, sel
 from lora_lab.conformance.grading.feedback import how_to_start
 from lora_lab.conformance.grading.grade import format_row, grade, next_step, shown_path, to_gradescope, to_json
 from lora_lab.conformance.isolation import sandbox
-from lora_lab.conformance.isolation.process import prepare_for_targets
+from lora_lab.conformance.isolation.process import OUTPUT_ENV, prepare_for_targets
 from lora_lab.conformance.judge.profiles import command_threads
 
 
@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "scored (ci's examples from a fresh secret seed, recorded in the output: what a course grades with)",
     )
     parser.add_argument("--seed", type=int, default=None, help="draw every check's inputs from this seed")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show what your files (and the libraries they call) print while graded, each line "
+                        "marked 'target|' on stderr; without it that output is kept out of the table")
     parser.add_argument(
         "--sandbox", choices=sandbox.MODES, default=None,
         help="your files run in a process in new namespaces: auto (default, $LORA_LAB_SANDBOX) uses what this machine "
@@ -121,6 +124,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"lora-lab grade: {problem}", file=sys.stderr)  # before the grading: it would end in a traceback, no Score
             return 2
     sandbox.use(args.sandbox)
+    if getattr(args, "verbose", False):  # process.TargetOutput echoes the target's output, marked, when this is set
+        os.environ[OUTPUT_ENV] = "1"
     installation = sandbox.InstallationWatch()  # compared after grading: nothing of the learner's may have changed it
     prepare_for_targets()  # before torch is imported: this process and the target's take turns
     try:
