@@ -247,23 +247,30 @@ def load_nf4_tile(
     A tile row is BLOCK_K / 2 consecutive bytes, loaded as bytes (contiguous,
     hence vectorized). Each byte indexes ``levels_ptr``, the 256 x 2 table of
     ``nf4_pair_levels``, which holds the levels of its two codes, high nibble
-    first: one 8-byte lookup gives two weights in element order, with no shift
-    or mask at all. Addressing each element's byte on its own cost a 64-bit
-    index, a division, a parity and a variable shift per weight.
+    first: one 8-byte lookup gives two weights, with no shift or mask at all.
+    Addressing each element's byte on its own cost a 64-bit index, a division,
+    a parity and a variable shift per weight. The lookup reads the pair as one
+    int64, whose low half is the first level (little-endian, as on every GPU and
+    CPU Triton runs on): the address is then one multiply-add, ``table + 8 *
+    byte``, where two fp32 elements per byte cost ptxas a shift, masks and a
+    64-bit add per byte (measured: 8.0 -> 6.8 SASS instructions a weight in the
+    small-M kernel on sm_90a, 16.6 -> 12.9 in the forward). The two levels
+    are then bitcast out of the int64's halves and interleaved along K
+    (``tl.join``), which keeps each thread's values contiguous.
 
     Why a table and not the 16 levels selected in registers: a lookup is a
-    gather, which Triton's pipeline stages through shared memory (the decoded
-    tile then makes a trip of its own there), where a pure elementwise decode
-    would let it decode the packed bytes in the MMA operand's registers. But
-    the levels are 16 arbitrary fp32 constants and the product must be exact,
-    so in registers each weight needs a 16-way select, and ptxas emits about
-    10 SELs a weight for it. Measured with ``compile_check --sass`` (Triton 3.9,
-    bf16, r = 16, the kernels of commit d1fb0f9): the K loop's SASS instructions
-    and shared-memory bytes per weight, this table against the alternatives, all
+    gather, which Triton's pipeline stages through shared memory, where a pure
+    elementwise decode would let it decode the packed bytes in the MMA operand's
+    registers. But the levels are 16 arbitrary fp32 constants and the product
+    must be exact, so in registers each weight needs a 16-way select, and ptxas
+    emits about 10 SELs a weight for it. Measured with ``compile_check --sass``
+    (Triton 3.9, bf16, r = 16, the kernels of commit d1fb0f9): the K loop's SASS
+    instructions and shared-memory bytes per weight, the table (as two fp32
+    elements, before the int64 lookup above) against the alternatives, all
     bit-exact:
 
                                                  small M, sm_90a   small M, sm_80   forward 128x64x64, sm_90a
-    this table (one 8-byte lookup per byte)      8.0 ins, 11 B     6.8 ins, 11 B    17.3 ins, 24 B
+    the table (one 8-byte lookup per byte)       8.0 ins, 11 B     6.8 ins, 11 B    17.3 ins, 24 B
     4-bit select tree (int or fp32 constants)    17.4 ins, 3 B     19.9 ins, 3 B    25.3 ins, 11 B
     16-entry table, one 4-byte lookup a weight   10.8 ins, 11 B    10.7 ins, 11 B   19.6 ins, 21 B
     tl.gather from a (16,) register table        9.5 ins, 11 B     9.4 ins, 11 B    16.8 ins, 16 B, C7515
@@ -276,10 +283,12 @@ def load_nf4_tile(
     """
     byte_ptrs = packed_ptr + (row_start // 2)[:, None] + tl.arange(0, BLOCK_K // 2)[None, :]
     packed = tl.load(byte_ptrs, mask=row_mask[:, None], other=0).to(tl.int32)
-    pair_ptrs = levels_ptr + packed[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
-    levels = tl.reshape(tl.load(pair_ptrs), (packed.shape[0], BLOCK_K))
+    pairs = tl.load(levels_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + packed)  # (ROWS, BLOCK_K // 2)
+    high = (pairs & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)  # the level of the byte's high nibble
+    low = (pairs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     absmax = load_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, block, row_mask, DOUBLE_QUANT)
-    return levels * absmax[:, None]
+    values = tl.join(high * absmax[:, None], low * absmax[:, None])  # (ROWS, BLOCK_K // 2, 2): element order
+    return tl.reshape(values, (packed.shape[0], BLOCK_K))
 
 
 @triton.jit
