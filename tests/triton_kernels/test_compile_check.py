@@ -17,7 +17,7 @@ import sys
 
 import pytest
 from lora_lab.kernels.compile.compile_check import CompileResult
-from lora_lab.kernels.compile.sass import k_loop_mix, parse_ptxas_log
+from lora_lab.kernels.compile.sass import k_loop_mix, parse_ptxas_log, shared_access_bytes
 
 KERNELS = (
     "qlora_forward_kernel", "qlora_grad_input_kernel",
@@ -100,6 +100,7 @@ def check_ci_subset(tmp_path, python: str) -> None:
             assert r["mma"] == want, f"{r['kernel']} {r['config']} on {r['arch']} uses {r['mma']!r}, not {want}:\n{table}"
         if r["kernel"] != "nf4_dequantize_kernel":  # the K loop's instructions per decoded weight are reported
             assert r["instructions_per_weight"] and r["instructions_per_weight"] >= r["integer_per_weight"] > 0, table
+            assert r["shared_bytes_per_weight"] > 0, table  # every K loop stages at least the packed bytes
 
 
 def test_the_check_fails_a_tile_that_spills_and_one_that_overflows_shared_memory(tmp_path):
@@ -165,3 +166,28 @@ def test_k_loop_is_the_innermost_loop_with_an_mma():
     assert mix.counts == {"memory": 1, "integer": 1, "mma": 1, "control": 1}
     assert k_loop_mix(sass.replace("HGMMA.64x128x16.F32.BF16", "FFMA")) is None
 
+
+def test_k_loop_shared_memory_bytes_count_each_access_at_its_width():
+    """A thread's shared-memory bytes in the K loop: each LDS/STS/LDGSTS at the width its modifiers name (4 bytes
+    without one), LDSM/STSM at 4 bytes per 8x8 matrix; global loads and accesses outside the loop do not count."""
+    sass = """
+        /*0000*/                   LDS.128 R8, [R2] ;
+        /*0010*/                   LDGSTS.E.BYPASS.LTC128B.128 [R3], desc[UR4][R4.64] ;
+        /*0020*/                   LDGSTS.E [R3+0x10], desc[UR4][R6.64] ;
+        /*0030*/                   LDS.U8 R9, [R2+0x40] ;
+        /*0040*/                   LDS.64 R10, [R2+0x80] ;
+        /*0050*/                   STS.128 [R5], R12 ;
+        /*0060*/                   STSM.16.M88.2 [R5+0x100], R16 ;
+        /*0070*/                   LDSM.16.M88.4 R20, [R5] ;
+        /*0080*/                   LDG.E.64 R22, desc[UR4][R4.64] ;
+        /*0090*/                   HMMA.16816.F32.BF16 R24, R20, R16, R24 ;
+        /*00a0*/              @P0  BRA 0x10 ;
+        /*00b0*/                   EXIT ;
+    """
+    mix = k_loop_mix(sass)
+    assert mix.shared_bytes == 16 + 4 + 1 + 8 + 16 + 8 + 16
+    assert mix.counts["memory"] == 8
+    assert (shared_access_bytes("LDG", ".E.128"), shared_access_bytes("LDSM", ".16.MT88.1")) == (0, 4)
+    result = CompileResult("k", "16x128x64 w4 s3", "bfloat16", 64, "sm_90a", threads=128, weights_per_trip=128 * 64,
+                           loop_mix=mix.counts, loop_shared_bytes=mix.shared_bytes)
+    assert result.shared_per_weight() == mix.shared_bytes * 128 / (128 * 64)
