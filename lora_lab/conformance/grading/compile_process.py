@@ -155,8 +155,12 @@ def main() -> int:
     if workers > 1:
         with ProcessPoolExecutor(workers, multiprocessing.get_context("fork")) as pool:
             results = list(pool.map(_compile_job, range(len(_JOBS))))
-    else:
-        results = [_compile_job(i) for i in range(len(_JOBS))]
+    else:  # one at a time: the first error is the verdict (the check reports only it), so the rest are not compiled
+        results = []
+        for index in range(len(_JOBS)):
+            results.append(_compile_job(index))
+            if results[-1]["error"]:
+                break
     with os.fdopen(reply, "w") as out:
         json.dump(results, out)
     return 0

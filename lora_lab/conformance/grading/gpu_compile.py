@@ -89,7 +89,7 @@ def compile_check(operation: str, exercise: str, points: int) -> Check:
             DRIVE[operation](target)
             launches = request(["launches"], "the kernel launches recorded")
             if not launches:
-                raise CheckFailed(f"{operation} launched no Triton kernel of the file's own: the exercise is a kernel")
+                raise CheckFailed(f"{operation} launched no Triton kernel: the exercise is to write one")
             compilable = [r for r in launches if not any(kind[0] == "other" for kind in r["arguments"].values())]
             if not compilable:  # no verdict without a compile to stand on
                 other = next(k for k in launches[0]["arguments"].values() if k[0] == "other")

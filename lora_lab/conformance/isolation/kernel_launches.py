@@ -11,7 +11,9 @@ them (the child's ``launches`` request) and compiles each distinct one in a comp
 
 Two launchers are wrapped: the interpreter's ``GridExecutor.__call__`` (no GPU, how grading runs here) and
 ``JITFunction.run`` (a GPU machine, where the kernels run compiled). Nothing else of Triton is touched, and a launch of
-a kernel that is not the target's own (lora_lab's, a library's) is not recorded.
+a library's kernel (bitsandbytes', anything in site-packages) is not recorded. lora_lab's own kernels are: a learner's
+file that calls them is "not your code" before it runs (``grading.authorship``), so they are compiled only for
+``--solutions`` and for the suite's tests of one-edit mistakes of the reference, whose kernels are lora_lab's.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 KEPT_PER_KERNEL = 32  # distinct launches remembered per kernel; the compile check compiles a few of them
 OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")  # the launch options that change the compiled kernel
 
-_STATE = {"owned": None, "launches": {}}  # owned: the folder whose kernels are recorded; launches: key -> record
+_STATE = {"owned": (), "launches": {}}  # owned: the folders whose kernels are recorded; launches: key -> record
 _LOCK = threading.Lock()
 
 
@@ -34,7 +36,7 @@ def install(owned: Path | None) -> None:
     Called when the child loads a target, after the target imported Triton (a target that never imports Triton has
     no kernel to record, and Triton is not imported for it)."""
     with _LOCK:
-        _STATE["owned"] = Path(owned).resolve() if owned is not None else None
+        _STATE["owned"] = (Path(owned).resolve(), *_lora_lab_kernels()) if owned is not None else ()
         _STATE["launches"] = {}
     if owned is None or "triton" not in sys.modules:
         return
@@ -70,17 +72,24 @@ def recorded() -> list[dict]:
         return [dict(record) for record in _STATE["launches"].values()]
 
 
+def _lora_lab_kernels() -> tuple[Path, ...]:
+    """The folder of ``lora_lab.kernels`` (kernels/ in a checkout), found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lora_lab.kernels")
+    return (Path(spec.origin).resolve().parent,) if spec is not None and spec.origin else ()
+
+
 def _owned(fn) -> str | None:
-    """The kernel's file when it is the target's own (under the owned folder), else None."""
-    owned = _STATE["owned"]
+    """The kernel's file when it is the target's own (under an owned folder), else None."""
     filename = getattr(getattr(fn, "__code__", None), "co_filename", None)
-    if owned is None or not filename:
+    if not _STATE["owned"] or not filename:
         return None
     try:
         path = Path(filename).resolve()
     except OSError:
         return None
-    return str(path) if path.is_relative_to(owned) else None
+    return str(path) if any(path.is_relative_to(folder) for folder in _STATE["owned"]) else None
 
 
 def describe(value, constexpr: bool) -> list:
