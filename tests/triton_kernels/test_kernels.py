@@ -323,6 +323,36 @@ def test_strided_input(layer):
     check_against_float64(layer, transform_x=every_other_column)
 
 
+class MatmulPrecision(TorchDispatchMode):
+    """Whether TF32 was allowed at each matmul torch ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tf32_at_matmuls: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("mm", "addmm", "addmm_"):
+            self.tf32_at_matmuls.append(torch.backends.cuda.matmul.allow_tf32)
+        return func(*args, **(kwargs or {}))
+
+
+def test_fp32_matmuls_run_in_ieee_even_where_tf32_is_allowed():
+    """fp32's tolerance is fp32's: a caller's global allow_tf32 is off during the op's matmuls, and restored after."""
+    g = seeded_generator(14)
+    weight = quantize_nf4(torch.randn(40, 128, generator=g) * 0.05, 64).to(DEVICE)
+    x = torch.randn(24, 128, generator=g).to(DEVICE).requires_grad_()
+    lora_A, lora_B = torch.randn(4, 128, generator=g).to(DEVICE), torch.randn(40, 4, generator=g).to(DEVICE)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with MatmulPrecision() as seen:
+            fused_qlora_linear(x, weight, lora_A.requires_grad_(), lora_B.requires_grad_(), 2.0).sum().backward()
+        assert torch.backends.cuda.matmul.allow_tf32, "the caller's setting was not restored"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert len(seen.tf32_at_matmuls) >= 5 and not any(seen.tf32_at_matmuls), seen.tf32_at_matmuls
+
+
 @pytest.mark.parametrize("tile", [(16, 32, 32, 3), (32, 16, 32, 1), (16, 16, 64, 8)], ids=str)
 def test_other_tile_shapes(monkeypatch, tile):
     """Small tiles and odd groupings (as autotuning may pick on a GPU) cover many programs and uneven groups.
