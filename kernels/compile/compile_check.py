@@ -15,7 +15,10 @@ is then visible on any machine:
 - more shared memory than the GPU has (Triton raises ``OutOfResources`` at launch);
 - register spills (ptxas moves registers to local memory, inside the K loop);
 - wgmma serialized (ptxas' advice C7515: the tensor cores wait for each MMA in turn, see sass.py);
-- the MMA kind: ``wgmma`` on Hopper (sm_90a), ``mma.sync`` on Ampere (sm_80).
+- the MMA kind: ``wgmma`` on Hopper (sm_90a), ``mma.sync`` on Ampere (sm_80);
+- with ``--sass`` (the default), the K loop's cost per decoded weight: its SASS instructions, all and integer (the
+  issue slots decoding takes), and the bytes its instructions move through shared memory (see sass.py). These are
+  reported, not judged: what a kernel can afford depends on its M.
 
 How
 ---
