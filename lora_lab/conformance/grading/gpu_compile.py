@@ -8,9 +8,9 @@ own kernels for sm_90a (H100) and sm_80 (A100), with exactly the arguments the c
 1. it calls the learner's op once on a small fixed case and holds it to the same oracle as the other checks (a
    kernel that computes nothing compiles too; the points are for a kernel that works and compiles), which also
    launches it at a rank under 16 whatever the drawn checks before it launched;
-2. it asks the target's process for every distinct launch of the learner's own kernels so far
-   (``isolation.kernel_launches`` recorded them, with the dtypes, alignment, integer specializations, constexprs and
-   launch options Triton compiles on);
+2. it asks the target's process for every distinct launch of the file's own kernels so far (and of lora_lab's, which
+   only the suite's own tests and ``--solutions`` launch: ``isolation.kernel_launches`` recorded them, with the dtypes,
+   alignment, integer specializations, constexprs and launch options Triton compiles on);
 3. it picks a few per kernel (``choose``: the smallest and largest value of each constexpr first, where ``tl.dot``'s
    and shared memory's limits bite) and compiles them in a compile-only process (``compile_process``);
 4. a compile error (Triton's or ptxas'), or more shared memory than the GPU has, fails the check with the compiler's

@@ -31,7 +31,8 @@ _LOCK = threading.Lock()
 
 
 def install(owned: Path | None) -> None:
-    """Record the launches of kernels defined under ``owned`` from now on (None: record nothing); forget earlier ones.
+    """Record the launches of kernels defined under ``owned`` (the learner's folder, the solution's package) and of
+    lora_lab's own from now on (None: record nothing); forget earlier ones.
 
     Called when the child loads a target, after the target imported Triton (a target that never imports Triton has
     no kernel to record, and Triton is not imported for it)."""
