@@ -20,11 +20,15 @@ own kernels for sm_90a (H100) and sm_80 (A100), with exactly the arguments the c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import select
 import subprocess
 import sys
+import tempfile
+import time
 
 from lora_lab.conformance.errors import CheckFailed, NotSupported
 from lora_lab.conformance.registry import Check
@@ -139,32 +143,49 @@ def _constexprs(record: dict) -> set:
 
 class Compiler:
     """The compile-only process (``compile_process``), started before the drive call so that it imports torch and
-    Triton meanwhile; ``results`` sends it the launches and waits for each one's result on each target."""
+    Triton meanwhile; ``results`` sends it the launches and reads each one's result on each target as soon as they
+    are written (not after the process has finished exiting). Its stderr (the target's prints) goes to a file, so a
+    chatty file cannot fill a pipe nobody reads."""
 
     def __init__(self) -> None:
         from lora_lab.conformance.grading.compile_process import ENVIRONMENT
 
+        self.stderr = tempfile.TemporaryFile()
         self.process = subprocess.Popen([sys.executable, "-m", "lora_lab.conformance.grading.compile_process"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, env=dict(os.environ, **ENVIRONMENT))
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                        env=dict(os.environ, **ENVIRONMENT))
 
     def results(self, launches: list[dict], archs: tuple[str, ...] = ARCHS) -> list[dict]:
-        request = json.dumps({"launches": launches, "archs": list(archs)})
+        with contextlib.suppress(BrokenPipeError):  # it ended already: its stderr says why, below
+            self.process.stdin.write(json.dumps({"launches": launches, "archs": list(archs)}).encode())
+            self.process.stdin.close()
+        reply, deadline = [], time.monotonic() + TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CheckFailed(f"compiling the kernels took over {TIMEOUT} s")
+            if select.select([self.process.stdout], [], [], left)[0]:
+                chunk = os.read(self.process.stdout.fileno(), 1 << 16)
+                if not chunk:
+                    break
+                reply.append(chunk)
         try:
-            out, err = self.process.communicate(request, timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise CheckFailed(f"compiling the kernels took over {TIMEOUT} s") from None
-        try:
-            return json.loads(out)
+            return json.loads(b"".join(reply))
         except json.JSONDecodeError:
-            tail = "\n".join(err.strip().splitlines()[-8:])
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
+            self.stderr.seek(0)
+            tail = "\n".join(self.stderr.read().decode(errors="replace").strip().splitlines()[-8:])
             raise CheckFailed(f"the compile-only process ended without a result (exit status "
                               f"{self.process.returncode}):\n{tail}") from None
 
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.kill()  # the sandbox's outer process: the sandboxed one ends with it (PR_SET_PDEATHSIG)
-        self.process.communicate()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout, self.stderr):
+            with contextlib.suppress(OSError):  # a request never delivered to a process that had ended
+                stream.close()
 
 
 def compile_launches(launches: list[dict], archs: tuple[str, ...] = ARCHS) -> list[dict]:
