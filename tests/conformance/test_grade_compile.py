@@ -168,3 +168,17 @@ def test_trim_keeps_the_learners_line_the_caret_and_the_reason():
              "Input shapes should have M >= 1, N >= 1 and K >= 8")
     assert trim(error, "/x/ex08_triton_forward.py", 20) == (
         "ex08_triton_forward.py, line 22:\n    y = tl.dot(a, b)\n        ^\nInput shapes should have M >= 1, N >= 1 and K >= 8")
+
+
+def test_a_compile_process_that_ends_without_answering_is_a_failure_not_a_hang():
+    from lora_lab.conformance.errors import CheckFailed
+    from lora_lab.conformance.grading.gpu_compile import Compiler
+
+    compiler = Compiler()
+    compiler.process.kill()  # as a crash of ptxas' caller would end it
+    compiler.process.wait()
+    try:
+        with pytest.raises(CheckFailed, match=r"ended without a result \(exit status -9\)"):
+            compiler.results([_record("k", BLOCK=16)])
+    finally:
+        compiler.close()
