@@ -30,7 +30,9 @@ BOUNDS_HINT = (
     "The detail names the kernel argument and the side: 'past the end' is a load or store beyond the last element "
     "(the last program's block, rows past M or N, columns past K or r, the last NF4 block), 'before the start' a "
     "negative offset. Give every tl.load and tl.store a mask that keeps each offset inside its tensor (and "
-    "other=0.0 for the lanes it switches off); a GPU would fault or return garbage there."
+    "other=0.0 for the lanes it switches off); a GPU would fault or return garbage there. In backward, dY may come "
+    "transposed or as a strided view (autograd gives no contiguous promise): index it with dy.stride(0) and "
+    "dy.stride(1), or make it contiguous first."
 )
 EDGE_SIZES = (1, 2, 3, 17, 33, 65, 129)  # one past a power of two: the last tile holds a single row or column
 
