@@ -199,7 +199,7 @@ class _FakeEvent:
 
 def test_the_cuda_timer_flushes_synchronizes_and_times_only_the_call(monkeypatch):
     """The GPU timer's logic on the CPU, with CUDA's event and synchronize swapped for host stand-ins."""
-    from lora_lab.bench import timing as benchmarking
+    from lora_lab.bench import timers as benchmarking
 
     calls = []
     monkeypatch.setattr(benchmarking, "_CUDA_EVENT", _FakeEvent)
