@@ -34,11 +34,14 @@ and Unsloth (``LAUNCHES`` lists what each path runs per call):
 - ``M >= DENSE_FROM_M`` (training, prefill): the fused kernels would decode
   each W tile once per row tile, ``cdiv(M, BLOCK_M)`` times in all, which
   costs more than decoding W once, so ``nf4_dequantize`` writes W once, straight
-  in x's dtype, and cuBLAS multiplies: ``addmm`` for ``x @ W^T + bias``, then
-  ``addmm_`` adds ``scaling * xa @ B^T`` in place. At this M cuBLAS's large tiles
-  beat our NF4-constrained ones by more than the one extra read and write of y
-  costs (y is M x N; the base GEMM reads M x K and W and does 2MNK FLOPs). The
-  dense W is a temporary of one pass: freed after its matmul, recycled by
+  in x's dtype, and cuBLAS multiplies. The small product comes first: ``addmm``
+  writes ``bias + scaling * xa @ B^T`` into y (it reads only r-wide operands),
+  then ``y.addmm_(x, W^T)`` accumulates the GEMM on W into it, reading y in its
+  epilogue while it is compute-bound, so y crosses memory once in a
+  memory-bound kernel, not three times (base GEMM, then an ``addmm_`` reading y
+  back and writing it again); dX likewise. What the dense path moves beyond
+  the fused one is then W written and read once in x's dtype, and y written
+  once by the small product. The dense W is a temporary of one pass: freed after its matmul, recycled by
   torch's caching allocator on the next call rather than kept in a workspace
   (a buffer alive between calls would be a dense weight kept, which
   ``memory.qlora_linear_keeps_no_dense_weight`` rightly refuses).
@@ -77,14 +80,15 @@ if FORCED_PATH not in PATHS:
 
 # What each path launches per call, in order: Triton kernels by name, torch matmuls as "aten.<op>" (cuBLAS on a GPU).
 # "forward" and "grad_input" (dX) per path; dA and dB add one aten.mm each to any backward, dbias an aten.sum.
+# The dense forward is listed with a bias: without one, its aten.addmm (bias + the LoRA term) is an aten.mm.
 # The small-M forward is qlora_small_m_forward's (qlora_small_m.py): its kernel, and host ops of its own choosing.
 # (lora_lab.bench.plan may read these; tests/triton_kernels/test_kernels.py counts the launches against them.)
 LAUNCHES = {
     "small_m": {"forward": ("qlora_small_m_kernel",), "grad_input": ("aten.mm", "qlora_grad_input_kernel")},
     "fused": {"forward": ("aten.mm", "qlora_forward_kernel"),
               "grad_input": ("aten.mm", "qlora_grad_input_kernel")},
-    "dense": {"forward": ("aten.mm", "nf4_dequantize_kernel", "aten.addmm", "aten.addmm_"),
-              "grad_input": ("aten.mm", "nf4_dequantize_kernel", "aten.mm", "aten.addmm_")},
+    "dense": {"forward": ("aten.mm", "aten.addmm", "nf4_dequantize_kernel", "aten.addmm_"),
+              "grad_input": ("aten.mm", "aten.mm", "nf4_dequantize_kernel", "aten.addmm_")},
 }
 
 
@@ -118,22 +122,42 @@ def ieee_fp32_matmuls():
         settings.allow_tf32 = True
 
 
+def lora_term(xa, b, scaling, bias_x) -> tuple[torch.Tensor, float]:
+    """The dense path's first write of y: ``bias + scaling * xa @ B^T``, or ``xa @ B^T`` and the scale still to apply.
+
+    The big GEMM then accumulates into it: ``y.addmm_(x, W^T, beta=scale)``
+    gives ``x @ W^T + scale * y``. With a bias, the scaling goes in this small
+    matmul's alpha and the big one adds with beta = 1; without one, the small
+    matmul is a plain mm and the big one scales it by beta, so no dummy input
+    (or zero-fill kernel) is needed. Either way one launch, one M x N write.
+    """
+    if bias_x is None:
+        return torch.mm(xa, b.t()), scaling
+    return torch.addmm(bias_x, xa, b.t(), alpha=scaling), 1.0
+
+
 def dense_forward(x2d, weight, xa, b, scaling, bias_x) -> torch.Tensor:
-    """``x @ W^T + bias + scaling * xa @ B^T`` with W dequantized once into x's dtype, then two cuBLAS calls."""
-    dense = nf4_dequantize(weight, x2d.dtype)
+    """``x @ W^T + bias + scaling * xa @ B^T``: the LoRA term written first, then the GEMM on W accumulates into it.
+
+    The order is the traffic: written the other way round (base GEMM, then
+    ``addmm_`` of the adapter) the r-wide product reads y back and writes it
+    again, two M x N passes of a memory-bound kernel. Here the memory-bound
+    kernel writes y once (it reads only xa and B, both r wide), and the read of
+    y happens inside the compute-bound GEMM, as cuBLAS's epilogue reads C, where
+    it costs no time.
+    """
     with ieee_fp32_matmuls():
-        y = torch.mm(x2d, dense.t()) if bias_x is None else torch.addmm(bias_x, x2d, dense.t())
-        del dense  # the temporary goes back to the allocator before the small matmul
-        return y.addmm_(xa, b.t(), alpha=scaling)
+        y, beta = lora_term(xa, b, scaling, bias_x)
+        dense = nf4_dequantize(weight, x2d.dtype)
+        return y.addmm_(x2d, dense.t(), beta=beta)  # dense is freed when the call returns
 
 
 def dense_grad_input(dy, weight, dyb, a, scaling) -> torch.Tensor:
-    """``dY @ W + scaling * dyb @ A`` with W dequantized once into dY's dtype, then two cuBLAS calls."""
-    dense = nf4_dequantize(weight, dy.dtype)
+    """``dY @ W + scaling * dyb @ A``: ``dyb @ A`` written first, then the GEMM on W accumulates it with beta = scaling."""
     with ieee_fp32_matmuls():
-        grad_x = torch.mm(dy, dense)
-        del dense
-        return grad_x.addmm_(dyb, a, alpha=scaling)
+        grad_x = torch.mm(dyb, a)
+        dense = nf4_dequantize(weight, dy.dtype)
+        return grad_x.addmm_(dy, dense, beta=scaling)
 
 
 class FusedQLoRALinear(torch.autograd.Function):

@@ -274,11 +274,13 @@ class Launches(TorchDispatchMode):
 
 
 # (fp16 on the dense path: under the interpreter nf4_dequantize writes bf16 through an fp32 buffer, one cast more)
-@pytest.mark.parametrize(("path", "dtype"), [("fused", torch.bfloat16), ("dense", torch.float16), ("dense", torch.float32)],
+@pytest.mark.parametrize(("path", "dtype", "with_bias"), [("fused", torch.bfloat16, True), ("dense", torch.float16, True),
+                                                      ("dense", torch.float32, True), ("dense", torch.float16, False)],
                          ids=str)
-def test_each_path_launches_what_it_declares(monkeypatch, path, dtype):
+def test_each_path_launches_what_it_declares(monkeypatch, path, dtype, with_bias):
     """The forward and dX run LAUNCHES[path], no more: x @ A^T and dY @ B once per call, then one Triton kernel
-    (fused) or nf4_dequantize + two cuBLAS calls (dense), with A, B and the bias already in x's dtype."""
+    (fused) or the LoRA term, nf4_dequantize and the GEMM on W accumulating into it (dense), with A, B and the bias
+    already in x's dtype. LAUNCHES lists the dense forward with a bias; without one its aten.addmm is an aten.mm."""
     monkeypatch.setattr(dispatch, "FORCED_PATH", path)
     forward, backward, dequantize = (importlib.import_module(f"lora_lab.kernels.{m}")
                                      for m in ("qlora_forward", "qlora_backward", "nf4_dequantize"))
@@ -289,11 +291,15 @@ def test_each_path_launches_what_it_declares(monkeypatch, path, dtype):
     weight = quantize_nf4(torch.randn(N, K, generator=g) * 0.05, 64, double_quant=True).to(DEVICE)
     x = torch.randn(M, K, generator=g).to(DEVICE, dtype).requires_grad_()
     lora_A, lora_B, bias = (torch.randn(*shape, generator=g).to(DEVICE, dtype) for shape in ((r, K), (N, r), (N,)))
+    bias = bias if with_bias else None
     fused_qlora_linear(x, weight, lora_A, lora_B, 2.0, bias).sum().backward()  # once-per-process tables are made here
     x.grad = None
     with Launches(monkeypatch, *kernels_) as launches:
         y = fused_qlora_linear(x, weight, lora_A, lora_B, 2.0, bias)
-    assert launches.names == list(dispatch.LAUNCHES[path]["forward"])
+    declared = list(dispatch.LAUNCHES[path]["forward"])
+    if path == "dense" and not with_bias:
+        declared[declared.index("aten.addmm")] = "aten.mm"
+    assert launches.names == declared
     grad_y = torch.randn(M, N, generator=g).to(DEVICE, dtype)
     with Launches(monkeypatch, *kernels_) as launches:
         y.backward(grad_y)  # only x needs a gradient: dX and nothing else
