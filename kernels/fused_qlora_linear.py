@@ -31,20 +31,21 @@ and Unsloth (``LAUNCHES`` lists what each path runs per call):
   layer that is all weight-reading keeps every SM streaming W.
 - ``16 < M < DENSE_FROM_M``: the fused kernels, W decoded tile by tile in
   registers, with tiles small enough that every SM gets a program (``tiles.py``).
-- ``M >= DENSE_FROM_M`` (training, prefill): the fused kernels would decode
-  each W tile once per row tile, ``cdiv(M, BLOCK_M)`` times in all, which
-  costs more than decoding W once, so ``nf4_dequantize`` writes W once, straight
-  in x's dtype, and cuBLAS multiplies. The small product comes first: ``addmm``
-  writes ``bias + scaling * xa @ B^T`` into y (it reads only r-wide operands),
-  then ``y.addmm_(x, W^T)`` accumulates the GEMM on W into it, reading y in its
-  epilogue while it is compute-bound, so y crosses memory once in a
-  memory-bound kernel, not three times (base GEMM, then an ``addmm_`` reading y
-  back and writing it again); dX likewise. What the dense path moves beyond
-  the fused one is then W written and read once in x's dtype, and y written
-  once by the small product. The dense W is a temporary of one pass: freed after its matmul, recycled by
-  torch's caching allocator on the next call rather than kept in a workspace
-  (a buffer alive between calls would be a dense weight kept, which
+- ``M >= DENSE_FROM_M`` (training, long prefill): the fused kernels decode
+  each W tile once per row tile, ``cdiv(M, BLOCK_M)`` times in all, and at
+  large M that decoding costs more than decoding W once, so ``nf4_dequantize``
+  writes W once, straight in x's dtype, and cuBLAS multiplies. The small
+  product comes first: ``addmm`` writes ``bias + scaling * xa @ B^T`` into y
+  (it reads only r-wide operands), then ``y.addmm_(x, W^T)`` accumulates the
+  GEMM on W into it. cuBLAS reads y in the epilogue of a compute-bound GEMM,
+  where the read hides under the math; the other order (base GEMM first, then
+  an ``addmm_`` of the adapter) reads y back and writes it again in a
+  memory-bound kernel of its own. dX is arranged the same way. The dense W is
+  a temporary of one pass: freed after its matmul, recycled by torch's
+  caching allocator on the next call rather than kept in a workspace (a
+  buffer alive between calls would be a dense weight kept, which
   ``memory.qlora_linear_keeps_no_dense_weight`` rightly refuses).
+
 - fp32 x above ``SMALL_M`` rows (and dX at every M): the dense path. Without
   tensor cores (TF32 would round to a 10-bit mantissa, outside fp32's
   tolerance), tl.dot in IEEE precision is scalar FMAs with the operands in
@@ -53,8 +54,30 @@ and Unsloth (``LAUNCHES`` lists what each path runs per call):
   reads W at half a byte per weight where the dense path writes and reads 8.
 
 ``LORA_LAB_KERNEL_PATH=fused`` or ``=dense`` forces one path for every M
-(tests and the benchmark compare them; fp32 stays dense); the threshold is the
-static model's (``lora-lab bench --plan``) until a GPU measures it.
+(tests and the benchmark compare them; fp32 stays dense).
+
+Where the threshold comes from. No GPU has timed these paths yet, so
+``DENSE_FROM_M`` comes from the static model (``lora-lab bench --plan``, the
+forward of Llama-3.1-8B's layers in bf16 at r = 16) until one does. The dense
+path pays a fixed cost per call, dequantizing W (about 14 us for a 4096 x 4096
+layer on an H100) plus a launch or two, where the fused one pays for decoding
+again per row tile; the model puts the crossing between M = 3072 and 4096 on
+an H100, near 2048 on an H200 and near 1024 on an A100. For a whole decoder
+layer (q, k, v, o, gate, up, down) it predicts, against the faster of the two
+paths at each M:
+
+    M       all fused: H100 / H200 / A100     all dense: H100 / H200 / A100
+    1024        +0.0% / +0.0% / +1.8%             +17.7% / +8.8% / +1.3%
+    2048        +0.0% / +1.7% / +6.7%             +3.8% / +0.3% / +0.0%
+    4096        +2.4% / +6.0% / +10.4%            +0.0% / +0.0% / +0.0%
+
+So one threshold for every GPU and layer, 2048, is right in the clear cases
+(fused at 1024, where it wins by 18% on an H100 and 9% on an H200 and ties on
+an A100; dense from 4096, where it wins on every GPU) and within about 4% of
+the better path in between (an A100 at 1536, an H100 at 2048). The model
+covers the forward only; dX switches at the same M. A GPU measurement should
+replace these numbers; ``LORA_LAB_KERNEL_PATH`` forces either path to measure
+both.
 """
 
 from __future__ import annotations
@@ -72,7 +95,7 @@ from lora_lab.kernels.qlora_small_m import SMALL_M, qlora_small_m_forward
 from lora_lab.nf4 import FLOAT_DTYPES, NF4Tensor
 from lora_lab.operands import check_qlora_operands
 
-DENSE_FROM_M = 1024  # from here on W is dequantized once per pass (see the module docstring)
+DENSE_FROM_M = 2048  # from here on W is dequantized once per pass: the static model's crossing (docstring)
 PATHS = ("auto", "fused", "dense")
 FORCED_PATH = os.environ.get("LORA_LAB_KERNEL_PATH", "auto")
 if FORCED_PATH not in PATHS:
@@ -267,7 +290,7 @@ if __name__ == "__main__":
 
     @triton.testing.perf_report(
         triton.testing.Benchmark(
-            x_names=["M"], x_vals=[16, 256, 1024, 4096], line_arg="provider", line_vals=["fused", "cublas"],
+            x_names=["M"], x_vals=[16, 256, 1024, 2048, 4096], line_arg="provider", line_vals=["fused", "cublas"],
             line_names=["NF4 fused (Triton)", "dense bf16 (cuBLAS)"], ylabel="TFLOP/s",
             plot_name="qlora-forward-4096x4096-r16", args={},
         )
