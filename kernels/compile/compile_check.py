@@ -23,14 +23,15 @@ is then visible on any machine:
 How
 ---
 The kernels are compiled with exactly what the launchers pass. Each launcher
-(``qlora_forward``, ``qlora_grad_input``, ``nf4_dequantize``) is called on CPU
-tensors of a real layer's shape with its kernel replaced by a recorder; the
+(``qlora_forward``, ``qlora_grad_input``, ``qlora_small_m_forward``, ``nf4_dequantize``) is
+called on CPU tensors of a real layer's shape with its kernels replaced by recorders; the
 recorded arguments go through Triton's own binder (``create_function_from_signature``
 and ``JITFunction._pack_args``, what ``kernel[grid](...)`` runs), which gives the
 signature, the specialization (which integers are 1 or multiples of 16, which
 pointers are aligned) and the constexprs. The autotuner's configs are pruned
 by the kernel's own ``early_config_prune`` and each one that is kept is
-compiled, for fp32, fp16 and bf16, NF4 blocksizes 64 and 128, sm_90a and sm_80.
+compiled, for fp32, fp16 and bf16, NF4 blocksizes 64 and 128, sm_90a and sm_80, and every kernel
+with an adapter (all but the dequantize kernel) at LoRA ranks 16 and 64.
 
 Triton decides when a kernel is defined whether it is interpreted, so without
 a GPU this module re-runs itself in a child process with ``TRITON_INTERPRET=0``
@@ -54,6 +55,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from lora_lab.kernels.compile.launches import (
+    NO_ADAPTER,
     RANKS,
     SHAPE,
     Launch,
@@ -181,8 +183,8 @@ def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> Com
 
 
 # The representative subset CI compiles: bf16, blocksize 64, both targets, both ranks; for the two NF4 matmul kernels
-# the default config and the last kept one, for their variants (dense W, small M) and the dequantize kernel the one they
-# launch. fp16 and blocksize 128 are the same code with other constants, which the full sweep covers; fp32 is other
+# the default config and the last kept one, for the small-M kernel, its reduction and the dequantize kernel the one their
+# launchers pass. fp16 and blocksize 128 are the same code with other constants, which the full sweep covers; fp32 is other
 # code (no tensor cores), which CI compiles as well with ``--subset ci --dtype float32``.
 CI_SUBSET = {"dtypes": (torch.bfloat16,), "blocksizes": (64,), "configs": "ends"}
 
@@ -203,8 +205,8 @@ def sweep(dtypes=(torch.float32, torch.float16, torch.bfloat16), blocksizes=(64,
             for launch in record_launches(dtype, blocksize, dict(shape, r=rank)):
                 if kernels and not any(launch.name == p or fnmatch.fnmatchcase(launch.name, p) for p in kernels):
                     continue
-                if rank != ranks[0] and not launch.name.startswith(("qlora_forward", "qlora_grad_input")):
-                    continue  # the small-M and dequantize kernels take no adapter
+                if rank != ranks[0] and launch.name in NO_ADAPTER:
+                    continue  # the rank changes none of its arguments
                 kept = kept_configs(launch, configs if isinstance(configs, list) else None)
                 if configs == "ends":  # the default and the largest config of the NF4 kernels; variants: the default
                     kept = list({id(c): c for c in (kept[0], kept[-1] if "[" not in launch.name else kept[0])}.values())
@@ -240,12 +242,12 @@ def format_row(r: CompileResult) -> str:
                        f"{m.get('mma', 0)} mma, {m.get('memory', 0)} memory, {m.get('convert', 0)} convert, "
                        f"{m.get('float', 0)} float; per weight: {r.per_weight('integer'):.2f} integer, "
                        f"{r.per_weight():.2f} in all, {r.shared_per_weight():.2f} bytes of shared memory traffic")
-    return (f"{r.kernel:<32} {r.config:<20} {r.dtype:<9} {r.blocksize:>4} {r.rank:>3} {r.arch:<7} {r.registers:>4} "
+    return (f"{r.kernel:<34} {r.config:<20} {r.dtype:<9} {r.blocksize:>4} {r.rank:>3} {r.arch:<7} {r.registers:>4} "
             f"{r.spill_bytes:>6} "
             f"{r.shared:>7}/{r.shared_limit:<6} {r.mma:<6} {r.seconds:>5.1f}s  {status}{per_weight}")
 
 
-HEADER = (f"{'kernel':<32} {'config (MxNxK)':<20} {'dtype':<9} {'bs':>4} {'r':>3} {'arch':<7} {'regs':>4} {'spill':>6} "
+HEADER = (f"{'kernel':<34} {'config (MxNxK)':<20} {'dtype':<9} {'bs':>4} {'r':>3} {'arch':<7} {'regs':>4} {'spill':>6} "
           f"{'smem bytes':>14} {'mma':<6} {'time':>6}  status")
 
 

@@ -51,7 +51,10 @@ GPU_TEST_GROUPS = {
     "test_kernels_small_m": "test_every_kernel_path and small_m",
     "test_kernels_fused": "test_every_kernel_path and fused",
     "test_kernels_dense": "test_every_kernel_path and dense",
-    "test_kernels_rest": "not autotuned and not test_forward_and_gradients_match_float64 and not test_every_kernel_path",
+    # nf4_dequantize alone: its tests draw the most specializations (blocksizes, dtypes, double quant), cheap ones
+    "test_kernels_dequantize": "test_dequantize and not autotuned",
+    "test_kernels_rest": "not autotuned and not test_forward_and_gradients_match_float64 and not test_every_kernel_path "
+                         "and not test_dequantize",
 }
 # What each group may compile: at most this many specializations, and at most this many estimated CPU seconds of
 # compiling, 64% of the 220 s cap of its step in gpu_check.sh (a process compiles one kernel at a time), with the
@@ -59,13 +62,15 @@ GPU_TEST_GROUPS = {
 BUDGET = {"specializations": 50, "seconds": 140.0}
 # Estimated CPU seconds to compile one specialization for sm_90a, by kernel and its first argument's dtype: about
 # twice compile_check's "time" column on a 2-core AMD EPYC with Triton 3.9 (bf16: matmuls 0.6-1.3 s, small M 0.5 s,
-# dequantize 0.1 s; fp32 matmuls 1.6-3.5 s, whose tl.dot in IEEE precision is scalar FMAs), and fp32's 4.8 s, the
-# most issue 27 saw on the GPU machine with Triton 3.6. And to build one C launcher: Triton 3.6 compiles one per
-# signature with gcc.
+# its reduction 0.3-0.9 s in every dtype, dequantize 0.1 s; fp32 matmuls 1.6-3.5 s, whose tl.dot in IEEE precision is
+# scalar FMAs), and fp32's 4.8 s, the most issue 27 saw on the GPU machine with Triton 3.6. The reduction's first
+# argument is its fp32 workspace whatever x's dtype, so it has one estimate. And to build one C launcher: Triton 3.6
+# compiles one per signature with gcc.
 COMPILE_SECONDS = {
     "qlora_forward_kernel": {"float32": 4.8, "default": 2.6},
     "qlora_grad_input_kernel": {"float32": 4.8, "default": 2.6},
     "qlora_small_m_kernel": {"float32": 2.4, "default": 1.2},
+    "qlora_small_m_reduce_kernel": {"default": 1.6},
     "nf4_dequantize_kernel": {"default": 0.5},
 }
 LAUNCHER_SECONDS = 1.5
@@ -73,6 +78,7 @@ KERNEL_MODULES = {
     "qlora_forward_kernel": "lora_lab.kernels.qlora_forward",
     "qlora_grad_input_kernel": "lora_lab.kernels.qlora_backward",
     "qlora_small_m_kernel": "lora_lab.kernels.qlora_small_m",
+    "qlora_small_m_reduce_kernel": "lora_lab.kernels.qlora_small_m",
     "nf4_dequantize_kernel": "lora_lab.kernels.nf4_dequantize",
 }
 

@@ -16,7 +16,17 @@ import os
 import subprocess
 import sys
 
-from lora_lab.kernels.compile.specializations import BUDGET, GPU_TEST_GROUPS, TEST_FILE
+from lora_lab.kernels.compile.launches import defined_kernels
+from lora_lab.kernels.compile.specializations import BUDGET, COMPILE_SECONDS, GPU_TEST_GROUPS, KERNEL_MODULES, TEST_FILE
+
+
+def test_every_kernel_the_package_defines_is_counted():
+    """A kernel missing from KERNEL_MODULES runs for real in the counting process, fails on the CPU, and is dropped
+    with the test's verdict: its specializations would go uncounted (the small-M reduction's did). Each kernel is
+    recorded from the module that defines it and has an estimated compile time."""
+    assert KERNEL_MODULES == defined_kernels()
+    assert set(COMPILE_SECONDS) == set(KERNEL_MODULES)
+    assert all(seconds["default"] > 0 for seconds in COMPILE_SECONDS.values())
 
 
 def test_every_group_compiles_within_its_budget(tmp_path):
@@ -27,6 +37,8 @@ def test_every_group_compiles_within_its_budget(tmp_path):
     assert out.exists(), table
     groups = {group["group"]: group for group in json.loads(out.read_text())["groups"]}
     assert set(groups) == set(GPU_TEST_GROUPS), table
+    drawn = {kernel for group in groups.values() for kernel in group["by_kernel"]}
+    assert drawn == set(KERNEL_MODULES), f"kernels no group launches: {set(KERNEL_MODULES) - drawn}\n{table}"
     for name, group in groups.items():
         assert group["specializations"] > 0, f"{name} recorded no kernel launch:\n{table}"
         assert group["specializations"] <= BUDGET["specializations"], f"{name} compiles too many kernels:\n{table}"

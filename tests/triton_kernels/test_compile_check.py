@@ -17,19 +17,37 @@ import sys
 
 import pytest
 from lora_lab.kernels.compile.compile_check import CompileResult
+from lora_lab.kernels.compile.launches import RANKS, defined_kernels
 from lora_lab.kernels.compile.sass import k_loop_mix, parse_ptxas_log, shared_access_bytes
 
+# What the CI subset compiles: each kernel, and the small-M pair (the split-K kernel and its reduction, both recorded
+# from one qlora_small_m_forward call) at M = 1 and M = 16, where M = 1 is a specialization of its own.
 KERNELS = (
     "qlora_forward_kernel", "qlora_grad_input_kernel",
-    "qlora_small_m_kernel[M=1]", "qlora_small_m_kernel[M=16]", "nf4_dequantize_kernel",
+    "qlora_small_m_kernel[M=1]", "qlora_small_m_kernel[M=16]",
+    "qlora_small_m_reduce_kernel[M=1]", "qlora_small_m_reduce_kernel[M=16]",
+    "nf4_dequantize_kernel",
 )
+NO_K_LOOP = ("nf4_dequantize_kernel", "qlora_small_m_reduce_kernel")  # no K loop decoding weights to count per weight
+
+
+def test_every_kernel_the_package_defines_is_compile_checked():
+    """A kernel added to lora_lab.kernels (as the small-M reduction was) is one the CI subset must name."""
+    assert {name.split("[")[0] for name in KERNELS} == set(defined_kernels())
+
+
+def targets(kernels) -> set[tuple[str, str, int]]:
+    """(kernel, arch, rank) for each kernel on both targets, at every rank of RANKS but the dequantize kernel's one
+    (it takes no adapter)."""
+    return {(k, a, r) for k in kernels for a in ("sm_90a", "sm_80") for r in RANKS if r == RANKS[0] or "dequantize" not in k}
 
 
 def expected_mma(result: dict) -> str | None:
     """The MMA a matmul must use: wgmma on Hopper where a warpgroup has 64 rows to multiply, mma.sync otherwise."""
     if result["kernel"] == "nf4_dequantize_kernel":
         return None
-    rows = result["config"].split("x")[1 if "small_m" in result["kernel"] else 0]  # small M multiplies W @ x^T
+    # small M multiplies W @ x^T (BLOCK_N rows); its reduction round(x @ A^T) @ B^T, 16 rows (config MxNxR_PAD)
+    rows = result["config"].split("x")[1 if result["kernel"].startswith("qlora_small_m_kernel") else 0]
     return "wgmma" if result["arch"] == "sm_90a" and int(rows) >= 64 else "mma"
 
 
@@ -64,7 +82,7 @@ def test_ci_subset_compiles_clean_in_fp32(tmp_path):
     assert results and {r["dtype"] for r in results} == {"float32"}, table
     fp32_kernels = [k for k in KERNELS if not k.startswith("qlora_")] + [k for k in KERNELS if "small_m" in k]
     # (the NF4 matmul kernels take fp16/bf16: fused_qlora_linear runs fp32 as nf4_dequantize + cuBLAS)
-    assert {(r["kernel"], r["arch"]) for r in results} == {(k, a) for k in fp32_kernels for a in ("sm_90a", "sm_80")}, table
+    assert {(r["kernel"], r["arch"], r["rank"]) for r in results} == targets(fp32_kernels), table
     failing = {(r["kernel"], r["dtype"]) for r in results if r["problems"]}
     known = {key for key in KNOWN_FAILURES if key[1] == "float32"}
     assert failing == known, f"new failures {failing - known}, fixed known ones {known - failing}:\n{table}"
@@ -88,14 +106,14 @@ def check_ci_subset(tmp_path, python: str) -> None:
     assert results, f"the compile check wrote no results:\n{table}"
     failures = [r for r in results if r["problems"]]
     assert status == 0 and not failures, f"compile check failed:\n{table}"
-    compiled = {(r["kernel"], r["arch"]) for r in results}
-    assert compiled == {(k, a) for k in KERNELS for a in ("sm_90a", "sm_80")}, f"not every kernel and target compiled:\n{table}"
+    compiled = {(r["kernel"], r["arch"], r["rank"]) for r in results}
+    assert compiled == targets(KERNELS), f"not every kernel, target and rank compiled:\n{table}"
     for r in results:
         assert 0 < r["registers"] <= 255 and r["shared"] <= r["shared_limit"], table
         want = expected_mma(r)
         if want:
             assert r["mma"] == want, f"{r['kernel']} {r['config']} on {r['arch']} uses {r['mma']!r}, not {want}:\n{table}"
-        if r["kernel"] != "nf4_dequantize_kernel":  # the K loop's instructions per decoded weight are reported
+        if not r["kernel"].startswith(NO_K_LOOP):  # the K loop's instructions per decoded weight are reported
             assert r["instructions_per_weight"] and r["instructions_per_weight"] >= r["integer_per_weight"] > 0, table
             assert r["shared_bytes_per_weight"] > 0, table  # every K loop stages at least the packed bytes
 
