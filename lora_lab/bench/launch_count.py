@@ -57,7 +57,7 @@ class Launch:
     bytes: int  # torch: its distinct inputs once plus its outputs; Triton: its distinct tensor arguments once
     flops: int = 0  # torch matmuls: 2 x rows x columns x depth; 0 for the rest (Triton kernels: the plan's model)
     programs: dict[str, int] = field(default_factory=dict)  # Triton: config ("128x64x64 w8 s3", or "" fixed) -> grid size
-    arguments: dict = field(default_factory=dict)  # Triton: its int, float and bool arguments by name (M, W_DENSE, ...)
+    arguments: dict = field(default_factory=dict)  # Triton: its int, float and bool arguments by name (M, N, K, ...)
 
 
 def _matmul_flops(name: str, tensors: list[torch.Tensor]) -> int:

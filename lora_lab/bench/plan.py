@@ -12,7 +12,8 @@ every assumption with its reason (``plan_model`` is the model).
 
 Two children supply its inputs, both defining the kernels compiled for a GPU
 this machine need not have: the compile check (registers, shared memory and
-the K loop's SASS of every kernel, ``--subset ci --sass``) and ``launch_count``
+the K loop's SASS of every kernel, the small-M reduction included, ``--subset ci --sass``
+at r = 16) and ``launch_count``
 (what each path launches at each shape). ``--json FILE`` writes the
 assumptions and one record per GPU, layer, M and path with every input and
 output of the model.
@@ -65,7 +66,7 @@ def compiled_and_counted(shapes: list[list[int]]) -> tuple[list[dict], dict]:
         with open(shapes_file, "w") as f:
             json.dump(shapes, f)
         compiling = _child("lora_lab.kernels.compile.compile_check", compile_log, "--subset", "ci", "--sass",
-                           "--json", compiled)
+                           "--rank", str(RANK), "--json", compiled)  # the model's rank: the other is not read
         counting = _child("lora_lab.bench.launch_count", count_log, shapes_file, counted)
         return (_finish(compiling, compile_log, compiled, "the compile check"),
                 _finish(counting, count_log, counted, "counting the launches"))

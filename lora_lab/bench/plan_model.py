@@ -125,7 +125,7 @@ class KernelTime:
     """One launch's predicted body: the memory, tensor-core and issue times, the largest of which it takes."""
 
     kind: str  # "triton" or "torch"
-    name: str  # the compile check's name ("qlora_forward_kernel[dense]") or the aten op
+    name: str  # the compile check's name ("qlora_small_m_kernel[M=1]") or the aten op
     config: str  # the compiled config the model picked, "" for a torch op
     programs: int | None  # None: a torch op, assumed to fill the GPU
     bytes: int
@@ -181,7 +181,10 @@ def triton_time(launch: Launch, compiled: dict, gpu: GPU, m: int, n: int, k: int
     A matmul kernel (one whose SASS has MMAs) does ``2 x M_padded x N x K``
     tensor-core FLOPs, M padded to its BLOCK_M; its K loop decodes or loads each
     weight once per row tile, ``cdiv(M, BLOCK_M)`` times, and issues the SASS
-    instructions per weight the compile check counted for each.
+    instructions per weight the compile check counted for each. A kernel with
+    an MMA but no K loop over W (the small-M reduction: ``round(x @ A^T) @ B^T``,
+    config MxNxR_PAD) does one MMA of its config's depth per output tile, and
+    its issue time is not modelled (no loop whose instructions scale with W).
     """
     programs = launch.programs.get(compiled["config"], launch.programs.get(""))
     share = 1.0 if programs is None else min(1.0, programs / gpu.sms)
@@ -190,10 +193,10 @@ def triton_time(launch: Launch, compiled: dict, gpu: GPU, m: int, n: int, k: int
     tensor_us = issue_us = 0.0
     flops = 0
     if compiled.get("mma", "none") != "none":
-        block_m = tile(compiled["config"])[0]
-        flops = 2 * math.ceil(m / block_m) * block_m * n * k
-        tensor_us = 1e6 * flops / (tensor_efficiency(compiled, gpu.arch, assume) * gpu.bf16_tflops * 1e12 * waves)
+        block_m, _, block_k = tile(compiled["config"])
         mix, per_trip = compiled.get("loop_mix") or {}, compiled.get("weights_per_trip") or 0
+        flops = 2 * math.ceil(m / block_m) * block_m * n * (k if per_trip else block_k)
+        tensor_us = 1e6 * flops / (tensor_efficiency(compiled, gpu.arch, assume) * gpu.bf16_tflops * 1e12 * waves)
         if per_trip:
             lane_instructions = sum(mix.values()) * compiled["threads"] / per_trip * n * k * math.ceil(m / block_m)
             issue_rate = _value(assume, "issue_rate") * gpu.sms * gpu.clock_ghz * 1e9 * share
@@ -214,14 +217,14 @@ def torch_time(launch: Launch, gpu: GPU, assume: dict = ASSUMPTIONS) -> KernelTi
 def compiled_variant(launch: Launch, compiled: list[dict], arch: str) -> list[dict]:
     """The compile check's results for this launch on ``arch`` (bf16, r = 16): every config compiled.
 
-    The compile check names a kernel's variants as its launches differ: ``[dense]``
-    when it reads a dense W (``W_DENSE``), ``[M=1]``/``[M=16]`` when M = 1 is a
-    specialization of its own. A kernel it does not compile has no results.
+    The compile check names a kernel's variants as its launches differ: ``[M=1]``/``[M=16]``
+    for the small-M kernel and its reduction, M = 1 being a specialization of
+    its own. A kernel it does not compile has no results.
     """
     mine = [c for c in compiled if c["arch"] == arch and c.get("rank", RANK) == RANK
             and c.get("dtype", "bfloat16") == "bfloat16" and c["kernel"].split("[")[0] == launch.name]
     names = {c["kernel"] for c in mine}
-    wanted = launch.name + ("[dense]" if launch.arguments.get("W_DENSE") else "")
+    wanted = launch.name
     if f"{launch.name}[M=1]" in names:
         wanted = f"{launch.name}[M={1 if launch.arguments.get('M') == 1 else 16}]"
     return [c for c in mine if c["kernel"] == wanted]

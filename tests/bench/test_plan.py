@@ -49,16 +49,18 @@ MIX = {"integer": 32, "mma": 4, "memory": 28}  # 64 warp instructions per K-loop
 
 
 def fake_compile_check() -> list[dict]:
-    """Per target: the fused kernel in two configs, its dense variant, the small-M kernel and the dequantize kernel."""
+    """Per target: the fused kernel in two configs, the small-M kernel and its reduction (16 x 32 output tiles, one
+    16 x 32 x 16 MMA each, no K loop) at M = 1 and M = 16, and the dequantize kernel."""
     results = []
     for arch in ("sm_90a", "sm_80"):
         mma = "wgmma" if arch == "sm_90a" else "mma"
         results += [
             compiled("qlora_forward_kernel", arch, "64x128x64 w8 s4", 128, 256, 73 * 1024, MIX, 128 * 64, mma),
             compiled("qlora_forward_kernel", arch, "16x64x64 w4 s3", 96, 128, 20 * 1024, MIX, 64 * 64, mma),
-            compiled("qlora_forward_kernel[dense]", arch, "128x128x64 w8 s3", 160, 256, 100 * 1024, MIX, 128 * 64, mma),
             compiled("qlora_small_m_kernel[M=1]", arch, "16x64x64 w4 s3", 72, 128, 28 * 1024, MIX, 64 * 64, "mma"),
             compiled("qlora_small_m_kernel[M=16]", arch, "16x64x64 w4 s3", 72, 128, 28 * 1024, MIX, 64 * 64, "mma"),
+            compiled("qlora_small_m_reduce_kernel[M=1]", arch, "16x32x16 w4 s3", 32, 128, 2048, None, 0, "mma"),
+            compiled("qlora_small_m_reduce_kernel[M=16]", arch, "16x32x16 w4 s3", 40, 128, 2048, None, 0, "mma"),
             compiled("nf4_dequantize_kernel", arch, "-", 30, 128, 0, None, 0, "none"),
         ]
     return results
@@ -126,12 +128,24 @@ def test_an_autotuned_kernel_takes_its_fastest_compiled_config():
 
 
 def test_the_compile_checks_variant_names():
+    """M = 1 is a specialization of its own for the small-M kernel and its reduction; any other M reads M = 16's."""
     results = fake_compile_check()
-    dense = compiled_variant(triton_launch("qlora_forward_kernel", 0, {}, W_DENSE=True), results, "sm_80")
-    one = compiled_variant(triton_launch("qlora_small_m_kernel", 0, {}, M=1), results, "sm_80")
-    sixteen = compiled_variant(triton_launch("qlora_small_m_kernel", 0, {}, M=9), results, "sm_80")
-    assert [c["kernel"] for c in dense + one + sixteen] == [
-        "qlora_forward_kernel[dense]", "qlora_small_m_kernel[M=1]", "qlora_small_m_kernel[M=16]"]
+    found = [compiled_variant(triton_launch(name, 0, {}, M=m), results, "sm_80")
+             for name in ("qlora_forward_kernel", "qlora_small_m_kernel", "qlora_small_m_reduce_kernel") for m in (1, 9)]
+    assert [[c["kernel"] for c in variant] for variant in found] == [
+        ["qlora_forward_kernel"] * 2, ["qlora_forward_kernel"] * 2,
+        ["qlora_small_m_kernel[M=1]"], ["qlora_small_m_kernel[M=16]"],
+        ["qlora_small_m_reduce_kernel[M=1]"], ["qlora_small_m_reduce_kernel[M=16]"]]
+
+
+def test_the_reduction_is_timed_from_its_compiled_kernel():
+    """No K loop over W: one 16 x 32 x 16 MMA per output tile (2 x 16 x N x 16 FLOPs in all, not 2 x 16 x N x K),
+    no issue time, and its bytes streamed by the share of the SMs its N / 32 programs occupy."""
+    launch = triton_launch("qlora_small_m_reduce_kernel", 3_015_000, {"": 66}, M=16)
+    t = kernel_time(launch, fake_compile_check(), H100, 16, 2112, 4096)
+    assert t.name == "qlora_small_m_reduce_kernel[M=16]" and t.config == "16x32x16 w4 s3" and t.occupancy
+    assert t.flops == 2 * 16 * 2112 * 16 and t.issue_us == 0.0
+    assert t.hbm_us == pytest.approx(2.0) and t.bound == "hbm"
 
 
 def test_a_kernel_the_compile_check_lacks_is_timed_by_its_bytes_and_says_so():
@@ -170,7 +184,7 @@ def fake_counted() -> dict:
     return {"paths": [
         {"m": 1, "n": n, "k": k, "path": "small_m", "auto": True, "launches": [
             vars(triton_launch("qlora_small_m_kernel", nf4, {"": 264}, M=1)),
-            vars(triton_launch("qlora_small_m_reduce_kernel", 10**5, {"": 32}))]},
+            vars(triton_launch("qlora_small_m_reduce_kernel", 10**5, {"": 32}, M=1))]},
         {"m": 1, "n": n, "k": k, "path": "fused", "auto": False, "launches": [
             vars(Launch("torch", "mm", 2 * 16 * k, 2 * 16 * k)),
             vars(triton_launch("qlora_forward_kernel", nf4, {"64x128x64 w8 s4": 32, "16x64x64 w4 s3": 64}))]},
@@ -184,7 +198,8 @@ def test_a_row_per_gpu_layer_m_and_path_with_its_fractions():
     rows = plan_rows(fake_compile_check(), fake_counted())
     assert len(rows) == len(GPUS) * 3
     small = next(r for r in rows if r.gpu.name == "H100" and r.path == "small_m")
-    assert small.auto and len(small.kernels) == 2 and small.kernels[1].name == "qlora_small_m_reduce_kernel (not compiled)"
+    assert small.auto and [t.name for t in small.kernels] == ["qlora_small_m_kernel[M=1]",
+                                                              "qlora_small_m_reduce_kernel[M=1]"]
     assert small.predicted_us == pytest.approx(sum(t.body_us for t in small.kernels) + 2 * GAP)
     assert small.hbm_fraction == pytest.approx(1e6 * layer_bytes(1, 4096, 4096) / 3.35e12 / small.predicted_us)
     assert small.peak_fraction == pytest.approx(1e6 * layer_flops(1, 4096, 4096) / 989e12 / small.predicted_us)
@@ -257,6 +272,23 @@ def test_the_real_op_counts_on_meta_tensors_and_its_dense_path_moves_w_dense():
     dense = next(e for e in entries if e["path"] == "dense")
     nf4 = 256 * 128 // 2
     assert sum(launch["bytes"] for launch in dense["launches"]) >= nf4 + 2 * (2 * 256 * 128)
+
+
+def test_the_small_m_rows_count_the_split_the_launcher_picks_for_their_m():
+    """The small-M kernel's grid is the launcher's own, which splits K by M (split_k_for(..., m)): at M = 16 its
+    workspace costs 16 times M = 1's a slice, so a 4096 x 4096 layer gets fewer slices than at M = 1. The model reads
+    the grid the real launcher passes (on meta tensors), so its M = 16 rows have M = 16's split."""
+    from lora_lab.kernels.qlora_small_m import small_m_grid
+
+    grids = {}
+    for m in (1, 16):
+        small = next(e for e in launch_count.path_launches(m, 4096, 4096) if e["path"] == "small_m")
+        kernel, reduce = small["launches"]
+        assert (kernel["name"], reduce["name"]) == ("qlora_small_m_kernel", "qlora_small_m_reduce_kernel")
+        grids[m] = small_m_grid(m, 4096, 4096, 64)
+        assert kernel["programs"] == {"": grids[m][0] * grids[m][1]} and kernel["arguments"]["M"] == m
+        assert reduce["arguments"]["SPLIT_K"] == grids[m][1]
+    assert grids[16][1] < grids[1][1]
 
 
 def test_plan_refuses_an_unwritable_json_before_any_work(tmp_path, capsys):
