@@ -282,13 +282,27 @@ def load_nf4_tile(
     SASS. ``levels_ptr`` is that table (``nf4_pair_levels``), not ``NF4_CODE``.
     """
     byte_ptrs = packed_ptr + (row_start // 2)[:, None] + tl.arange(0, BLOCK_K // 2)[None, :]
-    packed = tl.load(byte_ptrs, mask=row_mask[:, None], other=0).to(tl.int32)
-    pairs = tl.load(levels_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + packed)  # (ROWS, BLOCK_K // 2)
+    packed = tl.load(byte_ptrs, mask=row_mask[:, None], other=0)
+    absmax = load_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, block, row_mask, DOUBLE_QUANT)
+    return decode_nf4_bytes(packed, levels_ptr, absmax[:, None])
+
+
+@triton.jit
+def decode_nf4_bytes(packed, levels_ptr, absmax):
+    """fp32 values of the NF4 bytes ``packed`` (ROWS, ...), two weights a byte: a (ROWS, 2·bytes a row) tile.
+
+    The decode of ``load_nf4_tile`` (see there) for bytes a kernel has loaded
+    itself, e.g. through pointers it advances along K instead of recomputing
+    them each step. ``absmax`` broadcasts against ``packed``: (ROWS, 1) for
+    one NF4 block a row of a 2-D ``packed``, or (ROWS, BLOCKS, 1) for a
+    (ROWS, BLOCKS, BYTES) ``packed`` that spans several NF4 blocks a row.
+    The tile's columns are the bytes' weights in memory order.
+    """
+    pairs = tl.load(levels_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + packed.to(tl.int32))  # (ROWS, B)
     high = (pairs & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)  # the level of the byte's high nibble
     low = (pairs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    absmax = load_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, block, row_mask, DOUBLE_QUANT)
-    values = tl.join(high * absmax[:, None], low * absmax[:, None])  # (ROWS, BLOCK_K // 2, 2): element order
-    return tl.reshape(values, (packed.shape[0], BLOCK_K))
+    values = tl.join(high * absmax, low * absmax)  # (ROWS, B, 2): element order
+    return tl.reshape(values, (packed.shape[0], 2 * packed.numel // packed.shape[0]))
 
 
 @triton.jit

@@ -24,9 +24,14 @@ So a call makes exactly two launches (``LAUNCHES``):
    The product is taken transposed (the operand swap): the decoded W tile is
    the MMA's first operand, whose rows may be many (BLOCK_N), and x, with its
    16 padded rows, the second. On sm_90a that lets Triton use wgmma (64 rows a
-   warpgroup; 7.97 SASS instructions per weight instead of 8.08); in fp32 it
-   halves the registers (128 -> 62 for a 16 x 32 x 32 tile); on sm_80 it
-   changes nothing (``compile_check --sass``).
+   warpgroup; 7.97 SASS instructions per weight instead of 8.08 when it was
+   measured, with an older decode); in fp32 it halves the registers (128 -> 62
+   for a 16 x 32 x 32 tile); on sm_80 it changes nothing (``compile_check
+   --sass``). The loop advances its pointers to W's bytes by BLOCK_K / 2 a
+   step instead of recomputing them from the row and k0 (a 64-bit halving per
+   load), and decodes them with ``common.decode_nf4_bytes``: 5.72 SASS
+   instructions a weight on sm_90a, 5.89 on sm_80 (bf16, r = 16; see
+   ``GPU_TILE`` for the tile and its single stage).
 
    The LoRA down-projection rides along, spread over the slices: program
    ``(s mod cdiv(N, BLOCK_N), s)`` also sums its slice of ``x @ A^T`` into a
@@ -67,10 +72,11 @@ import triton.language as tl
 from lora_lab.kernels.common import (
     INTERPRETING,
     LAUNCH_OPTIONS,
+    decode_nf4_bytes,
     dot_dtype,
     dot_precision,
     dtype_kind,
-    load_nf4_tile,
+    load_absmax,
     new_output,
     nf4_pair_levels,
     r_padded,
@@ -86,13 +92,18 @@ SMALL_M = 16  # the most rows this kernel takes: one 16-row MMA tile
 LAUNCHES = 2  # kernel launches per call of qlora_small_m_forward, and nothing else (no torch op on the device)
 # Programs to aim for: H100/H200 have 132 SMs, A100 108; a few programs per SM hide the latency of each one's loads.
 TARGET_PROGRAMS = 4 * 132
-# (BLOCK_N, BLOCK_K, num_warps, num_stages). On a GPU 16 x 128 tiles with 4 warps: the K loop's fixed work per step
-# (x tile, addresses, pipeline bookkeeping) spread over 64 weights a thread, 8.0 SASS instructions per weight on
-# sm_90a where 16 x 64 took 12.9 (compile_check --sass); no spill on sm_90a or sm_80. The interpreter pays per program.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages). On a GPU 16 x 128 tiles with 4 warps, 64 weights a thread: the K loop's
+# fixed work per step (x tile, addresses, bookkeeping) is spread over them, where 16 x 64 took 12.9 SASS instructions a
+# weight on sm_90a. One stage: with more, Triton's pipeliner copies the level-table gather through shared memory
+# (LDGSTS, then LDS); with one it is a plain LDG that hits L1 (the table is 2 KB), and this kernel hides its loads'
+# latency with its many programs (4 blocks an SM at <= 128 registers) rather than software pipelining. Measured with
+# compile_check --sass, bf16, Triton 3.9, with W's byte pointers advanced along K rather than recomputed each step:
+# 5.72 instructions a weight on sm_90a and 5.89 on sm_80 (123 and 128 registers), where 3 stages took 6.56 and 6.20
+# (130 and 96 registers); 2 stages serialize the wgmma on sm_90a (C7515). The interpreter pays per program.
 # fp32 has no tensor-core path (IEEE tl.dot is FMAs) and its operands are twice the size: 16 x 128 x 64 took 160
 # registers on sm_90a and all 255 on sm_80 (before the operand swap it spilled 480 B and 4,972 B, Triton 3.9);
-# 16 x 64 x 64 with 4 warps takes 70 and 76, no spill.
-GPU_TILE, FP32_GPU_TILE, INTERPRETER_TILE = (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 1)
+# 16 x 64 x 64 with 4 warps takes 66 and 72, no spill.
+GPU_TILE, FP32_GPU_TILE, INTERPRETER_TILE = (128, 64, 4, 1), (64, 64, 4, 3), (64, 64, 4, 1)
 BLOCK_N, BLOCK_K = (INTERPRETER_TILE if INTERPRETING else GPU_TILE)[:2]  # fp16/bf16's, as the static model reads them
 # Columns of K per step of launch 1's x @ A^T: on a GPU a (16, 16, R_PAD) fp32 product, 32 values a thread.
 XA_K = 32 if INTERPRETING else 16
@@ -120,6 +131,7 @@ def qlora_small_m_kernel(
     INTERPRET: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     R_PAD: tl.constexpr,  # r padded to a power of two >= 16
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STEP_BLOCKS: tl.constexpr,  # NF4 blocks a K step spans: BLOCK_K // NF4_BLOCKSIZE, at least 1
     XA_K: tl.constexpr,  # columns of x @ A^T summed per step (divides BLOCK_K)
 ):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
@@ -132,16 +144,22 @@ def qlora_small_m_kernel(
     blocks_per_row = K // NF4_BLOCKSIZE
 
     xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k_begin + offs_k)[:, None] * stride_xk  # x^T (BLOCK_K, BLOCK_M)
+    # W's bytes of a step as (BLOCK_N, STEP_BLOCKS, bytes of an NF4 block in the step): one absmax per (row, block).
+    STEP_BYTES: tl.constexpr = BLOCK_K // 2 // STEP_BLOCKS
+    byte_ptrs = (packed_ptr + (w_rows * (K // 2) + k_begin // 2)[:, None, None]
+                 + (tl.arange(0, STEP_BLOCKS) * STEP_BYTES)[None, :, None] + tl.arange(0, STEP_BYTES)[None, None, :])
+    row_blocks = (w_rows * blocks_per_row)[:, None] + tl.arange(0, STEP_BLOCKS)[None, :]
     partial = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)  # transposed: W is the MMA's first operand
     for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):  # SPLIT_K divides K's steps: every slice is full
         xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0).to(DOT_DTYPE)
-        w = load_nf4_tile(
-            packed_ptr, levels_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-            w_rows * K + k0, w_rows * blocks_per_row + k0 // NF4_BLOCKSIZE, n_mask, BLOCK_K, DOUBLE_QUANT,
-        )
+        packed = tl.load(byte_ptrs, mask=n_mask[:, None, None], other=0)
+        absmax = load_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
+                             row_blocks + k0 // NF4_BLOCKSIZE, n_mask[:, None], DOUBLE_QUANT)
+        w = decode_nf4_bytes(packed, levels_ptr, absmax[:, :, None])
         w = weight_operand(w, W_ROUND, X_KIND, INTERPRET)
         partial = tl.dot(w, xt, partial, input_precision=DOT_PRECISION)
         xt_ptrs += BLOCK_K * stride_xk
+        byte_ptrs += BLOCK_K // 2
     out_ptrs = partial_ptr + (pid_s * M + offs_m)[None, :].to(tl.int64) * N + offs_n[:, None]
     tl.store(out_ptrs, partial, mask=m_mask[None, :] & n_mask[:, None])
 
@@ -240,9 +258,19 @@ def tile_for(dtype: torch.dtype) -> tuple[int, int, int, int]:
     return FP32_GPU_TILE if dtype == torch.float32 else GPU_TILE
 
 
+def step_k(k: int, blocksize: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Launch 1's BLOCK_K for a K of ``k`` in NF4 blocks of ``blocksize``: the tile's, if it divides K.
+
+    A step may span several NF4 blocks (an absmax each) or part of one; where the tile's BLOCK_K does not divide K
+    (K is only a multiple of the blocksize), one NF4 block, or the tile's BLOCK_K if smaller.
+    """
+    block_k = tile_for(dtype)[1]
+    return block_k if k % block_k == 0 else min(block_k, blocksize)
+
+
 def small_m_grid(m: int, n: int, k: int, blocksize: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
     """Launch 1's grid ``(cdiv(N, BLOCK_N), SPLIT_K)`` for ``m`` rows of a layer (N, K) in NF4 blocks of ``blocksize``."""
-    block_n, block_k = tile_for(dtype)[0], min(tile_for(dtype)[1], blocksize)
+    block_n, block_k = tile_for(dtype)[0], step_k(k, blocksize, dtype)
     return triton.cdiv(n, block_n), split_k_for(n, k // block_k, block_n, m, block_k)
 
 
@@ -265,7 +293,8 @@ def qlora_small_m_partials(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Ten
     """Launch 1: the fp32 partials ``(x @ W^T, x @ A^T)`` of each K slice, shapes (SPLIT_K, M, N) and (SPLIT_K, M, r)."""
     check_small_m_operands(x, weight, lora_A)
     (M, K), N, r = x.shape, weight.shape[0], lora_A.shape[0]
-    block_n, block_k, num_warps, num_stages = tile_for(x.dtype)
+    block_n, _, num_warps, num_stages = tile_for(x.dtype)
+    block_k = step_k(K, weight.blocksize, x.dtype)
     grid = small_m_grid(M, N, K, weight.blocksize, x.dtype)
     partial = new_output((grid[1], M, N), torch.float32, x.device)
     xa_partial = new_output((grid[1], M, r), torch.float32, x.device)
@@ -274,7 +303,8 @@ def qlora_small_m_partials(x: torch.Tensor, weight: NF4Tensor, lora_A: torch.Ten
         x, packed, nf4_pair_levels(packed.device), absmax, absmax_code, absmax_scale, lora_A, partial, xa_partial,
         M, N, K, r, K // grid[1], weight.blocksize, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         absmax_offset, DOUBLE_QUANT=weight.double_quant, W_ROUND=weight_rounding(weight.dtype, x.dtype),
-        BLOCK_N=block_n, BLOCK_K=min(block_k, weight.blocksize), XA_K=XA_K, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, BLOCK_K=block_k, STEP_BLOCKS=max(1, block_k // weight.blocksize), XA_K=XA_K,
+        num_warps=num_warps, num_stages=num_stages,
         **kernel_kinds(x, r), **LAUNCH_OPTIONS,
     )
     return partial, xa_partial
@@ -311,17 +341,20 @@ if __name__ == "__main__":
     from lora_lab.lora import qlora_linear
     from lora_lab.nf4 import dequantize_nf4, quantize_nf4
 
-    device, dtype = ("cpu", torch.float32) if INTERPRETING else ("cuda", torch.bfloat16)
+    # This kernel itself takes fp32 too (its FP32_GPU_TILE; fused_qlora_linear sends fp32 to the dense path), so the
+    # check runs both where it is cheap; qlora_forward, in the benchmark below, takes only fp16/bf16.
+    device = "cpu" if INTERPRETING else "cuda"
     torch.manual_seed(0)
     weight = quantize_nf4(torch.randn(300, 256) * 0.02, 64, double_quant=True).to(device)
-    lora_A = torch.randn(16, 256, device=device, dtype=dtype) / 16
-    lora_B = torch.randn(300, 16, device=device, dtype=dtype) / 4
-    bias = torch.randn(300, device=device, dtype=dtype)
-    for rows in (1, 5, SMALL_M):
-        x = torch.randn(rows, 256, device=device, dtype=dtype)
-        y, _ = qlora_small_m_forward(x, weight, lora_A, lora_B, 2.0, bias)
-        difference = y - qlora_linear(x, weight, lora_A, lora_B, 2.0, bias)
-        print(f"max |split-K - reference| = {difference.abs().max().item():.3g} ({dtype}, M = {rows})")
+    for dtype in (torch.float32, torch.bfloat16):
+        lora_A = torch.randn(16, 256, device=device, dtype=dtype) / 16
+        lora_B = torch.randn(300, 16, device=device, dtype=dtype) / 4
+        bias = torch.randn(300, device=device, dtype=dtype)
+        for rows in (1, 5, SMALL_M):
+            x = torch.randn(rows, 256, device=device, dtype=dtype)
+            y, _ = qlora_small_m_forward(x, weight, lora_A, lora_B, 2.0, bias)
+            difference = (y - qlora_linear(x, weight, lora_A, lora_B, 2.0, bias)).float()
+            print(f"max |split-K - reference| = {difference.abs().max().item():.3g} ({dtype}, M = {rows})")
 
     @triton.testing.perf_report(
         triton.testing.Benchmark(
