@@ -306,7 +306,7 @@ if __name__ == "__main__":
         if provider == "fused":
             run = lambda: fused_qlora_linear(x, weight, lora_A, lora_B, 2.0)  # noqa: E731
         else:
-            run = lambda: torch.addmm(x @ dense.t(), x @ lora_A.t(), lora_B.t(), alpha=2.0)  # noqa: E731
+            run = lambda: torch.mm(x @ lora_A.t(), lora_B.t()).addmm_(x, dense.t(), beta=2.0)  # noqa: E731
         return 2 * M * (N * K + r * (K + N)) / triton.testing.do_bench(run) * 1e-9
 
     if INTERPRETING:
