@@ -44,6 +44,11 @@ kernel too, ``absmax_code[c] * absmax_scale[block // 256] + absmax_offset``.
 
 The grader passes CPU tensors and runs Triton under its interpreter
 (``TRITON_INTERPRET=1``, set below when there is no GPU and by ``lora-lab grade``).
+The interpreter runs code a GPU would refuse, so the last check
+(``triton.compiles_for_gpu``, 4 points) also compiles your kernel for an H100
+(sm_90a) and an A100 (sm_80), with the arguments your calls launched it with; no
+GPU is needed for that. A compile error costs its points and shows Triton's
+message; a register spill is only a hint.
 
 Grading: ``lora-lab grade --only 07`` (or ``python exercises/ex07_triton_dequant.py``).
 

@@ -65,6 +65,11 @@ keeps nothing and earns them too).
 
 The grader passes CPU tensors and runs Triton under its interpreter (slow but
 exact); shapes are drawn: M = 1, N not a multiple of any tile, r from 1 to 64.
+The interpreter runs code a GPU would refuse (``tl.dot`` with a dimension under
+16, for one), so the last check (``triton.compiles_for_gpu``, 5 points) compiles
+your kernels for an H100 (sm_90a) and an A100 (sm_80) with the arguments your
+calls launched them with, at r = 3 among others; no GPU is needed for that. A
+compile error costs its points and shows Triton's message; a spill is a hint.
 
 Grading: ``lora-lab grade --only 08`` (or ``python exercises/ex08_triton_forward.py``).
 
