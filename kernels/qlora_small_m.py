@@ -29,9 +29,10 @@ So a call makes exactly two launches (``LAUNCHES``):
    for a 16 x 32 x 32 tile); on sm_80 it changes nothing (``compile_check
    --sass``). The loop advances its pointers to W's bytes by BLOCK_K / 2 a
    step instead of recomputing them from the row and k0 (a 64-bit halving per
-   load), and decodes them with ``common.decode_nf4_bytes``: 5.72 SASS
-   instructions a weight on sm_90a, 5.89 on sm_80 (bf16, r = 16; see
-   ``GPU_TILE`` for the tile and its single stage).
+   load), decodes them with ``common.decode_nf4_bytes``, and has Triton
+   convert the decoded tile to the MMA operand's layout in x's dtype
+   (``convert_here``): 5.08 SASS instructions a weight on sm_90a, 5.19 on
+   sm_80 (bf16, r = 16; see ``GPU_TILE`` for the tile and its single stage).
 
    The LoRA down-projection rides along, spread over the slices: program
    ``(s mod cdiv(N, BLOCK_N), s)`` also sums its slice of ``x @ A^T`` into a
@@ -70,6 +71,7 @@ import torch
 import triton
 import triton.language as tl
 from lora_lab.kernels.common import (
+    FP32,
     INTERPRETING,
     LAUNCH_OPTIONS,
     decode_nf4_bytes,
@@ -97,9 +99,11 @@ TARGET_PROGRAMS = 4 * 132
 # weight on sm_90a. One stage: with more, Triton's pipeliner copies the level-table gather through shared memory
 # (LDGSTS, then LDS); with one it is a plain LDG that hits L1 (the table is 2 KB), and this kernel hides its loads'
 # latency with its many programs (4 blocks an SM at <= 128 registers) rather than software pipelining. Measured with
-# compile_check --sass, bf16, Triton 3.9, with W's byte pointers advanced along K rather than recomputed each step:
-# 5.72 instructions a weight on sm_90a and 5.89 on sm_80 (123 and 128 registers), where 3 stages took 6.56 and 6.20
-# (130 and 96 registers); 2 stages serialize the wgmma on sm_90a (C7515). The interpreter pays per program.
+# compile_check --sass, bf16, r = 16, Triton 3.9, with W's byte pointers advanced along K rather than recomputed each
+# step: 5.72 instructions a weight on sm_90a and 5.89 on sm_80 (123 and 128 registers), where 3 stages took 6.56 and
+# 6.20 (130 and 96 registers); 2 stages serialize the wgmma on sm_90a (C7515). With ``convert_here`` as well: 5.08 and
+# 5.19 (124 and 96 registers; r = 64: 5.23 and 5.22), and there 3 stages took 7.19 (C7515) and 5.97, 16 x 256 x 64
+# with 8 warps 5.00 and 5.16 for half the programs, 16 x 64 x 128 5.23 and 5.31. The interpreter pays per program.
 # fp32 has no tensor-core path (IEEE tl.dot is FMAs) and its operands are twice the size: 16 x 128 x 64 took 160
 # registers on sm_90a and all 255 on sm_80 (before the operand swap it spilled 480 B and 4,972 B, Triton 3.9);
 # 16 x 64 x 64 with 4 warps takes 66 and 72, no spill.
@@ -110,6 +114,30 @@ XA_K = 32 if INTERPRETING else 16
 # The reduction's output tile, (16, 32): N / 32 programs (32 for k_proj), each reading SPLIT_K x M x 32 partials and
 # re-summing all SPLIT_K x M x r of x @ A^T (a second launch of its own would cost more than that L2 read).
 REDUCE_BLOCK_N = 32
+
+
+@triton.jit
+def convert_here(w, X_KIND: tl.constexpr, INTERPRET: tl.constexpr):
+    """``w`` unchanged, but on a GPU its 16-bit values are what Triton moves into the MMA operand's layout.
+
+    The decode leaves each thread a run of consecutive weights of a row (the
+    layout of the loaded bytes), where the tensor-core operand wants each
+    thread to hold pairs spread over rows and K: a layout conversion through
+    shared memory. Left alone, Triton rematerializes the decode's elementwise
+    work (bitcasts, product with absmax, rounding) in the operand's layout and
+    converts where it must stop, at the level-table gather: its int64 level
+    pairs, 4 bytes a weight. An identity ``mov`` it may not duplicate or
+    move (inline assembly marked impure) pins the conversion here, after the
+    rounding to x's dtype: 2 bytes a weight, stored, then read back with
+    ``ldmatrix``. Measured with ``compile_check --sass`` (bf16, r = 16, the
+    16 x 128 x 64 tile with one stage): 5.72 -> 5.08 SASS instructions a weight
+    on sm_90a, 5.89 -> 5.19 on sm_80, 8.6 -> 4.6 bytes of shared-memory traffic
+    a weight, bit-exact (a copy). The interpreter has no inline assembly and
+    fp32 (no tensor cores) no such conversion: both take ``w`` as it is.
+    """
+    if not INTERPRET and X_KIND != FP32:
+        w = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=w.dtype, is_pure=False, pack=2)
+    return w
 
 
 @triton.jit
@@ -156,7 +184,7 @@ def qlora_small_m_kernel(
         absmax = load_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
                              row_blocks + k0 // NF4_BLOCKSIZE, n_mask[:, None], DOUBLE_QUANT)
         w = decode_nf4_bytes(packed, levels_ptr, absmax[:, :, None])
-        w = weight_operand(w, W_ROUND, X_KIND, INTERPRET)
+        w = convert_here(weight_operand(w, W_ROUND, X_KIND, INTERPRET), X_KIND, INTERPRET)
         partial = tl.dot(w, xt, partial, input_precision=DOT_PRECISION)
         xt_ptrs += BLOCK_K * stride_xk
         byte_ptrs += BLOCK_K // 2
