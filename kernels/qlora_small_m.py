@@ -31,7 +31,8 @@ So a call makes exactly two launches (``LAUNCHES``):
    step instead of recomputing them from the row and k0 (a 64-bit halving per
    load), decodes them with ``common.decode_nf4_bytes``, and has Triton
    convert the decoded tile to the MMA operand's layout in x's dtype
-   (``convert_here``): 5.08 SASS instructions a weight on sm_90a, 5.19 on
+   (``convert_here``); its loads of W need no mask, and its NF4 block
+   indices are unsigned: 4.86 SASS instructions a weight on sm_90a, 5.02 on
    sm_80 (bf16, r = 16; see ``GPU_TILE`` for the tile and its single stage).
 
    The LoRA down-projection rides along, spread over the slices: program
@@ -103,7 +104,9 @@ TARGET_PROGRAMS = 4 * 132
 # step: 5.72 instructions a weight on sm_90a and 5.89 on sm_80 (123 and 128 registers), where 3 stages took 6.56 and
 # 6.20 (130 and 96 registers); 2 stages serialize the wgmma on sm_90a (C7515). With ``convert_here`` as well: 5.08 and
 # 5.19 (124 and 96 registers; r = 64: 5.23 and 5.22), and there 3 stages took 7.19 (C7515) and 5.97, 16 x 256 x 64
-# with 8 warps 5.00 and 5.16 for half the programs, 16 x 64 x 128 5.23 and 5.31. The interpreter pays per program.
+# with 8 warps 5.00 and 5.16 for half the programs, 16 x 64 x 128 5.23 and 5.31. With W's loads unmasked and unsigned
+# block indices (the kernel as it is): 4.86 and 5.02, 128 and 96 registers (r = 64: 128 and 128), 4 blocks an SM.
+# The interpreter pays per program.
 # fp32 has no tensor-core path (IEEE tl.dot is FMAs) and its operands are twice the size: 16 x 128 x 64 took 160
 # registers on sm_90a and all 255 on sm_80 (before the operand swap it spilled 480 B and 4,972 B, Triton 3.9);
 # 16 x 64 x 64 with 4 warps takes 66 and 72, no spill.
@@ -168,21 +171,26 @@ def qlora_small_m_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask, n_mask = offs_m < M, offs_n < N
     k_begin = pid_s * K_PER_SPLIT
-    w_rows = offs_n.to(tl.int64)
+    # Rows past N (the last tile's) read row N - 1 instead, and their sums are never stored: W's loads need no mask
+    # (no predicate, no zeroing of registers each step; compile_check --sass, bf16: 4.98 -> 4.86 a weight on sm_90a).
+    w_rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     blocks_per_row = K // NF4_BLOCKSIZE
 
     xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k_begin + offs_k)[:, None] * stride_xk  # x^T (BLOCK_K, BLOCK_M)
     # W's bytes of a step as (BLOCK_N, STEP_BLOCKS, bytes of an NF4 block in the step): one absmax per (row, block).
     STEP_BYTES: tl.constexpr = BLOCK_K // 2 // STEP_BLOCKS
-    byte_ptrs = (packed_ptr + (w_rows * (K // 2) + k_begin // 2)[:, None, None]
+    byte_ptrs = (packed_ptr + (w_rows * (K // 2) + pid_s * (K_PER_SPLIT // 2))[:, None, None]
                  + (tl.arange(0, STEP_BLOCKS) * STEP_BYTES)[None, :, None] + tl.arange(0, STEP_BYTES)[None, None, :])
-    row_blocks = (w_rows * blocks_per_row)[:, None] + tl.arange(0, STEP_BLOCKS)[None, :]
+    # NF4 block indices unsigned (and k0 made so below), so that dividing by a power of two (the blocksize here, the
+    # 256 blocks of an absmax scale in load_absmax) is a shift, without a signed division's rounding fix-up.
+    row_blocks = ((w_rows * blocks_per_row)[:, None] + tl.arange(0, STEP_BLOCKS)[None, :]).to(tl.uint64)
+    all_rows = tl.full((BLOCK_N, STEP_BLOCKS), 1, tl.int1)
     partial = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)  # transposed: W is the MMA's first operand
     for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):  # SPLIT_K divides K's steps: every slice is full
         xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0).to(DOT_DTYPE)
-        packed = tl.load(byte_ptrs, mask=n_mask[:, None, None], other=0)
+        packed = tl.load(byte_ptrs)
         absmax = load_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset,
-                             row_blocks + k0 // NF4_BLOCKSIZE, n_mask[:, None], DOUBLE_QUANT)
+                             row_blocks + tl.cast(k0, tl.uint32) // NF4_BLOCKSIZE, all_rows, DOUBLE_QUANT)
         w = decode_nf4_bytes(packed, levels_ptr, absmax[:, :, None])
         w = convert_here(weight_operand(w, W_ROUND, X_KIND, INTERPRET), X_KIND, INTERPRET)
         partial = tl.dot(w, xt, partial, input_precision=DOT_PRECISION)
