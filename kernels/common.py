@@ -282,9 +282,13 @@ def load_nf4_tile(
     SASS. ``levels_ptr`` is that table (``nf4_pair_levels``), not ``NF4_CODE``.
     """
     byte_ptrs = packed_ptr + (row_start // 2)[:, None] + tl.arange(0, BLOCK_K // 2)[None, :]
-    packed = tl.load(byte_ptrs, mask=row_mask[:, None], other=0)
+    packed = tl.load(byte_ptrs, mask=row_mask[:, None], other=0).to(tl.int32)
+    pairs = tl.load(levels_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + packed)  # (ROWS, BLOCK_K // 2)
+    high = (pairs & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)  # the level of the byte's high nibble
+    low = (pairs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     absmax = load_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset, block, row_mask, DOUBLE_QUANT)
-    return decode_nf4_bytes(packed, levels_ptr, absmax[:, None])
+    values = tl.join(high * absmax[:, None], low * absmax[:, None])  # (ROWS, BLOCK_K // 2, 2): element order
+    return tl.reshape(values, (packed.shape[0], BLOCK_K))
 
 
 @triton.jit
@@ -293,7 +297,11 @@ def decode_nf4_bytes(packed, levels_ptr, absmax):
 
     The decode of ``load_nf4_tile`` (see there) for bytes a kernel has loaded
     itself, e.g. through pointers it advances along K instead of recomputing
-    them each step. ``absmax`` broadcasts against ``packed``: (ROWS, 1) for
+    them each step. ``load_nf4_tile`` keeps its own copy of these lines: called
+    from there, this function changed ptxas' schedule of the NF4 matmul kernels
+    (compile_check --sass, bf16, sm_90a: the forward's 128 x 64 x 64 tile 12.94
+    -> 12.06 instructions a weight, but grad_input's 32 x 64 x 32 at r = 64
+    13.19 -> 14.19). ``absmax`` broadcasts against ``packed``: (ROWS, 1) for
     one NF4 block a row of a 2-D ``packed``, or (ROWS, BLOCKS, 1) for a
     (ROWS, BLOCKS, BYTES) ``packed`` that spans several NF4 blocks a row.
     The tile's columns are the bytes' weights in memory order.
