@@ -61,20 +61,20 @@ Where the threshold comes from. No GPU has timed these paths yet, so
 forward of Llama-3.1-8B's layers in bf16 at r = 16) until one does. The dense
 path pays a fixed cost per call, dequantizing W (about 14 us for a 4096 x 4096
 layer on an H100) plus a launch or two, where the fused one pays for decoding
-again per row tile; the model puts the crossing between M = 3072 and 4096 on
-an H100, near 2048 on an H200 and near 1024 on an A100. For a whole decoder
+again per row tile; the model puts the crossing between M = 2048 and 3072 on
+an H100, near 1536 on an H200 and near 1024 on an A100. For a whole decoder
 layer (q, k, v, o, gate, up, down) it predicts, against the faster of the two
 paths at each M:
 
     M       all fused: H100 / H200 / A100     all dense: H100 / H200 / A100
-    1024        +0.0% / +0.0% / +1.8%             +17.7% / +8.8% / +1.3%
-    2048        +0.0% / +1.7% / +6.7%             +3.8% / +0.3% / +0.0%
-    4096        +2.4% / +6.0% / +10.4%            +0.0% / +0.0% / +0.0%
+    1024        +0.0% / +0.0% / +2.1%             +16.0% / +7.2% / +0.6%
+    2048        +0.2% / +3.0% / +7.8%             +2.6% / +0.2% / +0.0%
+    4096        +4.7% / +8.5% / +11.5%            +0.0% / +0.0% / +0.0%
 
 So one threshold for every GPU and layer, 2048, is right in the clear cases
-(fused at 1024, where it wins by 18% on an H100 and 9% on an H200 and ties on
-an A100; dense from 4096, where it wins on every GPU) and within about 4% of
-the better path in between (an A100 at 1536, an H100 at 2048). The model
+(fused at 1024, where it wins by 16% on an H100 and 7% on an H200 and is 1.5%
+behind on an A100; dense from 4096, where it wins on every GPU) and within 5%
+of the better path in between (an A100 at 1536 the worst). The model
 covers the forward only; dX switches at the same M. A GPU measurement should
 replace these numbers; ``LORA_LAB_KERNEL_PATH`` forces either path to measure
 both.
