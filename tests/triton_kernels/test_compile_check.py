@@ -91,11 +91,12 @@ def test_ci_subset_compiles_clean_in_fp32(tmp_path):
 
 @pytest.mark.skipif(
     not OTHER_PYTHON,
-    reason="set LORA_LAB_OTHER_TRITON_PYTHON to a python with another Triton. Recorded on 2026-12-01: with triton "
-    "3.6.0 (the GPU machine's, torch 2.11's pin) in a venv on the CI machine, the full sweep made 200 compiles; 4 "
-    "of one tile's 16, 32x128x64 w8 (forward, sm_90a, fp16 and bf16, both blocksizes), spilled 36 B and the tile was "
-    "dropped; the 184 of the tiles kept are clean (0 spills, at most 81% of shared memory), and so is this subset. "
-    "benchmarks/gpu_check.sh runs the check with the GPU machine's own Triton",
+    reason="set LORA_LAB_OTHER_TRITON_PYTHON to a python with another Triton. Recorded on 2026-12-06: with triton "
+    "3.6.0 (the GPU machine's, torch 2.11's pin) in a venv on the CI machine (triton==3.6.0 over the project's "
+    "venv), the full sweep made 364 compiles (every kept tile, the small-M kernel and its reduction, fp32/fp16/bf16, "
+    "blocksizes 64 and 128, r = 16 and 64, sm_90a and sm_80): 0 errors, 0 spills, 0 serialized wgmma, at most 26% of "
+    "shared memory, as with triton 3.9.0; so is this subset. benchmarks/gpu_check.sh runs the check with the GPU "
+    "machine's own Triton",
 )
 def test_ci_subset_compiles_clean_with_another_triton(tmp_path):
     check_ci_subset(tmp_path, OTHER_PYTHON)
