@@ -106,6 +106,10 @@ TARGET_PROGRAMS = 4 * 132
 # 5.19 (124 and 96 registers; r = 64: 5.23 and 5.22), and there 3 stages took 7.19 (C7515) and 5.97, 16 x 256 x 64
 # with 8 warps 5.00 and 5.16 for half the programs, 16 x 64 x 128 5.23 and 5.31. With W's loads unmasked and unsigned
 # block indices (the kernel as it is): 4.86 and 5.02, 128 and 96 registers (r = 64: 128 and 128), 4 blocks an SM.
+# Under Triton 3.6 (the GPU machine's; counted on the loop with the 8 HGMMA/16 HMMA, as compile_check's "shortest loop
+# with an MMA" there finds the x @ A^T loop, which 3.6 turns into mma): 6.91 on sm_90a and 6.42 on sm_80, where the
+# tile with 3 stages took 7.16 with its wgmma serialized (C7515) and 8.58; 3.6 stores the converted tile to shared
+# memory 16 bits at a time, so there convert_here costs sm_90a 0.6 a weight (6.31 without) and saves sm_80 1.25 (7.67).
 # The interpreter pays per program.
 # fp32 has no tensor-core path (IEEE tl.dot is FMAs) and its operands are twice the size: 16 x 128 x 64 took 160
 # registers on sm_90a and all 255 on sm_80 (before the operand swap it spilled 480 B and 4,972 B, Triton 3.9);
