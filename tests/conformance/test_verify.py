@@ -159,3 +159,16 @@ def test_an_operation_whose_every_check_is_not_supported_is_exit_2_naming_it_and
     for op in ("quantize_nf4", "dequantize_nf4"):
         assert f"lora-lab verify: {op}: all " in captured.err
     assert "'double_quant': ((), 'no statistics at all')" in captured.err
+
+
+def test_the_kernels_package_has_its_source_files_though_an_editable_install_maps_it(tmp_path):
+    """``lora_lab.kernels`` lives in the repository's ``kernels/`` (pyproject's package-dir). Its files are what tells
+    the suite that a kernel target runs Triton (its interpreted calls escape the time budget), what a report hashes,
+    and part of what the installation watch covers; looked up on sys.path alone, the package had none."""
+    from lora_lab.kernels import common
+
+    from lora_lab.conformance.isolation.origin import source_files
+
+    files = source_files("lora_lab.kernels")
+    assert Path(common.__file__).resolve() in {f.resolve() for f in files}
+    assert all(f.suffix == ".py" for f in files) and source_files("lora_lab.no_such_module") == []

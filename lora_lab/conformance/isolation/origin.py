@@ -61,16 +61,35 @@ def origin_of(fn: Any) -> dict:
 
 
 def find_spec_without_import(name: str, path: list[str] | None = None):
-    """The spec of module ``name`` found on ``path`` (default sys.path) without executing any package's __init__."""
+    """The spec of module ``name`` found on ``path`` (default sys.path) without executing any package's __init__.
+
+    Each level is looked up as the import system would, by the finders on ``sys.meta_path`` in their order, but
+    without importing the parent: ``PathFinder`` on the parent's folders, then the finders an installation added.
+    An editable install of lora_lab adds one, which maps ``lora_lab.kernels`` to the repository's ``kernels/``
+    (pyproject's package-dir): with ``PathFinder`` alone that package had no files, so a kernel target's Triton
+    was not seen (its interpreted calls were timed) and the installation watch did not cover ``kernels/``.
+    """
     locations = path if path is not None else sys.path
     spec = None
     parts = name.split(".")
     for depth in range(1, len(parts) + 1):
-        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth]), locations)
+        spec = _find_spec(".".join(parts[:depth]), locations)
         if spec is None:
             return None
         locations = list(spec.submodule_search_locations or [])
     return spec
+
+
+def _find_spec(fullname: str, locations: list[str]):
+    """The first spec the meta path's finders give for ``fullname`` in ``locations``; finders never import."""
+    for finder in sys.meta_path:
+        if finder in (importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter):
+            continue  # built-in and frozen modules have no source file of a target
+        find = getattr(finder, "find_spec", None)
+        spec = find(fullname, locations) if find is not None else None
+        if spec is not None:
+            return spec
+    return None
 
 
 def source_files(module_name: str, path: list[str] | None = None) -> list[Path]:
