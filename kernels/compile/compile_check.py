@@ -15,6 +15,7 @@ is then visible on any machine:
 - more shared memory than the GPU has (Triton raises ``OutOfResources`` at launch);
 - register spills (ptxas moves registers to local memory, inside the K loop);
 - wgmma serialized (ptxas' advice C7515: the tensor cores wait for each MMA in turn, see sass.py);
+- fp32 inputs rounded to TF32 by a tensor-core MMA (a Triton may turn a broadcast multiply and sum into one);
 - the MMA kind: ``wgmma`` on Hopper (sm_90a), ``mma.sync`` on Ampere (sm_80);
 - with ``--sass`` (the default), the K loop's cost per decoded weight: its SASS instructions, all and integer (the
   issue slots decoding takes), and the bytes its instructions move through shared memory (see sass.py). These are
@@ -93,6 +94,7 @@ class CompileResult:
     loop_opcodes: dict | None = None
     loop_shared_bytes: int = 0  # bytes a thread moves to or from shared memory in one K-loop trip (sass.LoopMix)
     rank: int = 0  # the LoRA rank r the launch was recorded with
+    tf32: bool = False  # a tensor-core MMA takes TF32 operands (sass.rounds_to_tf32)
 
     def per_weight(self, *kinds: str) -> float:
         """Instructions of these classes per decoded weight, counted per thread (a warp instruction is 32 of them)."""
@@ -113,8 +115,14 @@ class CompileResult:
         return any("serialized" in warning for warning in self.warnings)
 
     @property
+    def rounds_fp32(self) -> bool:
+        """fp32 inputs go through a TF32 tensor-core MMA: products with 10-bit mantissas, not fp32's tolerance."""
+        return self.tf32 and self.dtype == "float32"
+
+    @property
     def problems(self) -> list[str]:
-        """Why this compile fails the check: an error, spills, serialized wgmma, or more shared memory than the GPU has."""
+        """Why this compile fails the check: an error, spills, serialized wgmma, more shared memory than the GPU has,
+        or fp32 inputs rounded to TF32."""
         found = [f"compile error: {self.error}"] if self.error else []
         if self.spill_bytes:
             found.append(f"{self.spill_bytes} bytes of register spills")
@@ -122,13 +130,15 @@ class CompileResult:
             found.append("wgmma serialized (ptxas C7515)")
         if self.shared > self.shared_limit:
             found.append(f"{self.shared} bytes of shared memory, over the {self.shared_limit} the GPU has")
+        if self.rounds_fp32:
+            found.append("fp32 inputs rounded to TF32 by a tensor-core MMA")
         return found
 
 
 def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> CompileResult:
     """Compile ``launch`` with ``config`` for ``arch`` through Triton's own binder, as ``kernel[grid](...)`` would."""
     import triton
-    from lora_lab.kernels.compile.sass import mma_kind, parse_ptxas_log, run_ptxas
+    from lora_lab.kernels.compile.sass import mma_kind, parse_ptxas_log, rounds_to_tf32, run_ptxas
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -164,7 +174,7 @@ def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> Com
             report = run_ptxas(ptx, "sm_90a" if capability == 90 else f"sm_{capability}", options.enable_fp_fusion)
         result.registers, result.spill_bytes = report.registers, max(report.spill_stores, report.spill_loads)
         result.warnings = tuple(report.warnings)
-        result.shared, result.mma = compiled.metadata.shared, mma_kind(ptx)
+        result.shared, result.mma, result.tf32 = compiled.metadata.shared, mma_kind(ptx), rounds_to_tf32(ptx)
         result.threads = 32 * compiled.metadata.num_warps
         tile = config.kwargs if config is not None else launch.kwargs
         if "BLOCK_N" in tile:
@@ -311,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(results)} compiles in {time.perf_counter() - start:.0f}s: {len(failed)} fail "
           f"({sum(bool(r.error) for r in failed)} errors, {sum(r.spill_bytes > 0 for r in failed)} spill, "
           f"{sum(r.serialized for r in failed)} wgmma serialized, {sum(r.shared > r.shared_limit for r in failed)} over "
-          "shared memory)")
+          f"shared memory, {sum(r.rounds_fp32 for r in failed)} fp32 rounded to TF32)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) | {"problems": r.problems, "serialized": r.serialized} | per_weight_fields(r)

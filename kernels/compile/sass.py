@@ -171,3 +171,13 @@ def mma_kind(ptx: str) -> str:
     if re.search(r"\bmma\.sync", ptx):
         return "mma"
     return "none"
+
+
+def rounds_to_tf32(ptx: str) -> bool:
+    """Whether a tensor-core MMA in the PTX takes TF32 operands: fp32 values rounded to a 10-bit mantissa.
+
+    Exact for values upcast from fp16 or bf16 (their mantissas fit), a loss of precision for fp32 inputs: Triton 3.6
+    turns ``tl.sum(a[:, :, None] * b[None, :, :], axis=1)`` into a TF32 ``tt.dot`` even where the kernel's own dots
+    are IEEE (3.9 keeps the FMAs).
+    """
+    return bool(re.search(r"(?:wgmma\.mma_async|mma\.sync)\S*\.tf32\b", ptx))
