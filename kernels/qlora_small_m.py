@@ -207,7 +207,8 @@ def qlora_small_m_kernel(
     # so the extra reads of A (r·K_PER_SPLIT elements) land on SPLIT_K programs spread over the grid. In fp32 FMAs,
     # XA_K columns at a time, not tl.dot: a second MMA loop beside the K loop would be the one compile_check's
     # SASS count takes for "the K loop" (the shortest loop with an MMA), and one MMA loop with a branch in it needed
-    # 156 registers on sm_90a instead of 124 (3 programs an SM instead of 4).
+    # 156 registers on sm_90a instead of 124 (3 programs an SM instead of 4). In fp32 the sum is an IEEE tl.dot
+    # (FMAs too, no MMA): Triton 3.6 turned the broadcast-and-sum into a TF32 mma.sync, too coarse for fp32.
     if pid_n == pid_s % tl.num_programs(0):
         offs_r, offs_kk = tl.arange(0, R_PAD), tl.arange(0, XA_K)
         r_mask = offs_r < R
@@ -217,7 +218,10 @@ def qlora_small_m_kernel(
         for _ in range(0, K_PER_SPLIT, XA_K):
             x_cols = tl.load(x_slice_ptrs, mask=m_mask[:, None], other=0.0).to(tl.float32)
             at = tl.load(at_ptrs, mask=r_mask[None, :], other=0.0).to(tl.float32)
-            xa += tl.sum(x_cols[:, :, None] * at[None, :, :], axis=1)
+            if X_KIND == FP32:  # Triton 3.6 compiles the sum below to a TF32 mma in fp32; an IEEE dot is exact FMAs
+                xa = tl.dot(x_cols, at, xa, input_precision="ieee")
+            else:
+                xa += tl.sum(x_cols[:, :, None] * at[None, :, :], axis=1)
             x_slice_ptrs += XA_K * stride_xk
             at_ptrs += XA_K * stride_ak
         xa_ptrs = xa_partial_ptr + (pid_s * M + offs_m)[:, None] * R + offs_r[None, :]
