@@ -202,6 +202,24 @@ def test_k_loop_is_the_innermost_loop_with_an_mma():
     assert k_loop_mix(sass.replace("HGMMA.64x128x16.F32.BF16", "FFMA")) is None
 
 
+def test_k_loop_is_the_loop_with_the_most_mmas_when_a_kernel_has_two():
+    """Triton 3.6 makes the small-M kernel's x @ A^T sum a short loop of its own with one MMA; the K loop over W is
+    the innermost loop with the most MMAs, however short the other one is."""
+    sass = """
+        /*0000*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0010*/                   HMMA.1684.F32.TF32 R8, R2, R3, R8 ;
+        /*0020*/              @P0  BRA 0x0 ;
+        /*0030*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0040*/                   LOP3.LUT R3, R2, 0xf, RZ, 0xc0, !PT ;
+        /*0050*/                   LOP3.LUT R5, R2, 0xf0, RZ, 0xc0, !PT ;
+        /*0060*/                   HMMA.16816.F32.BF16 R24, R20, R16, R24 ;
+        /*0070*/                   HMMA.16816.F32.BF16 R28, R20, R18, R28 ;
+        /*0080*/              @P1  BRA 0x30 ;
+        /*0090*/                   EXIT ;
+    """
+    assert k_loop_mix(sass).counts == {"memory": 1, "integer": 2, "mma": 2, "control": 1}
+
+
 def test_k_loop_shared_memory_bytes_count_each_access_at_its_width():
     """A thread's shared-memory bytes in the K loop: each LDS/STS/LDGSTS at the width its modifiers name (4 bytes
     without one), LDSM/STSM at 4 bytes per 8x8 matrix; global loads and accesses outside the loop do not count."""
