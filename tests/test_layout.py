@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TEXTBOOK = {f"lora_lab.{name}" for name in ("nf4", "lora", "operands", "model", "data", "loss", "optim", "train")} | {"lora_lab"}
 MAX_LINES = 400
-KERNEL_HELPERS = {"__init__.py", "common.py", "tiles.py"}  # shared by the kernel files, not kernels themselves
+KERNEL_HELPERS = {"__init__.py", "common.py", "tiles.py", "small_m_grid.py"}  # helpers of the kernel files, not kernels
 
 
 def _module_name(path: Path) -> str:
