@@ -99,10 +99,9 @@ def check_fp32_subset(tmp_path, python: str) -> None:
     "3.6.0 (the GPU machine's, torch 2.11's pin) in a venv on the CI machine (triton==3.6.0 over the project's "
     "venv), the full sweep made 364 compiles (every kept tile, the small-M kernel and its reduction, fp32/fp16/bf16, "
     "blocksizes 64 and 128, r = 16 and 64, sm_90a and sm_80): 0 errors, 0 spills, 0 serialized wgmma, at most 26% of "
-    "shared memory, as with triton 3.9.0; but the 16 fp32 compiles of the small-M kernel round x @ A^T to TF32 "
-    "(Triton 3.6 makes a TF32 dot of its tl.sum(x[:, :, None] * a[None, :, :], axis=1); 3.9 keeps the FMAs), which "
-    "this test's fp32 half reports until qlora_small_m.py sums another way. benchmarks/gpu_check.sh runs the check "
-    "with the GPU machine's own Triton",
+    "shared memory, as with triton 3.9.0, once the small-M kernel's fp32 x @ A^T became an IEEE tl.dot (Triton 3.6 "
+    "had made a TF32 dot of its tl.sum(x[:, :, None] * a[None, :, :], axis=1), which this test's fp32 half caught). "
+    "benchmarks/gpu_check.sh runs the check with the GPU machine's own Triton",
 )
 def test_ci_subset_compiles_clean_with_another_triton(tmp_path):
     check_ci_subset(tmp_path, OTHER_PYTHON)
