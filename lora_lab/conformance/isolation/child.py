@@ -15,10 +15,12 @@ request                                     reply ``["ok", ...]``
 ``["init", {sys_path, threads, target,``    ``{"provides": [ops], "origin": {op: origin}}``; the target is
 ``learner_folder}]``                        imported here (a learner's file is loaded from its path)
 ``["call", op, args, kwargs, grad_flags,``  ``[result, changed_inputs, graph, problems, measurement,``
-``grad_enabled, measure_min, watch]``       ``interpreted]``: the op's result; the inputs it modified
-                                            ``[[index, tensor]]``; a graph number when the result needs
+``grad_enabled, measure_min, watch,``       ``interpreted, skipped]``: the op's result; the inputs it modified
+``tail]``                                   ``[[index, tensor]]``; a graph number when the result needs
                                             gradients (its leaves are the inputs flagged); what the probes
-                                            found; whether Triton's interpreter ran (the suite times the call)
+                                            found; whether Triton's interpreter ran (the suite times the call);
+                                            with ``tail = [first, numel]``, how many interpreted programs
+                                            before element ``first`` were not run (``probes.TailOfGrid``)
 ``["backward", graph, grad_outputs]``       ``[gradient of each flagged input, or None]``; frees the graph
 ``["model_new", seed, kwargs]``             a handle number: ``ModelHandle.build`` with the target's
                                             ``apply_qlora`` on ``tiny_llama(seed)``
@@ -58,6 +60,7 @@ from lora_lab.conformance.isolation.probes import (
     Entered,
     Measured,
     StateWatch,
+    TailOfGrid,
     Watched,
     guard_inputs,
     interpreted_launches,
@@ -178,7 +181,7 @@ class Server:
             raise as_stub(exc, self.learner_folder)  # noqa: B904 - the stub keeps its NotImplementedError as __cause__
 
     def call(self, op: str, args, kwargs, grad_flags: list, grad_enabled: bool, measure_min: int | None = None,
-             watch: bool = False) -> list:
+             watch: bool = False, tail: list | None = None) -> list:
         tensors: list = []
         args = wire.decode(args, NF4Tensor, tensors, self.objects)
         kwargs = wire.decode(kwargs, NF4Tensor, tensors, self.objects)
@@ -192,7 +195,8 @@ class Server:
         measured = Measured(measure_min) if measure_min is not None else Watched() if watch else None
         launches = interpreted_launches()
         try:
-            result = self.run_op(op, args, kwargs, bool(grad_enabled), Entered(state, measured))
+            tailed = TailOfGrid(*tail) if tail is not None else None  # only the grid's tail runs (probes.TailOfGrid)
+            result = self.run_op(op, args, kwargs, bool(grad_enabled), Entered(state, measured, tailed))
         except BaseException as exc:
             if not watch or type(exc).__name__ != "OutOfBounds":
                 raise
@@ -217,7 +221,7 @@ class Server:
         graph = None
         if leaves and any(isinstance(t, torch.Tensor) and t.requires_grad for t in outputs):
             graph = self._keep(outputs, leaves, tensors if watch else None)
-        return [encoded, changed, graph, problems, measurement, interpreted]
+        return [encoded, changed, graph, problems, measurement, interpreted, tailed.skipped if tailed else 0]
 
     def _late_writes(self, when: str) -> list[str]:
         """Outputs of the previous call whose values changed after they were returned (aliasing, a late writer)."""

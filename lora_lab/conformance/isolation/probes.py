@@ -196,3 +196,80 @@ def interpreted_launches() -> int:
     return _LAUNCHES[0]
 
 
+
+
+class TailOfGrid:
+    """Under Triton's interpreter, run only the programs whose id on axis 0 is in the last part of each launch's grid:
+    the part that holds elements ``first`` to ``numel`` when program p works on the p-th of ``grid[0]`` equal slices
+    of them (``offs = pid * BLOCK + tl.arange(0, BLOCK)``, the exercises' layout). ``skipped`` counts the programs not
+    run; 0 when none was (a GPU, a target without Triton, a Triton whose interpreter has another shape).
+
+    Why: a float32 element index is wrong only past 2^24 elements, and the interpreter needs 10-20 s for a weight that
+    large; the tail is a few hundred thousand elements, a second. The programs that ran wrote their elements exactly
+    as in a full launch; the others wrote nothing, so whoever asks for this compares only elements ``first`` onwards,
+    and runs the call again in full when that comparison fails (a correct kernel with another mapping of programs to
+    elements: a grid-stride loop, a 2-D grid). A kernel cannot pass by it: it passes only with the right values past
+    ``first``, computed by the programs that cover them.
+
+    Entered on the call's thread. The interpreter's loop calls ``interpreter_builder.set_grid_dim`` once, then
+    ``set_grid_idx`` and the kernel for each program: the launch is wrapped to see the grid and each program's id, and
+    to skip the kernel for the ids before the tail (two programs of margin for slices that do not fall evenly).
+    """
+
+    MARGIN = 2
+
+    def __init__(self, first: int, numel: int) -> None:
+        self.first, self.numel, self.skipped = int(first), int(numel), 0
+        self.executor = self.launch = None
+
+    def __enter__(self):
+        import sys
+
+        interpreter = sys.modules.get("triton.runtime.interpreter")
+        executor = getattr(interpreter, "GridExecutor", None)
+        builder = getattr(interpreter, "interpreter_builder", None)
+        if executor is None or not all(hasattr(builder, name) for name in ("set_grid_dim", "set_grid_idx")):
+            return self
+        self.executor, self.launch = executor, executor.__call__
+        tail, launch = self, executor.__call__
+
+        def tail_only(grid_executor, *args, **kwargs):
+            kernel, current = grid_executor.fn, [0, 0]
+            set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+
+            def program(**kernel_args):
+                if current[0] >= current[1]:
+                    return kernel(**kernel_args)
+                tail.skipped += 1
+                return None
+
+            def grid_dim(x, y, z):  # called after the launch bound its arguments, just before its loop
+                current[1] = max(0, x * tail.first // max(tail.numel, 1) - tail.MARGIN)
+                grid_executor.fn = program
+                return set_dim(x, y, z)
+
+            def grid_idx(x, y, z):
+                current[0] = x
+                return set_idx(x, y, z)
+
+            own = {name: vars(builder)[name] for name in ("set_grid_dim", "set_grid_idx") if name in vars(builder)}
+            builder.set_grid_dim, builder.set_grid_idx = grid_dim, grid_idx
+            try:
+                return launch(grid_executor, *args, **kwargs)
+            finally:
+                for name in ("set_grid_dim", "set_grid_idx"):  # the builder as it was: its class's methods, usually
+                    if name in own:
+                        setattr(builder, name, own[name])
+                    else:
+                        delattr(builder, name)
+                grid_executor.fn = kernel
+
+        for mark in ("_recorded", "_counted"):  # the other wrappers' marks, so they do not wrap this one again
+            setattr(tail_only, mark, getattr(launch, mark, False))
+        executor.__call__ = tail_only
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.executor is not None:
+            self.executor.__call__ = self.launch
+        return False

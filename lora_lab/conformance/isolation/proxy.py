@@ -62,9 +62,9 @@ class _RemoteFunction(torch.autograd.Function):
 
 class _Call:
     def __init__(self, target: RemoteTarget, op: str, args: tuple, kwargs: dict, measure_min: int | None = None,
-                 watch: bool = False) -> None:
+                 watch: bool = False, tail: tuple[int, int] | None = None) -> None:
         self.target, self.op, self.args, self.kwargs, self.measure_min = target, op, args, kwargs, measure_min
-        self.watch = watch
+        self.watch, self.tail, self.skipped = watch, tail, 0
         self.what = _describe_call(op, args, kwargs)
         self.inputs: list[torch.Tensor] = []
         self.encoded = [wire.encode(args, self.inputs), wire.encode(kwargs, self.inputs)]
@@ -75,9 +75,9 @@ class _Call:
         reference = self.target.time_reference(self.op, self.args, self.kwargs)  # here, before the target's turn
         start = time.perf_counter()  # the suite's clock, around the request: the target reports no time of its own
         reply = self.target.request(["call", self.op, *self.encoded, self.flags, self.grad_enabled, self.measure_min,
-                                     self.watch], self.what)
+                                     self.watch, None if self.tail is None else list(self.tail)], self.what)
         seconds = time.perf_counter() - start
-        encoded, changed, self.graph, problems, self.measurement, interpreted = reply
+        encoded, changed, self.graph, problems, self.measurement, interpreted, self.skipped = reply
         self.target.seconds += seconds
         if interpreted and self.target.uses_triton:  # Triton's interpreter is Python: its time says nothing of a kernel
             self.target.interpreted += 1
@@ -152,12 +152,13 @@ def _nf4_class():
 class RemoteOp:
     """One operation of a remote target, callable like the target's own function."""
 
-    def __init__(self, target: RemoteTarget, name: str, measure_min: int | None = None, watch: bool = False) -> None:
-        self.target, self.__name__, self.measure_min, self.watch = target, name, measure_min, watch
+    def __init__(self, target: RemoteTarget, name: str, measure_min: int | None = None, watch: bool = False,
+                 tail: tuple[int, int] | None = None) -> None:
+        self.target, self.__name__, self.measure_min, self.watch, self.tail = target, name, measure_min, watch, tail
         self.last_call: _Call | None = None
 
     def __call__(self, *args, **kwargs):
-        call = self.last_call = _Call(self.target, self.__name__, args, kwargs, self.measure_min, self.watch)
+        call = self.last_call = _Call(self.target, self.__name__, args, kwargs, self.measure_min, self.watch, self.tail)
         if not any(call.flags):
             call.run()
             return call.result
@@ -347,6 +348,11 @@ class RemoteTarget:
         """The operation as a callable; ``watch_memory``: its inputs in guard regions and its kernels watched
         (``bounds.py``), there in the target's process, where the kernels run."""
         return RemoteOp(self, operation, watch=watch_memory)
+
+    def tail_of_grid(self, operation: str, first: int, numel: int) -> RemoteOp:
+        """The operation with only the tail of each interpreted launch's grid run, the programs of elements ``first``
+        to ``numel`` (``probes.TailOfGrid``); after a call, ``op.last_call.skipped`` says how many programs did not."""
+        return RemoteOp(self, operation, tail=(int(first), int(numel)))
 
     def measured(self, operation: str, min_numel: int, *args):
         """As ``target.Target.measured``: the measurement is taken in the target's process, around the call."""
