@@ -68,6 +68,18 @@ GRID_STRIDE = FLOAT32_INDEX.replace('''    offs = tl.program_id(0).to(tl.int64) 
     "whose block index is computed in float32: right below 2^24 elements, wrong past it",
     "whose programs stride over the weight: correct, mapped unlike the exercise's layout")
 
+# Correct, on a 2-D grid: axis 0 the weight's rows, axis 1 tiles of its columns. Its tail rows hold the tail elements.
+TWO_D_GRID = FLOAT32_INDEX.replace(
+    "    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)\n    mask = offs < numel\n",
+    "    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)\n"
+    "    offs = tl.program_id(0).to(tl.int64) * COLS + columns\n    mask = columns < COLS\n").replace(
+    "block = (offs.to(tl.float32) / BLOCKSIZE).to(tl.int64)", "block = offs // BLOCKSIZE").replace(
+    "numel, BLOCKSIZE: tl.constexpr,", "numel, COLS, BLOCKSIZE: tl.constexpr,").replace(
+    "[(triton.cdiv(q.numel, BLOCK),)](q.packed, NF4_CODE, q.absmax_fp32(), out, q.numel,",
+    "[(q.shape[0], triton.cdiv(q.shape[-1], BLOCK))](q.packed, NF4_CODE, q.absmax_fp32(), out, q.numel, q.shape[-1],"
+).replace("whose block index is computed in float32: right below 2^24 elements, wrong past it",
+          "on a 2-D grid of rows and column tiles (2-D weights only): correct")
+
 EX07 = next(e for e in EXERCISES if e.id == "07")
 
 
@@ -120,3 +132,10 @@ def test_tail_of_grid_runs_the_programs_of_the_tail_only():
     assert GridExecutor.__call__ is launch  # the launcher is Triton's own again (or the suite's other wrappers)
     kernel[(numel // block,)](out, numel, BLOCK=block)
     assert torch.equal(out, whole)  # outside the context every program runs
+
+
+def test_two_d_grid_kernel_keeps_full_marks(tmp_path):
+    assert TWO_D_GRID.count("COLS") == 3 and "offs.to(tl.float32)" not in TWO_D_GRID
+    write_exercise(tmp_path, "ex07_triton_dequant", TWO_D_GRID)
+    (report,), output = run_grade(tmp_path, ["07"])
+    assert {row.graded.check.name: row.status for row in report.rows}["nf4.dequantize_realistic_size"] == PASSED, output
