@@ -60,6 +60,10 @@ class _RemoteFunction(torch.autograd.Function):
         return (None, *ctx.call.backward(grads[:-1]))
 
 
+# Ops that change no input in place and build nothing to differentiate: calling one twice leaves what one call would.
+REPEATABLE_OPS = ("quantize_nf4", "dequantize_nf4")
+
+
 class _Call:
     def __init__(self, target: RemoteTarget, op: str, args: tuple, kwargs: dict, measure_min: int | None = None,
                  watch: bool = False, tail: tuple[int, int] | None = None) -> None:
@@ -71,14 +75,30 @@ class _Call:
         self.grad_enabled = torch.is_grad_enabled()
         self.flags = [self.grad_enabled and t.requires_grad for t in self.inputs]
 
-    def run(self) -> list[torch.Tensor]:
-        reference = self.target.time_reference(self.op, self.args, self.kwargs)  # here, before the target's turn
-        start = time.perf_counter()  # the suite's clock, around the request: the target reports no time of its own
+    def _request(self) -> tuple[float, list]:
+        """The target's reply to this call and its time by the suite's clock, around the request: the target reports
+        no time of its own."""
+        start = time.perf_counter()
         reply = self.target.request(["call", self.op, *self.encoded, self.flags, self.grad_enabled, self.measure_min,
                                      self.watch, None if self.tail is None else list(self.tail)], self.what)
         seconds = time.perf_counter() - start
-        encoded, changed, self.graph, problems, self.measurement, interpreted, self.skipped = reply
         self.target.seconds += seconds
+        return seconds, reply
+
+    def run(self) -> list[torch.Tensor]:
+        reference = self.target.time_reference(self.op, self.args, self.kwargs)  # here, before the target's turn
+        seconds, reply = self._request()
+        encoded, changed, self.graph, problems, self.measurement, interpreted, self.skipped = reply
+        if (reference is not None and self.op in REPEATABLE_OPS and not (interpreted or problems or changed)
+                and self.graph is None and over_budget(seconds, reference)):
+            # One slow call can be the machine's: another process, or the first touch of fresh memory, which a VM
+            # makes slow (the target's process allocates its copy of the inputs and its output; the reference, here,
+            # may reuse memory). So each side is timed once more and the faster time of each counts: a slow target
+            # is slow twice. Only for ops a second call leaves as one call would.
+            reference = min(reference, self.target.time_reference(self.op, self.args, self.kwargs) or reference)
+            again, reply = self._request()
+            seconds = min(seconds, again)
+            encoded, changed, self.graph, problems, self.measurement, interpreted, self.skipped = reply
         if interpreted and self.target.uses_triton:  # Triton's interpreter is Python: its time says nothing of a kernel
             self.target.interpreted += 1
         elif reference is not None:
