@@ -44,6 +44,11 @@ kernel too, ``absmax_code[c] * absmax_scale[block // 256] + absmax_offset``.
 
 The grader passes CPU tensors and runs Triton under its interpreter
 (``TRITON_INTERPRET=1``, set below when there is no GPU and by ``lora-lab grade``).
+One graded weight is past 2^24 elements (``nf4.dequantize_realistic_size``, 12
+points), where float32 can no longer count every element: compute indices in
+integers. To keep it quick, the grader first runs only the programs of your
+grid's last part (program p writing the p-th BLOCK, as above) and compares their
+elements; if they are wrong it runs the whole grid before taking any points off.
 The interpreter runs code a GPU would refuse, so the last check
 (``triton.compiles_for_gpu``, 4 points) also compiles your kernel for an H100
 (sm_90a) and an A100 (sm_80), with the arguments your calls launched it with; no
