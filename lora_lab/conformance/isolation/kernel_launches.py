@@ -23,6 +23,8 @@ import sys
 import threading
 from pathlib import Path
 
+from lora_lab.conformance.isolation.probes import wrap_interpreter_launch
+
 KEPT_PER_KERNEL = 32  # distinct launches remembered per kernel; the compile check compiles a few of them
 OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")  # the launch options that change the compiled kernel
 
@@ -41,18 +43,15 @@ def install(owned: Path | None) -> None:
         _STATE["launches"] = {}
     if owned is None or "triton" not in sys.modules:
         return
-    interpreter = sys.modules.get("triton.runtime.interpreter")
-    executor = getattr(interpreter, "GridExecutor", None)
-    if executor is not None and not getattr(executor.__call__, "_recorded", False):
-        launch = executor.__call__
 
+    def recording(launch):
         def interpreted(self, *args, **kwargs):
             _record(self.fn, set(self.constexprs), args, kwargs)
             return launch(self, *args, **kwargs)
 
-        interpreted._recorded = True
-        interpreted._counted = getattr(launch, "_counted", False)  # probes.interpreted_launches' mark, kept
-        executor.__call__ = interpreted
+        return interpreted
+
+    wrap_interpreter_launch("recorded", recording)
     jit = sys.modules.get("triton.runtime.jit")
     function = getattr(jit, "JITFunction", None)
     if function is not None and not getattr(function.run, "_recorded", False):
@@ -129,8 +128,8 @@ def _record(fn, constexprs: set[str], args: tuple, kwargs: dict) -> None:
     if filename is None:
         return
     try:
-        parameters = inspect.signature(fn).parameters
-        bound = inspect.signature(fn).bind(*args, **{k: v for k, v in kwargs.items() if k in parameters})
+        signature = inspect.signature(fn)
+        bound = signature.bind(*args, **{k: v for k, v in kwargs.items() if k in signature.parameters})
         bound.apply_defaults()
     except TypeError:  # the launch itself is wrong; the interpreter reports it to the learner
         return

@@ -172,6 +172,29 @@ def same_values(after, before) -> bool:
     return torch.equal(a, before) or (a.is_floating_point() and torch.equal(torch.nan_to_num(a), torch.nan_to_num(before)))
 
 
+def wrap_interpreter_launch(mark: str, wrap):
+    """Wrap Triton's interpreter launcher, ``GridExecutor.__call__``, with ``wrap(launch)``, once per ``mark``.
+
+    Three things wrap it in the target's process: ``interpreted_launches`` (count), ``kernel_launches`` (record) and
+    ``TailOfGrid`` (skip programs, for one call). Each wrapper carries the marks of those beneath it, so a kind is
+    never wrapped twice however they are layered. Returns the class whose ``__call__`` was wrapped (or already was),
+    None while the target has not imported Triton's interpreter.
+    """
+    import sys
+
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    executor = getattr(interpreter, "GridExecutor", None)
+    if executor is None:
+        return None
+    launch = executor.__call__
+    marks = getattr(launch, "_lora_lab_marks", frozenset())
+    if mark not in marks:
+        wrapper = wrap(launch)
+        wrapper._lora_lab_marks = marks | {mark}
+        executor.__call__ = wrapper
+    return executor
+
+
 _LAUNCHES = [0]
 
 
@@ -180,22 +203,16 @@ def interpreted_launches() -> int:
 
     Counted by wrapping the interpreter's launcher the first time this is asked after the target imported Triton;
     0 while it has not."""
-    import sys
 
-    interpreter = sys.modules.get("triton.runtime.interpreter")
-    executor = getattr(interpreter, "GridExecutor", None)
-    if executor is not None and not getattr(executor.__call__, "_counted", False):
-        launch = executor.__call__
-
+    def counting(launch):
         def counted(self, *args, **kwargs):
             _LAUNCHES[0] += 1
             return launch(self, *args, **kwargs)
 
-        counted._counted = True
-        executor.__call__ = counted
+        return counted
+
+    wrap_interpreter_launch("counted", counting)
     return _LAUNCHES[0]
-
-
 
 
 class TailOfGrid:
@@ -230,8 +247,13 @@ class TailOfGrid:
         builder = getattr(interpreter, "interpreter_builder", None)
         if executor is None or not all(hasattr(builder, name) for name in ("set_grid_dim", "set_grid_idx")):
             return self
-        self.executor, self.launch = executor, executor.__call__
-        tail, launch = self, executor.__call__
+        self.launch = executor.__call__  # put back on exit
+        self.executor = wrap_interpreter_launch("tail", lambda launch: self._tail_only(launch, builder))
+        return self
+
+    def _tail_only(self, launch, builder):
+        """``launch`` running only the programs of the grid's tail (see the class docstring)."""
+        tail = self
 
         def tail_only(grid_executor, *args, **kwargs):
             kernel, current = grid_executor.fn, [0, 0]
@@ -264,10 +286,7 @@ class TailOfGrid:
                         delattr(builder, name)
                 grid_executor.fn = kernel
 
-        for mark in ("_recorded", "_counted"):  # the other wrappers' marks, so they do not wrap this one again
-            setattr(tail_only, mark, getattr(launch, mark, False))
-        executor.__call__ = tail_only
-        return self
+        return tail_only
 
     def __exit__(self, *exc_info):
         if self.executor is not None:
