@@ -90,6 +90,7 @@ from lora_lab.kernels.common import check_block_multiple, check_device, check_in
 from lora_lab.kernels.nf4_dequantize import nf4_dequantize
 from lora_lab.kernels.qlora_backward import qlora_grad_input
 from lora_lab.kernels.qlora_forward import qlora_forward
+from lora_lab.kernels.qlora_small_m import LAUNCHES as SMALL_M_LAUNCHES
 from lora_lab.kernels.qlora_small_m import SMALL_M, qlora_small_m_forward
 
 from lora_lab.nf4 import FLOAT_DTYPES, NF4Tensor
@@ -104,10 +105,10 @@ if FORCED_PATH not in PATHS:
 # What each path launches per call, in order: Triton kernels by name, torch matmuls as "aten.<op>" (cuBLAS on a GPU).
 # "forward" and "grad_input" (dX) per path; dA and dB add one aten.mm each to any backward, dbias an aten.sum.
 # The dense forward is listed with a bias: without one, its aten.addmm (bias + the LoRA term) is an aten.mm.
-# The small-M forward is qlora_small_m_forward's (qlora_small_m.py): its kernel, and host ops of its own choosing.
+# The small-M forward is qlora_small_m_forward's two kernels (qlora_small_m.LAUNCHES).
 # (lora_lab.bench.plan may read these; tests/triton_kernels/test_kernels.py counts the launches against them.)
 LAUNCHES = {
-    "small_m": {"forward": ("qlora_small_m_kernel",), "grad_input": ("aten.mm", "qlora_grad_input_kernel")},
+    "small_m": {"forward": SMALL_M_LAUNCHES, "grad_input": ("aten.mm", "qlora_grad_input_kernel")},
     "fused": {"forward": ("aten.mm", "qlora_forward_kernel"),
               "grad_input": ("aten.mm", "qlora_grad_input_kernel")},
     "dense": {"forward": ("aten.mm", "aten.addmm", "nf4_dequantize_kernel", "aten.addmm_"),

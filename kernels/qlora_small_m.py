@@ -84,7 +84,8 @@ from lora_lab.kernels.small_m_grid import (  # noqa: F401 - the sizing is part o
 from lora_lab.nf4 import NF4Tensor
 
 SMALL_M = 16  # the most rows this kernel takes: one 16-row MMA tile
-LAUNCHES = 2  # kernel launches per call of qlora_small_m_forward, and nothing else (no torch op on the device)
+# The kernels one call of qlora_small_m_forward launches, in order, and nothing else (no torch op on the device).
+LAUNCHES = ("qlora_small_m_kernel", "qlora_small_m_reduce_kernel")
 # Columns of K per step of launch 1's x @ A^T: on a GPU a (16, 16, R_PAD) fp32 product, 32 values a thread.
 XA_K = 32 if INTERPRETING else 16
 # The reduction's output tile, (16, 32): N / 32 programs (32 for k_proj), each reading SPLIT_K x M x 32 partials and

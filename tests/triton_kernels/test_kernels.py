@@ -275,19 +275,21 @@ class Launches(TorchDispatchMode):
 
 # (fp16 on the dense path: under the interpreter nf4_dequantize writes bf16 through an fp32 buffer, one cast more)
 @pytest.mark.parametrize(("path", "dtype", "with_bias"), [("fused", torch.bfloat16, True), ("dense", torch.float16, True),
-                                                      ("dense", torch.float32, True), ("dense", torch.float16, False)],
+                                                      ("dense", torch.float32, True), ("dense", torch.float16, False),
+                                                      ("small_m", torch.bfloat16, True)],
                          ids=str)
 def test_each_path_launches_what_it_declares(monkeypatch, path, dtype, with_bias):
-    """The forward and dX run LAUNCHES[path], no more: x @ A^T and dY @ B once per call, then one Triton kernel
-    (fused) or the LoRA term, nf4_dequantize and the GEMM on W accumulating into it (dense), with A, B and the bias
+    """The forward and dX run LAUNCHES[path], no more: the small-M kernel and its reduction (small_m, whose dX is
+    the fused one), or x @ A^T and dY @ B once per call, then one Triton kernel (fused) or the LoRA term,
+    nf4_dequantize and the GEMM on W accumulating into it (dense), with A, B and the bias
     already in x's dtype. LAUNCHES lists the dense forward with a bias; without one its aten.addmm is an aten.mm."""
     monkeypatch.setattr(dispatch, "FORCED_PATH", path)
-    forward, backward, dequantize = (importlib.import_module(f"lora_lab.kernels.{m}")
-                                     for m in ("qlora_forward", "qlora_backward", "nf4_dequantize"))
+    forward, backward, dequantize, small = (importlib.import_module(f"lora_lab.kernels.{m}")
+                                            for m in ("qlora_forward", "qlora_backward", "nf4_dequantize", "qlora_small_m"))
     kernels_ = [(forward, "qlora_forward_kernel"), (backward, "qlora_grad_input_kernel"),
-                (dequantize, "nf4_dequantize_kernel")]
+                (dequantize, "nf4_dequantize_kernel"), *((small, name) for name in small.LAUNCHES)]
     g = seeded_generator(13)
-    N, K, M, r = 40, 128, 24, 4
+    N, K, M, r = 40, 128, 5 if path == "small_m" else 24, 4
     weight = quantize_nf4(torch.randn(N, K, generator=g) * 0.05, 64, double_quant=True).to(DEVICE)
     x = torch.randn(M, K, generator=g).to(DEVICE, dtype).requires_grad_()
     lora_A, lora_B, bias = (torch.randn(*shape, generator=g).to(DEVICE, dtype) for shape in ((r, K), (N, r), (N,)))
