@@ -135,14 +135,46 @@ class CompileResult:
         return found
 
 
-def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> CompileResult:
-    """Compile ``launch`` with ``config`` for ``arch`` through Triton's own binder, as ``kernel[grid](...)`` would."""
+def compile_bound(jit, args: tuple, kwargs: dict, arch: str):
+    """``jit`` compiled for ``arch`` with ``args`` and ``kwargs`` bound by Triton's own binder, as ``kernel[grid](...)``
+    binds them: the compiled kernel and ptxas' report (registers, spills, warnings).
+
+    The compile check's way, and the grader's (``conformance.grading.compile_process``, for a learner's kernels).
+    Compiled even when Triton's cache has it, so that ptxas prints its log; a Triton that prints none is read by
+    assembling the PTX once more.
+    """
     import triton
-    from lora_lab.kernels.compile.sass import mma_kind, parse_ptxas_log, rounds_to_tf32, run_ptxas
+    from lora_lab.kernels.compile.sass import parse_ptxas_log, run_ptxas
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", ARCHS[arch], 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+    log = io.StringIO()
+    saved = (knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile)
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
+                                      options=options.__dict__)
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    try:
+        report = parse_ptxas_log(log.getvalue())
+    except ValueError:  # a Triton that does not print the log: assemble the PTX once more to read it
+        report = run_ptxas(compiled.asm["ptx"], arch, options.enable_fp_fusion)
+    return compiled, report
+
+
+def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> CompileResult:
+    """Compile ``launch`` with ``config`` for ``arch`` through Triton's own binder, as ``kernel[grid](...)`` would."""
+    from lora_lab.kernels.compile.sass import mma_kind, rounds_to_tf32
+    from triton.runtime.jit import JITFunction
 
     capability = ARCHS[arch]
     jit = launch.kernel
@@ -152,26 +184,9 @@ def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> Com
     result = CompileResult(launch.name, describe_launch(launch, config), str(launch.dtype).removeprefix("torch."),
                            launch.blocksize, arch, shared_limit=SMEM_LIMIT[capability], rank=launch.rank)
     start = time.perf_counter()
-    target = GPUTarget("cuda", capability, 32)
-    backend = make_backend(target)
     try:
-        binder = create_function_from_signature(jit.signature, jit.params, backend)
-        bound, specialization, options = binder(*launch.args, **kwargs)
-        options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
-        log = io.StringIO()
-        saved = (knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile)
-        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
-        try:
-            with contextlib.redirect_stdout(log):
-                compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
-                                          options=options.__dict__)
-        finally:
-            knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+        compiled, report = compile_bound(jit, launch.args, kwargs, arch)
         ptx = compiled.asm["ptx"]
-        try:
-            report = parse_ptxas_log(log.getvalue())
-        except ValueError:  # a Triton that does not print the log: assemble the PTX once more to read it
-            report = run_ptxas(ptx, "sm_90a" if capability == 90 else f"sm_{capability}", options.enable_fp_fusion)
         result.registers, result.spill_bytes = report.registers, max(report.spill_stores, report.spill_loads)
         result.warnings = tuple(report.warnings)
         result.shared, result.mma, result.tf32 = compiled.metadata.shared, mma_kind(ptx), rounds_to_tf32(ptx)
@@ -189,7 +204,6 @@ def compile_launch(launch: Launch, config, arch: str, sass: bool = False) -> Com
         result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     result.seconds = time.perf_counter() - start
     return result
-
 
 
 # The representative subset CI compiles: bf16, blocksize 64, both targets, both ranks; for the two NF4 matmul kernels

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import io
 import json
 import multiprocessing
 import os
@@ -83,42 +82,17 @@ def _def_line(jit) -> int:
 
 def compile_record(record: dict, arch: str) -> dict:
     """Compile one recorded launch for ``arch``: ptxas' registers, spills and shared memory, or the full error."""
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from lora_lab.kernels.compile.compile_check import ARCHS, SMEM_LIMIT, compile_bound
 
-    from lora_lab.kernels.compile.compile_check import ARCHS, SMEM_LIMIT
-    from lora_lab.kernels.compile.sass import parse_ptxas_log, run_ptxas
-
-    capability = ARCHS[arch]
     result = {"kernel": record["kernel"], "file": record["file"], "arch": arch, "error": "", "registers": 0,
-              "spill_bytes": 0, "shared": 0, "shared_limit": SMEM_LIMIT[capability], "seconds": 0.0,
+              "spill_bytes": 0, "shared": 0, "shared_limit": SMEM_LIMIT[ARCHS[arch]], "seconds": 0.0,
               "line": 0}
     start = time.perf_counter()
     try:
         jit = _jit(getattr(kernel_module(record), record["kernel"]))
         result["line"] = _def_line(jit)
         kwargs = {name: stand_in(kind) for name, kind in record["arguments"].items()} | record["options"]
-        target = GPUTarget("cuda", capability, 32)
-        backend = make_backend(target)
-        binder = create_function_from_signature(jit.signature, jit.params, backend)
-        bound, specialization, options = binder(**kwargs)
-        options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
-        log = io.StringIO()
-        saved = knobs.nvidia.dump_ptxas_log
-        knobs.nvidia.dump_ptxas_log = True
-        try:
-            with contextlib.redirect_stdout(log):
-                compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
-                                          options=options.__dict__)
-        finally:
-            knobs.nvidia.dump_ptxas_log = saved
-        try:
-            report = parse_ptxas_log(log.getvalue())
-        except ValueError:  # from Triton's cache, or a Triton that does not print the log: assemble once more
-            report = run_ptxas(compiled.asm["ptx"], arch, options.enable_fp_fusion)
+        compiled, report = compile_bound(jit, (), kwargs, arch)
         result.update(registers=report.registers, spill_bytes=max(report.spill_stores, report.spill_loads),
                       shared=compiled.metadata.shared)
     except Exception as error:  # noqa: BLE001 - every failure to compile is the finding
